@@ -1,0 +1,53 @@
+"""gemmalens: the Gemma family as named, inspectable Penzai models.
+
+import gemmalens as gl
+m = gl.load("path/to/gemma-3-1b")            # a local Hugging Face checkpoint directory
+m = gl.build(gl.preset("gemma3_1b"), seed=0) # or a random model of a preset architecture
+logits, cache = m.run_with_cache(tokens)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from gemmalens.checkpoints.load import load
+from gemmalens.checkpoints.safetensors_files import CheckpointError
+from gemmalens.families.gemma3 import Gemma3Config, build_gemma3
+from gemmalens.layers.params import RandomInit
+from gemmalens.lens import ActivationCache, Model
+from gemmalens.presets import preset, presets
+from gemmalens.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+
+def build(
+    config: Gemma3Config | str,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    tokenizer: Tokenizer | None = None,
+) -> Model:
+    """A randomly initialised model of ``config`` (a config or a preset name).
+
+    Matrices are normal(0, 0.02), norm weights at their identity value.
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    return Model(
+        build_gemma3(config, RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer
+    )
+
+
+__all__ = [
+    "ActivationCache",
+    "CheckpointError",
+    "Gemma3Config",
+    "Model",
+    "Tokenizer",
+    "build",
+    "load",
+    "preset",
+    "presets",
+]

@@ -1,0 +1,17 @@
+"""Reading Hugging Face checkpoint directories (safetensors only, no torch, no downloads)."""
+
+from gemmalens.checkpoints.safetensors_files import (
+    CheckpointDir,
+    CheckpointError,
+    MissingTensorError,
+    check_tensor_set,
+    progress,
+)
+
+__all__ = [
+    "CheckpointDir",
+    "CheckpointError",
+    "MissingTensorError",
+    "check_tensor_set",
+    "progress",
+]

@@ -1,0 +1,55 @@
+"""Gemma 3 checkpoint names: gemmalens labels <-> transformers tensor names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
+
+# Text-only checkpoints (270M, 1B, Gemma3ForCausalLM) use "model."; the multimodal ones
+# (4B-27B) use the legacy "language_model.model." on the Hub and "model.language_model."
+# in memory; both occur in files.
+TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+
+_RENAMES = [
+    (r"^embed\.embeddings$", "embed_tokens.weight"),
+    (r"^ln_final\.scale$", "norm.weight"),
+    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.self_attn."),
+    (r"^blocks\.(\d+)\.", r"layers.\1."),
+    (r"\.(weights|scale)$", ".weight"),
+]
+
+
+def hf_name(label: str) -> str:
+    """``blocks.3.attn.q_proj.weights`` -> ``layers.3.self_attn.q_proj.weight`` (no prefix)."""
+    for pattern, replacement in _RENAMES:
+        label = re.sub(pattern, replacement, label)
+    return label
+
+
+def text_prefix(ckpt: CheckpointDir) -> str:
+    """The prefix under which this checkpoint stores the text decoder."""
+    for prefix in TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in ckpt:
+            return prefix
+    raise CheckpointError(
+        f"Checkpoint {ckpt.path} has no text embedding: looked for "
+        + ", ".join(repr(p + "embed_tokens.weight") for p in TEXT_PREFIXES)
+        + ". Is this a Gemma 3 checkpoint?"
+    )
+
+
+def key_mapper(prefix: str) -> Callable[[str], str]:
+    return lambda label: prefix + hf_name(label)
+
+
+def ignored_tensors(prefix: str) -> Callable[[str], bool]:
+    """Tensors a text model does not read: the tied ``lm_head`` and the vision tower."""
+
+    def ignore(key: str) -> bool:
+        if key.endswith("lm_head.weight"):
+            return True
+        return prefix != "model." and not key.startswith(prefix)
+
+    return ignore

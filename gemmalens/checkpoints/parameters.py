@@ -1,0 +1,99 @@
+"""Parameters read from a checkpoint, through the same builders that make random models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from penzai import pz
+from tqdm.auto import tqdm
+
+from gemmalens.checkpoints.safetensors_files import (
+    _PROGRESS_THRESHOLD_BYTES,
+    CheckpointDir,
+    CheckpointError,
+    check_tensor_set,
+)
+from gemmalens.layers.params import ParamRequest, ShapeOnly, from_numpy
+
+
+class CheckpointParams:
+    """A `ParamSource` that reads each parameter from a checkpoint tensor.
+
+    Tensors are memory-mapped and converted one at a time to ``dtype``, so host memory
+    never holds a second full copy of the weights.
+
+    Args:
+      ckpt: the open checkpoint.
+      key_for: maps a gemmalens parameter label to the checkpoint tensor name.
+      dtype: parameter dtype (``float32`` or ``bfloat16``).
+      show_progress: None shows a progress bar only for large checkpoints.
+    """
+
+    def __init__(
+        self,
+        ckpt: CheckpointDir,
+        key_for: Callable[[str], str],
+        dtype: jnp.dtype,
+        show_progress: bool | None = None,
+        total_bytes: int = 0,
+    ):
+        self.ckpt = ckpt
+        self.key_for = key_for
+        self.dtype = dtype
+        if show_progress is None:
+            show_progress = total_bytes > _PROGRESS_THRESHOLD_BYTES
+        self._bar = (
+            tqdm(
+                total=total_bytes,
+                desc="Loading weights",
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+            )
+            if show_progress
+            else None
+        )
+
+    def __call__(self, request: ParamRequest) -> pz.Parameter:
+        key = self.key_for(request.label)
+        array = self.ckpt.array(key)
+        if tuple(array.shape) != request.linear_shape:
+            raise CheckpointError(
+                f"Tensor {key!r} has shape {tuple(array.shape)}, expected {request.linear_shape} "
+                f"for {request.label}."
+            )
+        param = from_numpy(request, array, self.dtype)
+        if self._bar is not None:
+            self._bar.update(array.nbytes)
+        return param
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def build_from_checkpoint(
+    ckpt: CheckpointDir,
+    build: Callable[[object], pz.nn.Layer],
+    key_for: Callable[[str], str],
+    dtype: jnp.dtype,
+    ignore: Callable[[str], bool] | None = None,
+    show_progress: bool | None = None,
+) -> pz.nn.Layer:
+    """Validates the checkpoint's tensor set against the model, then builds it from the file.
+
+    ``build(source)`` is a family builder. It runs twice: first with `ShapeOnly` to learn
+    every tensor name and shape it needs (so every missing, extra or mis-shaped tensor is
+    reported at once, before anything is read), then with the checkpoint as source.
+    """
+    shapes = ShapeOnly(dtype=dtype)
+    build(shapes)
+    expected = {key_for(r.label): r.linear_shape for r in shapes.requests}
+    check_tensor_set(ckpt, expected, ignore=ignore)
+    total = sum(ckpt.array(k).nbytes for k in expected)
+    source = CheckpointParams(ckpt, key_for, dtype, show_progress, total)
+    try:
+        return build(source)
+    finally:
+        source.close()

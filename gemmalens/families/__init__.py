@@ -1,0 +1,1 @@
+"""One module per Gemma family: its config, builder and what is new in it."""

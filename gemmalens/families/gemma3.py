@@ -1,0 +1,311 @@
+"""Gemma 3 text decoder: 5 local : 1 global attention, QK-norm, pre- and post-norms.
+
+Only what is particular to Gemma 3 lives here (its config, which layers are local, which
+RoPE each layer type uses); every layer comes from `gemmalens.layers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers import (
+    ApplyRoPE,
+    Attention,
+    AttentionMask,
+    DecoderLM,
+    DotProductAttention,
+    EmbedTokens,
+    GatedMLP,
+    HookPoint,
+    ParamBuilder,
+    RandomInit,
+    RMSNorm,
+    ShapeOnly,
+    TanhSoftCap,
+    TiedUnembed,
+    residual_block,
+)
+from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
+from gemmalens.layers.params import ParamSource
+from gemmalens.layers.transformer import RESID_AXES
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE of one layer type: base frequency and optional linear position scaling."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+    """Architecture of a Gemma 3 text decoder (field names follow transformers).
+
+    ``attn_logit_softcapping`` is kept for completeness but, as in transformers' Gemma 3,
+    not applied; ``final_logit_softcapping`` is applied to the logits when set.
+    ``use_bidirectional_attention`` (EmbeddingGemma) makes full layers attend everywhere
+    and sliding layers attend ``|q - k| <= sliding_window // 2``.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_local: RopeConfig = RopeConfig(theta=10_000.0)
+    rope_global: RopeConfig = RopeConfig(theta=1_000_000.0)
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    use_bidirectional_attention: bool = False
+    max_position_embeddings: int = 32_768
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 1
+    family: str = dataclasses.field(default="gemma3", init=False)
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give one type per layer."
+            )
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    @staticmethod
+    def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+        """Every ``pattern``-th layer global, the others sliding (5 local : 1 global)."""
+        return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
+
+    def replace(self, **changes: Any) -> Gemma3Config:
+        """A copy with some fields changed (``layer_types`` follows a new layer count)."""
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (tied embedding counted once), computed without allocating."""
+        source = ShapeOnly()
+        build_gemma3(self, source)
+        return sum(request.size for request in source.requests)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Gemma3Config:
+        """Reads a transformers ``gemma3_text`` config dict (new or legacy key spellings)."""
+        unsupported = {
+            "attention_bias": hf.get("attention_bias", False),
+            "hidden_activation": hf.get("hidden_activation", "gelu_pytorch_tanh")
+            not in ("gelu_pytorch_tanh", None),
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise ValueError(
+                    f"This Gemma 3 config sets {key}={hf.get(key)!r}, which no released Gemma 3 "
+                    "uses and gemmalens does not implement."
+                )
+        num_layers = hf["num_hidden_layers"]
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+            layer_types = cls.default_layer_types(num_layers, pattern)
+        rope = _rope_from_hf(hf)
+        eos = hf.get("eos_token_id", 1)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim", 256),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+            sliding_window=hf.get("sliding_window", 4096),
+            layer_types=tuple(layer_types),
+            rope_local=rope[SLIDING],
+            rope_global=rope[FULL],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+            use_bidirectional_attention=bool(hf.get("use_bidirectional_attention") or False),
+            max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
+            bos_token_id=hf.get("bos_token_id", 2),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, RopeConfig]:
+    """Both RoPE spellings: ``rope_parameters`` per layer type, or the legacy
+    ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling`` (global layers only)."""
+    params = hf.get("rope_parameters") or {}
+    legacy_scaling = hf.get("rope_scaling") or {}
+    defaults = {
+        FULL: {"rope_theta": hf.get("rope_theta", 1_000_000.0), **legacy_scaling},
+        SLIDING: {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)},
+    }
+    result = {}
+    for layer_type in (SLIDING, FULL):
+        entry = {**defaults[layer_type], **(params.get(layer_type) or {})}
+        rope_type = entry.get("rope_type", entry.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"RoPE type {rope_type!r} on {layer_type} layers is not used by Gemma 3 and not "
+                "implemented; expected 'default' or 'linear'."
+            )
+        factor = float(entry.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        result[layer_type] = RopeConfig(float(entry["rope_theta"]), rope_type, factor)
+    return result
+
+
+def _mask_for(config: Gemma3Config, layer_type: str) -> AttentionMask:
+    window = config.sliding_window
+    if config.use_bidirectional_attention:
+        if layer_type == FULL:
+            return AttentionMask(causal=False)
+        radius = window // 2 + 1
+        return AttentionMask(causal=False, window_before=radius, window_after=radius)
+    if layer_type == FULL:
+        return AttentionMask(causal=True)
+    return AttentionMask(causal=True, window_before=window)
+
+
+def build_attention(
+    config: Gemma3Config, params: ParamBuilder, index: int, layer_type: str
+) -> Attention:
+    """One Gemma 3 attention layer: GQA with QK-norm and the RoPE of its layer type."""
+    prefix = f"blocks.{index}.attn."
+    heads = {"heads": config.num_attention_heads, "head_dim": config.head_dim}
+    kv_heads = {"kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
+    embedding = {"embedding": config.hidden_size}
+    rope = config.rope_global if layer_type == FULL else config.rope_local
+
+    def rotary():
+        return ApplyRoPE(
+            axis="head_dim", theta=rope.theta, rope_type=rope.rope_type, factor=rope.factor
+        )
+
+    def qk_norm(name):
+        return RMSNorm.build(
+            params, name, "head_dim", config.head_dim, config.rms_norm_eps, "one_plus"
+        )
+
+    return Attention(
+        query=pz.nn.Sequential(
+            [
+                params.linear("q_proj", heads, embedding),
+                qk_norm("q_norm"),
+                rotary(),
+                HookPoint(prefix + "hook_q", QKV_AXES),
+            ]
+        ),
+        key=pz.nn.Sequential(
+            [
+                params.linear("k_proj", kv_heads, embedding),
+                qk_norm("k_norm"),
+                rotary(),
+                HookPoint(prefix + "hook_k", KV_AXES),
+            ]
+        ),
+        value=pz.nn.Sequential(
+            [
+                params.linear("v_proj", kv_heads, embedding),
+                HookPoint(prefix + "hook_v", KV_AXES),
+            ]
+        ),
+        mixer=DotProductAttention(
+            scale=config.query_pre_attn_scalar**-0.5,
+            softcap=None,
+            mask=_mask_for(config, layer_type),
+            hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
+            hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
+        ),
+        hook_z=HookPoint(prefix + "hook_z", QKV_AXES),
+        output=params.linear("o_proj", embedding, heads),
+    )
+
+
+def build_block(config: Gemma3Config, params: ParamBuilder, index: int) -> pz.nn.NamedGroup:
+    """norm → attention → norm, then norm → gated MLP → norm, each inside a residual."""
+    width, eps = config.hidden_size, config.rms_norm_eps
+    block = params.scope(f"blocks.{index}")
+
+    def norm(name):
+        return RMSNorm.build(block, name, "embedding", width, eps, "one_plus")
+
+    return residual_block(
+        index,
+        attention_branch=[
+            norm("input_layernorm"),
+            build_attention(config, block.scope("attn"), index, config.layer_types[index]),
+            norm("post_attention_layernorm"),
+        ],
+        mlp_branch=[
+            norm("pre_feedforward_layernorm"),
+            GatedMLP.build(
+                block.scope("mlp"), f"blocks.{index}.mlp.", width, config.intermediate_size
+            ),
+            norm("post_feedforward_layernorm"),
+        ],
+    )
+
+
+def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
+    """Builds the Penzai model, taking every parameter from ``source``."""
+    params = ParamBuilder(source)
+    table = params(
+        "embed.embeddings", {"vocab": config.vocab_size}, {"embedding": config.hidden_size}
+    )
+    unembed = [TiedUnembed(table)]
+    if config.final_logit_softcapping is not None:
+        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    return DecoderLM(
+        embed=pz.nn.Sequential(
+            [
+                EmbedTokens.with_model_width(table, config.hidden_size),
+                HookPoint("hook_embed", RESID_AXES),
+            ]
+        ),
+        blocks=pz.nn.Sequential(
+            [build_block(config, params, i) for i in range(config.num_hidden_layers)]
+        ),
+        final_norm=pz.nn.Sequential(
+            [
+                RMSNorm.build(
+                    params,
+                    "ln_final",
+                    "embedding",
+                    config.hidden_size,
+                    config.rms_norm_eps,
+                    "one_plus",
+                ),
+                HookPoint("ln_final.hook_normalized", RESID_AXES),
+            ]
+        ),
+        unembed=pz.nn.Sequential(unembed),
+    )
+
+
+def random_gemma3(config: Gemma3Config, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
+    """A randomly initialised Gemma 3 (normal(0, 0.02) matrices, norms at identity)."""
+    return build_gemma3(config, RandomInit(seed=seed, dtype=dtype))

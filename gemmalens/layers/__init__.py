@@ -1,0 +1,34 @@
+"""Penzai layers shared by every Gemma family."""
+
+from gemmalens.layers.attention import Attention, AttentionMask, DotProductAttention
+from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
+from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook, hook_points
+from gemmalens.layers.mlp import GatedMLP
+from gemmalens.layers.norms import RMSNorm
+from gemmalens.layers.params import ParamBuilder, ParamRequest, RandomInit, ShapeOnly
+from gemmalens.layers.rope import ApplyRoPE, inverse_frequencies
+from gemmalens.layers.transformer import DecoderLM, positions_from_mask, residual_block
+
+__all__ = [
+    "ApplyRoPE",
+    "Attention",
+    "AttentionMask",
+    "CaptureHook",
+    "DecoderLM",
+    "DotProductAttention",
+    "EmbedTokens",
+    "GatedMLP",
+    "HookPoint",
+    "InterveneHook",
+    "ParamBuilder",
+    "ParamRequest",
+    "RMSNorm",
+    "RandomInit",
+    "ShapeOnly",
+    "TanhSoftCap",
+    "TiedUnembed",
+    "hook_points",
+    "inverse_frequencies",
+    "positions_from_mask",
+    "residual_block",
+]

@@ -1,0 +1,164 @@
+"""Grouped-query attention with named steps, masks from token positions, and a fused path.
+
+Tensors inside attention carry the named axes ``batch``, ``seq`` (queries), ``kv_seq``
+(keys), ``heads`` (query heads), ``kv_heads`` and ``head_dim``. Padding is expressed by
+position -1: a key with a negative position is never attended to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers.hooks import HookPoint
+
+QKV_AXES = ("batch", "seq", "heads", "head_dim")
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+PATTERN_AXES = ("batch", "heads", "seq", "kv_seq")
+
+
+@pz.pytree_dataclass
+class AttentionMask(pz.nn.Layer):
+    """Which keys each query may see, decided from absolute token positions.
+
+    A key at position ``k`` is visible from a query at ``q`` when ``k >= 0`` (not padding)
+    and:
+
+    * ``causal``: ``k <= q``;
+    * ``window_before``: ``q - k < window_before`` (a causal sliding window of W keys,
+      the query itself included, is ``causal=True, window_before=W``);
+    * ``window_after``: ``k - q < window_after`` (for bidirectional sliding windows).
+
+    Masked scores are replaced by the dtype's most negative finite value, so a row with no
+    visible key becomes a uniform distribution rather than NaN, as in transformers.
+    """
+
+    causal: bool = dataclasses.field(metadata={"pytree_node": False})
+    window_before: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    window_after: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+    def visible(self, **side_inputs: Any) -> pz.nx.NamedArray:
+        """Boolean mask with named axes ``batch``, ``seq``, ``kv_seq``."""
+        q = side_inputs["token_positions"]
+        k = side_inputs.get("kv_positions", q).untag("seq").tag("kv_seq")
+        allowed = k >= 0
+        if self.causal:
+            allowed = allowed & (k <= q)
+        if self.window_before is not None:
+            allowed = allowed & (q - k < self.window_before)
+        if self.window_after is not None:
+            allowed = allowed & (k - q < self.window_after)
+        return allowed
+
+    def __call__(self, scores: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        masked_value = jnp.finfo(scores.dtype).min
+        return pz.nx.nmap(jnp.where)(self.visible(**side_inputs), scores, masked_value)
+
+    def describe(self) -> str:
+        kind = "causal" if self.causal else "bidirectional"
+        if self.window_before is None and self.window_after is None:
+            return f"global {kind}"
+        return f"sliding {kind} (before < {self.window_before}, after < {self.window_after})"
+
+
+@pz.pytree_dataclass
+class DotProductAttention(pz.nn.Layer):
+    """``softmax(mask(softcap(q k^T * scale))) v`` for grouped-query attention.
+
+    Input ``(q, k, v)``: q has axes ``QKV_AXES``, k and v ``KV_AXES``; output has
+    ``QKV_AXES``. Query head ``h`` reads kv head ``h // (heads / kv_heads)``.
+
+    The weights are materialised (and pass through ``hook_attn_scores`` and
+    ``hook_pattern``) only when ``implementation == "explicit"`` or when one of those two
+    hook points has been replaced by a capture or intervention. Otherwise a fused kernel
+    (`jax.nn.dot_product_attention`) runs and the hook system costs nothing.
+
+    Attributes:
+      scale: multiplies the scores (Gemma 3: ``query_pre_attn_scalar ** -0.5``).
+      softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
+      mask: the `AttentionMask` of this layer (global or sliding window).
+      implementation: ``"auto"``, ``"explicit"`` or ``"fused"``.
+    """
+
+    scale: float = dataclasses.field(metadata={"pytree_node": False})
+    softcap: float | None = dataclasses.field(metadata={"pytree_node": False})
+    mask: AttentionMask
+    hook_attn_scores: HookPoint
+    hook_pattern: HookPoint
+    implementation: Literal["auto", "explicit", "fused"] = dataclasses.field(
+        default="auto", metadata={"pytree_node": False}
+    )
+
+    def uses_explicit_weights(self) -> bool:
+        if self.implementation != "auto":
+            return self.implementation == "explicit"
+        hooked = (
+            type(self.hook_attn_scores) is not HookPoint or type(self.hook_pattern) is not HookPoint
+        )
+        return hooked or self.softcap is not None
+
+    def __call__(self, qkv, **side_inputs: Any) -> pz.nx.NamedArray:
+        q, k, v = qkv
+        if self.uses_explicit_weights():
+            return self._explicit(q, k, v, **side_inputs)
+        return self._fused(q, k, v, **side_inputs)
+
+    def _explicit(self, q, k, v, **side_inputs):
+        groups = q.named_shape["heads"] // k.named_shape["kv_heads"]
+
+        def repeat_heads(x):
+            x = pz.nx.nmap(lambda a: jnp.repeat(a, groups, axis=0))(x.untag("kv_heads"))
+            return x.tag("heads").untag("seq").tag("kv_seq")
+
+        k, v = repeat_heads(k), repeat_heads(v)
+        scores = pz.nx.nmap(jnp.dot)(q.untag("head_dim"), k.untag("head_dim"))
+        scores = scores * jnp.asarray(self.scale, scores.dtype)
+        if self.softcap is not None:
+            cap = jnp.asarray(self.softcap, scores.dtype)
+            scores = pz.nx.nmap(jnp.tanh)(scores / cap) * cap
+        scores = self.mask(scores, **side_inputs)
+        scores = self.hook_attn_scores(scores, **side_inputs)
+        pattern = pz.nx.nmap(lambda s: jax.nn.softmax(s.astype(jnp.float32)).astype(q.dtype))(
+            scores.untag("kv_seq")
+        ).tag("kv_seq")
+        pattern = self.hook_pattern(pattern, **side_inputs)
+        return pz.nx.nmap(jnp.dot)(pattern.untag("kv_seq"), v.untag("kv_seq"))
+
+    def _fused(self, q, k, v, **side_inputs):
+        visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
+        out = jax.nn.dot_product_attention(
+            q.unwrap(*QKV_AXES),
+            k.unwrap(*KV_AXES),
+            v.unwrap(*KV_AXES),
+            mask=visible[:, None, :, :],
+            scale=self.scale,
+        )
+        return pz.nx.wrap(out).tag(*QKV_AXES)
+
+
+@pz.pytree_dataclass
+class Attention(pz.nn.Layer):
+    """Multi-head attention read as four paths: query, key, value, then mix and project.
+
+    ``query``, ``key`` and ``value`` are `pz.nn.Sequential` stacks (projection, optional
+    QK-norm, RoPE, hook point), so a family can add or drop a step by editing the list.
+    """
+
+    query: pz.nn.Sequential
+    key: pz.nn.Sequential
+    value: pz.nn.Sequential
+    mixer: DotProductAttention
+    hook_z: HookPoint
+    output: pz.nn.Linear
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        q = self.query(x, **side_inputs)
+        k = self.key(x, **side_inputs)
+        v = self.value(x, **side_inputs)
+        z = self.mixer((q, k, v), **side_inputs)
+        z = self.hook_z(z, **side_inputs)
+        return self.output(z, **side_inputs)

@@ -1,0 +1,102 @@
+"""Hook points: named places in the forward pass where a value can be read or replaced.
+
+A `HookPoint` is an identity layer that sits in the Penzai tree under its TransformerLens
+name (``blocks.3.attn.hook_pattern``). Capturing or intervening never changes the model
+class: `pz.select` swaps the chosen hook points for `CaptureHook` or `InterveneHook`
+layers, which is a plain tree rewrite and therefore works under ``jax.jit``, ``vmap`` and
+``grad``. A family adds a new hook point by putting a `HookPoint` in its tree; nothing in
+this module needs to know about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from penzai import pz
+
+HookFn = Callable[[jax.Array, str], jax.Array | None]
+
+
+@pz.pytree_dataclass
+class HookPoint(pz.nn.Layer):
+    """An identity layer that names an intermediate value.
+
+    Attributes:
+      name: The hook's full name, e.g. ``blocks.0.hook_resid_pre``.
+      axes: The named axes of the value in the order users see it (batch first), e.g.
+        ``("batch", "seq", "embedding")``.
+    """
+
+    name: str = dataclasses.field(metadata={"pytree_node": False})
+    axes: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, value: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        return value
+
+    def to_user(self, value: pz.nx.NamedArray) -> jax.Array:
+        """The value as a plain array with axes in ``self.axes`` order."""
+        return value.unwrap(*self.axes)
+
+    def from_user(self, array: jax.Array, like: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """Checks a user's replacement against the original and gives it its names back."""
+        expected = like.unwrap(*self.axes)
+        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+            raise TypeError(
+                f"Hook {self.name!r} returned {type(array).__name__}; a hook function must "
+                "return an array (or None to keep the value)."
+            )
+        if tuple(array.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"Hook {self.name!r} returned shape {tuple(array.shape)}, expected "
+                f"{tuple(expected.shape)} (axes {list(self.axes)})."
+            )
+        if array.dtype != expected.dtype:
+            raise ValueError(
+                f"Hook {self.name!r} returned dtype {array.dtype}, expected {expected.dtype}; "
+                f"cast it with .astype({expected.dtype.name!r})."
+            )
+        return pz.nx.wrap(array).tag(*self.axes)
+
+    def treescope_color(self) -> str:
+        return "#e9c46a"
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # name, axes
+class CaptureHook(HookPoint):
+    """A hook point that stores its value (batch-first) in a state variable."""
+
+    sink: pz.StateVariable | None = None
+
+    def __call__(self, value: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        self.sink.value = self.to_user(value)
+        return value
+
+    def treescope_color(self) -> str:
+        return "#2a9d8f"
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # name, axes
+class InterveneHook(HookPoint):
+    """A hook point that passes its value through ``fn(value, name)``.
+
+    ``fn`` gets and returns a plain batch-first array; returning None keeps the value.
+    """
+
+    fn: HookFn | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+    def __call__(self, value: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        replacement = self.fn(self.to_user(value), self.name)
+        if replacement is None:
+            return value
+        return self.from_user(replacement, value)
+
+    def treescope_color(self) -> str:
+        return "#e76f51"
+
+
+def hook_points(model: Any) -> list[HookPoint]:
+    """All hook points of a model, in forward order."""
+    return list(pz.select(model).at_instances_of(HookPoint).get_sequence())

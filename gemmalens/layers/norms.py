@@ -1,0 +1,62 @@
+"""RMS normalisation in the two forms the Gemma family uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers.params import ParamBuilder
+
+ScaleForm = Literal["one_plus", "plain", "none"]
+
+
+@pz.pytree_dataclass
+class RMSNorm(pz.nn.Layer):
+    """Root-mean-square normalisation over one named axis, computed in float32.
+
+    ``y = x * rsqrt(mean(x**2) + eps) * s`` where ``s`` depends on ``form``:
+
+    * ``"one_plus"``: ``s = 1 + w`` (Gemma 3, T5Gemma 2; checkpoints store ``w`` near 0),
+    * ``"plain"``: ``s = w`` (Gemma 3n, Gemma 4; ``w`` near 1),
+    * ``"none"``: no weight (Gemma 3n / Gemma 4 value norm, router norm).
+
+    The scale multiplies in float32 *before* the cast back to the input dtype, as
+    transformers does; casting first would lose precision in bfloat16.
+    """
+
+    scale: pz.nn.ParameterLike[pz.nx.NamedArray] | None
+    axis: str = dataclasses.field(metadata={"pytree_node": False})
+    eps: float = dataclasses.field(metadata={"pytree_node": False})
+    form: ScaleForm = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        dtype = x.dtype
+
+        def normalise(v: jax.Array) -> jax.Array:
+            v = v.astype(jnp.float32)
+            mean_square = jnp.mean(v * v)
+            if self.form == "one_plus":
+                return v * jax.lax.rsqrt(mean_square + self.eps)
+            return v * jnp.power(mean_square + self.eps, -0.5)
+
+        y = pz.nx.nmap(normalise)(x.untag(self.axis)).tag(self.axis)
+        if self.form == "one_plus":
+            y = y * (1.0 + self.scale.value.astype(jnp.float32))
+        elif self.form == "plain":
+            y = y * self.scale.value.astype(jnp.float32)
+        return y.astype(dtype)
+
+    @classmethod
+    def build(
+        cls, params: ParamBuilder, name: str, axis: str, size: int, eps: float, form: ScaleForm
+    ) -> RMSNorm:
+        """Builds the norm, asking ``params`` for ``{name}.scale`` unless form is ``none``."""
+        scale = None
+        if form != "none":
+            init = "zeros" if form == "one_plus" else "ones"
+            scale = params(f"{name}.scale", {axis: size}, init=init)
+        return cls(scale=scale, axis=axis, eps=eps, form=form)

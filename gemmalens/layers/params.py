@@ -1,0 +1,151 @@
+"""Where parameter values come from.
+
+Every builder in gemmalens asks a `ParamSource` for each parameter by label and named
+shape. The same builder therefore makes a random model (`RandomInit`), a model read from
+a checkpoint (`gemmalens.checkpoints`), or only the list of shapes (`ShapeOnly`, used to
+count parameters and to validate a checkpoint before anything is read).
+
+Axes are given as two ordered dicts, ``out_axes`` then ``in_axes``. The value's positional
+layout is ``(*out_axes, *in_axes)``, which is exactly a torch ``nn.Linear`` weight
+``[out, in]`` reshaped: checkpoint readers only need to reshape, never transpose.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Literal, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+Init = Literal["normal", "zeros", "ones"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRequest:
+    """One parameter a builder asks for."""
+
+    label: str
+    out_axes: dict[str, int]
+    in_axes: dict[str, int]
+    init: Init
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return {**self.out_axes, **self.in_axes}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.axes.values())
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def linear_shape(self) -> tuple[int, ...]:
+        """The shape as a Hugging Face checkpoint stores it: [out] or [out, in]."""
+        out = math.prod(self.out_axes.values())
+        if not self.in_axes:
+            return (out,)
+        return (out, math.prod(self.in_axes.values()))
+
+
+class ParamSource(Protocol):
+    """Supplies the value of each parameter a builder asks for."""
+
+    dtype: jnp.dtype
+
+    def __call__(self, request: ParamRequest) -> pz.Parameter: ...
+
+
+def _wrap(request: ParamRequest, value: jax.Array) -> pz.Parameter:
+    return pz.Parameter(
+        value=pz.nx.wrap(value).tag(*request.axes.keys()),
+        label=request.label,
+    )
+
+
+@dataclasses.dataclass
+class RandomInit:
+    """Random initialisation: normal(0, std) for matrices, zeros/ones where asked.
+
+    Each parameter's key is derived from the seed and its label, so a model's weights do
+    not depend on the order in which a builder asks for them.
+    """
+
+    seed: int = 0
+    dtype: jnp.dtype = jnp.float32
+    std: float = 0.02
+
+    def __call__(self, request: ParamRequest) -> pz.Parameter:
+        if request.init == "zeros":
+            value = jnp.zeros(request.shape, self.dtype)
+        elif request.init == "ones":
+            value = jnp.ones(request.shape, self.dtype)
+        else:
+            key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
+            value = (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(
+                self.dtype
+            )
+        return _wrap(request, value)
+
+
+@dataclasses.dataclass
+class ShapeOnly:
+    """Records every request and returns placeholders: nothing is allocated."""
+
+    dtype: jnp.dtype = jnp.float32
+    requests: list[ParamRequest] = dataclasses.field(default_factory=list)
+
+    def __call__(self, request: ParamRequest) -> pz.Parameter:
+        self.requests.append(request)
+        placeholder = pz.nx.NamedArray(
+            named_axes=collections.OrderedDict(request.axes),
+            data_array=jax.ShapeDtypeStruct(request.shape, self.dtype),
+        )
+        return pz.ParameterValue(value=placeholder, label=request.label)
+
+
+def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz.Parameter:
+    """Wraps a checkpoint array (already in ``linear_shape`` layout) as a parameter."""
+    value = jnp.asarray(np.asarray(array).reshape(request.shape), dtype=dtype)
+    return _wrap(request, value)
+
+
+class ParamBuilder:
+    """Small helper that builders use to ask for parameters with a label prefix."""
+
+    def __init__(self, source: ParamSource, prefix: str = ""):
+        self.source = source
+        self.prefix = prefix
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.source.dtype
+
+    def scope(self, name: str) -> ParamBuilder:
+        return ParamBuilder(self.source, f"{self.prefix}{name}.")
+
+    def __call__(
+        self,
+        name: str,
+        out_axes: dict[str, int],
+        in_axes: dict[str, int] | None = None,
+        init: Init = "normal",
+    ) -> pz.Parameter:
+        return self.source(
+            ParamRequest(self.prefix + name, dict(out_axes), dict(in_axes or {}), init)
+        )
+
+    def linear(self, name: str, out_axes: dict[str, int], in_axes: dict[str, int]) -> pz.nn.Linear:
+        """A bias-free `pz.nn.Linear` whose weights are labelled ``{name}.weights``."""
+        return pz.nn.Linear(
+            weights=self(f"{name}.weights", out_axes, in_axes),
+            in_axis_names=tuple(in_axes),
+            out_axis_names=tuple(out_axes),
+        )

@@ -1,0 +1,79 @@
+"""The pieces every Gemma decoder shares: the residual block layout and the outer model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers.hooks import HookPoint
+
+RESID_AXES = ("batch", "seq", "embedding")
+
+
+def positions_from_mask(attention_mask: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    """Token positions that skip padding: 0, 1, 2, ... over kept tokens, -1 on padding.
+
+    ``attention_mask`` has named axes ``batch`` and ``seq`` (1 = keep). Counting only kept
+    tokens makes a left-padded sequence see the same positions as when run alone.
+    """
+
+    def count(mask):
+        mask = mask.astype(jnp.int32)
+        return jnp.where(mask > 0, jnp.cumsum(mask) - 1, -1)
+
+    return pz.nx.nmap(count)(attention_mask.untag("seq")).tag("seq")
+
+
+def residual_block(
+    index: int, attention_branch: list[pz.nn.Layer], mlp_branch: list[pz.nn.Layer]
+) -> pz.nn.NamedGroup:
+    """``x + attn(x)`` then ``+ mlp(.)``, with the TransformerLens residual hook points.
+
+    Each branch is the list of layers inside the residual connection (norms included); the
+    branch outputs pass through ``hook_attn_out`` / ``hook_mlp_out`` before the add.
+    """
+    prefix = f"blocks.{index}."
+    return pz.nn.NamedGroup(
+        name=f"blocks.{index}",
+        sublayers=[
+            HookPoint(prefix + "hook_resid_pre", RESID_AXES),
+            pz.nn.Residual(
+                pz.nn.Sequential(
+                    [*attention_branch, HookPoint(prefix + "hook_attn_out", RESID_AXES)]
+                )
+            ),
+            HookPoint(prefix + "hook_resid_mid", RESID_AXES),
+            pz.nn.Residual(
+                pz.nn.Sequential([*mlp_branch, HookPoint(prefix + "hook_mlp_out", RESID_AXES)])
+            ),
+            HookPoint(prefix + "hook_resid_post", RESID_AXES),
+        ],
+    )
+
+
+@pz.pytree_dataclass
+class DecoderLM(pz.nn.Layer):
+    """A decoder-only language model: embed, blocks, final norm, unembed.
+
+    Called with token ids (named axes ``batch``, ``seq``); returns logits (``batch``,
+    ``seq``, ``vocab``). Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep)
+    and/or ``token_positions``; positions are derived from the mask when not given.
+    """
+
+    embed: pz.nn.Sequential
+    blocks: pz.nn.Sequential
+    final_norm: pz.nn.Sequential
+    unembed: pz.nn.Sequential
+
+    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if "token_positions" not in side_inputs:
+            mask = side_inputs.get("attention_mask")
+            if mask is None:
+                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
+            side_inputs["token_positions"] = positions_from_mask(mask)
+        h = self.embed(tokens, **side_inputs)
+        h = self.blocks(h, **side_inputs)
+        h = self.final_norm(h, **side_inputs)
+        return self.unembed(h, **side_inputs)

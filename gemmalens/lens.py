@@ -1,0 +1,267 @@
+"""The model surface: call, capture, intervene.
+
+`Model` wraps a Penzai model with plain batch-first arrays at its edge::
+
+    logits = m(tokens)                                   # [batch, seq] -> [batch, seq, vocab]
+    logits, cache = m.run_with_cache(tokens, names="blocks.*.hook_resid_post")
+    logits = m.run_with_hooks(tokens, hooks={"blocks.0.hook_resid_pre": fn})
+
+All three run compiled (``jax.jit``); calling again with the same shapes and the same
+hooks does not retrace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemmalens.layers.hooks import CaptureHook, HookFn, HookPoint, InterveneHook, hook_points
+
+NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
+
+_CACHE_LABEL = "gemmalens.cache:"
+
+
+class ActivationCache(Mapping):
+    """Values captured by `Model.run_with_cache`, by hook name, in forward order.
+
+    ``cache[name]`` is a plain batch-first array (see ``Model.hook_names`` for names).
+    """
+
+    def __init__(self, values: dict[str, jax.Array], model: Model | None = None):
+        self._values = values
+        self.model = model
+
+    def __getitem__(self, name: str) -> jax.Array:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(
+                _unknown_name_message(name, list(self._values), "in this cache")
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self._values.items())[:4])
+        more = f", ... ({len(self)} in all)" if len(self) > 4 else ""
+        return f"ActivationCache({shown}{more})"
+
+
+def _unknown_name_message(name: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"No hook point named {name!r} {where}.{hint} (`m.hook_names` lists all {len(valid)}.)"
+
+
+@jax.jit
+def _run(model, tokens, attention_mask):
+    logits = model(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        attention_mask=pz.nx.wrap(attention_mask).tag("batch", "seq"),
+    )
+    return logits.unwrap("batch", "seq", "vocab")
+
+
+@jax.jit
+def _run_stateful(model, state, tokens, attention_mask):
+    return model.stateless_call(
+        state,
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        attention_mask=pz.nx.wrap(attention_mask).tag("batch", "seq"),
+    )
+
+
+class Model:
+    """A Gemma model with named hook points, ready for interpretability work.
+
+    Attributes:
+      model: the Penzai model (renders in Treescope; edit it with ``pz.select``).
+      config: the architecture config (e.g. `gemmalens.families.gemma3.Gemma3Config`).
+      tokenizer: a `gemmalens.tokenizer.Tokenizer`, or None when the checkpoint had none.
+    """
+
+    def __init__(self, model: pz.nn.Layer, config: Any, tokenizer: Any = None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @property
+    def model(self) -> pz.nn.Layer:
+        return self._model
+
+    @model.setter
+    def model(self, value: pz.nn.Layer) -> None:
+        self._model = value
+        self._frozen = pz.freeze_params(value)
+        self._hook_names = [hp.name for hp in hook_points(value)]
+
+    def __repr__(self) -> str:
+        family = getattr(self.config, "family", type(self.config).__name__)
+        return (
+            f"gemmalens.Model({family}, {self.config.num_hidden_layers} layers, "
+            f"d_model={self.config.hidden_size}, vocab={self.config.vocab_size}, "
+            f"{len(self._hook_names)} hook points)"
+        )
+
+    # ----------------------------------------------------------------------------- inputs
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook point name, in forward order."""
+        return list(self._hook_names)
+
+    def to_tokens(self, text: str | list[str]) -> tuple[jax.Array, jax.Array]:
+        """Encodes text (with BOS) into ``(tokens, attention_mask)``, right-padded, [batch, seq]."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer: pass token ids, or load a checkpoint directory "
+                "that contains tokenizer.model."
+            )
+        texts = [text] if isinstance(text, str) else list(text)
+        tokens, mask = self.tokenizer.pad_batch(self.tokenizer.encode(texts), side="right")
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    def _inputs(self, tokens: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array]:
+        if isinstance(tokens, str) or (
+            isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)
+        ):
+            tokens, text_mask = self.to_tokens(tokens)
+            if attention_mask is None:
+                attention_mask = text_mask
+        tokens_np = np.asarray(tokens)
+        if tokens_np.ndim == 1:
+            raise ValueError(
+                f"tokens has shape {tokens_np.shape}; gemmalens expects [batch, seq]. "
+                "For one sequence, use tokens[None]."
+            )
+        if tokens_np.ndim != 2:
+            raise ValueError(
+                f"tokens must be a [batch, seq] array of ids, got shape {tokens_np.shape}."
+            )
+        if not np.issubdtype(tokens_np.dtype, np.integer):
+            raise TypeError(f"tokens must be integer ids, got dtype {tokens_np.dtype}.")
+        vocab = self.config.vocab_size
+        bad = np.argwhere((tokens_np < 0) | (tokens_np >= vocab))
+        if bad.size:
+            where = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"Token id {int(tokens_np[where])} at position {where} is outside the vocabulary "
+                f"[0, {vocab}); {len(bad)} id(s) out of range. Was it encoded with another tokenizer?"
+            )
+        if attention_mask is None:
+            # Gemma never emits its pad id inside text, so pad ids mark padding.
+            mask_np = (tokens_np != self.config.pad_token_id).astype(np.int32)
+        else:
+            mask_np = np.asarray(attention_mask).astype(np.int32)
+            if mask_np.shape != tokens_np.shape:
+                raise ValueError(
+                    f"attention_mask has shape {mask_np.shape} but tokens have shape "
+                    f"{tokens_np.shape}; they must match (1 = real token, 0 = padding)."
+                )
+        return jnp.asarray(tokens_np, jnp.int32), jnp.asarray(mask_np)
+
+    def select_hooks(self, names: NameSelector) -> list[str]:
+        """Resolves names, glob patterns (``"blocks.*.attn.hook_pattern"``) or a predicate
+        into hook names, in forward order. Unknown names raise with the nearest valid ones."""
+        if names is None:
+            return self.hook_names
+        if callable(names):
+            return [n for n in self._hook_names if names(n)]
+        patterns = [names] if isinstance(names, str) else list(names)
+        chosen: set[str] = set()
+        for pattern in patterns:
+            matches = [n for n in self._hook_names if fnmatch.fnmatchcase(n, pattern)]
+            if not matches:
+                raise KeyError(_unknown_name_message(pattern, self._hook_names, "in this model"))
+            chosen.update(matches)
+        return [n for n in self._hook_names if n in chosen]
+
+    # ----------------------------------------------------------------------------- running
+
+    def __call__(self, tokens: Any, attention_mask: Any = None) -> jax.Array:
+        """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]`` (or text).
+
+        ``attention_mask`` ([batch, seq], 1 = keep) defaults to ``tokens != pad_token_id``.
+        Padded sequences give the same logits at their real tokens as when run alone.
+        """
+        tokens, mask = self._inputs(tokens, attention_mask)
+        return _run(self._frozen, tokens, mask)
+
+    def run_with_cache(
+        self, tokens: Any, names: NameSelector = None, attention_mask: Any = None
+    ) -> tuple[jax.Array, ActivationCache]:
+        """Logits and the values at the chosen hook points (all of them by default).
+
+        ``names``: None (all), a name, a glob pattern, a list of either, or a predicate on
+        the name. Only the chosen values are kept.
+        """
+        tokens, mask = self._inputs(tokens, attention_mask)
+        chosen = set(self.select_hooks(names))
+
+        def to_capture(hp: HookPoint) -> CaptureHook:
+            sink = pz.StateVariable(value=None, label=_CACHE_LABEL + hp.name)
+            return CaptureHook(name=hp.name, axes=hp.axes, sink=sink)
+
+        capturing = (
+            pz.select(self._frozen)
+            .at_instances_of(HookPoint)
+            .where(lambda hp: hp.name in chosen)
+            .apply(to_capture)
+        )
+        unbound, state = pz.unbind_state_vars(capturing)
+        logits, values = _run_stateful(unbound, [v.freeze() for v in state], tokens, mask)
+        by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
+        ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
+        return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
+
+    def with_hooks(self, hooks: Mapping[str, HookFn]) -> pz.nn.Layer:
+        """The Penzai model with ``hooks`` installed (keys are names or glob patterns)."""
+        fns: dict[str, HookFn] = {}
+        for pattern, fn in hooks.items():
+            if not callable(fn):
+                raise TypeError(
+                    f"The hook for {pattern!r} is {fn!r}; it must be a function fn(value, name)."
+                )
+            for name in self.select_hooks(pattern):
+                if name in fns:
+                    raise ValueError(
+                        f"Hook point {name!r} is matched by two hook patterns; give it one."
+                    )
+                fns[name] = fn
+        return (
+            pz.select(self._model)
+            .at_instances_of(HookPoint)
+            .where(lambda hp: hp.name in fns)
+            .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
+        )
+
+    def run_with_hooks(
+        self, tokens: Any, hooks: Mapping[str, HookFn], attention_mask: Any = None
+    ) -> jax.Array:
+        """Logits with interventions: ``hooks`` maps a hook name (or glob pattern) to
+        ``fn(value, name)``, which returns the replacement value or None to keep it."""
+        with self.hooks(hooks):
+            return self(tokens, attention_mask)
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[Model]:
+        """Context manager: inside it, every call of this model runs with ``hooks``."""
+        original = self._model
+        self.model = self.with_hooks(hooks)
+        try:
+            yield self
+        finally:
+            self.model = original
