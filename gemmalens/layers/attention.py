@@ -45,7 +45,8 @@ class AttentionMask(pz.nn.Layer):
         """Boolean mask with named axes ``batch``, ``seq``, ``kv_seq``."""
         q = side_inputs["token_positions"]
         k = side_inputs.get("kv_positions", q).untag("seq").tag("kv_seq")
-        allowed = k >= 0
+        # Every (query, key) pair starts visible; padding keys (position < 0) never are.
+        allowed = pz.nx.nmap(jnp.logical_and)(k >= 0, pz.nx.nmap(jnp.ones_like)(q).astype(bool))
         if self.causal:
             allowed = allowed & (k <= q)
         if self.window_before is not None:
