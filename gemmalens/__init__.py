@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
-from gemmalens.families.gemma3 import Gemma3Config, build_gemma3
+from gemmalens.families.gemma3 import Gemma3Config
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
@@ -35,9 +35,7 @@ def build(
     """
     if isinstance(config, str):
         config = preset(config)
-    return Model(
-        build_gemma3(config, RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer
-    )
+    return Model(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
 
 
 __all__ = [

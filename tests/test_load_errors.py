@@ -101,7 +101,7 @@ def test_unsupported_architecture(checkpoint):
 
 def test_family_not_implemented_yet(checkpoint):
     _edit_config(checkpoint, model_type="gemma3n_text")
-    with pytest.raises(gl.CheckpointError, match="Gemma 3n checkpoint.*Gemma 3 only"):
+    with pytest.raises(gl.CheckpointError, match="Gemma 3n checkpoint.*loads 'gemma3', 'gemma3_text'"):
         gl.load(checkpoint)
 
 

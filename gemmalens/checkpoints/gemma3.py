@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.checkpoints.parameters import build_from_checkpoint
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
+from gemmalens.families.gemma3 import Gemma3Config
 
 # Text-only checkpoints (270M, 1B, Gemma3ForCausalLM) use "model."; the multimodal ones
 # (4B-27B) use the legacy "language_model.model." on the Hub and "model.language_model."
@@ -53,3 +59,31 @@ def ignored_tensors(prefix: str) -> Callable[[str], bool]:
         return prefix != "model." and not key.startswith(prefix)
 
     return ignore
+
+
+def load_checkpoint(
+    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None
+) -> tuple[pz.nn.Layer, Gemma3Config]:
+    """Builds the Gemma 3 text decoder of a ``gemma3_text`` or ``gemma3`` checkpoint."""
+    hf = ckpt.config
+    if hf.get("model_type") == "gemma3":
+        if "text_config" not in hf:
+            raise CheckpointError(
+                f"{ckpt.path}/config.json is a Gemma 3 config without text_config."
+            )
+        # Gemma3ForConditionalGeneration never applies the final logit soft-cap.
+        config = dataclasses.replace(
+            Gemma3Config.from_hf(hf["text_config"]), final_logit_softcapping=None
+        )
+    else:
+        config = Gemma3Config.from_hf(hf)
+    prefix = text_prefix(ckpt)
+    model = build_from_checkpoint(
+        ckpt,
+        config.build,
+        key_mapper(prefix),
+        dtype,
+        ignore=ignored_tensors(prefix),
+        show_progress=show_progress,
+    )
+    return model, config

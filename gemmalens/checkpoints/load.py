@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens.checkpoints import gemma3 as gemma3_names
-from gemmalens.checkpoints.parameters import build_from_checkpoint
+from gemmalens.checkpoints import gemma3
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
-from gemmalens.families.gemma3 import Gemma3Config, build_gemma3
 from gemmalens.lens import Model
 from gemmalens.tokenizer import Tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.json model_type -> loader(ckpt, dtype, show_progress) -> (penzai model, config).
+LOADERS = {
+    "gemma3_text": gemma3.load_checkpoint,
+    "gemma3": gemma3.load_checkpoint,
+}
+# Families on the roadmap, so that their checkpoints get a precise message.
 _PLANNED = {
     "gemma3n": "Gemma 3n",
     "gemma3n_text": "Gemma 3n",
@@ -51,38 +54,19 @@ def load(
     """
     dtype = _dtype(dtype)
     ckpt = CheckpointDir(path)
-    hf = ckpt.config
-    model_type = hf.get("model_type")
-    if model_type == "gemma3_text":
-        config = Gemma3Config.from_hf(hf)
-    elif model_type == "gemma3":
-        if "text_config" not in hf:
-            raise CheckpointError(
-                f"{ckpt.path}/config.json is a Gemma 3 config without text_config."
-            )
-        # Gemma3ForConditionalGeneration never applies the final logit soft-cap.
-        config = dataclasses.replace(
-            Gemma3Config.from_hf(hf["text_config"]), final_logit_softcapping=None
-        )
+    model_type = ckpt.config.get("model_type")
+    if model_type in LOADERS:
+        model, config = LOADERS[model_type](ckpt, dtype, show_progress)
     elif model_type in _PLANNED:
         raise CheckpointError(
             f"{ckpt.path} holds a {_PLANNED[model_type]} checkpoint (model_type {model_type!r}); "
-            "this version of gemmalens loads Gemma 3 only."
+            f"this version of gemmalens loads {', '.join(map(repr, sorted(LOADERS)))}."
         )
     else:
         raise CheckpointError(
             f"{ckpt.path}/config.json has model_type {model_type!r} "
-            f"(architectures {hf.get('architectures')}); gemmalens loads 'gemma3_text' and "
-            "'gemma3' checkpoints."
+            f"(architectures {ckpt.config.get('architectures')}); gemmalens loads "
+            f"{', '.join(map(repr, sorted(LOADERS)))} checkpoints."
         )
-    prefix = gemma3_names.text_prefix(ckpt)
-    model = build_from_checkpoint(
-        ckpt,
-        lambda source: build_gemma3(config, source),
-        gemma3_names.key_mapper(prefix),
-        dtype,
-        ignore=gemma3_names.ignored_tensors(prefix),
-        show_progress=show_progress,
-    )
     tokenizer = Tokenizer.from_file(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
     return Model(model, config, tokenizer)

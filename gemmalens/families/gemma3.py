@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens.layers import (
@@ -22,7 +21,6 @@ from gemmalens.layers import (
     GatedMLP,
     HookPoint,
     ParamBuilder,
-    RandomInit,
     RMSNorm,
     ShapeOnly,
     TanhSoftCap,
@@ -104,10 +102,14 @@ class Gemma3Config:
             changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
         return dataclasses.replace(self, **changes)
 
+    def build(self, source: ParamSource) -> DecoderLM:
+        """The Penzai model, every parameter taken from ``source``."""
+        return build_gemma3(self, source)
+
     def num_params(self) -> int:
         """Parameter count (tied embedding counted once), computed without allocating."""
         source = ShapeOnly()
-        build_gemma3(self, source)
+        self.build(source)
         return sum(request.size for request in source.requests)
 
     @classmethod
@@ -304,8 +306,3 @@ def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
         ),
         unembed=pz.nn.Sequential(unembed),
     )
-
-
-def random_gemma3(config: Gemma3Config, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
-    """A randomly initialised Gemma 3 (normal(0, 0.02) matrices, norms at identity)."""
-    return build_gemma3(config, RandomInit(seed=seed, dtype=dtype))
