@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.layers.hooks import CaptureHook, HookFn, HookPoint, InterveneHook, hook_points
+from gemmalens import sampling
+from gemmalens.layers.hooks import HookFn, HookPoint, InterveneHook, hook_points
+from gemmalens.layers.hooks import capture as capture_hooks
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -82,6 +84,14 @@ def _run_stateful(model, state, tokens, attention_mask):
         pz.nx.wrap(tokens).tag("batch", "seq"),
         attention_mask=pz.nx.wrap(attention_mask).tag("batch", "seq"),
     )
+
+
+def _until_eos(tokens: np.ndarray, eos_ids: tuple[int, ...]) -> list[list[int]]:
+    rows = []
+    for row in tokens.tolist():
+        ends = [i for i, t in enumerate(row) if t in eos_ids]
+        rows.append(row[: ends[0]] if ends else row)
+    return rows
 
 
 class Model:
@@ -209,18 +219,7 @@ class Model:
         the name. Only the chosen values are kept.
         """
         tokens, mask = self._inputs(tokens, attention_mask)
-        chosen = set(self.select_hooks(names))
-
-        def to_capture(hp: HookPoint) -> CaptureHook:
-            sink = pz.StateVariable(value=None, label=_CACHE_LABEL + hp.name)
-            return CaptureHook(name=hp.name, axes=hp.axes, sink=sink)
-
-        capturing = (
-            pz.select(self._frozen)
-            .at_instances_of(HookPoint)
-            .where(lambda hp: hp.name in chosen)
-            .apply(to_capture)
-        )
+        capturing = capture_hooks(self._frozen, set(self.select_hooks(names)), _CACHE_LABEL)
         unbound, state = pz.unbind_state_vars(capturing)
         logits, values = _run_stateful(unbound, [v.freeze() for v in state], tokens, mask)
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
@@ -255,6 +254,110 @@ class Model:
         ``fn(value, name)``, which returns the replacement value or None to keep it."""
         with self.hooks(hooks):
             return self(tokens, attention_mask)
+
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        eos_ids: Iterable[int] | None = None,
+        attention_mask: Any = None,
+        capture: NameSelector = (),
+        hooks: Mapping[str, HookFn] | None = None,
+    ) -> sampling.Generation:
+        """Samples continuations with a KV cache, in one compiled call.
+
+        Args:
+          prompts: text (a string or list of strings, encoded with BOS), a ragged list of
+            token-id lists, or a [batch, seq] array (with ``attention_mask`` for padding;
+            left or right padding both work).
+          max_new_tokens: tokens generated per prompt.
+          temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+          top_k, top_p: restrict sampling to the k most likely tokens / the nucleus p.
+          seed: the sampling seed (same seed, same output).
+          stop_at_eos: after an end-of-sequence token a row emits only pad tokens.
+          eos_ids: overrides the end tokens (default: the config's eos ids and, with a
+            tokenizer, ``<end_of_turn>``).
+          capture: hook names to record at every step (``Generation.step_cache``: arrays
+            with a leading [step] axis) and on the prompt (``Generation.prompt_cache``).
+          hooks: interventions ``{name: fn(value, name)}`` applied during the prompt and
+            every step (for example a steering vector added to the residual stream).
+
+        Returns:
+          a `gemmalens.sampling.Generation`.
+        """
+        rows = self._prompt_rows(prompts, attention_mask)
+        width = max(len(r) for r in rows)
+        tokens = np.full((len(rows), width), self.config.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):  # left padding: every row ends at the last column
+            tokens[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        self._inputs(tokens, mask)  # validates ids
+        if eos_ids is None:
+            configured = self.config.eos_token_id
+            eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]
+            if self.tokenizer is not None and self.tokenizer.end_of_turn_id is not None:
+                eos_ids.append(self.tokenizer.end_of_turn_id)
+        eos_ids = tuple(int(e) for e in eos_ids) if stop_at_eos else ()
+
+        model = self.with_hooks(hooks) if hooks else self._model
+        captured = set(self.select_hooks(capture)) if capture != () else set()
+        model = capture_hooks(model, captured, _CACHE_LABEL)
+        model = sampling.with_kv_cache(pz.freeze_params(model), len(rows), width + max_new_tokens)
+        unbound, state = pz.unbind_state_vars(model)
+        new_tokens, prompt_values, step_values = sampling._generate(
+            unbound,
+            [v.freeze() for v in state],
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            sampler=sampling.Sampler(temperature, top_k, top_p),
+            eos_ids=eos_ids or (-1,),
+            pad_id=int(self.config.pad_token_id),
+        )
+
+        def as_cache(values):
+            by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
+            return ActivationCache({n: by_name[n] for n in self._hook_names if n in by_name}, self)
+
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(_until_eos(np.asarray(new_tokens), eos_ids))
+        return sampling.Generation(
+            tokens=new_tokens,
+            prompt_tokens=jnp.asarray(tokens),
+            prompt_mask=jnp.asarray(mask),
+            text=text,
+            prompt_cache=as_cache(prompt_values) if captured else None,
+            step_cache=as_cache(step_values) if captured else None,
+        )
+
+    def _prompt_rows(self, prompts: Any, attention_mask: Any) -> list[list[int]]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)
+        ):
+            if self.tokenizer is None:
+                raise ValueError("Text prompts need a tokenizer; pass token ids instead.")
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            return self.tokenizer.encode(texts)
+        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
+            return [list(map(int, row)) for row in prompts]
+        array = np.asarray(prompts)
+        if array.ndim != 2:
+            raise ValueError(
+                f"prompts must be text, a list of id lists or a [batch, seq] array; got shape {array.shape}."
+            )
+        keep = (
+            np.ones(array.shape, bool)
+            if attention_mask is None
+            else np.asarray(attention_mask).astype(bool)
+        )
+        return [list(map(int, row[k])) for row, k in zip(array, keep, strict=True)]
 
     @contextlib.contextmanager
     def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[Model]:

@@ -42,14 +42,26 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
 
 
 def gemma3_text(
-    directory: pathlib.Path, seed: int = 0, **overrides
+    directory: pathlib.Path,
+    seed: int = 0,
+    perturbation: float = 0.1,
+    post_norm_gain: float = 0.0,
+    **overrides,
 ) -> transformers.PreTrainedModel:
-    """Saves a perturbed tiny ``Gemma3ForCausalLM`` to ``directory`` and returns it."""
+    """Saves a perturbed tiny ``Gemma3ForCausalLM`` to ``directory`` and returns it.
+
+    Random models tend to predict the token they just read, so greedy generation repeats
+    itself. ``post_norm_gain`` (added to the post-attention and post-feedforward norm
+    weights) lets the blocks outweigh the embedding, which makes generation varied."""
     torch.manual_seed(seed)
     config = transformers.Gemma3TextConfig(**{**TINY_GEMMA3, **overrides})
     config._attn_implementation = "eager"
     model = transformers.Gemma3ForCausalLM(config).eval()
-    perturb_(model, seed)
+    perturb_(model, seed, perturbation)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".post_" in name:
+                param.add_(post_norm_gain)
     model.save_pretrained(directory)
     return model
 

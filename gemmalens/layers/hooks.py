@@ -100,3 +100,19 @@ class InterveneHook(HookPoint):
 def hook_points(model: Any) -> list[HookPoint]:
     """All hook points of a model, in forward order."""
     return list(pz.select(model).at_instances_of(HookPoint).get_sequence())
+
+
+def capture(model: Any, names: set[str], label_prefix: str) -> Any:
+    """Swaps the named hook points for `CaptureHook`s whose state variables are labelled
+    ``label_prefix + name``."""
+
+    def to_capture(hp: HookPoint) -> CaptureHook:
+        sink = pz.StateVariable(value=None, label=label_prefix + hp.name)
+        return CaptureHook(name=hp.name, axes=hp.axes, sink=sink)
+
+    return (
+        pz.select(model)
+        .at_instances_of(HookPoint)
+        .where(lambda hp: hp.name in names)
+        .apply(to_capture)
+    )

@@ -1,0 +1,222 @@
+"""Generation: a KV cache in the Penzai tree and a compiled decode loop.
+
+`with_kv_cache` swaps every `Attention` layer for a `CachingAttention` that keeps its
+keys, values and their positions in a `pz.StateVariable`. Sliding-window layers keep only
+``window`` entries (a ring buffer indexed by ``position % window``); global layers keep
+``max_length``. A step attends over ``cache ++ new tokens`` with the usual position-based
+mask, so prefill (many tokens, empty cache) and decoding (one token) share one code path.
+
+The whole generation (prefill, then ``max_new_tokens`` sampling steps in ``lax.scan``)
+is one ``jax.jit`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers.attention import Attention
+from gemmalens.layers.transformer import positions_from_mask
+
+_KV_LABEL = "gemmalens.kv_cache:"
+
+
+def cache_length(attention: Attention, max_length: int) -> int:
+    """How many keys a layer must remember: its causal window, else everything."""
+    mask = attention.mixer.mask
+    if mask.causal and mask.window_before is not None:
+        return min(mask.window_before, max_length)
+    return max_length
+
+
+@pz.pytree_dataclass
+class CachingAttention(pz.nn.Layer):
+    """An `Attention` layer that reads and extends a KV cache.
+
+    ``cache.value`` holds ``k`` and ``v`` (named axes ``batch``, ``seq``, ``kv_heads``,
+    ``head_dim``; ``seq`` of the cache length) and ``positions`` (``batch``, ``seq``; -1 for
+    empty slots). The wrapped layer's sublayers and hook points are used unchanged.
+    """
+
+    attention: Attention
+    cache: pz.StateVariable
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        layer = self.attention
+        q = layer.query(x, **side_inputs)
+        k = layer.key(x, **side_inputs)
+        v = layer.value(x, **side_inputs)
+        stored = self.cache.value
+        new_positions = side_inputs["token_positions"]
+
+        def extend(old, new):
+            return pz.nx.nmap(jnp.concatenate)([old.untag("seq"), new.untag("seq")]).tag("seq")
+
+        keys, values = extend(stored["k"], k), extend(stored["v"], v)
+        kv_positions = extend(stored["positions"], new_positions)
+        z = layer.mixer((q, keys, values), **{**side_inputs, "kv_positions": kv_positions})
+        z = layer.hook_z(z, **side_inputs)
+        self.cache.value = _write(stored, k, v, new_positions)
+        return layer.output(z, **side_inputs)
+
+
+def _write(stored: dict, k, v, positions) -> dict:
+    """Writes the new entries at slot ``position % length``.
+
+    Only the last ``length`` real tokens of each row are written, so a prompt longer than a
+    sliding window never writes two tokens to one slot.
+    """
+    length = stored["positions"].named_shape["seq"]
+
+    def slots(pos):
+        last = jnp.max(pos)
+        keep = (pos >= 0) & (pos > last - length)
+        return jnp.where(keep, pos % length, length)  # index `length` is dropped
+
+    slot = pz.nx.nmap(slots)(positions.untag("seq"))
+
+    def scatter(old, new, where):
+        return old.at[where].set(new, mode="drop")
+
+    def write(old, new):
+        return pz.nx.nmap(scatter)(old.untag("seq"), new.untag("seq"), slot).tag("seq")
+
+    return {
+        "k": write(stored["k"], k),
+        "v": write(stored["v"], v),
+        "positions": write(stored["positions"], positions),
+    }
+
+
+def with_kv_cache(model: pz.nn.Layer, batch_size: int, max_length: int) -> pz.nn.Layer:
+    """A copy of ``model`` whose attention layers keep an (empty) KV cache."""
+    counter = iter(range(1_000_000))
+
+    def add_cache(attention: Attention) -> CachingAttention:
+        length = cache_length(attention, max_length)
+        kv_shape = {
+            "batch": batch_size,
+            "seq": length,
+            **{a: n for a, n in attention.key.sublayers[0].output_axes.items()},
+        }
+        dtype = attention.key.sublayers[0].weights.value.dtype
+        empty = {
+            "k": pz.nx.zeros(kv_shape, dtype=dtype),
+            "v": pz.nx.zeros(kv_shape, dtype=dtype),
+            "positions": pz.nx.full({"batch": batch_size, "seq": length}, -1, dtype=jnp.int32),
+        }
+        return CachingAttention(
+            attention, pz.StateVariable(empty, label=f"{_KV_LABEL}{next(counter)}")
+        )
+
+    return pz.select(model).at_instances_of(Attention).apply(add_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `Model.generate` returns.
+
+    Attributes:
+      tokens: the new tokens, [batch, max_new_tokens] (pad after an end token).
+      prompt_tokens, prompt_mask: the left-padded prompts, [batch, prompt_len].
+      text: the decoded new text per prompt (up to the end token), with a tokenizer.
+      prompt_cache: captured hook values on the prompt (when ``capture`` was given).
+      step_cache: captured values at each step, with a leading [step] axis.
+    """
+
+    tokens: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    text: list[str] | None = None
+    prompt_cache: Any = None
+    step_cache: Any = None
+
+    @property
+    def sequences(self) -> jax.Array:
+        """Prompt and continuation, [batch, prompt_len + max_new_tokens]."""
+        return jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Turns next-token logits [batch, vocab] into tokens [batch].
+
+    ``temperature == 0`` is greedy. ``top_k`` keeps the k most likely tokens; ``top_p``
+    keeps the smallest set whose probability reaches p (the most likely token always).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        logits = jnp.where(self.allowed(logits), logits, -jnp.inf)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def allowed(self, logits: jax.Array) -> jax.Array:
+        """Boolean [batch, vocab]: the tokens top-k and top-p leave in play."""
+        keep = jnp.ones(logits.shape, bool)
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            keep &= logits >= kth
+        if self.top_p is not None:
+            order = jnp.argsort(-logits, axis=-1)
+            probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+            sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+            before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+            keep_sorted = before < self.top_p
+            inverse = jnp.argsort(order, axis=-1)
+            keep &= jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+        return keep
+
+
+def _split(values, prefix: str):
+    inside = [v for v in values if isinstance(v.label, str) and v.label.startswith(prefix)]
+    outside = [v for v in values if not (isinstance(v.label, str) and v.label.startswith(prefix))]
+    return inside, outside
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "sampler", "eos_ids", "pad_id"))
+def _generate(model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id):
+    """Prefill then scan. Returns new tokens [batch, max_new_tokens], the prefill captures
+    and the per-step captures (stacked along a leading step axis)."""
+    caches, captures = _split(state, _KV_LABEL)
+    empty_captures = captures
+
+    def forward(caches, tokens, positions):
+        logits, values = model.stateless_call(
+            [*caches, *empty_captures],
+            pz.nx.wrap(tokens).tag("batch", "seq"),
+            token_positions=positions,
+        )
+        new_caches, captured = _split(values, _KV_LABEL)
+        return logits.unwrap("batch", "seq", "vocab")[:, -1], new_caches, captured
+
+    positions = positions_from_mask(pz.nx.wrap(mask).tag("batch", "seq"))
+    next_logits, caches, prompt_captures = forward(caches, tokens, positions)
+    next_position = jnp.sum(mask, axis=1).astype(jnp.int32)
+    done = jnp.zeros(tokens.shape[0], bool)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def step(carry, step_key):
+        caches, next_logits, position, done = carry
+        token = jnp.where(done, pad_id, sampler(next_logits, step_key))
+        done = done | jnp.isin(token, eos)
+        named_position = pz.nx.wrap(position[:, None]).tag("batch", "seq")
+        logits, caches, captured = forward(caches, token[:, None], named_position)
+        return (caches, logits, position + 1, done), (token, captured)
+
+    keys = jax.random.split(key, max_new_tokens)
+    _, (new_tokens, step_captures) = jax.lax.scan(
+        step, (caches, next_logits, next_position, done), keys
+    )
+    return new_tokens.T, prompt_captures, step_captures

@@ -1,0 +1,169 @@
+"""Generation with a KV cache: against transformers' greedy generate and a full forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from penzai import pz
+
+import gemmalens as gl
+from gemmalens import sampling
+from tests import hf_reference as ref
+
+RS = np.random.RandomState(0)
+# Both prompts are longer than the sliding window (4); generation runs past it too.
+PROMPTS = [list(RS.randint(3, 256, 9)), list(RS.randint(3, 256, 6)), list(RS.randint(3, 256, 2))]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gen")
+    hf_model = ref.gemma3_text(directory, perturbation=0.6, post_norm_gain=10.0)
+    return hf_model, gl.load(directory)
+
+
+def _hf_generate(hf_model, prompts, max_new_tokens, eos_token_id=None):
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    out = hf_model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+    )
+    return out[:, width:].numpy()
+
+
+def test_greedy_matches_transformers(pair):
+    hf_model, model = pair
+    ours = np.asarray(model.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False).tokens)
+    theirs = _hf_generate(hf_model, PROMPTS, 12)
+    np.testing.assert_array_equal(ours, theirs)
+    assert all(len(set(row)) > 3 for row in ours.tolist()), "degenerate output proves little"
+
+
+def test_stops_at_eos_like_transformers(pair):
+    hf_model, model = pair
+    free = np.asarray(model.generate(PROMPTS, max_new_tokens=12, stop_at_eos=False).tokens)
+    eos = int(free[0, 4])  # a token row 0 emits mid-way
+    ours = np.asarray(model.generate(PROMPTS, max_new_tokens=12, eos_ids=[eos]).tokens)
+    theirs = _hf_generate(hf_model, PROMPTS, 12, eos_token_id=eos)
+    theirs = np.pad(theirs, ((0, 0), (0, 12 - theirs.shape[1])))  # HF stops early when all end
+    np.testing.assert_array_equal(ours, theirs)
+    first = list(ours[0]).index(eos)
+    assert np.all(ours[0, first + 1 :] == 0)
+
+
+def test_cached_steps_equal_full_forward(pair):
+    _, model = pair
+    sequence = np.asarray(RS.randint(3, 256, (2, 14)))
+    full = np.asarray(model(sequence))
+    cached = sampling.with_kv_cache(pz.freeze_params(model.model), batch_size=2, max_length=14)
+    unbound, state = pz.unbind_state_vars(cached)
+    values = [v.freeze() for v in state]
+    step_fn = jax.jit(
+        lambda values, tokens, positions: unbound.stateless_call(
+            values,
+            pz.nx.wrap(tokens).tag("batch", "seq"),
+            token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
+        )
+    )
+    lengths = {v.value["positions"].named_shape["seq"] for v in values}
+    assert lengths == {4, 14}  # ring buffers of the window on local layers
+    prefill = 6
+    chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, 14)]
+    for start, stop in chunks:
+        positions = np.tile(np.arange(start, stop), (2, 1))
+        logits, values = step_fn(
+            values, jnp.asarray(sequence[:, start:stop]), jnp.asarray(positions)
+        )
+        step = np.asarray(logits.unwrap("batch", "seq", "vocab"))
+        assert np.abs(step - full[:, start:stop]).max() <= 1e-4, (start, stop)
+
+
+def test_seeded_sampling_is_reproducible(pair):
+    _, model = pair
+    a = model.generate(PROMPTS, 12, temperature=1.0, seed=3, stop_at_eos=False).tokens
+    b = model.generate(PROMPTS, 12, temperature=1.0, seed=3, stop_at_eos=False).tokens
+    c = model.generate(PROMPTS, 12, temperature=1.0, seed=4, stop_at_eos=False).tokens
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.5), (5, 0.7)])
+def test_top_k_top_p_stay_in_the_allowed_set(pair, top_k, top_p):
+    _, model = pair
+    temperature = 1.5
+    result = model.generate(
+        PROMPTS, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=1, stop_at_eos=False
+    )
+    sequences = np.asarray(result.sequences)
+    mask = np.concatenate([np.asarray(result.prompt_mask), np.ones_like(result.tokens)], axis=1)
+    logits = np.asarray(model(sequences, attention_mask=mask))
+    width = result.prompt_tokens.shape[1]
+    sampler = sampling.Sampler(temperature, top_k, top_p)
+    for step in range(12):
+        next_logits = jnp.asarray(logits[:, width + step - 1]) / temperature
+        allowed = np.asarray(sampler.allowed(next_logits))
+        chosen = sequences[:, width + step]
+        assert allowed[np.arange(len(chosen)), chosen].all(), step
+        if top_k is not None:
+            assert (allowed.sum(-1) <= top_k).all()
+
+
+def test_sampler_limits_on_known_logits():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    assert np.asarray(sampling.Sampler(1.0, top_p=0.6).allowed(logits)).tolist() == [
+        [True, True, False, False]
+    ]
+    assert np.asarray(sampling.Sampler(1.0, top_k=1).allowed(logits)).tolist() == [
+        [True, False, False, False]
+    ]
+    draws = jax.vmap(lambda k: sampling.Sampler(1.0, top_k=2)(logits, k))(
+        jax.random.split(jax.random.key(0), 200)
+    )
+    assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
+
+
+def test_capture_during_generation_matches_full_forward(pair):
+    _, model = pair
+    result = model.generate(PROMPTS[:2], 5, stop_at_eos=False, capture="blocks.2.hook_resid_post")
+    steps = result.step_cache["blocks.2.hook_resid_post"]
+    assert steps.shape == (5, 2, 1, model.config.hidden_size)
+    assert result.prompt_cache["blocks.2.hook_resid_post"].shape[:2] == (2, 9)
+    sequences = np.asarray(result.sequences)
+    mask = np.concatenate([np.asarray(result.prompt_mask), np.ones((2, 5), np.int32)], axis=1)
+    _, cache = model.run_with_cache(sequences, "blocks.2.hook_resid_post", attention_mask=mask)
+    # step s feeds the token at column width + s - 1 ... the step captures the token it feeds
+    width = result.prompt_tokens.shape[1]
+    full = np.asarray(cache["blocks.2.hook_resid_post"])[:, width : width + 4]
+    np.testing.assert_allclose(np.asarray(steps[:4, :, 0]).transpose(1, 0, 2), full, atol=1e-4)
+
+
+def test_steering_during_generation(pair):
+    _, model = pair
+    plain = model.generate(PROMPTS, 12, stop_at_eos=False).tokens
+    steered = model.generate(
+        PROMPTS, 12, stop_at_eos=False, hooks={"blocks.3.hook_resid_post": lambda v, n: v + 5.0}
+    ).tokens
+    assert not np.array_equal(plain, steered)
+
+
+def test_text_prompts(tmp_path):
+    from gemmalens.testing import make_tiny_sentencepiece
+
+    make_tiny_sentencepiece(tmp_path)
+    tokenizer = gl.Tokenizer.from_file(tmp_path / "tokenizer.model")
+    ref.gemma3_text(tmp_path, vocab_size=tokenizer.vocab_size)
+    model = gl.load(tmp_path)
+    result = model.generate(["Once upon a time", "Hi"], max_new_tokens=6)
+    assert len(result.text) == 2 and all(isinstance(t, str) for t in result.text)
+    assert result.prompt_tokens[0, -1] == tokenizer.encode("Once upon a time")[-1]
