@@ -68,21 +68,23 @@ def _unknown_name_message(name: str, valid: list[str], where: str) -> str:
     return f"No hook point named {name!r} {where}.{hint} (`m.hook_names` lists all {len(valid)}.)"
 
 
+def _side_inputs(attention_mask: jax.Array | None) -> dict[str, Any]:
+    # No mask (None) means every token is real: the model may then use banded kernels.
+    if attention_mask is None:
+        return {}
+    return {"attention_mask": pz.nx.wrap(attention_mask).tag("batch", "seq")}
+
+
 @jax.jit
 def _run(model, tokens, attention_mask):
-    logits = model(
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        attention_mask=pz.nx.wrap(attention_mask).tag("batch", "seq"),
-    )
+    logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask))
     return logits.unwrap("batch", "seq", "vocab")
 
 
 @jax.jit
 def _run_stateful(model, state, tokens, attention_mask):
     return model.stateless_call(
-        state,
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        attention_mask=pz.nx.wrap(attention_mask).tag("batch", "seq"),
+        state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask)
     )
 
 
@@ -144,7 +146,8 @@ class Model:
         tokens, mask = self.tokenizer.pad_batch(self.tokenizer.encode(texts), side="right")
         return jnp.asarray(tokens), jnp.asarray(mask)
 
-    def _inputs(self, tokens: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array]:
+    def _inputs(self, tokens: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array | None]:
+        """Validated ``(tokens, attention_mask)``; the mask is None when nothing is padded."""
         if isinstance(tokens, str) or (
             isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)
         ):
@@ -181,6 +184,8 @@ class Model:
                     f"attention_mask has shape {mask_np.shape} but tokens have shape "
                     f"{tokens_np.shape}; they must match (1 = real token, 0 = padding)."
                 )
+        if mask_np.all():
+            return jnp.asarray(tokens_np, jnp.int32), None
         return jnp.asarray(tokens_np, jnp.int32), jnp.asarray(mask_np)
 
     def select_hooks(self, names: NameSelector) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -149,6 +151,34 @@ def test_attention_against_numpy(softcap, implementation):
     out = _attention(softcap, implementation)(named_qkv, token_positions=positions)
     expected = _numpy_attention(q, k, v, 0.3, softcap)
     np.testing.assert_allclose(out.unwrap("batch", "seq", "heads", "head_dim"), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        AttentionMask(causal=True),
+        AttentionMask(causal=True, window_before=3),
+        AttentionMask(causal=False, window_before=3, window_after=3),
+        AttentionMask(causal=False),
+    ],
+)
+def test_banded_kernel_equals_explicit_mask(mask):
+    """With plain 0..n-1 positions the fused path takes a band instead of a mask array."""
+    q, k, v = _qkv()
+    named_qkv = (
+        named(q, "batch", "seq", "heads", "head_dim"),
+        named(k, "batch", "seq", "kv_heads", "head_dim"),
+        named(v, "batch", "seq", "kv_heads", "head_dim"),
+    )
+    positions = named(np.tile(np.arange(6), (2, 1)), "batch", "seq")
+    attention = dataclasses.replace(_attention(implementation="fused"), mask=mask)
+    banded = attention(named_qkv, token_positions=positions, positions_are_arange=True)
+    masked = attention(named_qkv, token_positions=positions)
+    np.testing.assert_allclose(
+        banded.unwrap("batch", "seq", "heads", "head_dim"),
+        masked.unwrap("batch", "seq", "heads", "head_dim"),
+        atol=1e-5,
+    )
 
 
 def test_fused_path_only_without_pattern_hooks():

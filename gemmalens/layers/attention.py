@@ -59,6 +59,15 @@ class AttentionMask(pz.nn.Layer):
         masked_value = jnp.finfo(scores.dtype).min
         return pz.nx.nmap(jnp.where)(self.visible(**side_inputs), scores, masked_value)
 
+    def band(self, length: int) -> tuple[int, int] | None:
+        """The window as ``(keys before, keys after)`` the query, for kernels that take a
+        band (``jax.nn.dot_product_attention``'s ``local_window_size``); None if global."""
+        if self.window_before is None and self.window_after is None:
+            return None
+        before = length if self.window_before is None else self.window_before - 1
+        after = length if self.window_after is None else self.window_after - 1
+        return (before, 0 if self.causal else after)
+
     def describe(self) -> str:
         kind = "causal" if self.causal else "bidirectional"
         if self.window_before is None and self.window_after is None:
@@ -130,14 +139,24 @@ class DotProductAttention(pz.nn.Layer):
         return pz.nx.nmap(jnp.dot)(pattern.untag("kv_seq"), v.untag("kv_seq"))
 
     def _fused(self, q, k, v, **side_inputs):
-        visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
-        out = jax.nn.dot_product_attention(
-            q.unwrap(*QKV_AXES),
-            k.unwrap(*KV_AXES),
-            v.unwrap(*KV_AXES),
-            mask=visible[:, None, :, :],
+        arrays = dict(
+            query=q.unwrap(*QKV_AXES),
+            key=k.unwrap(*KV_AXES),
+            value=v.unwrap(*KV_AXES),
             scale=self.scale,
         )
+        if side_inputs.get("positions_are_arange") and "kv_positions" not in side_inputs:
+            # No padding and no cache: the mask is a band, which flash kernels build
+            # themselves instead of reading a [seq, seq] mask from memory.
+            length = q.named_shape["seq"]
+            out = jax.nn.dot_product_attention(
+                **arrays,
+                is_causal=self.mask.causal,
+                local_window_size=self.mask.band(length),
+            )
+        else:
+            visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
+            out = jax.nn.dot_product_attention(**arrays, mask=visible[:, None, :, :])
         return pz.nx.wrap(out).tag(*QKV_AXES)
 
 

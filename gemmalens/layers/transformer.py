@@ -59,7 +59,8 @@ class DecoderLM(pz.nn.Layer):
 
     Called with token ids (named axes ``batch``, ``seq``); returns logits (``batch``,
     ``seq``, ``vocab``). Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep)
-    and/or ``token_positions``; positions are derived from the mask when not given.
+    and/or ``token_positions``; positions are derived from the mask when not given. Without
+    either, positions are ``0..seq-1`` in every row and attention may use banded kernels.
     """
 
     embed: pz.nn.Sequential
@@ -72,6 +73,7 @@ class DecoderLM(pz.nn.Layer):
             mask = side_inputs.get("attention_mask")
             if mask is None:
                 mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
+                side_inputs["positions_are_arange"] = True
             side_inputs["token_positions"] = positions_from_mask(mask)
         h = self.embed(tokens, **side_inputs)
         h = self.blocks(h, **side_inputs)
