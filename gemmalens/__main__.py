@@ -1,0 +1,7 @@
+"""``python -m gemmalens ...``: the same as the ``gemmalens`` command."""
+
+import sys
+
+from gemmalens.cli import main
+
+sys.exit(main())
