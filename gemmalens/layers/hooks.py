@@ -66,11 +66,20 @@ class HookPoint(pz.nn.Layer):
 
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # name, axes
 class CaptureHook(HookPoint):
-    """A hook point that stores its value (batch-first) in a state variable."""
+    """A hook point that stores its value (batch-first) in a state variable.
+
+    ``fn`` keeps an intervention that was installed at the same point (capturing a hooked
+    model): it runs first, and the value stored is the one that flows on.
+    """
 
     sink: pz.StateVariable | None = None
+    fn: HookFn | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
     def __call__(self, value: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if self.fn is not None:
+            replacement = self.fn(self.to_user(value), self.name)
+            if replacement is not None:
+                value = self.from_user(replacement, value)
         self.sink.value = self.to_user(value)
         return value
 
@@ -108,7 +117,7 @@ def capture(model: Any, names: set[str], label_prefix: str) -> Any:
 
     def to_capture(hp: HookPoint) -> CaptureHook:
         sink = pz.StateVariable(value=None, label=label_prefix + hp.name)
-        return CaptureHook(name=hp.name, axes=hp.axes, sink=sink)
+        return CaptureHook(name=hp.name, axes=hp.axes, sink=sink, fn=getattr(hp, "fn", None))
 
     return (
         pz.select(model)

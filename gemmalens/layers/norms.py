@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
 
 ScaleForm = Literal["one_plus", "plain", "none"]
@@ -26,15 +27,22 @@ class RMSNorm(pz.nn.Layer):
 
     The scale multiplies in float32 *before* the cast back to the input dtype, as
     transformers does; casting first would lose precision in bfloat16.
+
+    ``hook_scale`` (optional, e.g. ``ln_final.hook_scale``) names the divisor
+    ``sqrt(mean(x**2) + eps)`` as a float32 ``[batch, pos, 1]`` value, so analysis can
+    reuse a run's normalisation scale (direct logit attribution) or freeze it by patching.
     """
 
     scale: pz.nn.ParameterLike[pz.nx.NamedArray] | None
     axis: str = dataclasses.field(metadata={"pytree_node": False})
     eps: float = dataclasses.field(metadata={"pytree_node": False})
     form: ScaleForm = dataclasses.field(metadata={"pytree_node": False})
+    hook_scale: HookPoint | None = None
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         dtype = x.dtype
+        if self.hook_scale is not None:
+            return self._with_scale_hook(x, **side_inputs).astype(dtype)
 
         def normalise(v: jax.Array) -> jax.Array:
             v = v.astype(jnp.float32)
@@ -50,13 +58,35 @@ class RMSNorm(pz.nn.Layer):
             y = y * self.scale.value.astype(jnp.float32)
         return y.astype(dtype)
 
+    def _with_scale_hook(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        # The divisor keeps ``self.axis`` with size 1 so the hook shows [batch, pos, 1]; it
+        # goes through the hook point before use, so patching it changes the output.
+        x = x.astype(jnp.float32)
+        rms = pz.nx.nmap(lambda v: jnp.sqrt(jnp.mean(v * v, keepdims=True) + self.eps))(
+            x.untag(self.axis)
+        ).tag(self.axis)
+        rms = self.hook_scale(rms, **side_inputs)
+        y = pz.nx.nmap(lambda v, r: v / r)(x.untag(self.axis), rms.untag(self.axis)).tag(self.axis)
+        if self.form == "one_plus":
+            return y * (1.0 + self.scale.value.astype(jnp.float32))
+        if self.form == "plain":
+            return y * self.scale.value.astype(jnp.float32)
+        return y
+
     @classmethod
     def build(
-        cls, params: ParamBuilder, name: str, axis: str, size: int, eps: float, form: ScaleForm
+        cls,
+        params: ParamBuilder,
+        name: str,
+        axis: str,
+        size: int,
+        eps: float,
+        form: ScaleForm,
+        hook_scale: HookPoint | None = None,
     ) -> RMSNorm:
         """Builds the norm, asking ``params`` for ``{name}.scale`` unless form is ``none``."""
         scale = None
         if form != "none":
             init = "zeros" if form == "one_plus" else "ones"
             scale = params(f"{name}.scale", {axis: size}, init=init)
-        return cls(scale=scale, axis=axis, eps=eps, form=form)
+        return cls(scale=scale, axis=axis, eps=eps, form=form, hook_scale=hook_scale)

@@ -1,0 +1,484 @@
+"""`ActivationCache`: the values of one run, by hook name, and the analyses built on them.
+
+Every analysis here is linear algebra on cached values plus the model's weights; nothing
+runs the model again. Shapes are batch-first; stacks of residual-stream pieces put their
+``component`` axis first: ``[component, batch, pos, d_model]``.
+
+Gemma's residual stream is ``h = embed + sum_i (attn_out_i + mlp_out_i)`` where each branch
+output is *after* its post-norm (``blocks.{i}.hook_attn_out`` / ``hook_mlp_out``), so
+`ActivationCache.decompose_resid` is exact. The final norm is not linear, but with the
+run's own RMS divisor (``ln_final.hook_scale``) held fixed it is:
+``ln_final(sum_c x_c) = sum_c x_c / rms * (1 + w)``. That is how `accumulated_resid`,
+`decompose_resid` and `logit_attrs` apply it when asked (``apply_ln=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemmalens.layers.attention import Attention
+from gemmalens.layers.embeddings import TanhSoftCap, TiedUnembed
+from gemmalens.layers.norms import RMSNorm
+
+if TYPE_CHECKING:
+    from gemmalens.lens import Model
+
+# None: every position; an int: one position (the pos axis is dropped); a slice or a list of
+# ints: those positions; an integer *array* of shape [batch]: one position per row (e.g. the
+# last real token of each right-padded row; the pos axis is dropped).
+PosSlice = Union[None, int, slice, Sequence[int], jax.Array, np.ndarray]
+
+# Short names for ``cache["resid_pre", 3]``-style lookups.
+_SHORT_NAMES = {
+    "embed": "hook_embed",
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "q": "blocks.{}.attn.hook_q",
+    "k": "blocks.{}.attn.hook_k",
+    "v": "blocks.{}.attn.hook_v",
+    "z": "blocks.{}.attn.hook_z",
+    "attn_scores": "blocks.{}.attn.hook_attn_scores",
+    "pattern": "blocks.{}.attn.hook_pattern",
+    "mlp_pre": "blocks.{}.mlp.hook_pre",
+    "mlp_pre_linear": "blocks.{}.mlp.hook_pre_linear",
+    "mlp_post": "blocks.{}.mlp.hook_post",
+    "ln_final": "ln_final.hook_normalized",
+    "ln_final_scale": "ln_final.hook_scale",
+}
+
+
+def unknown_name_message(name: str, valid: list[str], where: str) -> str:
+    """An error message for an unknown hook name that lists the nearest valid ones."""
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"No hook point named {name!r} {where}.{hint} (`m.hook_names` lists all {len(valid)}.)"
+
+
+def select_positions(x: jax.Array, pos_slice: PosSlice, pos_axis: int) -> jax.Array:
+    """``x`` restricted to the positions ``pos_slice`` picks along ``pos_axis``.
+
+    The batch axis is the one just before ``pos_axis`` (used by per-row positions).
+    """
+    if pos_slice is None:
+        return x
+    if isinstance(pos_slice, (jax.Array, np.ndarray)) and np.ndim(pos_slice) == 1:
+        # One position per batch row: gather along pos with the row's own index.
+        rows = x.shape[pos_axis - 1]
+        positions = jnp.asarray(pos_slice)
+        if positions.shape != (rows,):
+            raise ValueError(
+                f"A position array must have shape [batch] = ({rows},), got {positions.shape}."
+            )
+        shape = [1] * x.ndim
+        shape[pos_axis - 1] = rows
+        index = positions.reshape(shape)
+        return jnp.take_along_axis(x, index, axis=pos_axis, mode="clip").squeeze(pos_axis)
+    if isinstance(pos_slice, (int, np.integer, slice)) or np.ndim(pos_slice) == 0:
+        key = pos_slice if isinstance(pos_slice, slice) else int(pos_slice)
+    else:
+        key = np.asarray(list(pos_slice), dtype=np.int32)
+    index = [slice(None)] * x.ndim
+    index[pos_axis] = key
+    return x[tuple(index)]
+
+
+def _norm_gain(norm: RMSNorm) -> jax.Array:
+    """The per-channel multiplier an `RMSNorm` applies after dividing by the RMS."""
+    if norm.form == "none":
+        return jnp.ones((), jnp.float32)
+    weight = norm.scale.value.unwrap(norm.axis).astype(jnp.float32)
+    return 1.0 + weight if norm.form == "one_plus" else weight
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitLens:
+    """What each layer's residual stream would predict if the model stopped there.
+
+    Attributes:
+      labels: one per layer entry: ``hook_embed``, then ``blocks.{i}.hook_resid_post``.
+      logits: ``[layer, batch, pos, vocab]`` (pos dropped for an int / per-row pos_slice).
+      top_tokens: ``[layer, batch, pos, k]`` token ids of the k largest logits, best first.
+      top_logprobs: ``[layer, batch, pos, k]`` their log-probabilities.
+      target_logprobs: ``[layer, batch, pos]`` log-probability of ``targets`` (when given).
+    """
+
+    labels: list[str]
+    logits: jax.Array
+    top_tokens: jax.Array
+    top_logprobs: jax.Array
+    target_logprobs: jax.Array | None = None
+
+    def decode(self, tokenizer: Any, batch: int = 0, pos: int = -1) -> list[list[str]]:
+        """The top tokens as text, one list per layer, for one (batch, pos) entry."""
+        tops = np.asarray(self.top_tokens)
+        tops = tops[:, batch, pos] if tops.ndim == 4 else tops[:, batch]
+        return [[tokenizer.decode([[int(t)]])[0] for t in row] for row in tops]
+
+
+class ActivationCache(Mapping):
+    """Values captured by `Model.run_with_cache`, by hook name, in forward order.
+
+    ``cache[name]`` is a plain batch-first array (``Model.hook_names`` lists the names);
+    ``cache["resid_pre", 3]`` is short for ``cache["blocks.3.hook_resid_pre"]``.
+    The analysis methods need ``model`` (for weights) and the hooks they read; when a value
+    is missing the error says which hook to capture.
+    """
+
+    def __init__(self, values: dict[str, jax.Array], model: Model | None = None):
+        self._values = values
+        self.model = model
+
+    # ------------------------------------------------------------------------ mapping
+
+    def __getitem__(self, name: str | tuple[str, int]) -> jax.Array:
+        if isinstance(name, tuple):
+            short, layer = name
+            if short not in _SHORT_NAMES:
+                raise KeyError(
+                    f"Unknown short name {short!r}; use one of {sorted(_SHORT_NAMES)} "
+                    "or a full hook name."
+                )
+            name = _SHORT_NAMES[short].format(layer)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(
+                unknown_name_message(name, list(self._values), "in this cache")
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self._values.items())[:4])
+        more = f", ... ({len(self)} in all)" if len(self) > 4 else ""
+        return f"ActivationCache({shown}{more})"
+
+    # ------------------------------------------------------------------------ helpers
+
+    def _need(self, *names: str, purpose: str) -> jax.Array:
+        """The first of ``names`` present in the cache (they are equal values)."""
+        for name in names:
+            if name in self._values:
+                return self._values[name]
+        raise KeyError(
+            f"{purpose} needs {names[0]!r} in the cache; capture it with "
+            f"m.run_with_cache(tokens, names=[..., {names[0]!r}]) (or names=None for all)."
+        )
+
+    def _need_model(self, purpose: str) -> Model:
+        if self.model is None:
+            raise ValueError(f"{purpose} needs the model's weights; this cache has no model.")
+        return self.model
+
+    @property
+    def num_layers(self) -> int:
+        return self._need_model("The layer count").config.num_hidden_layers
+
+    def _layer_count(self, layer: int | None) -> int:
+        total = self.num_layers
+        if layer is None:
+            return total
+        if not 0 <= layer <= total:
+            raise ValueError(f"layer must be in [0, {total}] (or None for all), got {layer}.")
+        return layer
+
+    def _embed(self) -> jax.Array:
+        return self._need("hook_embed", "blocks.0.hook_resid_pre", purpose="The embedding")
+
+    def _resid_after(self, i: int) -> jax.Array:
+        return self._need(
+            f"blocks.{i}.hook_resid_post",
+            f"blocks.{i + 1}.hook_resid_pre",
+            purpose=f"The residual stream after block {i}",
+        )
+
+    def final_scale(self) -> jax.Array:
+        """The final norm's RMS divisor of this run, ``[batch, pos, 1]`` (float32).
+
+        Read from ``ln_final.hook_scale`` when captured, else recomputed (identically) from
+        the last block's ``hook_resid_post``.
+        """
+        if "ln_final.hook_scale" in self._values:
+            return self._values["ln_final.hook_scale"]
+        resid = self._resid_after(self.num_layers - 1).astype(jnp.float32)
+        eps = self._final_norm().eps
+        return jnp.sqrt(jnp.mean(resid * resid, axis=-1, keepdims=True) + eps)
+
+    def _final_norm(self) -> RMSNorm:
+        model = self._need_model("The final norm").model
+        return pz.select(model.final_norm).at_instances_of(RMSNorm).get_sequence()[0]
+
+    def _unembed_matrix(self) -> jax.Array:
+        """``[vocab, d_model]`` (the tied embedding table, unscaled)."""
+        model = self._need_model("Unembedding").model
+        (unembed,) = pz.select(model.unembed).at_instances_of(TiedUnembed).get_sequence()
+        return unembed.table.value.unwrap("vocab", "embedding")
+
+    def _softcap(self) -> float | None:
+        model = self._need_model("Unembedding").model
+        caps = pz.select(model.unembed).at_instances_of(TanhSoftCap).get_sequence()
+        return caps[0].cap if caps else None
+
+    def _block(self, i: int) -> pz.nn.NamedGroup:
+        model = self._need_model("Per-head results").model
+        blocks = (
+            pz.select(model)
+            .at_instances_of(pz.nn.NamedGroup)
+            .where(lambda g: g.name == f"blocks.{i}")
+            .get_sequence()
+        )
+        if not blocks:
+            raise ValueError(f"The model has no block named 'blocks.{i}'.")
+        return blocks[0]
+
+    def _attention_and_post_norm(self, i: int) -> tuple[Attention, RMSNorm | None]:
+        """Block ``i``'s attention layer and the norm right after it (None if none)."""
+        for seq in pz.select(self._block(i)).at_instances_of(pz.nn.Sequential).get_sequence():
+            layers = list(seq.sublayers)
+            for j, layer in enumerate(layers):
+                if isinstance(layer, Attention):
+                    after = layers[j + 1] if j + 1 < len(layers) else None
+                    return layer, after if isinstance(after, RMSNorm) else None
+        raise ValueError(f"Block {i} has no attention layer.")
+
+    def apply_ln_to_stack(self, residual_stack: jax.Array) -> jax.Array:
+        """The final norm applied to each component with this run's RMS divisor.
+
+        ``residual_stack``: ``[..., batch, pos, d_model]`` with every position (slice
+        afterwards). Because the divisor is fixed, the result is linear: the normalised
+        components sum to ``ln_final.hook_normalized`` when the raw ones sum to the final
+        residual stream.
+        """
+        gain = _norm_gain(self._final_norm())
+        scaled = residual_stack.astype(jnp.float32) / self.final_scale()
+        return (scaled * gain).astype(residual_stack.dtype)
+
+    def _finish_stack(
+        self,
+        components: list[jax.Array],
+        labels: list[str],
+        apply_ln: bool,
+        pos_slice: PosSlice,
+        return_labels: bool,
+    ) -> jax.Array | tuple[jax.Array, list[str]]:
+        stack = jnp.stack(components)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack)
+        stack = select_positions(stack, pos_slice, pos_axis=2)
+        return (stack, labels) if return_labels else stack
+
+    # ------------------------------------------------------------------------ residual stream
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        return_labels: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list[str]]:
+        """The residual stream as it grows: the embedding, then after each block.
+
+        Args:
+          layer: include blocks ``0 .. layer-1`` (so the last entry is the input of block
+            ``layer``); None for all blocks (the last entry is the final residual stream).
+          apply_ln: apply the final norm with this run's cached RMS divisor (the linear
+            view used for attribution; `logit_lens` can instead renormalise each layer).
+          pos_slice: which positions to keep (see `PosSlice`).
+          return_labels: also return the hook name each entry was read from.
+
+        Returns:
+          ``[layer + 1, batch, pos, d_model]`` (pos dropped for an int / per-row slice).
+        """
+        count = self._layer_count(layer)
+        components = [self._embed()] + [self._resid_after(i) for i in range(count)]
+        labels = ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(count)]
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mode: Literal["all", "attn", "mlp"] = "all",
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list[str]]:
+        """The residual stream split into what wrote it: embedding, each attention and
+        each MLP output (after their post-norms, i.e. ``hook_attn_out`` / ``hook_mlp_out``).
+
+        With ``mode="all"`` and ``incl_embeds=True`` the components sum exactly (up to float
+        rounding) to the input of block ``layer`` (the final residual stream for None).
+
+        Returns:
+          ``[component, batch, pos, d_model]``; labels ``hook_embed``,
+          ``blocks.{i}.hook_attn_out``, ``blocks.{i}.hook_mlp_out`` in forward order.
+        """
+        count = self._layer_count(layer)
+        components, labels = [], []
+        if incl_embeds:
+            components.append(self._embed())
+            labels.append("hook_embed")
+        for i in range(count):
+            for kind in ("attn", "mlp"):
+                if mode in ("all", kind):
+                    name = f"blocks.{i}.hook_{kind}_out"
+                    components.append(self._need(name, purpose="decompose_resid"))
+                    labels.append(name)
+        if not components:
+            raise ValueError("decompose_resid selected no components (layer=0, no embeds?).")
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+
+    # ------------------------------------------------------------------------ heads
+
+    def head_results(self, layer: int, fold_post_norm: bool = True) -> jax.Array:
+        """What each attention head of block ``layer`` writes, ``[batch, pos, head, d_model]``.
+
+        A head's raw output is ``z_h @ W_O[h]``; the raw outputs sum to the attention
+        output *before* Gemma's post-attention norm. That norm is not linear, so a head's
+        share of ``hook_attn_out`` is defined here by holding the norm's RMS divisor at its
+        value in this run (computed exactly from the cached ``hook_z``):
+        ``result_h = z_h W_O[h] / rms(sum_h z_h W_O[h]) * (1 + w)``. These sum to
+        ``blocks.{layer}.hook_attn_out``. They are a linearisation: removing a head would
+        also change the divisor, which this split does not show.
+
+        With ``fold_post_norm=False`` the raw ``z_h @ W_O[h]`` are returned (they sum to the
+        pre-norm attention output).
+        """
+        z = self._need(f"blocks.{layer}.attn.hook_z", purpose="head_results")
+        attention, post_norm = self._attention_and_post_norm(layer)
+        w_o = attention.output.weights.value.unwrap("heads", "head_dim", "embedding")
+        raw = jnp.einsum("bphd,hdm->bphm", z.astype(jnp.float32), w_o.astype(jnp.float32))
+        if not fold_post_norm or post_norm is None:
+            return raw.astype(z.dtype)
+        # The model normalises o_proj(z) (in the model dtype); recompute its divisor.
+        total = jnp.einsum("bphd,hdm->bpm", z, w_o).astype(jnp.float32)
+        rms = jnp.sqrt(jnp.mean(total * total, axis=-1, keepdims=True) + post_norm.eps)
+        return (raw / rms[:, :, None, :] * _norm_gain(post_norm)[None]).astype(z.dtype)
+
+    def stack_head_results(
+        self,
+        layer: int | None = None,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        fold_post_norm: bool = True,
+        return_labels: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list[str]]:
+        """Every head's result (see `head_results`) of blocks ``0 .. layer-1`` (all for
+        None), stacked as ``[layer * head, batch, pos, d_model]`` with labels ``L{i}H{h}``.
+
+        With ``fold_post_norm=True`` (default) the heads of block ``i`` sum to
+        ``blocks.{i}.hook_attn_out``, so these can replace the attention terms of
+        `decompose_resid` in a direct logit attribution.
+        """
+        count = self._layer_count(layer)
+        components, labels = [], []
+        for i in range(count):
+            results = self.head_results(i, fold_post_norm)
+            for h in range(results.shape[2]):
+                components.append(results[:, :, h])
+                labels.append(f"L{i}H{h}")
+        if not components:
+            raise ValueError("stack_head_results selected no heads (layer=0).")
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+
+    # ------------------------------------------------------------------------ logits
+
+    def logit_attrs(
+        self,
+        residual_stack: jax.Array,
+        tokens: int | jax.Array,
+        incorrect_tokens: int | jax.Array | None = None,
+        pos_slice: PosSlice = -1,
+        apply_ln: bool = True,
+    ) -> jax.Array:
+        """Direct logit attribution: each component's contribution to a logit (difference).
+
+        Args:
+          residual_stack: ``[component, batch, pos, d_model]`` with every position, as the
+            stack methods return it with ``pos_slice=None``; raw (not yet normalised)
+            unless ``apply_ln=False``.
+          tokens: the token whose logit is explained: an int, ``[batch]`` (with an int or
+            per-row ``pos_slice``) or ``[batch, pos]`` (with a slice).
+          incorrect_tokens: if given, explain ``logit(tokens) - logit(incorrect_tokens)``.
+          pos_slice: the positions read (default: the last).
+          apply_ln: apply the final norm with the cached RMS divisor first.
+
+        Returns:
+          ``[component, batch]`` (or ``[component, batch, pos]`` for a slice). With the
+          full `decompose_resid` stack the components sum to the model's logit (difference)
+          *before* the final soft-cap: exactly the logit when the config has no
+          ``final_logit_softcapping``. With a soft-cap the model's logit is
+          ``cap * tanh(sum / cap)``; the attributions explain the pre-cap logit, which the
+          cap then squashes monotonically (their sum no longer equals the capped logit).
+        """
+        if apply_ln:
+            residual_stack = self.apply_ln_to_stack(residual_stack)
+        residual = select_positions(residual_stack, pos_slice, pos_axis=2)
+        unembed = self._unembed_matrix()
+        direction = unembed[jnp.asarray(tokens)]
+        if incorrect_tokens is not None:
+            direction = direction - unembed[jnp.asarray(incorrect_tokens)]
+        return jnp.sum(residual.astype(jnp.float32) * direction.astype(jnp.float32), axis=-1)
+
+    def logit_lens(
+        self,
+        layer: int | None = None,
+        pos_slice: PosSlice = None,
+        top_k: int = 5,
+        targets: jax.Array | None = None,
+        norm: Literal["recompute", "cached"] = "recompute",
+        softcap: bool = True,
+    ) -> LogitLens:
+        """Logits read off the residual stream after each block (and the embedding).
+
+        Args:
+          layer: as in `accumulated_resid` (None: every block).
+          pos_slice: which positions (see `PosSlice`).
+          top_k: how many top tokens to keep per entry.
+          targets: token ids shaped like the selected positions (``[batch, pos]``, or
+            ``[batch]`` for an int / per-row slice); their log-probabilities are returned,
+            e.g. ``tokens[:, 1:]`` with ``pos_slice=slice(0, -1)`` for next-token loss.
+          norm: ``"recompute"`` applies the final norm to each layer's residual afresh
+            (what the model would output if it stopped there); ``"cached"`` uses the final
+            residual's RMS divisor for every layer (the linear view of `logit_attrs`).
+          softcap: apply the model's final soft-cap, if it has one.
+
+        With ``norm="recompute"``, ``softcap=True`` and every block, the last entry equals
+        the model's logits.
+        """
+        stack, labels = self.accumulated_resid(layer, return_labels=True)
+        if norm == "cached":
+            normalized = self.apply_ln_to_stack(stack)
+        else:
+            final = self._final_norm()
+            normalized = final(pz.nx.wrap(stack).tag("layer", "batch", "seq", "embedding"))
+            normalized = normalized.unwrap("layer", "batch", "seq", "embedding")
+        normalized = select_positions(normalized, pos_slice, pos_axis=2)
+        logits = jnp.einsum("...m,vm->...v", normalized, self._unembed_matrix())
+        cap = self._softcap()
+        if softcap and cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_logprobs, top_tokens = jax.lax.top_k(logprobs, top_k)
+        target_logprobs = None
+        if targets is not None:
+            index = jnp.broadcast_to(jnp.asarray(targets), logprobs.shape[1:-1])
+            target_logprobs = jnp.take_along_axis(
+                logprobs, jnp.broadcast_to(index, logprobs.shape[:-1])[..., None], axis=-1
+            )[..., 0]
+        return LogitLens(labels, logits, top_tokens, top_logprobs, target_logprobs)

@@ -1,0 +1,139 @@
+"""Ready-made interventions: each returns a ``{hook name: fn}`` dict for `Model.run_with_hooks`.
+
+::
+
+    from gemmalens import interventions as iv
+    logits = m.run_with_hooks(tokens, iv.ablate_heads(3, [0, 2]))
+    logits = m.run_with_hooks(tokens, iv.combine(iv.ablate_neurons(1, 17), iv.add_vector(4, v)))
+
+Hook functions are part of the compiled program's static structure, so a new dict (or a
+new array captured in one) compiles again; keep the dict to rerun it without recompiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemmalens.layers.hooks import HookFn
+
+HookDict = dict[str, HookFn]
+
+
+def _indices(items: int | Iterable[int]) -> jax.Array:
+    return jnp.asarray([items] if isinstance(items, int) else list(items), jnp.int32)
+
+
+def ablate_heads(
+    layer: int, heads: int | Iterable[int], replacement: jax.Array | None = None
+) -> HookDict:
+    """Ablates attention heads of block ``layer`` through ``blocks.{layer}.attn.hook_z``.
+
+    ``replacement`` None sets the heads' ``z`` to zero (so they write nothing before the
+    post-attention norm). For mean ablation pass a mean of cached ``hook_z`` values, e.g.
+    ``cache["z", layer].mean(0)`` (``[pos, head, d_head]``) or ``.mean((0, 1))``
+    (``[head, d_head]``); the chosen heads' entries of it are used.
+    """
+    index = _indices(heads)
+
+    def fn(z: jax.Array, name: str) -> jax.Array:
+        if replacement is None:
+            return z.at[:, :, index].set(0)
+        # [head, d_head] or [pos, head, d_head] -> [pos, head, d_head], same for every row.
+        new = jnp.broadcast_to(jnp.asarray(replacement, z.dtype), z.shape[1:])
+        return z.at[:, :, index].set(jnp.broadcast_to(new[:, index], z[:, :, index].shape))
+
+    return {f"blocks.{layer}.attn.hook_z": fn}
+
+
+def ablate_neurons(
+    layer: int, neurons: int | Iterable[int], replacement: jax.Array | None = None
+) -> HookDict:
+    """Ablates MLP neurons of block ``layer`` through ``blocks.{layer}.mlp.hook_post``.
+
+    ``replacement`` None zeroes them; otherwise a mean of cached ``hook_post`` values,
+    ``[pos, d_mlp]`` or ``[d_mlp]``, whose chosen neurons' entries are used.
+    """
+    index = _indices(neurons)
+
+    def fn(post: jax.Array, name: str) -> jax.Array:
+        if replacement is None:
+            return post.at[..., index].set(0)
+        new = jnp.broadcast_to(jnp.asarray(replacement, post.dtype), post.shape[1:])
+        return post.at[..., index].set(jnp.broadcast_to(new[..., index], post[..., index].shape))
+
+    return {f"blocks.{layer}.mlp.hook_post": fn}
+
+
+def add_vector(
+    layer: int,
+    vector: jax.Array,
+    coefficient: float = 1.0,
+    site: str = "hook_resid_pre",
+    positions: int | Sequence[int] | None = None,
+) -> HookDict:
+    """Adds ``coefficient * vector`` (``[d_model]``) to the residual stream (steering).
+
+    ``site`` is the block's residual hook (``hook_resid_pre``, ``hook_resid_mid`` or
+    ``hook_resid_post``); ``positions`` None adds at every position.
+    """
+    vector = jnp.asarray(vector)
+
+    def fn(resid: jax.Array, name: str) -> jax.Array:
+        delta = (coefficient * vector).astype(resid.dtype)
+        if positions is None:
+            return resid + delta
+        return resid.at[:, _indices(positions)].add(delta)
+
+    return {f"blocks.{layer}.{site}": fn}
+
+
+def replace_with(
+    values: Mapping[str, jax.Array],
+    names: Iterable[str] | None = None,
+    positions: int | Sequence[int] | None = None,
+) -> HookDict:
+    """Replaces hook values with cached ones (e.g. from another prompt's run_with_cache).
+
+    ``values`` maps hook names to batch-first arrays (an `ActivationCache` works);
+    ``names`` restricts which (default: all in ``values``); ``positions`` replaces only
+    those positions (axis 1, for ``[batch, pos, ...]`` values).
+    """
+    chosen = list(values) if names is None else list(names)
+
+    def make(stored: jax.Array) -> HookFn:
+        def fn(value: jax.Array, name: str) -> jax.Array:
+            new = jnp.asarray(stored, value.dtype)
+            if positions is None:
+                return new
+            index = _indices(positions)
+            return value.at[:, index].set(new[:, index])
+
+        return fn
+
+    return {name: make(values[name]) for name in chosen}
+
+
+def combine(*hook_dicts: Mapping[str, HookFn]) -> HookDict:
+    """Merges hook dicts; hooks on the same name run one after the other, in order."""
+    merged: dict[str, list[HookFn]] = {}
+    for hooks in hook_dicts:
+        for name, fn in hooks.items():
+            merged.setdefault(name, []).append(fn)
+
+    def chain(fns: list[HookFn]) -> HookFn:
+        if len(fns) == 1:
+            return fns[0]
+
+        def fn(value: jax.Array, name: str) -> Any:
+            for f in fns:
+                result = f(value, name)
+                value = value if result is None else result
+            return value
+
+        return fn
+
+    return {name: chain(fns) for name, fns in merged.items()}

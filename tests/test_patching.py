@@ -1,0 +1,178 @@
+"""Activation patching sweeps, attribution patching and ready-made interventions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+import gemmalens as gl
+from gemmalens import interventions as iv
+from gemmalens import patching
+from tests import hf_reference as ref
+
+LAYERS, HEADS, SEQ = 2, 4, 5
+CHANGED = 2  # the one position where the corrupted prompt differs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gemma3_patching")
+    ref.gemma3_text(
+        directory,
+        num_hidden_layers=LAYERS,
+        layer_types=["sliding_attention", "full_attention"],
+        post_norm_gain=0.3,
+    )
+    model = gl.load(directory)
+    rng = np.random.RandomState(0)
+    clean = rng.randint(3, 256, (2, SEQ))
+    corrupted = clean.copy()
+    corrupted[:, CHANGED] = (clean[:, CHANGED] + 100) % 250 + 3
+    clean_logits, corrupted_logits = np.asarray(model(clean)), np.asarray(model(corrupted))
+    # Explain the clean run's favourite final token against the corrupted run's.
+    good = int(np.bincount(clean_logits[:, -1].argmax(-1)).argmax())
+    bad = int(np.bincount(corrupted_logits[:, -1].argmax(-1)).argmax())
+    if good == bad:
+        bad = int(np.argsort(clean_logits[0, -1])[-2])
+
+    def metric(logits):
+        return jnp.mean(logits[:, -1, good] - logits[:, -1, bad])
+
+    return model, clean, corrupted, metric
+
+
+def _loop_sweep(model, clean, corrupted, metric, site):
+    """The reference: a Python loop over sites, one forward pass each (compiled once,
+    with the site as an argument), patching through the public ``with_hooks``."""
+    spec = patching.SITES[site]
+    names = [spec.hook.format(i) for i in range(LAYERS)]
+    _, cache = model.run_with_cache(clean, names=names)
+    axis = spec.unit_axis
+
+    @jax.jit
+    def patched(layer, unit):
+        def make(i, name):
+            def fn(value, _name):
+                clean_unit = jax.lax.dynamic_index_in_dim(cache[name], unit, axis)
+                swapped = jax.lax.dynamic_update_index_in_dim(value, clean_unit, unit, axis)
+                return jnp.where(layer == i, swapped, value)
+
+            return fn
+
+        hooked = pz.freeze_params(model.with_hooks({n: make(i, n) for i, n in enumerate(names)}))
+        logits = hooked(pz.nx.wrap(jnp.asarray(corrupted)).tag("batch", "seq"))
+        return metric(logits.unwrap("batch", "seq", "vocab"))
+
+    units = cache[names[0]].shape[axis]
+    return np.array([[patched(i, u) for u in range(units)] for i in range(LAYERS)])
+
+
+def test_patching_clean_into_clean_changes_nothing(setup):
+    model, clean, _, metric = setup
+    baseline = float(metric(model(clean)))
+    scores = patching.sweep(model, clean, clean, metric, site="resid_pre")
+    np.testing.assert_allclose(scores, baseline, atol=1e-5)
+
+
+def test_resid_pre_sweep_restores_clean_at_the_changed_token(setup):
+    model, clean, corrupted, metric = setup
+    scores = np.asarray(patching.sweep(model, clean, corrupted, metric, site="resid_pre"))
+    assert scores.shape == (LAYERS, SEQ)
+    clean_value, corrupted_value = float(metric(model(clean))), float(metric(model(corrupted)))
+    assert abs(clean_value - corrupted_value) > 0.1
+    # At layer 0 only the changed position differs: patching it is the clean run.
+    np.testing.assert_allclose(scores[0, CHANGED], clean_value, atol=1e-5)
+    np.testing.assert_allclose(np.delete(scores[0], CHANGED), corrupted_value, atol=1e-5)
+    # Positions before the change never see it.
+    np.testing.assert_allclose(scores[:, :CHANGED], corrupted_value, atol=1e-5)
+
+
+def test_patching_every_position_of_layer0_reproduces_the_other_run(setup):
+    model, clean, corrupted, _ = setup
+    _, corrupted_cache = model.run_with_cache(corrupted, names="blocks.0.hook_resid_pre")
+    patched = model.run_with_hooks(clean, iv.replace_with(corrupted_cache))
+    np.testing.assert_allclose(patched, model(corrupted), atol=1e-5)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "pattern"])
+def test_vectorised_sweep_equals_a_loop(setup, site):
+    model, clean, corrupted, metric = setup
+    scores = patching.sweep(model, clean, corrupted, metric, site=site)
+    expected = _loop_sweep(model, clean, corrupted, metric, site)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.ptp(expected) > 0.01  # the sites do differ
+
+
+def test_chunked_sweep_equals_full_sweep(setup):
+    model, clean, corrupted, metric = setup
+    full = patching.sweep(model, clean, corrupted, metric, site="resid_pre")
+    chunked = patching.sweep(model, clean, corrupted, metric, site="resid_pre", chunk_size=4)
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("site, floor", [("resid_pre", 0.8), ("z", 0.8), ("pattern", 0.9)])
+def test_attribution_patching_correlates_with_activation_patching(setup, site, floor):
+    model, clean, corrupted, metric = setup
+    baseline = float(metric(model(corrupted)))
+    effects = np.asarray(patching.sweep(model, clean, corrupted, metric, site=site)) - baseline
+    estimates = np.asarray(patching.attribution_patching(model, clean, corrupted, metric, site))
+    assert estimates.shape == effects.shape
+    if site == "resid_pre":
+        # Positions before the changed token are exactly 0 in both; leave them out so they
+        # do not inflate the correlation.
+        effects, estimates = effects[:, CHANGED:], estimates[:, CHANGED:]
+    correlation = np.corrcoef(effects.ravel(), estimates.ravel())[0, 1]
+    print(f"attribution vs activation patching, {site}: r = {correlation:.3f}")
+    assert correlation > floor
+
+
+def test_zero_ablating_every_head_removes_the_attention_output(setup):
+    model, clean, _, _ = setup
+    layer = 0
+    with model.hooks(iv.ablate_heads(layer, range(HEADS))):
+        heads_off, cache = model.run_with_cache(clean, names=f"blocks.{layer}.hook_attn_out")
+    # The post-attention norm maps zero to zero, so nothing reaches the residual stream.
+    assert np.all(np.asarray(cache[f"blocks.{layer}.hook_attn_out"]) == 0)
+    no_attention = model.run_with_hooks(
+        clean, {f"blocks.{layer}.hook_attn_out": lambda v, _: jnp.zeros_like(v)}
+    )
+    np.testing.assert_allclose(heads_off, no_attention, atol=1e-5)
+    assert np.abs(np.asarray(no_attention) - np.asarray(model(clean))).max() > 1e-2
+
+
+def test_interventions(setup):
+    model, clean, corrupted, _ = setup
+    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post"]
+    _, other = model.run_with_cache(corrupted, names=names)
+    _, plain = model.run_with_cache(clean, names=names)
+    mean_z = other["blocks.0.attn.hook_z"].mean(0)  # [pos, head, d_head]
+    vector = jax.random.normal(jax.random.key(0), (model.config.hidden_size,))
+    hooks = iv.combine(
+        iv.ablate_heads(0, 1, replacement=mean_z),
+        iv.ablate_neurons(1, [3, 5]),
+        # Two hooks on one point run in order: 2v then -v adds v.
+        iv.add_vector(0, vector, coefficient=2.0, positions=3),
+        iv.add_vector(0, vector, coefficient=-1.0, positions=[3]),
+    )
+    with model.hooks(hooks):
+        _, hooked = model.run_with_cache(clean, names=names)
+    z = np.asarray(hooked["blocks.0.attn.hook_z"])
+    np.testing.assert_allclose(z[:, :, 1], np.broadcast_to(mean_z[:, 1], z[:, :, 1].shape))
+    post = np.asarray(hooked["blocks.1.mlp.hook_post"])
+    assert np.all(post[..., [3, 5]] == 0) and np.any(post[..., 4] != 0)
+    delta = np.asarray(hooked["blocks.0.hook_resid_pre"] - plain["blocks.0.hook_resid_pre"])
+    np.testing.assert_allclose(
+        delta[:, 3], np.broadcast_to(vector, (2, vector.shape[0])), atol=1e-5
+    )
+    assert np.all(np.delete(delta, 3, axis=1) == 0)
+
+
+def test_unknown_site(setup):
+    model, clean, corrupted, metric = setup
+    with pytest.raises(ValueError, match="resid_pre"):
+        patching.sweep(model, clean, corrupted, metric, site="resid")
+    with pytest.raises(ValueError, match="same shape"):
+        patching.sweep(model, clean, corrupted[:, :-1], metric)
