@@ -125,29 +125,34 @@ def torch_sync(_value):
         torch.cuda.synchronize()
 
 
-def make_checkpoint(directory: Path, config: dict, dtype: str, attn: str) -> torch.nn.Module:
+def make_checkpoint(directory: Path, config: dict, dtype: str) -> None:
+    """Random weights saved in the Hugging Face layout, made on the CPU so that the GPU is
+    untouched before the measurements."""
     torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config))
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+
+
+def load_transformers(directory: Path, dtype: str, attn: str) -> torch.nn.Module:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.Gemma3TextConfig(**config, attn_implementation=attn)
-    with torch.device(device):
-        model = transformers.Gemma3ForCausalLM(hf_config)
-    model = model.to(getattr(torch, dtype)).eval()
-    model.save_pretrained(directory)
-    return model
+    model = transformers.Gemma3ForCausalLM.from_pretrained(
+        directory, dtype=getattr(torch, dtype), attn_implementation=attn
+    )
+    return model.to(device).eval()
 
 
 def tokens_for(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(3, vocab, (batch, length)).astype(np.int32)
 
 
-def measure_speed(setup: dict, directory: Path) -> dict:
+def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> dict:
     config, repeats = setup["config"], setup["repeats"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = make_checkpoint(directory, config, setup["dtype"], "sdpa")
+    hf = load_transformers(directory, setup["dtype"], "sdpa")
     model = gl.load(directory, dtype=setup["dtype"])
     results: dict = {"forward": [], "decode": [], "capture": {}}
 
-    for batch, length in setup["forward_shapes"]:
+    for batch, length in [] if decode_only else setup["forward_shapes"]:
         tokens = tokens_for(batch, length, config["vocab_size"])
         ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
         ours = timed(lambda t=tokens: model(t), repeats, jax_sync)
@@ -192,6 +197,8 @@ def measure_speed(setup: dict, directory: Path) -> dict:
             )
         )
 
+    if decode_only:
+        return results
     batch, length = setup["capture_shape"]
     tokens = tokens_for(batch, length, config["vocab_size"])
     plain = timed(lambda: model(tokens), repeats, jax_sync)
@@ -219,11 +226,8 @@ def peak_memory(which: str, setup: dict, directory: Path) -> dict:
         seconds = time.perf_counter() - start
         stats = jax.local_devices()[0].memory_stats() or {}
         return dict(peak_bytes=stats.get("peak_bytes_in_use"), first_call_s=seconds)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = transformers.Gemma3ForCausalLM.from_pretrained(
-        directory, dtype=getattr(torch, setup["dtype"]), attn_implementation="eager"
-    ).to(device)
-    ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    hf = load_transformers(directory, setup["dtype"], "eager")
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=hf.device)
     with torch.inference_mode():
         start = time.perf_counter()
         out = hf(input_ids=ids, output_attentions=True)
@@ -286,20 +290,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke run)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--decode-only", action="store_true", help="measure decoding only")
+    parser.add_argument(
+        "--decode-unroll", type=int, default=None, help="decode steps per loop iteration"
+    )
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--memory-only", choices=["gemmalens", "transformers"], help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     setup = settings(args.tiny)
+    if args.decode_unroll:
+        gl.sampling.DECODE_UNROLL = args.decode_unroll
     if args.memory_only:
         print(json.dumps(peak_memory(args.memory_only, setup, args.checkpoint)))
         return {}
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        results = measure_speed(setup, directory)
-        results["memory"] = {}
+        make_checkpoint(directory, setup["config"], setup["dtype"])
+        if args.decode_only:
+            results = measure_speed(setup, directory, decode_only=True)
+            print(json.dumps(results["decode"]))
+            return results
+        # Peak memory first, in fresh processes, while this one holds no device memory.
+        memory = {}
         for which in ("gemmalens", "transformers"):
             command = [
                 sys.executable,
@@ -312,10 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
             command += ["--tiny"] if args.tiny else []
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode:
-                results["memory"][which] = dict(peak_bytes=None, error=run.stderr[-3000:])
+                memory[which] = dict(peak_bytes=None, error=run.stderr[-3000:])
                 print(f"peak memory of {which} failed:\n{run.stderr[-3000:]}", file=sys.stderr)
             else:
-                results["memory"][which] = json.loads(run.stdout.strip().splitlines()[-1])
+                memory[which] = json.loads(run.stdout.strip().splitlines()[-1])
+            print("memory", which, memory[which], flush=True)
+        results = measure_speed(setup, directory)
+        results["memory"] = memory
     results["versions"] = versions()
     results["command"] = "python benchmarks/gemma3_speed.py" + (" --tiny" if args.tiny else "")
     print(json.dumps(results["versions"]))

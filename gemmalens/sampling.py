@@ -53,15 +53,22 @@ class CachingAttention(pz.nn.Layer):
         v = layer.value(x, **side_inputs)
         stored = self.cache.value
         new_positions = side_inputs["token_positions"]
+        updated = _write(stored, k, v, new_positions)
+        if q.named_shape["seq"] == 1:
+            # One new token evicts only a key its own window no longer sees, so it can
+            # attend over the updated cache directly.
+            keys, values, kv_positions = updated["k"], updated["v"], updated["positions"]
+        else:
+            # Several new tokens (a prompt) may overwrite each other's window in a ring
+            # buffer: attend over the old cache followed by all new keys.
+            def extend(old, new):
+                return pz.nx.nmap(jnp.concatenate)([old.untag("seq"), new.untag("seq")]).tag("seq")
 
-        def extend(old, new):
-            return pz.nx.nmap(jnp.concatenate)([old.untag("seq"), new.untag("seq")]).tag("seq")
-
-        keys, values = extend(stored["k"], k), extend(stored["v"], v)
-        kv_positions = extend(stored["positions"], new_positions)
+            keys, values = extend(stored["k"], k), extend(stored["v"], v)
+            kv_positions = extend(stored["positions"], new_positions)
         z = layer.mixer((q, keys, values), **{**side_inputs, "kv_positions": kv_positions})
         z = layer.hook_z(z, **side_inputs)
-        self.cache.value = _write(stored, k, v, new_positions)
+        self.cache.value = updated
         return layer.output(z, **side_inputs)
 
 
@@ -80,11 +87,23 @@ def _write(stored: dict, k, v, positions) -> dict:
 
     slot = pz.nx.nmap(slots)(positions.untag("seq"))
 
-    def scatter(old, new, where):
-        return old.at[where].set(new, mode="drop")
+    if positions.named_shape["seq"] == 1:
+        # One token per row: a select over the cache is one fused kernel, where a scatter
+        # vmapped over heads and features is several slow ones.
+        hit = pz.nx.nmap(lambda where: jnp.arange(length) == where[0])(slot).tag("seq")
 
-    def write(old, new):
-        return pz.nx.nmap(scatter)(old.untag("seq"), new.untag("seq"), slot).tag("seq")
+        def write(old, new):
+            only = pz.nx.nmap(lambda n: n[0])(new.untag("seq"))
+            # Same axis order as before: the cache is a loop carry and must keep its layout.
+            return pz.nx.nmap(jnp.where)(hit, only, old).order_as(*old.named_shape)
+
+    else:
+
+        def scatter(old, new, where):
+            return old.at[where].set(new, mode="drop")
+
+        def write(old, new):
+            return pz.nx.nmap(scatter)(old.untag("seq"), new.untag("seq"), slot).tag("seq")
 
     return {
         "k": write(stored["k"], k),
@@ -185,8 +204,16 @@ def _split(values, prefix: str):
     return inside, outside
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "sampler", "eos_ids", "pad_id"))
-def _generate(model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id):
+# Decode steps per loop iteration: unrolling amortises the loop's own per-iteration cost.
+DECODE_UNROLL = 1
+
+
+@functools.partial(
+    jax.jit, static_argnames=("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
+)
+def _generate(
+    model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
+):
     """Prefill then scan. Returns new tokens [batch, max_new_tokens], the prefill captures
     and the per-step captures (stacked along a leading step axis)."""
     caches, captures = _split(state, _KV_LABEL)
@@ -217,6 +244,6 @@ def _generate(model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_i
 
     keys = jax.random.split(key, max_new_tokens)
     _, (new_tokens, step_captures) = jax.lax.scan(
-        step, (caches, next_logits, next_position, done), keys
+        step, (caches, next_logits, next_position, done), keys, unroll=unroll
     )
     return new_tokens.T, prompt_captures, step_captures

@@ -148,16 +148,38 @@ class DotProductAttention(pz.nn.Layer):
         if side_inputs.get("positions_are_arange") and "kv_positions" not in side_inputs:
             # No padding and no cache: the mask is a band, which flash kernels build
             # themselves instead of reading a [seq, seq] mask from memory.
-            length = q.named_shape["seq"]
-            out = jax.nn.dot_product_attention(
-                **arrays,
-                is_causal=self.mask.causal,
-                local_window_size=self.mask.band(length),
-            )
+            band = self.mask.band(q.named_shape["seq"])
+            out = None
+            if _cudnn_can_run(arrays["query"], self.mask.causal, band):
+                try:
+                    out = jax.nn.dot_product_attention(
+                        **arrays,
+                        is_causal=self.mask.causal,
+                        local_window_size=band,
+                        implementation="cudnn",
+                    )
+                except (ValueError, NotImplementedError, RuntimeError):
+                    out = None  # an older cuDNN or an unsupported shape: XLA below
+            if out is None:
+                out = jax.nn.dot_product_attention(
+                    **arrays, is_causal=self.mask.causal, local_window_size=band
+                )
         else:
             visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
             out = jax.nn.dot_product_attention(**arrays, mask=visible[:, None, :, :])
         return pz.nx.wrap(out).tag(*QKV_AXES)
+
+
+def _cudnn_can_run(query: jax.Array, causal: bool, band: tuple[int, int] | None) -> bool:
+    """Whether cuDNN's flash attention applies: a GPU, 16-bit activations, head dim <= 256,
+    and a window only on the left of causal attention."""
+    return (
+        jax.default_backend() == "gpu"
+        and query.dtype in (jnp.bfloat16, jnp.float16)
+        and query.shape[-1] <= 256
+        and query.shape[-1] % 8 == 0
+        and (band is None or causal)
+    )
 
 
 @pz.pytree_dataclass
