@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.families.gemma3 import Gemma3Config
+from gemmalens.families.gemma3n import Gemma3nConfig
+from gemmalens.families.gemma4 import Gemma4Config
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
@@ -42,6 +44,8 @@ __all__ = [
     "ActivationCache",
     "CheckpointError",
     "Gemma3Config",
+    "Gemma3nConfig",
+    "Gemma4Config",
     "Model",
     "Tokenizer",
     "build",

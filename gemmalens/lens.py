@@ -24,42 +24,13 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import sampling
+from gemmalens.cache import ActivationCache
 from gemmalens.layers.hooks import HookFn, HookPoint, InterveneHook, hook_points
 from gemmalens.layers.hooks import capture as capture_hooks
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 _CACHE_LABEL = "gemmalens.cache:"
-
-
-class ActivationCache(Mapping):
-    """Values captured by `Model.run_with_cache`, by hook name, in forward order.
-
-    ``cache[name]`` is a plain batch-first array (see ``Model.hook_names`` for names).
-    """
-
-    def __init__(self, values: dict[str, jax.Array], model: Model | None = None):
-        self._values = values
-        self.model = model
-
-    def __getitem__(self, name: str) -> jax.Array:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise KeyError(
-                _unknown_name_message(name, list(self._values), "in this cache")
-            ) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self._values.items())[:4])
-        more = f", ... ({len(self)} in all)" if len(self) > 4 else ""
-        return f"ActivationCache({shown}{more})"
 
 
 def _unknown_name_message(name: str, valid: list[str], where: str) -> str:
@@ -118,6 +89,7 @@ class Model:
     def model(self, value: pz.nn.Layer) -> None:
         self._model = value
         self._frozen = pz.freeze_params(value)
+        self._capture_plans: dict[Any, tuple[pz.nn.Layer, list]] = {}
         self._hook_names = [hp.name for hp in hook_points(value)]
 
     def __repr__(self) -> str:
@@ -224,12 +196,32 @@ class Model:
         the name. Only the chosen values are kept.
         """
         tokens, mask = self._inputs(tokens, attention_mask)
-        capturing = capture_hooks(self._frozen, set(self.select_hooks(names)), _CACHE_LABEL)
-        unbound, state = pz.unbind_state_vars(capturing)
-        logits, values = _run_stateful(unbound, [v.freeze() for v in state], tokens, mask)
+        unbound, state = self._capture_plan(names)
+        logits, values = _run_stateful(unbound, state, tokens, mask)
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
         return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
+
+    def _capture_plan(self, names: NameSelector) -> tuple[pz.nn.Layer, list]:
+        """The model rewritten to capture ``names``, split from its (empty) state.
+
+        Rewriting a large Penzai tree takes long next to a forward pass, so plans are kept
+        per selection until the model changes."""
+        key = tuple(names) if isinstance(names, (list, set, frozenset)) else names
+        try:
+            return self._capture_plans[key]
+        except TypeError:  # an unhashable selector: build the plan every time
+            pass
+        except KeyError:
+            pass
+        capturing = capture_hooks(self._frozen, set(self.select_hooks(names)), _CACHE_LABEL)
+        unbound, state = pz.unbind_state_vars(capturing)
+        plan = (unbound, [v.freeze() for v in state])
+        try:
+            self._capture_plans[key] = plan
+        except TypeError:
+            pass
+        return plan
 
     def with_hooks(self, hooks: Mapping[str, HookFn]) -> pz.nn.Layer:
         """The Penzai model with ``hooks`` installed (keys are names or glob patterns)."""
@@ -324,6 +316,7 @@ class Model:
             sampler=sampling.Sampler(temperature, top_k, top_p),
             eos_ids=eos_ids or (-1,),
             pad_id=int(self.config.pad_token_id),
+            unroll=sampling.DECODE_UNROLL,
         )
 
         def as_cache(values):

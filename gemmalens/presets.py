@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
+from gemmalens.families.gemma3n import Gemma3nConfig
+from gemmalens.families.gemma4 import Gemma4Config
 
 
 def _gemma3(**fields) -> Gemma3Config:
@@ -10,6 +12,34 @@ def _gemma3(**fields) -> Gemma3Config:
     fields.setdefault("layer_types", Gemma3Config.default_layer_types(layers))
     return Gemma3Config(**fields)
 
+
+def _gemma3n(num_hidden_layers: int, intermediate_size: int, num_kv_shared_layers: int):
+    """Gemma 3n text decoders differ only in depth, MLP width and KV sharing."""
+    return Gemma3nConfig(
+        vocab_size=262_400, vocab_size_per_layer_input=262_144, hidden_size=2048,
+        intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256, sliding_window=512,
+        layer_types=Gemma3nConfig.default_layer_types(num_hidden_layers),
+        activation_sparsity_pattern=Gemma3nConfig.default_sparsity(num_hidden_layers),
+        num_kv_shared_layers=num_kv_shared_layers, hidden_size_per_layer_input=256,
+        altup_num_inputs=4, laurel_rank=64, final_logit_softcapping=30.0,
+    )  # fmt: skip
+
+
+def _gemma4(num_hidden_layers: int, pattern: int, **fields) -> Gemma4Config:
+    """Gemma 4 text decoders: ``pattern - 1`` sliding layers to one full, head dims 256/512."""
+    return Gemma4Config(
+        vocab_size=262_144, num_hidden_layers=num_hidden_layers, head_dim=256,
+        global_head_dim=512, layer_types=Gemma4Config.default_layer_types(num_hidden_layers, pattern),
+        final_logit_softcapping=30.0, **fields,
+    )  # fmt: skip
+
+
+_GEMMA4_SMALL = dict(
+    num_attention_heads=8, sliding_window=512, hidden_size_per_layer_input=256,
+    vocab_size_per_layer_input=262_144,
+)  # fmt: skip
+_GEMMA4_LARGE = dict(sliding_window=1024, attention_k_eq_v=True, max_position_embeddings=262_144)
 
 _LINEAR_8 = RopeConfig(theta=1_000_000.0, rope_type="linear", factor=8.0)
 _LARGE = dict(
@@ -39,6 +69,25 @@ PRESETS = {
         hidden_size=5376, intermediate_size=21_504, num_hidden_layers=62, num_attention_heads=32,
         num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168, **_LARGE,
     ),
+    "gemma3n_e2b": _gemma3n(num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    "gemma3n_e4b": _gemma3n(num_hidden_layers=35, intermediate_size=16_384, num_kv_shared_layers=15),
+    "gemma4_e2b": _gemma4(
+        35, 5, hidden_size=1536, intermediate_size=6144, num_key_value_heads=1,
+        num_kv_shared_layers=20, use_double_wide_mlp=True, **_GEMMA4_SMALL,
+    ),
+    "gemma4_e4b": _gemma4(
+        42, 6, hidden_size=2560, intermediate_size=10_240, num_key_value_heads=2,
+        num_kv_shared_layers=18, **_GEMMA4_SMALL,
+    ),
+    "gemma4_26b_a4b": _gemma4(
+        30, 6, hidden_size=2816, intermediate_size=2112, num_attention_heads=16,
+        num_key_value_heads=8, num_global_key_value_heads=2, enable_moe_block=True,
+        num_experts=128, top_k_experts=8, moe_intermediate_size=704, **_GEMMA4_LARGE,
+    ),
+    "gemma4_31b": _gemma4(
+        60, 6, hidden_size=5376, intermediate_size=21_504, num_attention_heads=32,
+        num_key_value_heads=16, num_global_key_value_heads=4, **_GEMMA4_LARGE,
+    ),
 }  # fmt: skip
 
 
@@ -47,7 +96,7 @@ def presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset(name: str) -> Gemma3Config:
+def preset(name: str) -> Gemma3Config | Gemma3nConfig | Gemma4Config:
     """The config of a named preset (``gl.preset("gemma3_1b").num_params()``)."""
     try:
         return PRESETS[name]

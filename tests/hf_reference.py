@@ -101,3 +101,229 @@ def logits(model: transformers.PreTrainedModel, tokens: np.ndarray, **kwargs) ->
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), **args)
     return out.logits.float().numpy()
+
+
+# ------------------------------------------------------------------------------ Gemma 3n
+
+TINY_GEMMA3N = dict(
+    vocab_size=512,
+    vocab_size_per_layer_input=480,  # ids 480..511 read per-layer-embedding row 0
+    hidden_size=64,
+    intermediate_size=[96, 128, 64, 128, 80],  # per-layer MLP widths
+    num_hidden_layers=5,
+    layer_types=[
+        "sliding_attention",
+        "full_attention",
+        *["sliding_attention"] * 2,
+        "full_attention",
+    ],
+    num_kv_shared_layers=2,  # 3 reuses layer 2 (sliding), 4 reuses layer 1 (full)
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=4,
+    max_position_embeddings=256,
+    hidden_size_per_layer_input=8,
+    laurel_rank=8,
+    altup_num_inputs=4,
+    altup_active_idx=1,
+    activation_sparsity_pattern=[0.95, 0.0, 0.8, 0.6, 0.0],
+    final_logit_softcapping=30.0,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+
+def gemma3n_text(
+    directory: pathlib.Path, seed: int = 0, **overrides
+) -> transformers.PreTrainedModel:
+    """Saves a perturbed tiny ``Gemma3nForCausalLM`` to ``directory`` and returns it.
+
+    Every weight is perturbed, including the norms (initialised to 1), AltUp's
+    ``correct_output_scale`` (initialised to 0) and its router and coefficients."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma3nTextConfig(**{**TINY_GEMMA3N, **overrides})
+    config._attn_implementation = "eager"
+    model = transformers.Gemma3nForCausalLM(config).eval()
+    perturb_(model, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def gemma3n_multimodal_layout(
+    text_directory: pathlib.Path, directory: pathlib.Path, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Rewrites a saved tiny ``Gemma3nForCausalLM`` in the ``Gemma3nForConditionalGeneration``
+    layout of the released E2B/E4B files, and returns the tensors written.
+
+    transformers needs ``timm`` to build that class (its vision tower is a timm model), and
+    installing timm from PyPI replaces the CPU torch with a CUDA build, so the file is
+    written here instead: the text tensors move under ``model.language_model.``, the
+    KV-sharing layers get the unused ``k_proj`` / ``v_proj`` / ``k_norm`` tensors the
+    released files carry, and small vision / audio tower and embedder tensors sit beside
+    them. ``config.json`` is transformers' own ``Gemma3nConfig`` around the text config.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = load_file(text_directory / "model.safetensors")
+    text_config = transformers.Gemma3nTextConfig.from_pretrained(text_directory)
+    rng = np.random.RandomState(seed)
+    tensors = {"model.language_model." + k[len("model.") :]: v for k, v in text.items()}
+    kv_width = text_config.num_key_value_heads * text_config.head_dim
+    hidden = text_config.hidden_size
+    for i, mode in enumerate(text_config.kv_sharing_modes):
+        if mode == "reuse":
+            layer = f"model.language_model.layers.{i}.self_attn."
+            tensors[layer + "k_proj.weight"] = rng.randn(kv_width, hidden).astype(np.float32)
+            tensors[layer + "v_proj.weight"] = rng.randn(kv_width, hidden).astype(np.float32)
+            tensors[layer + "k_norm.weight"] = rng.randn(text_config.head_dim).astype(np.float32)
+    tower_shapes = {
+        "model.vision_tower.timm_model.conv_stem.conv.weight": (8, 3, 3, 3),
+        "model.embed_vision.embedding.weight": (128, 16),
+        "model.embed_vision.hard_embedding_norm.weight": (16,),
+        "model.embed_vision.soft_embedding_norm.weight": (16,),
+        "model.embed_vision.embedding_projection.weight": (hidden, 16),
+        "model.audio_tower.subsample_conv_projection.input_proj_linear.weight": (16, 32),
+        "model.embed_audio.embedding.weight": (128, 16),
+        "model.embed_audio.embedding_projection.weight": (hidden, 16),
+    }
+    for name, shape in tower_shapes.items():
+        tensors[name] = rng.randn(*shape).astype(np.float32)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = transformers.Gemma3nConfig(text_config=text_config.to_dict())
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    config.save_pretrained(directory)
+    return tensors
+
+
+# ------------------------------------------------------------------------------ Gemma 4
+
+_S, _F = "sliding_attention", "full_attention"
+
+# E2B-like: per-layer embeddings, KV sharing (4 and 5 reuse 2 and 3), double-wide MLP on
+# the sharing layers, a separate global head dim with proportional partial RoPE.
+TINY_GEMMA4_E2B = dict(
+    vocab_size=512,
+    vocab_size_per_layer_input=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    layer_types=[_S, _F, _S, _F, _S, _F],
+    num_kv_shared_layers=2,
+    use_double_wide_mlp=True,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=4,
+    max_position_embeddings=256,
+    hidden_size_per_layer_input=8,
+    final_logit_softcapping=30.0,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.5,
+            "rope_theta": 1_000_000.0,
+        },
+    },
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+# 26B-like: experts beside the dense MLP, K=V on full layers with their own KV head count,
+# no per-layer embeddings. Layers 2 and 5 are full.
+TINY_GEMMA4_MOE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    layer_types=[_S, _S, _F, _S, _S, _F],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    hidden_size_per_layer_input=0,
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    sliding_window=4,
+    max_position_embeddings=256,
+    final_logit_softcapping=30.0,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+
+def _perturb_gemma4_(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter, plus the ``layer_scalar`` buffers (saved in checkpoints)."""
+    perturb_(model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.add_(0.3 * torch.randn(buffer.shape, generator=generator))
+
+
+def gemma4_text(
+    directory: pathlib.Path, seed: int = 0, moe: bool = False, **overrides
+) -> transformers.PreTrainedModel:
+    """Saves a perturbed tiny ``Gemma4ForCausalLM`` to ``directory`` and returns it.
+
+    ``moe=False`` starts from `TINY_GEMMA4_E2B`, ``moe=True`` from `TINY_GEMMA4_MOE`;
+    ``overrides`` change config fields. Attention and experts run eagerly (the reference
+    loop, not grouped_mm)."""
+    torch.manual_seed(seed)
+    base = TINY_GEMMA4_MOE if moe else TINY_GEMMA4_E2B
+    config = transformers.Gemma4TextConfig(**{**base, **overrides})
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    _perturb_gemma4_(model, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def gemma4_multimodal(
+    directory: pathlib.Path, seed: int = 0, **text_overrides
+) -> transformers.PreTrainedModel:
+    """Saves a perturbed tiny ``Gemma4ForConditionalGeneration`` (MoE text decoder and a
+    one-layer vision tower; no audio) and returns it."""
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    config = transformers.Gemma4Config(
+        text_config={**TINY_GEMMA4_MOE, **text_overrides},
+        vision_config=vision,
+        audio_config=None,
+        image_token_id=500,
+        video_token_id=501,
+        audio_token_id=502,
+        boi_token_id=503,
+        eoi_token_id=504,
+        boa_token_id=505,
+        eoa_token_id=506,
+    )
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    config.text_config._experts_implementation = "eager"
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    _perturb_gemma4_(model, seed)
+    model.save_pretrained(directory)
+    return model

@@ -100,8 +100,10 @@ def test_unsupported_architecture(checkpoint):
 
 
 def test_family_not_implemented_yet(checkpoint):
-    _edit_config(checkpoint, model_type="gemma3n_text")
-    with pytest.raises(gl.CheckpointError, match="Gemma 3n checkpoint.*loads 'gemma3', 'gemma3_text'"):
+    _edit_config(checkpoint, model_type="t5gemma2")
+    with pytest.raises(
+        gl.CheckpointError, match="T5Gemma 2 checkpoint.*this version of gemmalens loads"
+    ):
         gl.load(checkpoint)
 
 

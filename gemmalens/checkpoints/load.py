@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens.checkpoints import gemma3
+from gemmalens.checkpoints import gemma3, gemma3n, gemma4
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.lens import Model
 from gemmalens.tokenizer import Tokenizer
@@ -17,13 +17,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOADERS = {
     "gemma3_text": gemma3.load_checkpoint,
     "gemma3": gemma3.load_checkpoint,
+    "gemma3n_text": gemma3n.load_checkpoint,
+    "gemma3n": gemma3n.load_checkpoint,
+    "gemma4_text": gemma4.load_checkpoint,
+    "gemma4": gemma4.load_checkpoint,
 }
 # Families on the roadmap, so that their checkpoints get a precise message.
 _PLANNED = {
-    "gemma3n": "Gemma 3n",
-    "gemma3n_text": "Gemma 3n",
-    "gemma4": "Gemma 4",
-    "gemma4_text": "Gemma 4",
     "t5gemma2": "T5Gemma 2",
 }
 

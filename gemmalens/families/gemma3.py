@@ -300,6 +300,7 @@ def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
                     config.hidden_size,
                     config.rms_norm_eps,
                     "one_plus",
+                    hook_scale=HookPoint("ln_final.hook_scale", RESID_AXES),
                 ),
                 HookPoint("ln_final.hook_normalized", RESID_AXES),
             ]

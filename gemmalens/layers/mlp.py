@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,17 +20,24 @@ class GatedMLP(pz.nn.Layer):
 
     Hook points follow TransformerLens: ``mlp.hook_pre`` is the gate before the
     activation, ``mlp.hook_pre_linear`` the up projection, ``mlp.hook_post`` their product.
+
+    ``gate_sparsity`` (optional) rewrites the gate between ``hook_pre`` and the activation
+    (Gemma 3n's Gaussian top-k); it carries its own hook point for the sparse gate.
     """
 
     gate_proj: pz.nn.Linear
     up_proj: pz.nn.Linear
     hook_pre: HookPoint
+    # Declared here so that tree order (and so hook order) follows the forward pass.
+    gate_sparsity: pz.nn.Layer | None = dataclasses.field(default=None, kw_only=True)
     hook_pre_linear: HookPoint
     hook_post: HookPoint
     down_proj: pz.nn.Linear
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         gate = self.hook_pre(self.gate_proj(x), **side_inputs)
+        if self.gate_sparsity is not None:
+            gate = self.gate_sparsity(gate, **side_inputs)
         up = self.hook_pre_linear(self.up_proj(x), **side_inputs)
         hidden = pz.nx.nmap(lambda g: jax.nn.gelu(g, approximate=True))(gate) * up
         hidden = self.hook_post(hidden, **side_inputs)

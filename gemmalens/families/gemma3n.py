@@ -1,0 +1,697 @@
+"""Gemma 3n text decoder: AltUp streams, LAuReL, per-layer embeddings, sparse gates, shared KV.
+
+What a block does (``a`` = ``altup_active_idx``, K = ``altup_num_inputs`` streams):
+
+    streams ──AltUp router + predict──> predictions
+       predictions[a] ──hook_resid_pre──> x
+          x + post_attn_norm(attention(norm(x))) + laurel(norm(x)), all / sqrt(2)  ──hook_resid_mid
+          + post_ffw_norm(MLP(pre_ffw_norm(.)))  (Gaussian top-k gate on sparse layers)
+       ──hook_resid_post──> y
+    AltUp correct(predictions, y) ──> corrected
+    corrected[1:] += per-layer-input gate(corrected[a] * correct_output_scale)  ──hook_streams_post
+
+The standard TransformerLens points (``hook_resid_pre/mid/post``, ``attn.*``,
+``hook_attn_out``, ``mlp.*``, ``hook_mlp_out``) therefore show the **active stream** only:
+``hook_resid_pre`` is the active *prediction* (the layer's input) and ``hook_resid_post``
+the layer's output before the correction spreads it. The whole stream tensor is visible at
+``blocks.{i}.altup.hook_predictions`` / ``hook_corrected`` and ``blocks.{i}.hook_streams_post``
+(``[batch, pos, stream, d_model]``).
+
+Gemma 3n-only hook points, per block ``i``:
+
+* ``altup.hook_prediction_modalities`` / ``hook_correction_modalities`` ``[batch, pos, K]``:
+  the router output (tanh) before the prediction and before the correction;
+* ``altup.hook_prediction_coefs`` ``[batch, pos, K, K]``: ``C[r, c]`` in
+  ``pred[r] = s[r] + sum_c C[r, c] s[c]``; ``altup.hook_predictions``;
+* ``altup.hook_correction_coefs`` ``[batch, pos, K]`` (the ``+1`` included),
+  ``altup.hook_innovation`` ``[batch, pos, d_model]`` (= resid_post - predictions[a]),
+  ``altup.hook_corrected`` (``predictions + coefs * innovation``, before the per-layer input);
+* ``laurel.hook_out``: LAuReL's output ``x + norm(right(left(x)))``;
+* ``hook_per_layer_input`` ``[batch, pos, P]``: this layer's per-layer input;
+* ``mlp.hook_pre`` is the gate *before* sparsification; on layers with
+  ``activation_sparsity_pattern[i] > 0``, ``mlp.hook_pre_sparse`` is the gate after it
+  (``relu(gate - cutoff)``), which feeds the GELU;
+* ``hook_streams_post``: all streams at the block's output (the next block's input).
+
+Model-level: ``hook_embed``, ``hook_altup_expanded`` (the K initial streams),
+``hook_altup_collapsed`` (their magnitude-matched mean), ``ln_final.hook_scale``,
+``ln_final.hook_normalized``.
+
+KV sharing: the last ``num_kv_shared_layers`` layers have no key/value projections; their
+``attn.hook_k`` / ``hook_v`` show the keys and values borrowed from their producer
+(`gemmalens.layers.kv_sharing`).
+
+MatFormer: `matformer_config` / `matformer_submodel` cut a smaller Gemma 3n (fewer layers,
+narrower MLPs) out of a bigger one as a model of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemmalens.families.gemma3 import FULL, SLIDING, RopeConfig, _rope_from_hf
+from gemmalens.layers import (
+    ApplyRoPE,
+    Attention,
+    AttentionMask,
+    DotProductAttention,
+    EmbedTokens,
+    GatedMLP,
+    HookPoint,
+    ParamBuilder,
+    RMSNorm,
+    ShapeOnly,
+    TanhSoftCap,
+    TiedUnembed,
+    positions_from_mask,
+)
+from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
+from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
+from gemmalens.layers.kv_sharing import (
+    KVProducer,
+    KVSharingScope,
+    SharedKVAttention,
+    kv_sharing_sources,
+)
+from gemmalens.layers.laurel import Laurel
+from gemmalens.layers.params import ParamSource
+from gemmalens.layers.per_layer_embeddings import (
+    PER_LAYER_INPUTS,
+    PerLayerInputGate,
+    PerLayerInputs,
+)
+from gemmalens.layers.transformer import RESID_AXES
+from gemmalens.lens import Model
+
+MLP_AXES = ("batch", "seq", "neurons")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3nConfig:
+    """Architecture of a Gemma 3n text decoder (field names follow transformers).
+
+    Per-layer fields (``intermediate_size``, ``activation_sparsity_pattern``,
+    ``layer_types``) are tuples with one entry per layer; a single number is repeated for
+    every layer. ``altup_coef_clip`` is kept for completeness: transformers clips the
+    prediction coefficients only while training, so it is never applied here.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: tuple[int, ...]
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    activation_sparsity_pattern: tuple[float, ...]
+    num_kv_shared_layers: int
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size_per_layer_input: int = 256
+    altup_num_inputs: int = 4
+    altup_active_idx: int = 0
+    altup_correct_scale: bool = True
+    altup_coef_clip: float | None = 120.0
+    laurel_rank: int = 64
+    rope_local: RopeConfig = RopeConfig(theta=10_000.0)
+    rope_global: RopeConfig = RopeConfig(theta=1_000_000.0)
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 32_768
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 1
+    family: str = dataclasses.field(default="gemma3n", init=False)
+
+    def __post_init__(self):
+        layers = self.num_hidden_layers
+        for name in ("intermediate_size", "activation_sparsity_pattern", "layer_types"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = (value,) * layers
+            object.__setattr__(self, name, tuple(value))
+            if len(getattr(self, name)) != layers:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but num_hidden_layers is {layers}; give "
+                    "one value per layer (or a single number for all layers)."
+                )
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        bad = [s for s in self.activation_sparsity_pattern if not 0 <= s < 1]
+        if bad:
+            raise ValueError(
+                f"activation_sparsity_pattern values must be in [0, 1) (a target fraction of "
+                f"zero gates), got {bad}."
+            )
+        if not 0 <= self.altup_active_idx < self.altup_num_inputs:
+            raise ValueError(
+                f"altup_active_idx is {self.altup_active_idx}, but there are only "
+                f"{self.altup_num_inputs} AltUp streams (altup_num_inputs)."
+            )
+        kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)  # raises if invalid
+
+    @property
+    def kv_sources(self) -> tuple[int | None, ...]:
+        """Per layer: the layer whose keys and values it reuses, or None."""
+        return kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)
+
+    @staticmethod
+    def default_layer_types(num_layers: int, pattern: int = 5) -> tuple[str, ...]:
+        """Every ``pattern``-th layer global, the others sliding (4 local : 1 global)."""
+        return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+
+    @staticmethod
+    def default_sparsity(num_layers: int) -> tuple[float, ...]:
+        """transformers' default: 0.95 on the first 10 layers when there are more than 10."""
+        sparse = 10 if num_layers > 10 else 0
+        return (0.95,) * sparse + (0.0,) * (num_layers - sparse)
+
+    def replace(self, **changes: Any) -> Gemma3nConfig:
+        """A copy with some fields changed. A new ``num_hidden_layers`` gives default
+        ``layer_types`` and sparsity, and repeats a uniform ``intermediate_size``, unless
+        those are given too."""
+        if "num_hidden_layers" in changes:
+            layers = changes["num_hidden_layers"]
+            changes.setdefault("layer_types", self.default_layer_types(layers))
+            changes.setdefault("activation_sparsity_pattern", self.default_sparsity(layers))
+            if "intermediate_size" not in changes:
+                if len(set(self.intermediate_size)) != 1:
+                    raise ValueError(
+                        "This config has per-layer MLP widths; pass intermediate_size for the "
+                        "new number of layers."
+                    )
+                changes["intermediate_size"] = self.intermediate_size[0]
+        return dataclasses.replace(self, **changes)
+
+    def build(self, source: ParamSource) -> Gemma3nDecoder:
+        """The Penzai model, every parameter taken from ``source``."""
+        return build_gemma3n(self, source)
+
+    def num_params(self) -> int:
+        """Parameter count (tied embedding counted once), computed without allocating."""
+        source = ShapeOnly()
+        self.build(source)
+        return sum(request.size for request in source.requests)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Gemma3nConfig:
+        """Reads a transformers ``gemma3n_text`` config dict (defaults as in transformers)."""
+        for key, allowed in (("attention_bias", (False, None)),):
+            if hf.get(key) not in allowed:
+                raise ValueError(
+                    f"This Gemma 3n config sets {key}={hf.get(key)!r}, which no released Gemma "
+                    "3n uses and gemmalens does not implement."
+                )
+        activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
+        if activation not in ("gelu_pytorch_tanh", None):
+            raise ValueError(
+                f"This Gemma 3n config uses hidden_activation={activation!r}; gemmalens "
+                "implements 'gelu_pytorch_tanh' (GELU, tanh approximation) only."
+            )
+        layers = hf.get("num_hidden_layers", 35)
+        sparsity = hf.get("activation_sparsity_pattern")
+        rope = _rope_from_hf(hf)
+        eos = hf.get("eos_token_id", 1)
+        pad = hf.get("pad_token_id", 0)
+        return cls(
+            vocab_size=hf.get("vocab_size", 262_400),
+            hidden_size=hf.get("hidden_size", 2048),
+            intermediate_size=hf.get("intermediate_size", 16_384),
+            num_hidden_layers=layers,
+            num_attention_heads=hf.get("num_attention_heads", 8),
+            num_key_value_heads=hf.get("num_key_value_heads", 2),
+            head_dim=hf.get("head_dim", 256),
+            sliding_window=hf.get("sliding_window", 512),
+            layer_types=tuple(hf.get("layer_types") or cls.default_layer_types(layers)),
+            activation_sparsity_pattern=(
+                cls.default_sparsity(layers) if sparsity is None else sparsity
+            ),
+            num_kv_shared_layers=hf.get("num_kv_shared_layers", 15),
+            vocab_size_per_layer_input=hf.get("vocab_size_per_layer_input", 262_144),
+            hidden_size_per_layer_input=hf.get("hidden_size_per_layer_input", 256),
+            altup_num_inputs=hf.get("altup_num_inputs", 4),
+            altup_active_idx=hf.get("altup_active_idx", 0),
+            altup_correct_scale=bool(hf.get("altup_correct_scale", True)),
+            altup_coef_clip=hf.get("altup_coef_clip", 120.0),
+            laurel_rank=hf.get("laurel_rank", 64),
+            rope_local=rope[SLIDING],
+            rope_global=rope[FULL],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=hf.get("final_logit_softcapping", 30.0),
+            max_position_embeddings=hf.get("max_position_embeddings", 32_768),
+            pad_token_id=0 if pad is None else pad,
+            bos_token_id=hf.get("bos_token_id", 2),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+
+# ---------------------------------------------------------------------------- new layers
+
+
+@pz.pytree_dataclass
+class GaussianTopK(pz.nn.Layer):
+    """Activation sparsity: ``relu(gate - (mean + z * std))`` over the ``neurons`` axis.
+
+    ``z = Phi^-1(sparsity)`` (standard normal quantile; 1.6448536 for 0.95), rounded to
+    float32 and then to the activation dtype as transformers does; mean and (population)
+    std are per token. For Gaussian gate values, about a fraction ``sparsity`` of the
+    neurons end at exactly 0 -- a top-k without sorting.
+    """
+
+    sparsity: float = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, gate: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        z = np.float32(statistics.NormalDist().inv_cdf(self.sparsity))
+
+        def shift(g):
+            cutoff = jnp.mean(g) + jnp.std(g) * jnp.asarray(z).astype(g.dtype)
+            return jax.nn.relu(g - cutoff)
+
+        return pz.nx.nmap(shift)(gate.untag("neurons")).tag("neurons")
+
+
+@pz.pytree_dataclass
+class AttentionWithLaurel(pz.nn.Layer):
+    """``(x + attention(norm(x)) + laurel(norm(x))) / sqrt(2)``, ``[batch, seq, embedding]``.
+
+    Attention and LAuReL read the same normed input; the residual adds the *un-normed* x.
+    ``attention`` holds the attention layer, its post-norm and ``hook_attn_out``.
+    """
+
+    input_layernorm: RMSNorm
+    attention: pz.nn.Sequential
+    laurel: Laurel
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        normed = self.input_layernorm(x, **side_inputs)
+        attended = x + self.attention(normed, **side_inputs)
+        return (attended + self.laurel(normed, **side_inputs)) / math.sqrt(2.0)
+
+
+@pz.pytree_dataclass
+class PerLayerInputIntoStreams(pz.nn.Layer):
+    """``streams[1:] += gate(streams[a] * correct_output_scale)`` (stream 0 is left alone,
+    whatever ``a`` is, as in transformers). ``[batch, seq, stream, embedding]`` in and out.
+
+    ``correct_output_scale`` multiplies only when ``apply_output_scale``
+    (``altup_correct_scale``); checkpoints store it either way.
+    """
+
+    active_index: int = dataclasses.field(metadata={"pytree_node": False})
+    apply_output_scale: bool = dataclasses.field(metadata={"pytree_node": False})
+    correct_output_scale: pz.nn.ParameterLike[pz.nx.NamedArray]
+    gate: PerLayerInputGate
+
+    def __call__(self, streams: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        active = streams[{"stream": self.active_index}]
+        if self.apply_output_scale:
+            active = active * self.correct_output_scale.value.astype(active.dtype)
+        added = self.gate(active, **side_inputs)
+        return pz.nx.nmap(lambda s, a: s.at[1:].add(a))(streams.untag("stream"), added).tag(
+            "stream"
+        )
+
+
+@pz.pytree_dataclass
+class Gemma3nDecoder(pz.nn.Layer):
+    """The Gemma 3n text model: token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab]``.
+
+    embed -> per-layer inputs (side input of every block) -> AltUp expand to K streams ->
+    blocks -> AltUp collapse -> final norm -> tied unembedding, soft-capped.
+
+    Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep) and/or
+    ``token_positions``; positions are derived from the mask when not given (without
+    either, positions are ``0..seq-1`` and attention may use banded kernels).
+    """
+
+    embed: pz.nn.Sequential
+    per_layer_inputs: PerLayerInputs
+    altup_expand: AltUpExpand
+    blocks: pz.nn.Layer
+    altup_collapse: AltUpCollapse
+    final_norm: pz.nn.Sequential
+    unembed: pz.nn.Sequential
+
+    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if "token_positions" not in side_inputs:
+            mask = side_inputs.get("attention_mask")
+            if mask is None:
+                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
+                side_inputs["positions_are_arange"] = True
+            side_inputs["token_positions"] = positions_from_mask(mask)
+        embedded = self.embed(tokens, **side_inputs)
+        per_layer = self.per_layer_inputs((tokens, embedded), **side_inputs)
+        streams = self.altup_expand(embedded, **side_inputs)
+        streams = self.blocks(streams, **{**side_inputs, PER_LAYER_INPUTS: per_layer})
+        h = self.altup_collapse(streams, **side_inputs)
+        h = self.final_norm(h, **side_inputs)
+        return self.unembed(h, **side_inputs)
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _mask_for(config: Gemma3nConfig, layer_type: str) -> AttentionMask:
+    if layer_type == FULL:
+        return AttentionMask(causal=True)
+    return AttentionMask(causal=True, window_before=config.sliding_window)
+
+
+def build_attention(
+    config: Gemma3nConfig,
+    params: ParamBuilder,
+    index: int,
+    source: int | None,
+    is_producer: bool,
+) -> Attention | SharedKVAttention:
+    """Scaling 1.0 (the QK-norm replaces 1/sqrt(d)), N2 QK-norm, value norm without weight.
+
+    ``source`` is the layer whose keys and values this one reuses (None: its own);
+    a producer publishes its keys and values for later layers.
+    """
+    prefix = f"blocks.{index}.attn."
+    layer_type = config.layer_types[index]
+    heads = {"heads": config.num_attention_heads, "head_dim": config.head_dim}
+    kv_heads = {"kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
+    embedding = {"embedding": config.hidden_size}
+    rope = config.rope_global if layer_type == FULL else config.rope_local
+
+    def rotary():
+        return ApplyRoPE(
+            axis="head_dim", theta=rope.theta, rope_type=rope.rope_type, factor=rope.factor
+        )
+
+    def head_norm(name, form="plain"):
+        return RMSNorm.build(params, name, "head_dim", config.head_dim, config.rms_norm_eps, form)
+
+    query = pz.nn.Sequential(
+        [
+            params.linear("q_proj", heads, embedding),
+            head_norm("q_norm"),
+            rotary(),
+            HookPoint(prefix + "hook_q", QKV_AXES),
+        ]
+    )
+    mixer = DotProductAttention(
+        scale=1.0,
+        softcap=None,
+        mask=_mask_for(config, layer_type),
+        hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
+        hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
+    )
+    hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
+    if source is not None:
+        return SharedKVAttention(
+            query=query,
+            key=pz.nn.Sequential([HookPoint(prefix + "hook_k", KV_AXES)]),
+            value=pz.nn.Sequential([HookPoint(prefix + "hook_v", KV_AXES)]),
+            mixer=mixer,
+            hook_z=hook_z,
+            output=params.linear("o_proj", embedding, heads),
+            source=f"blocks.{source}",
+        )
+    return Attention(
+        query=query,
+        key=pz.nn.Sequential(
+            [
+                params.linear("k_proj", kv_heads, embedding),
+                head_norm("k_norm"),
+                rotary(),
+                HookPoint(prefix + "hook_k", KV_AXES),
+            ]
+        ),
+        value=pz.nn.Sequential(
+            [
+                params.linear("v_proj", kv_heads, embedding),
+                head_norm("v_norm", form="none"),
+                HookPoint(prefix + "hook_v", KV_AXES),
+            ]
+        ),
+        mixer=KVProducer(share_as=f"blocks.{index}", mixer=mixer) if is_producer else mixer,
+        hook_z=hook_z,
+        output=params.linear("o_proj", embedding, heads),
+    )
+
+
+def build_mlp(config: Gemma3nConfig, params: ParamBuilder, index: int) -> GatedMLP:
+    """The gated MLP of width ``intermediate_size[index]``, Gaussian top-k on sparse layers."""
+    prefix = f"blocks.{index}.mlp."
+    mlp = GatedMLP.build(params, prefix, config.hidden_size, config.intermediate_size[index])
+    sparsity = config.activation_sparsity_pattern[index]
+    if sparsity > 0:
+        sparsify = pz.nn.Sequential(
+            [GaussianTopK(sparsity), HookPoint(prefix + "hook_pre_sparse", MLP_AXES)]
+        )
+        mlp = dataclasses.replace(mlp, gate_sparsity=sparsify)
+    return mlp
+
+
+def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.nn.NamedGroup:
+    """AltUp(predict → attention ∥ LAuReL → MLP on the active stream → correct), then the
+    per-layer input into streams 1..K-1."""
+    width, eps = config.hidden_size, config.rms_norm_eps
+    block = params.scope(f"blocks.{index}")
+    prefix = f"blocks.{index}."
+    sources = config.kv_sources
+
+    def norm(name):
+        return RMSNorm.build(block, name, "embedding", width, eps, "plain")
+
+    attention = build_attention(
+        config, block.scope("attn"), index, sources[index], is_producer=index in sources
+    )
+    active_layer = pz.nn.Sequential(
+        [
+            HookPoint(prefix + "hook_resid_pre", RESID_AXES),
+            AttentionWithLaurel(
+                input_layernorm=norm("input_layernorm"),
+                attention=pz.nn.Sequential(
+                    [
+                        attention,
+                        norm("post_attention_layernorm"),
+                        HookPoint(prefix + "hook_attn_out", RESID_AXES),
+                    ]
+                ),
+                laurel=Laurel.build(
+                    block.scope("laurel"), prefix + "laurel.", width, config.laurel_rank, eps
+                ),
+            ),
+            HookPoint(prefix + "hook_resid_mid", RESID_AXES),
+            pz.nn.Residual(
+                pz.nn.Sequential(
+                    [
+                        norm("pre_feedforward_layernorm"),
+                        build_mlp(config, block.scope("mlp"), index),
+                        norm("post_feedforward_layernorm"),
+                        HookPoint(prefix + "hook_mlp_out", RESID_AXES),
+                    ]
+                )
+            ),
+            HookPoint(prefix + "hook_resid_post", RESID_AXES),
+        ]
+    )
+    altup_params = block.scope("altup")
+    return pz.nn.NamedGroup(
+        name=f"blocks.{index}",
+        sublayers=[
+            AltUpBlock.build(
+                altup_params,
+                prefix + "altup.",
+                active_layer,
+                config.altup_num_inputs,
+                config.altup_active_idx,
+                width,
+                eps,
+            ),
+            PerLayerInputIntoStreams(
+                active_index=config.altup_active_idx,
+                apply_output_scale=config.altup_correct_scale,
+                correct_output_scale=altup_params(
+                    "correct_output_scale", {"embedding": width}, init="zeros"
+                ),
+                gate=PerLayerInputGate.build(
+                    block, prefix, index, width, config.hidden_size_per_layer_input, eps
+                ),
+            ),
+            HookPoint(prefix + "hook_streams_post", STREAM_AXES),
+        ],
+    )
+
+
+def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
+    """Builds the Penzai model, taking every parameter from ``source``."""
+    params = ParamBuilder(source)
+    width, streams = config.hidden_size, config.altup_num_inputs
+    table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
+    unembed = [TiedUnembed(table)]
+    if config.final_logit_softcapping is not None:
+        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    blocks: pz.nn.Layer = pz.nn.Sequential(
+        [build_block(config, params, i) for i in range(config.num_hidden_layers)]
+    )
+    if config.num_kv_shared_layers:
+        blocks = KVSharingScope(blocks)
+    return Gemma3nDecoder(
+        embed=pz.nn.Sequential(
+            [EmbedTokens.with_model_width(table, width), HookPoint("hook_embed", RESID_AXES)]
+        ),
+        per_layer_inputs=PerLayerInputs.build(
+            params.scope("per_layer_inputs"),
+            config.num_hidden_layers,
+            width,
+            config.hidden_size_per_layer_input,
+            config.vocab_size_per_layer_input,
+            config.rms_norm_eps,
+        ),
+        altup_expand=AltUpExpand.build(
+            params.scope("altup_expand"), "hook_altup_expanded", streams, width
+        ),
+        blocks=blocks,
+        altup_collapse=AltUpCollapse.build(
+            params.scope("altup_collapse"), "hook_altup_collapsed", streams, width
+        ),
+        final_norm=pz.nn.Sequential(
+            [
+                RMSNorm.build(
+                    params,
+                    "ln_final",
+                    "embedding",
+                    width,
+                    config.rms_norm_eps,
+                    "plain",
+                    hook_scale=HookPoint("ln_final.hook_scale", RESID_AXES),
+                ),
+                HookPoint("ln_final.hook_normalized", RESID_AXES),
+            ]
+        ),
+        unembed=pz.nn.Sequential(unembed),
+    )
+
+
+# ---------------------------------------------------------------------------- MatFormer
+
+
+def matformer_config(
+    config: Gemma3nConfig, layers: Sequence[int], intermediate_size: int | Sequence[int]
+) -> Gemma3nConfig:
+    """The config of a MatFormer sub-model: ``layers`` of ``config`` (in order) with MLP
+    widths ``intermediate_size`` (one number, or one per kept layer).
+
+    Gemma 3n is trained nested ("MatFormer"): the first ``n`` neurons of each MLP, and
+    some subsets of layers, form smaller models. Example: E4B without layers 20-24
+    (KV-sharing layers) and with width 8192 has exactly E2B's architecture::
+
+        matformer_config(gl.preset("gemma3n_e4b"), [*range(20), *range(25, 35)], 8192)
+
+    Raises:
+      ValueError: for layers out of range or repeated, a width larger than the original, or
+        a cut that would make a KV-sharing layer read another producer than before (keep
+        its producer, and no other layer of that type after it and before the first
+        KV-sharing layer, in the sub-model).
+    """
+    layers = [int(i) for i in layers]
+    if (
+        sorted(set(layers)) != layers
+        or not layers
+        or not 0 <= layers[0] <= layers[-1] < (config.num_hidden_layers)
+    ):
+        raise ValueError(
+            f"layers must be increasing, distinct indices in [0, {config.num_hidden_layers}); "
+            f"got {layers}."
+        )
+    widths = (
+        (intermediate_size,) * len(layers)
+        if isinstance(intermediate_size, int)
+        else tuple(intermediate_size)
+    )
+    if len(widths) != len(layers):
+        raise ValueError(
+            f"intermediate_size has {len(widths)} entries for {len(layers)} kept layers."
+        )
+    too_wide = [(i, w) for i, w in zip(layers, widths) if w > config.intermediate_size[i]]
+    if too_wide:
+        raise ValueError(
+            "A sub-model's MLP can only keep neurons the original has: "
+            + ", ".join(
+                f"layer {i} has {config.intermediate_size[i]}, not {w}" for i, w in too_wide
+            )
+        )
+    old_sources = config.kv_sources
+    sub = dataclasses.replace(
+        config,
+        num_hidden_layers=len(layers),
+        layer_types=tuple(config.layer_types[i] for i in layers),
+        intermediate_size=widths,
+        activation_sparsity_pattern=tuple(config.activation_sparsity_pattern[i] for i in layers),
+        num_kv_shared_layers=sum(old_sources[i] is not None for i in layers),
+    )
+    for old, source in zip(layers, sub.kv_sources, strict=True):
+        expected = old_sources[old]
+        if source is not None and layers[source] != expected:
+            raise ValueError(
+                f"In this sub-model layer {old} would reuse the keys and values of layer "
+                f"{layers[source]}, but it was trained with those of layer {expected}: keep "
+                f"layer {expected} and drop the later {config.layer_types[old]} layers before "
+                "the KV-sharing ones."
+            )
+    return sub
+
+
+class _SlicedParams:
+    """A `ParamSource` that reads a sub-model's parameters out of a bigger model's: layer
+    ``j`` of the sub-model is layer ``layers[j]``, the ``layer`` axis (per-layer
+    embeddings) is indexed by ``layers``, and ``neurons`` keeps its first entries."""
+
+    def __init__(self, parameters: dict[str, pz.nx.NamedArray], layers: Sequence[int]):
+        self.parameters = parameters
+        self.layers = jnp.asarray(layers)
+        self.dtype = next(iter(parameters.values())).dtype
+
+    def __call__(self, request) -> pz.Parameter:
+        label = re.sub(
+            r"^blocks\.(\d+)\.",
+            lambda m: f"blocks.{int(self.layers[int(m.group(1))])}.",
+            request.label,
+        )
+        array = self.parameters[label].unwrap(*request.axes)
+        for position, (axis, size) in enumerate(request.axes.items()):
+            if axis == "layer":
+                array = jnp.take(array, self.layers, axis=position)
+            elif axis == "neurons":
+                array = jax.lax.slice_in_dim(array, 0, size, axis=position)
+            if array.shape[position] != size:
+                raise ValueError(f"Cannot cut {label} ({axis}: {array.shape[position]} -> {size}).")
+        return pz.Parameter(value=pz.nx.wrap(array).tag(*request.axes), label=request.label)
+
+
+def matformer_submodel(
+    model: Model, layers: Sequence[int], intermediate_size: int | Sequence[int]
+) -> Model:
+    """A MatFormer sub-model cut out of a loaded Gemma 3n (see `matformer_config`), as a
+    model of its own: its weights are copies of the kept layers and neurons.
+
+    Example: ``small = matformer_submodel(m, [*range(20), *range(25, 35)], 8192)``.
+    """
+    if not isinstance(model.config, Gemma3nConfig):
+        raise TypeError(f"MatFormer sub-models are cut from Gemma 3n models, not {model!r}.")
+    config = matformer_config(model.config, layers, intermediate_size)
+    _, parameters = pz.unbind_params(model.model)
+    by_label = {p.label: p.value for p in parameters}
+    return Model(config.build(_SlicedParams(by_label, layers)), config, model.tokenizer)

@@ -1,0 +1,722 @@
+"""Gemma 4 text decoder: per-layer head shapes, K=V global attention, MoE beside the dense MLP.
+
+A block, as transformers computes it (``res`` = the residual stream)::
+
+    hook_resid_pre
+    res += post_attn_norm(attention(input_norm(res)))                     ──hook_attn_out
+    hook_resid_mid
+    res += post_ffw_norm(ffw(res))                                        ──hook_mlp_out
+        ffw = post_ffw_norm_1(MLP(pre_ffw_norm(res)))  ──hook_dense_mlp_out   (MoE layers)
+            + MoE(res)                                 ──moe.hook_out
+        ffw = MLP(pre_ffw_norm(res))                                          (other layers)
+    res += per_layer_input_gate(res)      (E2B/E4B)                       ──hook_per_layer_out
+    res *= layer_scalar
+    hook_resid_post
+
+What is new against Gemma 3 (every other layer comes from `gemmalens.layers`):
+
+* Attention: scaling 1.0 (QK-norm instead of 1/sqrt(d)), weighted RMS norms (``w``, not
+  ``1 + w``), a weightless value norm. Global (full) layers have their own head dim
+  (``global_head_dim``) and proportional, partial RoPE; with ``attention_k_eq_v`` they
+  also have their own KV head count and no value projection: the *raw* key projection
+  is the value (``attn.value`` holds the same ``k_proj`` as ``attn.key``), then the
+  value norm.
+* KV sharing and per-layer embeddings exactly as Gemma 3n (`gemmalens.layers.kv_sharing`,
+  `gemmalens.layers.per_layer_embeddings`), without AltUp; with ``use_double_wide_mlp``
+  the KV-sharing layers have an MLP twice as wide.
+* Mixture of experts beside the dense MLP (`gemmalens.layers.moe`): hook points
+  ``blocks.{i}.moe.hook_router_logits`` / ``hook_expert_weights`` ``[batch, pos, expert]``
+  (weights dense over experts, zero off the chosen ones), ``hook_expert_indices``
+  ``[batch, pos, k]``, ``moe.hook_out`` and ``hook_dense_mlp_out`` (the two summands).
+* ``layer_scalar``: one number per layer that multiplies the whole residual stream at the
+  end of the block (``hook_resid_post`` is after it).
+* ``use_bidirectional_attention="all"`` (embedding models): every layer attends both ways,
+  sliding layers to ``|q - k| <= sliding_window // 2 + 1``; `sentence_embeddings` mean-pools.
+
+Interventions on the routing: `force_expert`, `forbid_expert`, `ablate_expert` return
+hook dicts for ``Model.run_with_hooks`` / ``Model.hooks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemmalens.families import gemma3
+from gemmalens.families.gemma3 import FULL, SLIDING
+from gemmalens.layers import (
+    ApplyRoPE,
+    Attention,
+    AttentionMask,
+    DotProductAttention,
+    EmbedTokens,
+    GatedMLP,
+    HookPoint,
+    ParamBuilder,
+    RMSNorm,
+    ShapeOnly,
+    TanhSoftCap,
+    TiedUnembed,
+    positions_from_mask,
+    residual_block,
+)
+from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
+from gemmalens.layers.kv_sharing import (
+    KVProducer,
+    KVSharingScope,
+    SharedKVAttention,
+    kv_sharing_sources,
+)
+from gemmalens.layers.moe import DenseAndExperts
+from gemmalens.layers.params import ParamSource
+from gemmalens.layers.per_layer_embeddings import (
+    PER_LAYER_INPUTS,
+    PerLayerInputGate,
+    PerLayerInputs,
+)
+from gemmalens.layers.transformer import RESID_AXES
+
+BIDIRECTIONAL_MODES = (None, "vision", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig(gemma3.RopeConfig):
+    """RoPE of one layer type; ``proportional`` rotates only the first
+    ``partial_rotary_factor`` of the pairs (frequencies still use the full head dim)."""
+
+    partial_rotary_factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma4Config:
+    """Architecture of a Gemma 4 text decoder (field names follow transformers).
+
+    Full-attention layers use ``global_head_dim`` and, when ``num_global_key_value_heads``
+    is set, that many KV heads (transformers applies the Hub key only with
+    ``attention_k_eq_v``; `from_hf` follows it). ``hidden_size_per_layer_input = 0``
+    disables per-layer embeddings; ``enable_moe_block`` adds the expert branch to every
+    layer. ``use_bidirectional_attention``: None or ``"vision"`` (bidirectional only
+    around image tokens, so causal for text) or ``"all"`` (embedding mode).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 262_144
+    enable_moe_block: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    rope_local: RopeConfig = RopeConfig(theta=10_000.0)
+    rope_global: RopeConfig = RopeConfig(
+        theta=1_000_000.0, rope_type="proportional", partial_rotary_factor=0.25
+    )
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    use_bidirectional_attention: str | None = None
+    max_position_embeddings: int = 131_072
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 1
+    family: str = dataclasses.field(default="gemma4", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give one type per layer."
+            )
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        for i in range(self.num_hidden_layers):
+            if self.num_attention_heads % self.layer_kv_heads(i):
+                raise ValueError(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                    f"the KV head count of layer {i} ({self.layer_kv_heads(i)})."
+                )
+        if self.use_bidirectional_attention not in BIDIRECTIONAL_MODES:
+            raise ValueError(
+                f"use_bidirectional_attention is {self.use_bidirectional_attention!r}; use one "
+                f"of {BIDIRECTIONAL_MODES}."
+            )
+        if self.enable_moe_block and not (
+            self.num_experts and self.top_k_experts and self.moe_intermediate_size
+        ):
+            raise ValueError(
+                "enable_moe_block=True needs num_experts, top_k_experts and moe_intermediate_size."
+            )
+        if self.enable_moe_block and not 0 < self.top_k_experts <= self.num_experts:
+            raise ValueError(
+                f"top_k_experts ({self.top_k_experts}) must be between 1 and num_experts "
+                f"({self.num_experts})."
+            )
+        kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)  # raises if unproduced
+
+    # -------------------------------------------------------------------- per-layer shapes
+
+    def layer_head_dim(self, index: int) -> int:
+        """Head dim of layer ``index``: ``global_head_dim`` on full-attention layers."""
+        return self.global_head_dim if self.layer_types[index] == FULL else self.head_dim
+
+    def layer_kv_heads(self, index: int) -> int:
+        """KV heads of layer ``index``: ``num_global_key_value_heads`` (if set) on full layers."""
+        if self.layer_types[index] == FULL and self.num_global_key_value_heads is not None:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
+
+    def layer_values_are_keys(self, index: int) -> bool:
+        """True where the raw key projection doubles as the value (K=V, full layers)."""
+        return self.attention_k_eq_v and self.layer_types[index] == FULL
+
+    def layer_intermediate_size(self, index: int) -> int:
+        """Dense MLP width of layer ``index`` (doubled on KV-sharing layers if double-wide)."""
+        doubled = self.use_double_wide_mlp and self.kv_sources[index] is not None
+        return self.intermediate_size * (2 if doubled else 1)
+
+    @property
+    def kv_sources(self) -> tuple[int | None, ...]:
+        """Per layer: the layer whose keys and values it reuses, or None."""
+        return kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)
+
+    # -------------------------------------------------------------------------- building
+
+    @staticmethod
+    def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+        """``pattern - 1`` sliding layers then a full one, and the last layer always full
+        (transformers forces it)."""
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
+        types[-1] = FULL
+        return tuple(types)
+
+    def replace(self, **changes: Any) -> Gemma4Config:
+        """A copy with some fields changed (``layer_types`` follows a new layer count)."""
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
+        return dataclasses.replace(self, **changes)
+
+    def build(self, source: ParamSource) -> Gemma4Decoder:
+        """The Penzai model, every parameter taken from ``source``."""
+        return build_gemma4(self, source)
+
+    def num_params(self) -> int:
+        """Parameter count (tied embedding counted once), computed without allocating.
+
+        As in transformers, the per-layer ``layer_scalar`` (a buffer there) is not counted.
+        """
+        source = ShapeOnly()
+        self.build(source)
+        return sum(
+            request.size
+            for request in source.requests
+            if not request.label.endswith(".layer_scalar")
+        )
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Gemma4Config:
+        """Reads a transformers ``gemma4_text`` config dict.
+
+        Accepts both spellings of the global-layer shapes: the Hub's ``global_head_dim`` /
+        ``num_global_key_value_heads`` and the ``per_layer_config`` that transformers 5.23
+        writes (``{"5": {"head_dim": 512, "num_key_value_heads": 2}}``).
+        """
+        if hf.get("attention_bias"):
+            raise ValueError(
+                "This Gemma 4 config sets attention_bias=True, which no released Gemma 4 uses "
+                "and gemmalens does not implement."
+            )
+        activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
+        if activation not in ("gelu_pytorch_tanh", None):
+            raise ValueError(
+                f"This Gemma 4 config uses hidden_activation={activation!r}; gemmalens "
+                "implements 'gelu_pytorch_tanh' (GELU, tanh approximation) only."
+            )
+        layers = hf.get("num_hidden_layers", 30)
+        layer_types = list(hf.get("layer_types") or cls.default_layer_types(layers))
+        layer_types[-1] = FULL  # as transformers' __post_init__
+        k_eq_v = bool(hf.get("attention_k_eq_v", False))
+        global_head_dim, global_kv_heads = _global_shapes(hf, layer_types, k_eq_v)
+        rope = _rope_from_hf(hf)
+        eos = hf.get("eos_token_id", 1)
+        pad = hf.get("pad_token_id", 0)
+        return cls(
+            vocab_size=hf.get("vocab_size", 262_144),
+            hidden_size=hf.get("hidden_size", 2304),
+            intermediate_size=hf.get("intermediate_size", 9216),
+            num_hidden_layers=layers,
+            num_attention_heads=hf.get("num_attention_heads", 8),
+            num_key_value_heads=hf.get("num_key_value_heads", 4),
+            head_dim=hf.get("head_dim", 256),
+            sliding_window=hf.get("sliding_window", 512),
+            layer_types=tuple(layer_types),
+            global_head_dim=global_head_dim,
+            num_global_key_value_heads=global_kv_heads,
+            attention_k_eq_v=k_eq_v,
+            num_kv_shared_layers=hf.get("num_kv_shared_layers", 0) or 0,
+            use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
+            hidden_size_per_layer_input=hf.get("hidden_size_per_layer_input", 256) or 0,
+            vocab_size_per_layer_input=hf.get("vocab_size_per_layer_input", 262_144),
+            enable_moe_block=bool(hf.get("enable_moe_block", False)),
+            num_experts=hf.get("num_experts"),
+            top_k_experts=hf.get("top_k_experts"),
+            moe_intermediate_size=hf.get("moe_intermediate_size"),
+            rope_local=rope[SLIDING],
+            rope_global=rope[FULL],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            use_bidirectional_attention=hf.get("use_bidirectional_attention"),
+            max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+            pad_token_id=0 if pad is None else pad,
+            bos_token_id=hf.get("bos_token_id", 2),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+
+def _global_shapes(
+    hf: dict[str, Any], layer_types: Sequence[str], k_eq_v: bool
+) -> tuple[int, int | None]:
+    """``(global_head_dim, num_global_key_value_heads)`` from either config spelling."""
+    per_layer = hf.get("per_layer_config")
+    if per_layer is None:
+        kv_heads = hf.get("num_global_key_value_heads")
+        # transformers applies the global KV head count only to K=V models.
+        return hf.get("global_head_dim", 512), kv_heads if k_eq_v else None
+    overrides = {int(i): dict(entry) for i, entry in per_layer.items()}
+    full = [i for i, t in enumerate(layer_types) if t == FULL]
+    supported = {"head_dim", "num_key_value_heads"}
+    distinct = {tuple(sorted(overrides.get(i, {}).items())) for i in full}
+    sliding_overridden = sorted(set(overrides) - set(full))
+    unknown = {k for entry in overrides.values() for k in entry} - supported
+    if len(distinct) > 1 or sliding_overridden or unknown:
+        raise ValueError(
+            "This Gemma 4 config's per_layer_config gives layers shapes other than one global "
+            f"head dim / KV head count on the full-attention layers ({per_layer}); gemmalens "
+            "supports the layout of the released models only."
+        )
+    entry = dict(next(iter(distinct), ()))
+    return entry.get("head_dim", hf.get("head_dim", 256)), entry.get("num_key_value_heads")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, RopeConfig]:
+    defaults = {
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+    }
+    params = hf.get("rope_parameters") or {}
+    result = {}
+    for layer_type in (SLIDING, FULL):
+        entry = params.get(layer_type) or defaults[layer_type]
+        rope_type = entry.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "proportional"):
+            raise ValueError(
+                f"RoPE type {rope_type!r} on {layer_type} layers is not used by Gemma 4 and not "
+                "implemented; expected 'default', 'linear' or 'proportional'."
+            )
+        result[layer_type] = RopeConfig(
+            theta=float(entry["rope_theta"]),
+            rope_type=rope_type,
+            factor=float(entry.get("factor", 1.0)) if rope_type != "default" else 1.0,
+            partial_rotary_factor=float(entry.get("partial_rotary_factor", 1.0)),
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------- new layers
+
+
+@pz.pytree_dataclass
+class LayerScalar(pz.nn.Layer):
+    """Multiplies the residual stream by the layer's learned scalar (``layer_scalar``)."""
+
+    scalar: pz.nn.ParameterLike[pz.nx.NamedArray]
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        return x * self.scalar.value.astype(x.dtype)
+
+
+@pz.pytree_dataclass
+class Gemma4Decoder(pz.nn.Layer):
+    """The Gemma 4 text model: token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab]``.
+
+    embed -> per-layer inputs (if any; side input of every block) -> blocks -> final norm
+    -> tied unembedding, soft-capped.
+
+    Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep) and/or
+    ``token_positions``; positions are derived from the mask when not given.
+    """
+
+    embed: pz.nn.Sequential
+    per_layer_inputs: PerLayerInputs | None
+    blocks: pz.nn.Layer
+    final_norm: pz.nn.Sequential
+    unembed: pz.nn.Sequential
+
+    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if "token_positions" not in side_inputs:
+            mask = side_inputs.get("attention_mask")
+            if mask is None:
+                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
+                side_inputs["positions_are_arange"] = True
+            side_inputs["token_positions"] = positions_from_mask(mask)
+        h = self.embed(tokens, **side_inputs)
+        if self.per_layer_inputs is not None:
+            per_layer = self.per_layer_inputs((tokens, h), **side_inputs)
+            side_inputs = {**side_inputs, PER_LAYER_INPUTS: per_layer}
+        h = self.blocks(h, **side_inputs)
+        h = self.final_norm(h, **side_inputs)
+        return self.unembed(h, **side_inputs)
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _mask_for(config: Gemma4Config, layer_type: str) -> AttentionMask:
+    window = config.sliding_window
+    if config.use_bidirectional_attention == "all":
+        if layer_type == FULL:
+            return AttentionMask(causal=False)
+        # transformers keeps |q - k| <= window // 2 + 1 (one more than Gemma 3's rule).
+        reach = window // 2 + 2
+        return AttentionMask(causal=False, window_before=reach, window_after=reach)
+    if layer_type == FULL:
+        return AttentionMask(causal=True)
+    return AttentionMask(causal=True, window_before=window)
+
+
+def build_attention(
+    config: Gemma4Config, params: ParamBuilder, index: int
+) -> Attention | SharedKVAttention:
+    """One attention layer with the head shapes, RoPE and K/V source of layer ``index``."""
+    prefix = f"blocks.{index}.attn."
+    layer_type = config.layer_types[index]
+    head_dim = config.layer_head_dim(index)
+    heads = {"heads": config.num_attention_heads, "head_dim": head_dim}
+    kv_heads = {"kv_heads": config.layer_kv_heads(index), "head_dim": head_dim}
+    embedding = {"embedding": config.hidden_size}
+    rope = config.rope_global if layer_type == FULL else config.rope_local
+    source = config.kv_sources[index]
+
+    def rotary():
+        return ApplyRoPE(
+            axis="head_dim",
+            theta=rope.theta,
+            rope_type=rope.rope_type,
+            factor=rope.factor,
+            partial_rotary_factor=rope.partial_rotary_factor,
+        )
+
+    def head_norm(name, form="plain"):
+        return RMSNorm.build(params, name, "head_dim", head_dim, config.rms_norm_eps, form)
+
+    query = pz.nn.Sequential(
+        [
+            params.linear("q_proj", heads, embedding),
+            head_norm("q_norm"),
+            rotary(),
+            HookPoint(prefix + "hook_q", QKV_AXES),
+        ]
+    )
+    mixer = DotProductAttention(
+        scale=1.0,
+        softcap=None,
+        mask=_mask_for(config, layer_type),
+        hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
+        hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
+    )
+    hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
+    output = params.linear("o_proj", embedding, heads)
+    if source is not None:
+        return SharedKVAttention(
+            query=query,
+            key=pz.nn.Sequential([HookPoint(prefix + "hook_k", KV_AXES)]),
+            value=pz.nn.Sequential([HookPoint(prefix + "hook_v", KV_AXES)]),
+            mixer=mixer,
+            hook_z=hook_z,
+            output=output,
+            source=f"blocks.{source}",
+        )
+    key_proj = params.linear("k_proj", kv_heads, embedding)
+    # K=V: the value path starts from the same (raw, un-normed) key projection.
+    value_proj = key_proj if config.layer_values_are_keys(index) else None
+    if value_proj is None:
+        value_proj = params.linear("v_proj", kv_heads, embedding)
+    if index in config.kv_sources:
+        mixer = KVProducer(share_as=f"blocks.{index}", mixer=mixer)
+    return Attention(
+        query=query,
+        key=pz.nn.Sequential(
+            [key_proj, head_norm("k_norm"), rotary(), HookPoint(prefix + "hook_k", KV_AXES)]
+        ),
+        value=pz.nn.Sequential(
+            [value_proj, head_norm("v_norm", "none"), HookPoint(prefix + "hook_v", KV_AXES)]
+        ),
+        mixer=mixer,
+        hook_z=hook_z,
+        output=output,
+    )
+
+
+def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn.NamedGroup:
+    """Attention and feed-forward residual branches, the per-layer input, ``layer_scalar``."""
+    width, eps = config.hidden_size, config.rms_norm_eps
+    block = params.scope(f"blocks.{index}")
+    prefix = f"blocks.{index}."
+
+    def norm(name):
+        return RMSNorm.build(block, name, "embedding", width, eps, "plain")
+
+    if config.enable_moe_block:
+        feed_forward = [
+            DenseAndExperts.build(
+                block,
+                prefix,
+                width,
+                config.layer_intermediate_size(index),
+                config.num_experts,
+                config.top_k_experts,
+                config.moe_intermediate_size,
+                eps,
+            )
+        ]
+    else:
+        feed_forward = [
+            norm("pre_feedforward_layernorm"),
+            GatedMLP.build(
+                block.scope("mlp"), prefix + "mlp.", width, config.layer_intermediate_size(index)
+            ),
+        ]
+    group = residual_block(
+        index,
+        attention_branch=[
+            norm("input_layernorm"),
+            build_attention(config, block.scope("attn"), index),
+            norm("post_attention_layernorm"),
+        ],
+        mlp_branch=[*feed_forward, norm("post_feedforward_layernorm")],
+    )
+    *body, hook_resid_post = group.sublayers
+    after: list[pz.nn.Layer] = []
+    if config.hidden_size_per_layer_input:
+        gate = PerLayerInputGate.build(
+            block, prefix, index, width, config.hidden_size_per_layer_input, eps
+        )
+        after.append(
+            pz.nn.Residual(
+                pz.nn.Sequential([gate, HookPoint(prefix + "hook_per_layer_out", RESID_AXES)])
+            )
+        )
+    after.append(LayerScalar(block("layer_scalar", {}, init="ones")))
+    return dataclasses.replace(group, sublayers=[*body, *after, hook_resid_post])
+
+
+def build_gemma4(config: Gemma4Config, source: ParamSource) -> Gemma4Decoder:
+    """Builds the Penzai model, taking every parameter from ``source``."""
+    params = ParamBuilder(source)
+    width = config.hidden_size
+    table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
+    unembed = [TiedUnembed(table)]
+    if config.final_logit_softcapping is not None:
+        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    blocks: pz.nn.Layer = pz.nn.Sequential(
+        [build_block(config, params, i) for i in range(config.num_hidden_layers)]
+    )
+    if any(s is not None for s in config.kv_sources):
+        blocks = KVSharingScope(blocks)
+    per_layer_inputs = None
+    if config.hidden_size_per_layer_input:
+        per_layer_inputs = PerLayerInputs.build(
+            params.scope("per_layer_inputs"),
+            config.num_hidden_layers,
+            width,
+            config.hidden_size_per_layer_input,
+            config.vocab_size_per_layer_input,
+            config.rms_norm_eps,
+            constants_in_activation_dtype=False,
+        )
+    return Gemma4Decoder(
+        embed=pz.nn.Sequential(
+            [EmbedTokens.with_model_width(table, width), HookPoint("hook_embed", RESID_AXES)]
+        ),
+        per_layer_inputs=per_layer_inputs,
+        blocks=blocks,
+        final_norm=pz.nn.Sequential(
+            [
+                RMSNorm.build(params, "ln_final", "embedding", width, config.rms_norm_eps, "plain"),
+                HookPoint("ln_final.hook_normalized", RESID_AXES),
+            ]
+        ),
+        unembed=pz.nn.Sequential(unembed),
+    )
+
+
+# ---------------------------------------------------------------------------- routing tools
+
+Where = None | Sequence[int] | np.ndarray | jax.Array
+
+
+def _token_mask(where: Where, shape: tuple[int, int]) -> jax.Array:
+    """Boolean ``[batch, pos]`` from None (every token), positions (in every row) or a mask."""
+    if where is None:
+        return jnp.ones(shape, bool)
+    array = np.asarray(where)
+    if array.dtype == bool:
+        if array.shape != shape:
+            raise ValueError(
+                f"The token mask has shape {array.shape}; it must be [batch, pos] = {shape}."
+            )
+        return jnp.asarray(array)
+    positions = array.reshape(-1).astype(int)
+    if positions.size and (positions.min() < -shape[1] or positions.max() >= shape[1]):
+        raise ValueError(f"Positions {positions.tolist()} are outside a sequence of {shape[1]}.")
+    mask = np.zeros(shape, bool)
+    mask[:, positions] = True
+    return jnp.asarray(mask)
+
+
+def _check_expert(model_or_config: Any, layer: int, expert: int) -> None:
+    config = getattr(model_or_config, "config", model_or_config)
+    if not getattr(config, "enable_moe_block", False):
+        raise ValueError("This model has no mixture-of-experts block (enable_moe_block=False).")
+    if not 0 <= layer < config.num_hidden_layers:
+        raise ValueError(f"Layer {layer} does not exist; the model has {config.num_hidden_layers}.")
+    if not 0 <= expert < config.num_experts:
+        raise ValueError(f"Expert {expert} does not exist; layer {layer} has {config.num_experts}.")
+
+
+def force_expert(
+    model: Any, layer: int, expert: int, where: Where = None, margin: float = 1.0
+) -> dict[str, Any]:
+    """Hooks that route the chosen tokens of ``layer`` to ``expert``.
+
+    The expert's router logit becomes ``max(logits) + margin`` at those tokens, so it is
+    chosen first and the top-k, renormalisation and per-expert scale proceed as usual
+    (the other experts keep their order). The forced routing shows in a cache of
+    ``blocks.{layer}.moe.hook_expert_indices`` / ``hook_expert_weights``.
+
+    Args:
+      model: a `gemmalens.Model` (or its config) with an MoE block.
+      layer, expert: where to force.
+      where: the tokens: None (all), positions (in every row) or a bool ``[batch, pos]``.
+      margin: how far above the best logit the forced one is put.
+
+    Returns:
+      ``{hook name: fn}`` for ``Model.run_with_hooks`` (merge dicts to combine).
+    """
+    _check_expert(model, layer, expert)
+
+    def hook(logits: jax.Array, name: str) -> jax.Array:
+        chosen = _token_mask(where, logits.shape[:2])
+        forced = jnp.max(logits, axis=-1) + jnp.asarray(margin, logits.dtype)
+        new = jnp.where(chosen, forced, logits[..., expert])
+        return logits.at[..., expert].set(new)
+
+    return {f"blocks.{layer}.moe.hook_router_logits": hook}
+
+
+def forbid_expert(model: Any, layer: int, expert: int, where: Where = None) -> dict[str, Any]:
+    """Hooks that keep ``expert`` of ``layer`` from being chosen at the given tokens.
+
+    Its router logit becomes the most negative finite value, so the router picks the next
+    best expert and renormalises over the experts it picks. ``where`` as in `force_expert`.
+    """
+    _check_expert(model, layer, expert)
+
+    def hook(logits: jax.Array, name: str) -> jax.Array:
+        chosen = _token_mask(where, logits.shape[:2])
+        lowest = jnp.finfo(logits.dtype).min
+        return logits.at[..., expert].set(jnp.where(chosen, lowest, logits[..., expert]))
+
+    return {f"blocks.{layer}.moe.hook_router_logits": hook}
+
+
+def ablate_expert(model: Any, layer: int, expert: int, where: Where = None) -> dict[str, Any]:
+    """Hooks that remove ``expert``'s contribution in ``layer`` at the given tokens.
+
+    Routing is unchanged; the expert's weight is set to 0 (the other chosen experts keep
+    their weights, nothing is renormalised). ``where`` as in `force_expert`.
+    """
+    _check_expert(model, layer, expert)
+
+    def hook(weights: jax.Array, name: str) -> jax.Array:
+        chosen = _token_mask(where, weights.shape[:2])
+        return weights.at[..., expert].set(jnp.where(chosen, 0.0, weights[..., expert]))
+
+    return {f"blocks.{layer}.moe.hook_expert_weights": hook}
+
+
+def routing_table(
+    cache: Mapping[str, Any], layer: int, row: int = 0
+) -> list[list[tuple[int, float]]]:
+    """The experts and weights of ``layer`` at each position of batch row ``row``.
+
+    ``cache`` comes from ``run_with_cache`` with (at least) ``blocks.{layer}.moe.hook_expert_indices``
+    and ``hook_expert_weights``. Returns ``[[(expert, weight), ...] per position]``, highest
+    weight first.
+    """
+    indices = np.asarray(cache[f"blocks.{layer}.moe.hook_expert_indices"])[row]
+    weights = np.asarray(cache[f"blocks.{layer}.moe.hook_expert_weights"])[row]
+    table = []
+    for chosen, weight_row in zip(indices, weights, strict=True):
+        pairs = [(int(e), float(weight_row[e])) for e in chosen]
+        table.append(sorted(pairs, key=lambda p: -p[1]))
+    return table
+
+
+def sentence_embeddings(
+    model: Any, tokens: Any, attention_mask: Any = None, normalize: bool = True
+) -> jax.Array:
+    """Mean-pooled sentence embeddings ``[batch, d_model]`` from the final norm's output.
+
+    For embedding checkpoints (``use_bidirectional_attention="all"``). Padding tokens
+    (``attention_mask == 0``, by default the pad id) are left out of the mean;
+    ``normalize`` scales each embedding to unit length.
+    """
+    tokens, mask = model._inputs(tokens, attention_mask)
+    if mask is None:
+        mask = jnp.ones(tokens.shape, jnp.int32)
+    _, cache = model.run_with_cache(tokens, names="ln_final.hook_normalized", attention_mask=mask)
+    hidden = cache["ln_final.hook_normalized"].astype(jnp.float32)
+    weights = mask.astype(jnp.float32)[..., None]
+    pooled = (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    if normalize:
+        pooled = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+    return pooled
+
+
+def merge_hooks(*hook_dicts: Mapping[str, Any]) -> dict[str, Any]:
+    """Combines hook dicts; two functions on one hook point run one after the other."""
+    merged: dict[str, Any] = {}
+    for hooks in hook_dicts:
+        for name, fn in hooks.items():
+            if name in merged:
+                first = merged[name]
+
+                def chained(value, hook_name, first=first, second=fn):
+                    changed = first(value, hook_name)
+                    value = value if changed is None else changed
+                    changed = second(value, hook_name)
+                    return value if changed is None else changed
+
+                merged[name] = chained
+            else:
+                merged[name] = fn
+    return merged
