@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import platform
 import statistics
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemmalens.layers import moe as moe_layers  # noqa: E402
 from gemmalens.layers.mlp import GatedMLP  # noqa: E402
 from gemmalens.layers.moe import DenseAndExperts, grouped_experts  # noqa: E402
 from gemmalens.layers.params import ParamBuilder, RandomInit  # noqa: E402
@@ -67,6 +69,39 @@ def every_expert(x, indices, weights, gate_up, down):
     return jnp.einsum("teh,te->th", out.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def tune(tokens, moe, gate_up, down, shape, dtype, repeats) -> None:
+    """Times the grouped experts for each tile configuration of the Mosaic GPU kernel."""
+    x = jax.random.normal(jax.random.key(0), (1, tokens, shape["d_model"])).astype(dtype)
+    indices, weights = moe.moe.router(pz.nx.wrap(x).tag("batch", "seq", "embedding"))
+    args = (
+        x.reshape(tokens, -1),
+        indices.unwrap("batch", "seq", "top_k").reshape(tokens, -1),
+        weights.unwrap("batch", "seq", "expert").reshape(tokens, -1),
+        gate_up,
+        down,
+    )
+    narrow = min(2 * shape["d_expert"], shape["d_model"])
+    print(f"| block_m | block_n | max_concurrent_steps | grid_block_n | ms ({tokens} tokens) |")
+    print("|---:|---:|---:|---:|---:|")
+    for block_m, block_n, steps, grid_n in itertools.product(
+        (64, 128), (64, 128), (2, 4, 6), (1, 2)
+    ):
+        if (narrow // block_n) % grid_n:
+            continue
+        moe_layers._MOSAIC_TILES.update(
+            block_m=block_m, block_n=block_n, max_concurrent_steps=steps, grid_block_n=grid_n
+        )
+        run = jax.jit(functools.partial(grouped_experts, implementation="mosaic_gpu"))
+        try:
+            seconds = timed(run, *args, repeats=repeats)
+        except Exception as error:  # noqa: BLE001 - a configuration the kernel refuses
+            print(
+                f"| {block_m} | {block_n} | {steps} | {grid_n} | failed: {type(error).__name__} |"
+            )
+            continue
+        print(f"| {block_m} | {block_n} | {steps} | {grid_n} | {seconds * 1e3:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, float32 (CPU smoke run)")
@@ -74,6 +109,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-naive", action="store_true", help="skip the every-expert row")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument(
+        "--tune", type=int, metavar="TOKENS", help="only sweep the Mosaic GPU kernel's tiles"
+    )
     args = parser.parse_args()
     shape = TINY if args.tiny else GEMMA4_26B_A4B
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
@@ -106,6 +144,10 @@ def main() -> None:
     run_grouped = jax.jit(grouped_experts, static_argnames="implementation")
     run_xla = jax.jit(functools.partial(grouped_experts, implementation="xla"))
     run_naive = jax.jit(every_expert)
+
+    if args.tune:
+        tune(args.tune, moe, gate_up, down, shape, dtype, repeats)
+        return
 
     rows = []
     for tokens in token_counts:
