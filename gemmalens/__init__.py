@@ -37,7 +37,8 @@ def build(
     """
     if isinstance(config, str):
         config = preset(config)
-    return Model(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
+    surface = getattr(config, "surface_class", Model)  # e.g. EncoderDecoderModel
+    return surface(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
 
 
 __all__ = [

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens.checkpoints import gemma3, gemma3n, gemma4
+from gemmalens.checkpoints import gemma3, gemma3n, gemma4, t5gemma2
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.lens import Model
 from gemmalens.tokenizer import Tokenizer
@@ -21,11 +21,10 @@ LOADERS = {
     "gemma3n": gemma3n.load_checkpoint,
     "gemma4_text": gemma4.load_checkpoint,
     "gemma4": gemma4.load_checkpoint,
+    "t5gemma2": t5gemma2.load_checkpoint,
 }
 # Families on the roadmap, so that their checkpoints get a precise message.
-_PLANNED = {
-    "t5gemma2": "T5Gemma 2",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def _dtype(dtype: Any) -> jnp.dtype:
@@ -69,4 +68,5 @@ def load(
             f"{', '.join(map(repr, sorted(LOADERS)))} checkpoints."
         )
     tokenizer = Tokenizer.from_file(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-    return Model(model, config, tokenizer)
+    # A config may name its own surface (encoder-decoders: EncoderDecoderModel).
+    return getattr(config, "surface_class", Model)(model, config, tokenizer)

@@ -12,23 +12,21 @@ from typing import Any
 from penzai import pz
 
 from gemmalens.layers import (
-    ApplyRoPE,
     Attention,
     AttentionMask,
     DecoderLM,
-    DotProductAttention,
     EmbedTokens,
     GatedMLP,
     HookPoint,
     ParamBuilder,
     RMSNorm,
-    ShapeOnly,
     TanhSoftCap,
     TiedUnembed,
     residual_block,
 )
-from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
-from gemmalens.layers.params import ParamSource
+from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
+from gemmalens.layers.params import CountsParameters, ParamSource
+from gemmalens.layers.rope import RopeConfig
 from gemmalens.layers.transformer import RESID_AXES
 
 SLIDING = "sliding_attention"
@@ -36,16 +34,7 @@ FULL = "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeConfig:
-    """RoPE of one layer type: base frequency and optional linear position scaling."""
-
-    theta: float
-    rope_type: str = "default"
-    factor: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(CountsParameters):
     """Architecture of a Gemma 3 text decoder (field names follow transformers).
 
     ``attn_logit_softcapping`` is kept for completeness but, as in transformers' Gemma 3,
@@ -105,12 +94,6 @@ class Gemma3Config:
     def build(self, source: ParamSource) -> DecoderLM:
         """The Penzai model, every parameter taken from ``source``."""
         return build_gemma3(self, source)
-
-    def num_params(self) -> int:
-        """Parameter count (tied embedding counted once), computed without allocating."""
-        source = ShapeOnly()
-        self.build(source)
-        return sum(request.size for request in source.requests)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3Config:
@@ -202,11 +185,6 @@ def build_attention(
     embedding = {"embedding": config.hidden_size}
     rope = config.rope_global if layer_type == FULL else config.rope_local
 
-    def rotary():
-        return ApplyRoPE(
-            axis="head_dim", theta=rope.theta, rope_type=rope.rope_type, factor=rope.factor
-        )
-
     def qk_norm(name):
         return RMSNorm.build(
             params, name, "head_dim", config.head_dim, config.rms_norm_eps, "one_plus"
@@ -217,7 +195,7 @@ def build_attention(
             [
                 params.linear("q_proj", heads, embedding),
                 qk_norm("q_norm"),
-                rotary(),
+                rope.layer(),
                 HookPoint(prefix + "hook_q", QKV_AXES),
             ]
         ),
@@ -225,7 +203,7 @@ def build_attention(
             [
                 params.linear("k_proj", kv_heads, embedding),
                 qk_norm("k_norm"),
-                rotary(),
+                rope.layer(),
                 HookPoint(prefix + "hook_k", KV_AXES),
             ]
         ),
@@ -235,12 +213,8 @@ def build_attention(
                 HookPoint(prefix + "hook_v", KV_AXES),
             ]
         ),
-        mixer=DotProductAttention(
-            scale=config.query_pre_attn_scalar**-0.5,
-            softcap=None,
-            mask=_mask_for(config, layer_type),
-            hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
-            hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
+        mixer=attention_mixer(
+            prefix, _mask_for(config, layer_type), scale=config.query_pre_attn_scalar**-0.5
         ),
         hook_z=HookPoint(prefix + "hook_z", QKV_AXES),
         output=params.linear("o_proj", embedding, heads),

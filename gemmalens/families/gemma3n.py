@@ -61,22 +61,19 @@ from penzai import pz
 
 from gemmalens.families.gemma3 import FULL, SLIDING, RopeConfig, _rope_from_hf
 from gemmalens.layers import (
-    ApplyRoPE,
     Attention,
     AttentionMask,
-    DotProductAttention,
     EmbedTokens,
     GatedMLP,
     HookPoint,
     ParamBuilder,
     RMSNorm,
-    ShapeOnly,
     TanhSoftCap,
     TiedUnembed,
     positions_from_mask,
 )
 from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
-from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
+from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
 from gemmalens.layers.kv_sharing import (
     KVProducer,
     KVSharingScope,
@@ -84,7 +81,7 @@ from gemmalens.layers.kv_sharing import (
     kv_sharing_sources,
 )
 from gemmalens.layers.laurel import Laurel
-from gemmalens.layers.params import ParamSource
+from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.per_layer_embeddings import (
     PER_LAYER_INPUTS,
     PerLayerInputGate,
@@ -97,7 +94,7 @@ MLP_AXES = ("batch", "seq", "neurons")
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3nConfig:
+class Gemma3nConfig(CountsParameters):
     """Architecture of a Gemma 3n text decoder (field names follow transformers).
 
     Per-layer fields (``intermediate_size``, ``activation_sparsity_pattern``,
@@ -203,12 +200,6 @@ class Gemma3nConfig:
     def build(self, source: ParamSource) -> Gemma3nDecoder:
         """The Penzai model, every parameter taken from ``source``."""
         return build_gemma3n(self, source)
-
-    def num_params(self) -> int:
-        """Parameter count (tied embedding counted once), computed without allocating."""
-        source = ShapeOnly()
-        self.build(source)
-        return sum(request.size for request in source.requests)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3nConfig:
@@ -393,11 +384,6 @@ def build_attention(
     embedding = {"embedding": config.hidden_size}
     rope = config.rope_global if layer_type == FULL else config.rope_local
 
-    def rotary():
-        return ApplyRoPE(
-            axis="head_dim", theta=rope.theta, rope_type=rope.rope_type, factor=rope.factor
-        )
-
     def head_norm(name, form="plain"):
         return RMSNorm.build(params, name, "head_dim", config.head_dim, config.rms_norm_eps, form)
 
@@ -405,17 +391,11 @@ def build_attention(
         [
             params.linear("q_proj", heads, embedding),
             head_norm("q_norm"),
-            rotary(),
+            rope.layer(),
             HookPoint(prefix + "hook_q", QKV_AXES),
         ]
     )
-    mixer = DotProductAttention(
-        scale=1.0,
-        softcap=None,
-        mask=_mask_for(config, layer_type),
-        hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
-        hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
-    )
+    mixer = attention_mixer(prefix, _mask_for(config, layer_type), scale=1.0)
     hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
     if source is not None:
         return SharedKVAttention(
@@ -433,7 +413,7 @@ def build_attention(
             [
                 params.linear("k_proj", kv_heads, embedding),
                 head_norm("k_norm"),
-                rotary(),
+                rope.layer(),
                 HookPoint(prefix + "hook_k", KV_AXES),
             ]
         ),

@@ -48,25 +48,21 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.families import gemma3
 from gemmalens.families.gemma3 import FULL, SLIDING
 from gemmalens.layers import (
-    ApplyRoPE,
     Attention,
     AttentionMask,
-    DotProductAttention,
     EmbedTokens,
     GatedMLP,
     HookPoint,
     ParamBuilder,
     RMSNorm,
-    ShapeOnly,
     TanhSoftCap,
     TiedUnembed,
     positions_from_mask,
     residual_block,
 )
-from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES
+from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
 from gemmalens.layers.kv_sharing import (
     KVProducer,
     KVSharingScope,
@@ -74,27 +70,20 @@ from gemmalens.layers.kv_sharing import (
     kv_sharing_sources,
 )
 from gemmalens.layers.moe import DenseAndExperts
-from gemmalens.layers.params import ParamSource
+from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.per_layer_embeddings import (
     PER_LAYER_INPUTS,
     PerLayerInputGate,
     PerLayerInputs,
 )
+from gemmalens.layers.rope import RopeConfig
 from gemmalens.layers.transformer import RESID_AXES
 
 BIDIRECTIONAL_MODES = (None, "vision", "all")
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeConfig(gemma3.RopeConfig):
-    """RoPE of one layer type; ``proportional`` rotates only the first
-    ``partial_rotary_factor`` of the pairs (frequencies still use the full head dim)."""
-
-    partial_rotary_factor: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(CountsParameters):
     """Architecture of a Gemma 4 text decoder (field names follow transformers).
 
     Full-attention layers use ``global_head_dim`` and, when ``num_global_key_value_heads``
@@ -218,18 +207,9 @@ class Gemma4Config:
         """The Penzai model, every parameter taken from ``source``."""
         return build_gemma4(self, source)
 
-    def num_params(self) -> int:
-        """Parameter count (tied embedding counted once), computed without allocating.
-
-        As in transformers, the per-layer ``layer_scalar`` (a buffer there) is not counted.
-        """
-        source = ShapeOnly()
-        self.build(source)
-        return sum(
-            request.size
-            for request in source.requests
-            if not request.label.endswith(".layer_scalar")
-        )
+    def counts_as_parameter(self, label: str) -> bool:
+        # As in transformers, where it is a buffer, the per-layer scalar is not counted.
+        return not label.endswith(".layer_scalar")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma4Config:
@@ -415,15 +395,6 @@ def build_attention(
     rope = config.rope_global if layer_type == FULL else config.rope_local
     source = config.kv_sources[index]
 
-    def rotary():
-        return ApplyRoPE(
-            axis="head_dim",
-            theta=rope.theta,
-            rope_type=rope.rope_type,
-            factor=rope.factor,
-            partial_rotary_factor=rope.partial_rotary_factor,
-        )
-
     def head_norm(name, form="plain"):
         return RMSNorm.build(params, name, "head_dim", head_dim, config.rms_norm_eps, form)
 
@@ -431,17 +402,11 @@ def build_attention(
         [
             params.linear("q_proj", heads, embedding),
             head_norm("q_norm"),
-            rotary(),
+            rope.layer(),
             HookPoint(prefix + "hook_q", QKV_AXES),
         ]
     )
-    mixer = DotProductAttention(
-        scale=1.0,
-        softcap=None,
-        mask=_mask_for(config, layer_type),
-        hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
-        hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
-    )
+    mixer = attention_mixer(prefix, _mask_for(config, layer_type), scale=1.0)
     hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
     output = params.linear("o_proj", embedding, heads)
     if source is not None:
@@ -464,7 +429,7 @@ def build_attention(
     return Attention(
         query=query,
         key=pz.nn.Sequential(
-            [key_proj, head_norm("k_norm"), rotary(), HookPoint(prefix + "hook_k", KV_AXES)]
+            [key_proj, head_norm("k_norm"), rope.layer(), HookPoint(prefix + "hook_k", KV_AXES)]
         ),
         value=pz.nn.Sequential(
             [value_proj, head_norm("v_norm", "none"), HookPoint(prefix + "hook_v", KV_AXES)]

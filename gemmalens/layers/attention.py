@@ -170,6 +170,20 @@ class DotProductAttention(pz.nn.Layer):
         return pz.nx.wrap(out).tag(*QKV_AXES)
 
 
+def attention_mixer(
+    prefix: str, mask: AttentionMask, scale: float, softcap: float | None = None
+) -> DotProductAttention:
+    """The mixing step of the attention layer whose hook names start with ``prefix``
+    (e.g. ``blocks.3.attn.``), with its score and pattern hook points."""
+    return DotProductAttention(
+        scale=scale,
+        softcap=softcap,
+        mask=mask,
+        hook_attn_scores=HookPoint(prefix + "hook_attn_scores", PATTERN_AXES),
+        hook_pattern=HookPoint(prefix + "hook_pattern", PATTERN_AXES),
+    )
+
+
 def _cudnn_can_run(query: jax.Array, causal: bool, band: tuple[int, int] | None) -> bool:
     """Whether cuDNN's flash attention applies: a GPU, 16-bit activations, head dim <= 256,
     and a window only on the left of causal attention."""

@@ -111,6 +111,21 @@ class ShapeOnly:
         return pz.ParameterValue(value=placeholder, label=request.label)
 
 
+class CountsParameters:
+    """For architecture configs with a ``build(source)`` method: ``num_params()`` builds
+    with `ShapeOnly`, so counting a 27B model allocates nothing."""
+
+    def num_params(self) -> int:
+        """Parameter count (a tied embedding counted once), computed without allocating."""
+        source = ShapeOnly()
+        self.build(source)
+        return sum(r.size for r in source.requests if self.counts_as_parameter(r.label))
+
+    def counts_as_parameter(self, label: str) -> bool:
+        """Whether ``num_params`` counts this parameter (all, unless a family says not)."""
+        return True
+
+
 def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz.Parameter:
     """Wraps a checkpoint array (already in ``linear_shape`` layout) as a parameter."""
     value = jnp.asarray(np.asarray(array).reshape(request.shape), dtype=dtype)

@@ -71,3 +71,28 @@ class ApplyRoPE(pz.nn.Layer):
             return v * cos + rotated_half * sin
 
         return pz.nx.nmap(rotate)(x.untag(self.axis), positions).tag(self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE of one layer type, as a config: base frequency, scaling, rotated fraction.
+
+    ``rope_type`` is ``default``, ``linear`` (positions divided by ``factor``) or
+    ``proportional`` (only the first ``partial_rotary_factor`` of the pairs rotate; their
+    frequencies still use the full head dim).
+    """
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+
+    def layer(self, axis: str = "head_dim") -> ApplyRoPE:
+        """The `ApplyRoPE` layer for this config."""
+        return ApplyRoPE(
+            axis=axis,
+            theta=self.theta,
+            rope_type=self.rope_type,
+            factor=self.factor,
+            partial_rotary_factor=self.partial_rotary_factor,
+        )

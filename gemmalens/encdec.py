@@ -1,0 +1,392 @@
+"""Encoder-decoder models: the Penzai container and the model surface.
+
+`EncoderDecoderModel` is `gemmalens.Model` for a model that reads an input with an encoder
+and writes with a decoder that attends to the encoder output (T5Gemma 2)::
+
+    logits = m(tokens, decoder_tokens)                 # [batch, dec_seq, vocab]
+    enc = m.encode(tokens)                             # reuse across decoding steps:
+    logits = m.decode(decoder_tokens, enc)             #   same logits as m(tokens, ...)
+    logits, cache = m.run_with_cache(tokens, decoder_tokens=decoder_tokens)
+    logits = m.run_with_hooks(tokens, hooks, decoder_tokens=decoder_tokens)
+    result = m.generate(prompts, max_new_tokens=16)    # encode once, decode with a KV cache
+
+Hook names start with ``encoder.`` or ``decoder.`` (``encoder.blocks.3.hook_resid_post``,
+``decoder.blocks.0.attn.hook_cross_pattern``); one call runs both stacks, so a hook on the
+encoder changes what the decoder reads in the same call.
+
+Positions are column indices in both stacks, as in transformers: padding (mask 0, or the
+pad id) is masked out as keys but does not shift the positions of later tokens, so pad on
+the right (`generate` does) for a padded row to match the same row alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from gemmalens import sampling
+from gemmalens.cache import ActivationCache
+from gemmalens.layers.hooks import HookFn
+from gemmalens.layers.hooks import capture as capture_hooks
+from gemmalens.layers.merged_attention import (
+    ENCODER_OUTPUT,
+    ENCODER_POSITIONS,
+    fix_encoder_keys_values,
+)
+from gemmalens.layers.transformer import RESID_AXES, DecoderLM
+from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos
+
+
+@pz.pytree_dataclass
+class Encoder(pz.nn.Layer):
+    """A bidirectional text encoder: embed, blocks, final norm (no unembedding).
+
+    Called with token ids (``batch``, ``seq``) and the side input ``token_positions``
+    (-1 on padding); returns the encoder output (``batch``, ``seq``, ``embedding``).
+    """
+
+    embed: pz.nn.Sequential
+    blocks: pz.nn.Sequential
+    final_norm: pz.nn.Sequential
+
+    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        h = self.embed(tokens, **side_inputs)
+        h = self.blocks(h, **side_inputs)
+        return self.final_norm(h, **side_inputs)
+
+
+@pz.pytree_dataclass
+class EncoderDecoder(pz.nn.Layer):
+    """An encoder and a decoder whose attention reads the encoder output.
+
+    Input: ``(encoder_tokens, decoder_tokens)``, each with named axes ``batch``, ``seq``.
+    Side inputs: ``encoder_positions`` and ``decoder_positions`` (``batch``, ``seq``; -1 on
+    padding). Returns decoder logits (``batch``, ``seq``, ``vocab``).
+    """
+
+    encoder: Encoder
+    decoder: DecoderLM
+
+    def __call__(self, tokens: tuple[pz.nx.NamedArray, pz.nx.NamedArray], **side_inputs: Any):
+        encoder_tokens, decoder_tokens = tokens
+        encoder_side = {"token_positions": side_inputs["encoder_positions"]}
+        if side_inputs.get("encoder_unpadded"):
+            encoder_side["positions_are_arange"] = True  # lets attention use banded kernels
+        encoder_output = self.encoder(encoder_tokens, **encoder_side)
+        return self.decoder(
+            decoder_tokens,
+            token_positions=side_inputs["decoder_positions"],
+            **{ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: side_inputs["encoder_positions"]},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOutput:
+    """What `EncoderDecoderModel.encode` returns; pass it to ``decode`` or ``m(...)``.
+
+    Attributes:
+      hidden_states: the encoder's final normed hidden states, [batch, enc_seq, d_model].
+      attention_mask: [batch, enc_seq] (1 = real token), or None when nothing is padded.
+    """
+
+    hidden_states: jax.Array
+    attention_mask: jax.Array | None = None
+
+
+def _named(tokens: jax.Array) -> pz.nx.NamedArray:
+    return pz.nx.wrap(tokens).tag("batch", "seq")
+
+
+def column_positions(tokens: jax.Array, mask: jax.Array | None) -> pz.nx.NamedArray:
+    """Positions ``0..seq-1`` in every row (transformers' default), -1 where masked."""
+    columns = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if mask is not None:
+        columns = jnp.where(mask > 0, columns, -1)
+    return _named(columns)
+
+
+def _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask) -> dict[str, Any]:
+    return {
+        "encoder_positions": column_positions(encoder_tokens, encoder_mask),
+        "decoder_positions": column_positions(decoder_tokens, decoder_mask),
+        "encoder_unpadded": encoder_mask is None,
+    }
+
+
+@jax.jit
+def _run(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+    side = _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    logits = model((_named(encoder_tokens), _named(decoder_tokens)), **side)
+    return logits.unwrap("batch", "seq", "vocab")
+
+
+@jax.jit
+def _run_stateful(model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+    side = _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    return model.stateless_call(state, (_named(encoder_tokens), _named(decoder_tokens)), **side)
+
+
+@jax.jit
+def _encode(encoder, state, tokens, mask):
+    side = {"token_positions": column_positions(tokens, mask)}
+    if mask is None:
+        side["positions_are_arange"] = True
+    hidden, values = encoder.stateless_call(state, _named(tokens), **side)
+    return hidden.unwrap("batch", "seq", "embedding"), values
+
+
+@jax.jit
+def _decode(decoder, decoder_tokens, decoder_mask, hidden_states, encoder_mask):
+    encoder_output = pz.nx.wrap(hidden_states).tag(*RESID_AXES)
+    logits = decoder(
+        _named(decoder_tokens),
+        token_positions=column_positions(decoder_tokens, decoder_mask),
+        **{
+            ENCODER_OUTPUT: encoder_output,
+            ENCODER_POSITIONS: column_positions(hidden_states[..., 0], encoder_mask),
+        },
+    )
+    return logits.unwrap("batch", "seq", "vocab")
+
+
+def _cache_values(values: Iterable[Any]) -> dict[str, jax.Array]:
+    return {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
+
+
+class EncoderDecoderModel(Model):
+    """`gemmalens.Model` for encoder-decoder checkpoints (T5Gemma 2).
+
+    ``m.model`` is an `EncoderDecoder` (``m.model.encoder``, ``m.model.decoder``); hook
+    names start with ``encoder.`` or ``decoder.``. Token arrays are [batch, seq] ids (or
+    text, with a tokenizer); masks default to ``tokens != pad_token_id``.
+    """
+
+    def __repr__(self) -> str:
+        config = self.config
+        return (
+            f"gemmalens.EncoderDecoderModel({config.family}, "
+            f"{config.encoder.num_hidden_layers} encoder + {config.decoder.num_hidden_layers} "
+            f"decoder layers, d_model={config.hidden_size}, vocab={config.vocab_size}, "
+            f"{len(self._hook_names)} hook points)"
+        )
+
+    def _both(self, tokens, decoder_tokens, attention_mask, decoder_attention_mask):
+        if decoder_tokens is None:
+            raise TypeError(
+                "An encoder-decoder model needs decoder_tokens as well: the tokens the decoder "
+                "reads, starting with the decoder start token "
+                f"({self.config.decoder_start_token_id}), e.g. m(tokens, decoder_tokens=...)."
+            )
+        if isinstance(decoder_tokens, EncoderOutput):
+            raise TypeError(
+                "decoder_tokens is an EncoderOutput; to reuse an encoding, call "
+                "m.decode(decoder_tokens, encoder_output) or m(decoder_tokens=..., "
+                "encoder_output=...)."
+            )
+        tokens, mask = self._inputs(tokens, attention_mask)
+        decoder_tokens, decoder_mask = self._inputs(decoder_tokens, decoder_attention_mask)
+        if tokens.shape[0] != decoder_tokens.shape[0]:
+            raise ValueError(
+                f"tokens have batch size {tokens.shape[0]} but decoder_tokens have "
+                f"{decoder_tokens.shape[0]}; give one decoder row per encoder row."
+            )
+        return tokens, mask, decoder_tokens, decoder_mask
+
+    # ----------------------------------------------------------------------------- running
+
+    def __call__(
+        self,
+        tokens: Any = None,
+        decoder_tokens: Any = None,
+        attention_mask: Any = None,
+        decoder_attention_mask: Any = None,
+        *,
+        encoder_output: EncoderOutput | None = None,
+    ) -> jax.Array:
+        """Decoder logits ``[batch, dec_seq, vocab]``.
+
+        Args:
+          tokens: encoder input ids [batch, enc_seq] (or text); omit when passing
+            ``encoder_output``.
+          decoder_tokens: decoder input ids [batch, dec_seq], starting with the decoder
+            start token (``config.decoder_start_token_id``).
+          attention_mask, decoder_attention_mask: [batch, seq], 1 = real token.
+          encoder_output: a previous ``m.encode(tokens)``, reused instead of encoding again.
+        """
+        if encoder_output is not None:
+            if tokens is not None:
+                raise TypeError("Pass either tokens or encoder_output, not both.")
+            return self.decode(decoder_tokens, encoder_output, decoder_attention_mask)
+        tokens, mask, decoder_tokens, decoder_mask = self._both(
+            tokens, decoder_tokens, attention_mask, decoder_attention_mask
+        )
+        return _run(self._frozen, tokens, mask, decoder_tokens, decoder_mask)
+
+    def encode(self, tokens: Any, attention_mask: Any = None) -> EncoderOutput:
+        """Runs the encoder alone: its output, to decode from any number of times."""
+        tokens, mask = self._inputs(tokens, attention_mask)
+        hidden, _ = _encode(self._frozen.encoder, [], tokens, mask)
+        return EncoderOutput(hidden, mask)
+
+    def decode(
+        self,
+        decoder_tokens: Any,
+        encoder_output: EncoderOutput,
+        decoder_attention_mask: Any = None,
+    ) -> jax.Array:
+        """Decoder logits ``[batch, dec_seq, vocab]`` given a stored ``m.encode(...)``."""
+        if not isinstance(encoder_output, EncoderOutput):
+            raise TypeError(
+                f"encoder_output must be what m.encode(tokens) returns, got "
+                f"{type(encoder_output).__name__}."
+            )
+        decoder_tokens, decoder_mask = self._inputs(decoder_tokens, decoder_attention_mask)
+        hidden = encoder_output.hidden_states
+        if hidden.shape[0] != decoder_tokens.shape[0]:
+            raise ValueError(
+                f"The encoder output has batch size {hidden.shape[0]} but decoder_tokens "
+                f"have {decoder_tokens.shape[0]}."
+            )
+        return _decode(
+            self._frozen.decoder,
+            decoder_tokens,
+            decoder_mask,
+            hidden,
+            encoder_output.attention_mask,
+        )
+
+    def run_with_cache(
+        self,
+        tokens: Any,
+        names: NameSelector = None,
+        attention_mask: Any = None,
+        *,
+        decoder_tokens: Any = None,
+        decoder_attention_mask: Any = None,
+    ) -> tuple[jax.Array, ActivationCache]:
+        """Decoder logits and the values at the chosen hook points of both stacks.
+
+        ``names``: None (all), a name, a glob pattern (``"decoder.blocks.*.attn.hook_cross_pattern"``),
+        a list of either, or a predicate on the name. ``decoder_tokens`` is required (by
+        keyword).
+        """
+        if isinstance(names, (np.ndarray, jax.Array)):
+            raise TypeError(
+                "The second argument of run_with_cache is names; pass the decoder tokens by "
+                "keyword: m.run_with_cache(tokens, decoder_tokens=...)."
+            )
+        tokens, mask, decoder_tokens, decoder_mask = self._both(
+            tokens, decoder_tokens, attention_mask, decoder_attention_mask
+        )
+        unbound, state = self._capture_plan(names)
+        logits, values = _run_stateful(unbound, state, tokens, mask, decoder_tokens, decoder_mask)
+        by_name = _cache_values(values)
+        ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
+        return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
+
+    def run_with_hooks(
+        self,
+        tokens: Any,
+        hooks: Mapping[str, HookFn],
+        attention_mask: Any = None,
+        *,
+        decoder_tokens: Any = None,
+        decoder_attention_mask: Any = None,
+    ) -> jax.Array:
+        """Decoder logits with interventions ``{name or glob: fn(value, name)}`` on either
+        stack (``fn`` returns the replacement, or None to keep the value)."""
+        with self.hooks(hooks):
+            return self(tokens, decoder_tokens, attention_mask, decoder_attention_mask)
+
+    # ----------------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        eos_ids: Iterable[int] | None = None,
+        attention_mask: Any = None,
+        capture: NameSelector = (),
+        hooks: Mapping[str, HookFn] | None = None,
+    ) -> sampling.Generation:
+        """Encodes the prompts once, then decodes from the start token with a KV cache.
+
+        The decoder's self part is cached as in any decoder; each layer's cross part (the
+        encoder's keys and values) is computed once and reused at every step. Arguments as
+        `gemmalens.Model.generate`; ``prompts`` are the encoder inputs (right-padded here).
+
+        Returns:
+          a `gemmalens.sampling.Generation` whose ``prompt_tokens`` / ``prompt_mask`` are the
+          encoder inputs. ``prompt_cache`` holds encoder captures and the decoder's captures
+          at the start token; ``step_cache`` the decoder's captures at each new token.
+        """
+        rows = self._prompt_rows(prompts, attention_mask)
+        width = max(len(r) for r in rows)
+        tokens = np.full((len(rows), width), self.config.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)], mask[i, : len(row)] = row, 1
+        self._inputs(tokens, mask)  # validates ids
+        if eos_ids is None:
+            configured = self.config.eos_token_id
+            eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]
+            if self.tokenizer is not None and self.tokenizer.end_of_turn_id is not None:
+                eos_ids.append(self.tokenizer.end_of_turn_id)
+        eos_ids = tuple(int(e) for e in eos_ids) if stop_at_eos else ()
+
+        model = self.with_hooks(hooks) if hooks else self._model
+        captured = set(self.select_hooks(capture)) if capture != () else set()
+        model = pz.freeze_params(capture_hooks(model, captured, _CACHE_LABEL))
+
+        encoder, encoder_state = pz.unbind_state_vars(model.encoder)
+        encoder_mask = None if mask.all() else jnp.asarray(mask)
+        hidden, encoder_values = _encode(
+            encoder, [v.freeze() for v in encoder_state], jnp.asarray(tokens), encoder_mask
+        )
+        decoder = fix_encoder_keys_values(
+            model.decoder,
+            pz.nx.wrap(hidden).tag(*RESID_AXES),
+            column_positions(jnp.asarray(tokens), jnp.asarray(mask)),
+        )
+        decoder = sampling.with_kv_cache(decoder, len(rows), 1 + max_new_tokens)
+        unbound, state = pz.unbind_state_vars(decoder)
+        start = np.full((len(rows), 1), self.config.decoder_start_token_id, np.int32)
+        new_tokens, prompt_values, step_values = sampling._generate(
+            unbound,
+            [v.freeze() for v in state],
+            jnp.asarray(start),
+            jnp.ones_like(jnp.asarray(start)),
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            sampler=sampling.Sampler(temperature, top_k, top_p),
+            eos_ids=eos_ids or (-1,),
+            pad_id=int(self.config.pad_token_id),
+            unroll=sampling.DECODE_UNROLL,
+        )
+
+        def as_cache(by_name):
+            return ActivationCache({n: by_name[n] for n in self._hook_names if n in by_name}, self)
+
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(_until_eos(np.asarray(new_tokens), eos_ids))
+        prompt_cache = {**_cache_values(encoder_values), **_cache_values(prompt_values)}
+        return sampling.Generation(
+            tokens=new_tokens,
+            prompt_tokens=jnp.asarray(tokens),
+            prompt_mask=jnp.asarray(mask),
+            text=text,
+            prompt_cache=as_cache(prompt_cache) if captured else None,
+            step_cache=as_cache(_cache_values(step_values)) if captured else None,
+        )
