@@ -9,8 +9,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.checkpoints.parameters import build_from_checkpoint
-from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
+from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
+from gemmalens.checkpoints.safetensors_files import CheckpointDir
 from gemmalens.families.gemma3 import Gemma3Config
 
 # Text-only checkpoints (270M, 1B, Gemma3ForCausalLM) use "model."; the multimodal ones
@@ -36,14 +36,7 @@ def hf_name(label: str) -> str:
 
 def text_prefix(ckpt: CheckpointDir) -> str:
     """The prefix under which this checkpoint stores the text decoder."""
-    for prefix in TEXT_PREFIXES:
-        if prefix + "embed_tokens.weight" in ckpt:
-            return prefix
-    raise CheckpointError(
-        f"Checkpoint {ckpt.path} has no text embedding: looked for "
-        + ", ".join(repr(p + "embed_tokens.weight") for p in TEXT_PREFIXES)
-        + ". Is this a Gemma 3 checkpoint?"
-    )
+    return find_prefix(ckpt, TEXT_PREFIXES, "embed_tokens.weight", "Gemma 3")
 
 
 def key_mapper(prefix: str) -> Callable[[str], str]:
@@ -65,18 +58,10 @@ def load_checkpoint(
     ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None
 ) -> tuple[pz.nn.Layer, Gemma3Config]:
     """Builds the Gemma 3 text decoder of a ``gemma3_text`` or ``gemma3`` checkpoint."""
-    hf = ckpt.config
-    if hf.get("model_type") == "gemma3":
-        if "text_config" not in hf:
-            raise CheckpointError(
-                f"{ckpt.path}/config.json is a Gemma 3 config without text_config."
-            )
+    config = Gemma3Config.from_hf(text_config(ckpt, "gemma3", "Gemma 3"))
+    if ckpt.config.get("model_type") == "gemma3":
         # Gemma3ForConditionalGeneration never applies the final logit soft-cap.
-        config = dataclasses.replace(
-            Gemma3Config.from_hf(hf["text_config"]), final_logit_softcapping=None
-        )
-    else:
-        config = Gemma3Config.from_hf(hf)
+        config = dataclasses.replace(config, final_logit_softcapping=None)
     prefix = text_prefix(ckpt)
     model = build_from_checkpoint(
         ckpt,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens.checkpoints import gemma3
-from gemmalens.checkpoints.parameters import build_from_checkpoint
+from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.gemma3n import Gemma3nConfig
 
@@ -41,14 +41,7 @@ def hf_name(label: str) -> str:
 
 def text_prefix(ckpt: CheckpointDir) -> str:
     """The prefix under which this checkpoint stores the text decoder."""
-    for prefix in TEXT_PREFIXES:
-        if prefix + "embed_tokens_per_layer.weight" in ckpt:
-            return prefix
-    raise CheckpointError(
-        f"Checkpoint {ckpt.path} has no per-layer embedding table: looked for "
-        + ", ".join(repr(p + "embed_tokens_per_layer.weight") for p in TEXT_PREFIXES)
-        + ". Is this a Gemma 3n checkpoint?"
-    )
+    return find_prefix(ckpt, TEXT_PREFIXES, "embed_tokens_per_layer.weight", "Gemma 3n")
 
 
 def ignored_tensors(prefix: str, config: Gemma3nConfig) -> Callable[[str], bool]:
@@ -74,13 +67,7 @@ def load_checkpoint(
     Both apply the final soft-cap (30); the multimodal model's text ids beyond
     ``vocab_size_per_layer_input`` read per-layer-embedding row 0.
     """
-    hf = ckpt.config
-    if hf.get("model_type") == "gemma3n":
-        if "text_config" not in hf:
-            raise CheckpointError(
-                f"{ckpt.path}/config.json is a Gemma 3n config without text_config."
-            )
-        hf = hf["text_config"]
+    hf = text_config(ckpt, "gemma3n", "Gemma 3n")
     try:
         config = Gemma3nConfig.from_hf(hf)
     except ValueError as error:

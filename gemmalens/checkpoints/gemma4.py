@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.checkpoints.parameters import build_from_checkpoint
-from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
+from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
+from gemmalens.checkpoints.safetensors_files import CheckpointDir
 from gemmalens.families.gemma4 import Gemma4Config
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
@@ -76,14 +76,7 @@ class ExpertsAsMatrices:
 
 def text_prefix(ckpt: CheckpointDir) -> str:
     """The prefix under which this checkpoint stores the text decoder."""
-    for prefix in TEXT_PREFIXES:
-        if prefix + "embed_tokens.weight" in ckpt:
-            return prefix
-    raise CheckpointError(
-        f"Checkpoint {ckpt.path} has no text embedding: looked for "
-        + ", ".join(repr(p + "embed_tokens.weight") for p in TEXT_PREFIXES)
-        + ". Is this a Gemma 4 checkpoint?"
-    )
+    return find_prefix(ckpt, TEXT_PREFIXES, "embed_tokens.weight", "Gemma 4")
 
 
 def ignored_tensors(prefix: str, config: Gemma4Config) -> Callable[[str], bool]:
@@ -106,13 +99,7 @@ def load_checkpoint(
     ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None
 ) -> tuple[pz.nn.Layer, Gemma4Config]:
     """Builds the Gemma 4 text decoder of a ``gemma4_text`` or ``gemma4`` checkpoint."""
-    hf = ckpt.config
-    if hf.get("model_type") == "gemma4":
-        if "text_config" not in hf:
-            raise CheckpointError(
-                f"{ckpt.path}/config.json is a Gemma 4 config without text_config."
-            )
-        hf = hf["text_config"]
+    hf = text_config(ckpt, "gemma4", "Gemma 4")
     config = Gemma4Config.from_hf(hf)
     prefix = text_prefix(ckpt)
     model = build_from_checkpoint(

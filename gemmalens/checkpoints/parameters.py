@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 from penzai import pz
@@ -71,6 +72,32 @@ class CheckpointParams:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def find_prefix(ckpt: CheckpointDir, prefixes: tuple[str, ...], probe: str, family: str) -> str:
+    """The first of ``prefixes`` under which the checkpoint holds ``probe`` (a tensor every
+    checkpoint of the family has), e.g. ``model.`` or ``model.language_model.``."""
+    for prefix in prefixes:
+        if prefix + probe in ckpt:
+            return prefix
+    raise CheckpointError(
+        f"Checkpoint {ckpt.path} has no tensor named "
+        + " or ".join(repr(p + probe) for p in prefixes)
+        + f". Is this a {family} checkpoint?"
+    )
+
+
+def text_config(ckpt: CheckpointDir, multimodal_type: str, family: str) -> dict[str, Any]:
+    """The text decoder's config: ``text_config`` of a multimodal checkpoint (model_type
+    ``multimodal_type``), else config.json itself."""
+    hf = ckpt.config
+    if hf.get("model_type") != multimodal_type:
+        return hf
+    if "text_config" not in hf:
+        raise CheckpointError(
+            f"{ckpt.path}/config.json is a {family} multimodal config without text_config."
+        )
+    return hf["text_config"]
 
 
 def build_from_checkpoint(
