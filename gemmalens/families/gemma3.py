@@ -164,15 +164,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, RopeConfig]:
 
 
 def _mask_for(config: Gemma3Config, layer_type: str) -> AttentionMask:
-    window = config.sliding_window
-    if config.use_bidirectional_attention:
-        if layer_type == FULL:
-            return AttentionMask(causal=False)
-        radius = window // 2 + 1
-        return AttentionMask(causal=False, window_before=radius, window_after=radius)
-    if layer_type == FULL:
-        return AttentionMask(causal=True)
-    return AttentionMask(causal=True, window_before=window)
+    # transformers' bidirectional Gemma 3 keeps |q - k| <= window // 2.
+    reach = config.sliding_window // 2 + 1 if config.use_bidirectional_attention else None
+    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window, reach)
 
 
 def build_attention(

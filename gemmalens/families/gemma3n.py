@@ -70,7 +70,6 @@ from gemmalens.layers import (
     RMSNorm,
     TanhSoftCap,
     TiedUnembed,
-    positions_from_mask,
 )
 from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
@@ -87,7 +86,7 @@ from gemmalens.layers.per_layer_embeddings import (
     PerLayerInputGate,
     PerLayerInputs,
 )
-from gemmalens.layers.transformer import RESID_AXES
+from gemmalens.layers.transformer import RESID_AXES, with_positions
 from gemmalens.lens import Model
 
 MLP_AXES = ("batch", "seq", "neurons")
@@ -341,12 +340,7 @@ class Gemma3nDecoder(pz.nn.Layer):
     unembed: pz.nn.Sequential
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        if "token_positions" not in side_inputs:
-            mask = side_inputs.get("attention_mask")
-            if mask is None:
-                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
-                side_inputs["positions_are_arange"] = True
-            side_inputs["token_positions"] = positions_from_mask(mask)
+        side_inputs = with_positions(tokens, side_inputs)
         embedded = self.embed(tokens, **side_inputs)
         per_layer = self.per_layer_inputs((tokens, embedded), **side_inputs)
         streams = self.altup_expand(embedded, **side_inputs)
@@ -360,9 +354,7 @@ class Gemma3nDecoder(pz.nn.Layer):
 
 
 def _mask_for(config: Gemma3nConfig, layer_type: str) -> AttentionMask:
-    if layer_type == FULL:
-        return AttentionMask(causal=True)
-    return AttentionMask(causal=True, window_before=config.sliding_window)
+    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window)
 
 
 def build_attention(

@@ -59,7 +59,6 @@ from gemmalens.layers import (
     RMSNorm,
     TanhSoftCap,
     TiedUnembed,
-    positions_from_mask,
     residual_block,
 )
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
@@ -77,7 +76,7 @@ from gemmalens.layers.per_layer_embeddings import (
     PerLayerInputs,
 )
 from gemmalens.layers.rope import RopeConfig
-from gemmalens.layers.transformer import RESID_AXES
+from gemmalens.layers.transformer import RESID_AXES, with_positions
 
 BIDIRECTIONAL_MODES = (None, "vision", "all")
 
@@ -351,12 +350,7 @@ class Gemma4Decoder(pz.nn.Layer):
     unembed: pz.nn.Sequential
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        if "token_positions" not in side_inputs:
-            mask = side_inputs.get("attention_mask")
-            if mask is None:
-                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
-                side_inputs["positions_are_arange"] = True
-            side_inputs["token_positions"] = positions_from_mask(mask)
+        side_inputs = with_positions(tokens, side_inputs)
         h = self.embed(tokens, **side_inputs)
         if self.per_layer_inputs is not None:
             per_layer = self.per_layer_inputs((tokens, h), **side_inputs)
@@ -370,16 +364,9 @@ class Gemma4Decoder(pz.nn.Layer):
 
 
 def _mask_for(config: Gemma4Config, layer_type: str) -> AttentionMask:
-    window = config.sliding_window
-    if config.use_bidirectional_attention == "all":
-        if layer_type == FULL:
-            return AttentionMask(causal=False)
-        # transformers keeps |q - k| <= window // 2 + 1 (one more than Gemma 3's rule).
-        reach = window // 2 + 2
-        return AttentionMask(causal=False, window_before=reach, window_after=reach)
-    if layer_type == FULL:
-        return AttentionMask(causal=True)
-    return AttentionMask(causal=True, window_before=window)
+    # transformers keeps |q - k| <= window // 2 + 1 (one more than Gemma 3's rule).
+    reach = config.sliding_window // 2 + 2 if config.use_bidirectional_attention == "all" else None
+    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window, reach)
 
 
 def build_attention(

@@ -41,6 +41,23 @@ class AttentionMask(pz.nn.Layer):
     window_before: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
     window_after: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
+    @classmethod
+    def for_layer(
+        cls, is_global: bool, window: int, bidirectional_reach: int | None = None
+    ) -> AttentionMask:
+        """The mask of a decoder layer: causal, over a sliding ``window`` unless global.
+
+        With ``bidirectional_reach`` (embedding models) attention sees both ways: global
+        layers everywhere, sliding layers ``|q - k| < bidirectional_reach``.
+        """
+        if bidirectional_reach is not None:
+            if is_global:
+                return cls(causal=False)
+            return cls(
+                causal=False, window_before=bidirectional_reach, window_after=bidirectional_reach
+            )
+        return cls(causal=True) if is_global else cls(causal=True, window_before=window)
+
     def visible(self, **side_inputs: Any) -> pz.nx.NamedArray:
         """Boolean mask with named axes ``batch``, ``seq``, ``kv_seq``."""
         q = side_inputs["token_positions"]

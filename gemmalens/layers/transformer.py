@@ -26,6 +26,22 @@ def positions_from_mask(attention_mask: pz.nx.NamedArray) -> pz.nx.NamedArray:
     return pz.nx.nmap(count)(attention_mask.untag("seq")).tag("seq")
 
 
+def with_positions(tokens: pz.nx.NamedArray, side_inputs: dict[str, Any]) -> dict[str, Any]:
+    """Side inputs with ``token_positions`` filled in from ``attention_mask`` if missing.
+
+    Without a mask every token is real: positions are ``0..seq-1`` in every row and
+    ``positions_are_arange`` tells attention it may use banded kernels.
+    """
+    if "token_positions" in side_inputs:
+        return side_inputs
+    mask = side_inputs.get("attention_mask")
+    extra = {}
+    if mask is None:
+        mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
+        extra["positions_are_arange"] = True
+    return {**side_inputs, **extra, "token_positions": positions_from_mask(mask)}
+
+
 def residual_block(
     index: int, attention_branch: list[pz.nn.Layer], mlp_branch: list[pz.nn.Layer]
 ) -> pz.nn.NamedGroup:
@@ -69,12 +85,7 @@ class DecoderLM(pz.nn.Layer):
     unembed: pz.nn.Sequential
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        if "token_positions" not in side_inputs:
-            mask = side_inputs.get("attention_mask")
-            if mask is None:
-                mask = pz.nx.ones(tokens.named_shape, dtype=jnp.int32)
-                side_inputs["positions_are_arange"] = True
-            side_inputs["token_positions"] = positions_from_mask(mask)
+        side_inputs = with_positions(tokens, side_inputs)
         h = self.embed(tokens, **side_inputs)
         h = self.blocks(h, **side_inputs)
         h = self.final_norm(h, **side_inputs)
