@@ -18,7 +18,6 @@ from gemmalens.checkpoints import (
     CheckpointError,
     MissingTensorError,
     check_tensor_set,
-    progress,
 )
 
 CONFIG = {"model_type": "gemma", "hidden_size": 4}
@@ -544,24 +543,3 @@ def test_check_tensor_set_caps_long_lists(tmp_path):
         match=r"13 missing tensor(.|\n)*\.\.\. and 3 more(.|\n)*25 unexpected(.|\n)*\.\.\. and 15 more",
     ):
         check_tensor_set(ckpt, expected)
-
-
-# -- progress -----------------------------------------------------------------------------
-
-
-def test_progress_silent_for_small_totals(capsys):
-    items = [("a", 10), ("b", 20)]
-    assert list(progress(items, 30, "loading")) == ["a", "b"]
-    assert "loading" not in capsys.readouterr().err
-
-
-def test_progress_enabled(capsys):
-    items = [("a", 10), ("b", 20)]
-    assert list(progress(iter(items), 30, "loading weights", enabled=True)) == ["a", "b"]
-    err = capsys.readouterr().err
-    assert "loading weights" in err and "100%" in err
-
-
-def test_progress_defaults_on_for_large_totals(capsys):
-    assert list(progress([(1, 300 * 2**20)], 300 * 2**20, "big")) == [1]
-    assert "big" in capsys.readouterr().err

@@ -123,3 +123,10 @@ def test_unsupported_config_feature(checkpoint):
     _edit_config(checkpoint, attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias"):
         gl.load(checkpoint)
+
+
+def test_progress_bar_on_request(good_checkpoint, capsys):
+    gl.load(good_checkpoint, show_progress=True)
+    assert "Loading weights" in capsys.readouterr().err
+    gl.load(good_checkpoint)  # small checkpoints load silently by default
+    assert "Loading weights" not in capsys.readouterr().err

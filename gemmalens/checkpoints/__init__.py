@@ -5,7 +5,6 @@ from gemmalens.checkpoints.safetensors_files import (
     CheckpointError,
     MissingTensorError,
     check_tensor_set,
-    progress,
 )
 
 __all__ = [
@@ -13,5 +12,4 @@ __all__ = [
     "CheckpointError",
     "MissingTensorError",
     "check_tensor_set",
-    "progress",
 ]

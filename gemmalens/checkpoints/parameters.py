@@ -10,12 +10,14 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemmalens.checkpoints.safetensors_files import (
-    _PROGRESS_THRESHOLD_BYTES,
     CheckpointDir,
     CheckpointError,
     check_tensor_set,
 )
 from gemmalens.layers.params import ParamRequest, ShapeOnly, from_numpy
+
+# Small checkpoints (tests, teaching models) load silently.
+_PROGRESS_THRESHOLD_BYTES = 200 * 2**20
 
 
 class CheckpointParams:

@@ -19,20 +19,18 @@ import pathlib
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import ml_dtypes
 import numpy as np
-from tqdm.auto import tqdm
 
 __all__ = [
     "CheckpointDir",
     "CheckpointError",
     "MissingTensorError",
     "check_tensor_set",
-    "progress",
 ]
 
 _INDEX_NAME = "model.safetensors.index.json"
@@ -618,36 +616,3 @@ def _capped(title: str, items: list[_T], fmt: Callable[[_T], str], cap: int = 10
     if len(items) > cap:
         lines.append(f"    ... and {len(items) - cap} more")
     return "\n".join(lines)
-
-
-_PROGRESS_THRESHOLD_BYTES = 200 * 2**20
-
-
-def progress(
-    iterable: Iterable[tuple[_T, int]],
-    total_bytes: int,
-    desc: str,
-    enabled: bool | None = None,
-) -> Iterator[_T]:
-    """Yield the items of ``(item, nbytes)`` pairs while showing a byte-based progress bar.
-
-    The bar advances by ``nbytes`` once the consumer asks for the next item, i.e. after the
-    previous one has been processed.
-
-    Args:
-        iterable: ``(item, nbytes)`` pairs.
-        total_bytes: sum of all ``nbytes``.
-        desc: label shown left of the bar.
-        enabled: force the bar on or off; by default it shows only above ~200 MB, so that small
-            test checkpoints load silently.
-    """
-    if enabled is None:
-        enabled = total_bytes > _PROGRESS_THRESHOLD_BYTES
-    if not enabled:
-        for item, _ in iterable:
-            yield item
-        return
-    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        for item, nbytes in iterable:
-            yield item
-            bar.update(nbytes)
