@@ -39,7 +39,7 @@ from gemmalens.layers.merged_attention import (
     ENCODER_POSITIONS,
     fix_encoder_keys_values,
 )
-from gemmalens.layers.transformer import RESID_AXES, DecoderLM
+from gemmalens.layers.transformer import RESID_AXES, DecoderLM, positions_from_mask
 from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos
 
 
@@ -67,7 +67,8 @@ class EncoderDecoder(pz.nn.Layer):
 
     Input: ``(encoder_tokens, decoder_tokens)``, each with named axes ``batch``, ``seq``.
     Side inputs: ``encoder_positions`` and ``decoder_positions`` (``batch``, ``seq``; -1 on
-    padding). Returns decoder logits (``batch``, ``seq``, ``vocab``).
+    padding), each ``0..seq-1`` (nothing padded) when not given. Returns decoder logits
+    (``batch``, ``seq``, ``vocab``).
     """
 
     encoder: Encoder
@@ -75,15 +76,26 @@ class EncoderDecoder(pz.nn.Layer):
 
     def __call__(self, tokens: tuple[pz.nx.NamedArray, pz.nx.NamedArray], **side_inputs: Any):
         encoder_tokens, decoder_tokens = tokens
-        encoder_side = {"token_positions": side_inputs["encoder_positions"]}
-        if side_inputs.get("encoder_unpadded"):
+        encoder_positions = side_inputs.get("encoder_positions")
+        unpadded = encoder_positions is None or side_inputs.get("encoder_unpadded", False)
+        if encoder_positions is None:
+            encoder_positions = _arange_like(encoder_tokens)
+        encoder_side = {"token_positions": encoder_positions}
+        if unpadded:
             encoder_side["positions_are_arange"] = True  # lets attention use banded kernels
         encoder_output = self.encoder(encoder_tokens, **encoder_side)
+        decoder_positions = side_inputs.get("decoder_positions")
         return self.decoder(
             decoder_tokens,
-            token_positions=side_inputs["decoder_positions"],
-            **{ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: side_inputs["encoder_positions"]},
+            token_positions=(
+                _arange_like(decoder_tokens) if decoder_positions is None else decoder_positions
+            ),
+            **{ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: encoder_positions},
         )
+
+
+def _arange_like(tokens: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    return positions_from_mask(pz.nx.ones(tokens.named_shape, dtype=jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)

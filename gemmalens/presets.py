@@ -5,6 +5,7 @@ from __future__ import annotations
 from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
+from gemmalens.families.t5gemma2 import T5Gemma2Config
 
 
 def _gemma3(**fields) -> Gemma3Config:
@@ -91,12 +92,26 @@ PRESETS = {
 }  # fmt: skip
 
 
+def _t5gemma2(gemma3: str) -> T5Gemma2Config:
+    """T5Gemma 2 stacks are the Gemma 3 text architecture of the same size (encoder and
+    decoder alike), with linear-8 RoPE on global layers as in the released 270M-270M."""
+    stack = PRESETS[gemma3].replace(rope_global=_LINEAR_8)
+    return T5Gemma2Config(encoder=stack, decoder=stack)
+
+
+PRESETS.update(
+    t5gemma2_270m_270m=_t5gemma2("gemma3_270m"),
+    t5gemma2_1b_1b=_t5gemma2("gemma3_1b"),
+    t5gemma2_4b_4b=_t5gemma2("gemma3_4b_text"),
+)
+
+
 def presets() -> list[str]:
     """Names of the architecture presets."""
     return sorted(PRESETS)
 
 
-def preset(name: str) -> Gemma3Config | Gemma3nConfig | Gemma4Config:
+def preset(name: str) -> Gemma3Config | Gemma3nConfig | Gemma4Config | T5Gemma2Config:
     """The config of a named preset (``gl.preset("gemma3_1b").num_params()``)."""
     try:
         return PRESETS[name]

@@ -327,3 +327,109 @@ def gemma4_multimodal(
     _perturb_gemma4_(model, seed)
     model.save_pretrained(directory)
     return model
+
+
+# ------------------------------------------------------------------------------ T5Gemma 2
+
+_T5_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+}
+# Shared by both stacks unless overridden; the stacks differ on purpose (depth, heads, MLP
+# width, window) so that mixing them up shows. Layer 1 of each stack is global.
+TINY_T5GEMMA2_TEXT = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    query_pre_attn_scalar=24,  # != head_dim
+    max_position_embeddings=256,
+    rope_parameters=_T5_ROPE,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+TINY_T5GEMMA2_ENCODER = dict(
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    sliding_window=4,  # even: the encoder window is lopsided (1 back, 2 ahead)
+    layer_types=[_S, _F, _S],
+)
+TINY_T5GEMMA2_DECODER = dict(
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_key_value_heads=1,
+    sliding_window=3,
+    layer_types=[_S, _F],
+    final_logit_softcapping=30.0,
+)
+# Tiny SigLIP: transformers cannot build T5Gemma 2 without a vision tower (text path only).
+TINY_T5GEMMA2_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+T5GEMMA2_EOI = 500
+
+
+def t5gemma2(
+    directory: pathlib.Path,
+    seed: int = 0,
+    perturbation: float = 0.1,
+    post_norm_gain: float = 0.0,
+    encoder: dict | None = None,
+    decoder: dict | None = None,
+    **overrides,
+) -> transformers.PreTrainedModel:
+    """Saves a perturbed tiny ``T5Gemma2ForConditionalGeneration`` and returns it.
+
+    ``overrides`` change fields of both text stacks, ``encoder`` / ``decoder`` of one.
+    Every parameter is perturbed, the ``eoi_embedding`` row included (transformers
+    initialises it to 0). ``post_norm_gain`` is added to the post-attention and
+    post-feedforward norm weights, as in `gemma3_text`, so that greedy output varies."""
+    torch.manual_seed(seed)
+    shared = {**TINY_T5GEMMA2_TEXT, **overrides}
+    config = transformers.T5Gemma2Config(
+        encoder=dict(
+            text_config={**shared, **TINY_T5GEMMA2_ENCODER, **(encoder or {})},
+            vision_config=TINY_T5GEMMA2_VISION,
+            mm_tokens_per_image=1,
+            boi_token_index=T5GEMMA2_EOI - 1,
+            eoi_token_index=T5GEMMA2_EOI,
+        ),
+        decoder={**shared, **TINY_T5GEMMA2_DECODER, **(decoder or {})},
+        image_token_index=T5GEMMA2_EOI + 1,
+    )
+    config._attn_implementation = "eager"
+    for sub in (config.encoder, config.encoder.text_config, config.encoder.vision_config):
+        sub._attn_implementation = "eager"
+    config.decoder._attn_implementation = "eager"
+    model = transformers.T5Gemma2ForConditionalGeneration(config).eval()
+    perturb_(model, seed, perturbation)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".post_" in name:
+                param.add_(post_norm_gain)
+    model.save_pretrained(directory)
+    return model
+
+
+def seq2seq_logits(
+    model: transformers.PreTrainedModel,
+    tokens: np.ndarray,
+    decoder_tokens: np.ndarray,
+    **kwargs,
+) -> np.ndarray:
+    """Decoder logits of an encoder-decoder reference model, float32 numpy."""
+    args = {k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()}
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(tokens, np.int64)),
+            decoder_input_ids=torch.as_tensor(np.asarray(decoder_tokens, np.int64)),
+            **args,
+        )
+    return out.logits.float().numpy()

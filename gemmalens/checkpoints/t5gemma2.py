@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.checkpoints.parameters import build_from_checkpoint
+from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.t5gemma2 import T5Gemma2Config
 
@@ -39,14 +39,7 @@ def hf_name(label: str) -> str:
 
 def encoder_prefix(ckpt: CheckpointDir) -> str:
     """The prefix under which this checkpoint stores the encoder's text stack."""
-    for prefix in ENCODER_PREFIXES:
-        if prefix + "embed_tokens.weight" in ckpt:
-            return prefix
-    raise CheckpointError(
-        f"Checkpoint {ckpt.path} has no T5Gemma 2 text embedding: looked for "
-        + ", ".join(repr(p + "embed_tokens.weight") for p in ENCODER_PREFIXES)
-        + "."
-    )
+    return find_prefix(ckpt, ENCODER_PREFIXES, "embed_tokens.weight", "T5Gemma 2")
 
 
 def key_mapper(encoder: str) -> Callable[[str], str]:

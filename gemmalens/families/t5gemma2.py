@@ -42,17 +42,16 @@ from gemmalens.layers import (
     HookPoint,
     ParamBuilder,
     RMSNorm,
-    ShapeOnly,
     TanhSoftCap,
     TiedUnembed,
 )
 from gemmalens.layers.merged_attention import merge_with_encoder
-from gemmalens.layers.params import ParamSource
+from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.transformer import RESID_AXES
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Gemma2Config:
+class T5Gemma2Config(CountsParameters):
     """Architecture of T5Gemma 2's text path: two Gemma 3 text configs and the special ids.
 
     ``encoder`` and ``decoder`` are `Gemma3Config`s (transformers' ``t5gemma2_text`` and
@@ -108,12 +107,6 @@ class T5Gemma2Config:
     def build(self, source: ParamSource) -> EncoderDecoder:
         """The Penzai model, every parameter taken from ``source``."""
         return build_t5gemma2(self, source)
-
-    def num_params(self) -> int:
-        """Parameter count of the text path (tied embedding counted once), no allocation."""
-        source = ShapeOnly()
-        self.build(source)
-        return sum(request.size for request in source.requests)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> T5Gemma2Config:
