@@ -92,7 +92,7 @@ def run_demo(out: pathlib.Path) -> None:
     print("config alone (cfg.num_params()); nothing is allocated or downloaded.")
     print()
     print(
-        f"  {'preset':<18}{'family':<9}{'parameters':>16}  {'layers':>6}  {'d_model':>7}  "
+        f"  {'preset':<20}{'family':<10}{'parameters':>16}  {'layers':>6}  {'d_model':>7}  "
         f"{'window':>6}"
     )
 
@@ -105,7 +105,7 @@ def run_demo(out: pathlib.Path) -> None:
     for name in sorted(configs, key=lambda n: (field(configs[n], "family"), counts[n])):
         cfg = configs[name]
         print(
-            f"  {name:<18}{field(cfg, 'family'):<9}{counts[name]:>16,}  "
+            f"  {name:<20}{field(cfg, 'family'):<10}{counts[name]:>16,}  "
             f"{field(cfg, 'num_hidden_layers'):>6}  {field(cfg, 'hidden_size'):>7}  "
             f"{field(cfg, 'sliding_window'):>6}"
         )
