@@ -14,9 +14,11 @@ import jax.numpy as jnp
 
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
+from gemmalens.encdec import EncoderDecoderModel
 from gemmalens.families.gemma3 import Gemma3Config
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
+from gemmalens.families.t5gemma2 import T5Gemma2Config
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
@@ -46,8 +48,10 @@ __all__ = [
     "CheckpointError",
     "Gemma3Config",
     "Gemma3nConfig",
+    "EncoderDecoderModel",
     "Gemma4Config",
     "Model",
+    "T5Gemma2Config",
     "Tokenizer",
     "build",
     "load",
