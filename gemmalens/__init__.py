@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from gemmalens import cache, interventions, patching
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -54,7 +55,10 @@ __all__ = [
     "T5Gemma2Config",
     "Tokenizer",
     "build",
+    "cache",
+    "interventions",
     "load",
+    "patching",
     "preset",
     "presets",
 ]

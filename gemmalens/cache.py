@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -56,6 +57,55 @@ _SHORT_NAMES = {
     "ln_final": "ln_final.hook_normalized",
     "ln_final_scale": "ln_final.hook_scale",
 }
+
+
+# Capturing attention patterns (or scores) that would take more bytes than this warns first.
+PATTERN_WARNING_BYTES = 2 * 2**30
+
+_SQUARE_HOOKS = (".hook_pattern", ".hook_attn_scores")
+
+
+class PatternMemoryWarning(UserWarning):
+    """Capturing attention patterns or scores of a long sequence needs a lot of memory."""
+
+
+def _bytes_text(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def pattern_memory(names: Sequence[str], batch: int, seq: int, heads: int, itemsize: int) -> int:
+    """Bytes that capturing the ``[batch, heads, seq, seq]`` values of the attention
+    pattern / score hooks among ``names`` takes (other hooks count 0)."""
+    count = sum(1 for name in names if name.endswith(_SQUARE_HOOKS))
+    return count * batch * heads * seq * seq * itemsize
+
+
+def warn_if_patterns_are_large(
+    model: Model, names: Sequence[str], batch: int, seq: int, stacklevel: int = 3
+) -> None:
+    """Warns (`PatternMemoryWarning`) when the pattern / score hooks among ``names`` need
+    more than ``PATTERN_WARNING_BYTES`` for ``batch`` sequences of ``seq`` tokens."""
+    squares = [name for name in names if name.endswith(_SQUARE_HOOKS)]
+    if not squares:
+        return
+    heads = model.config.num_attention_heads
+    floats = [leaf.dtype for leaf in model._leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    itemsize = max((jnp.dtype(d).itemsize for d in floats), default=4)
+    needed = pattern_memory(squares, batch, seq, heads, itemsize)
+    if needed <= PATTERN_WARNING_BYTES:
+        return
+    warnings.warn(
+        f"Capturing {len(squares)} attention pattern/score hook(s) for {batch} x {seq} tokens "
+        f"will need about {_bytes_text(needed)} ({needed} bytes = {len(squares)} hooks x "
+        f"{batch} batch x {heads} heads x {seq} x {seq} positions x {itemsize} bytes). Ask "
+        "for fewer layers (e.g. names='blocks.3.attn.hook_pattern'), a shorter sequence or a "
+        "smaller batch; gemmalens.cache.PATTERN_WARNING_BYTES sets this threshold.",
+        PatternMemoryWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def unknown_name_message(name: str, valid: list[str], where: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -24,7 +25,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import sampling
-from gemmalens.cache import ActivationCache
+from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
 from gemmalens.layers.hooks import HookFn, HookPoint, InterveneHook, hook_points
 from gemmalens.layers.hooks import capture as capture_hooks
 
@@ -46,14 +47,18 @@ def _side_inputs(attention_mask: jax.Array | None) -> dict[str, Any]:
     return {"attention_mask": pz.nx.wrap(attention_mask).tag("batch", "seq")}
 
 
-@jax.jit
-def _run(model, tokens, attention_mask):
+@functools.partial(jax.jit, static_argnums=0)
+def _run(treedef, leaves, tokens, attention_mask):
+    # The model comes as its leaves (flattened once per model): flattening a Penzai tree
+    # on every call costs about a millisecond, a tenth of a small model's forward pass.
+    model = jax.tree.unflatten(treedef, leaves)
     logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask))
     return logits.unwrap("batch", "seq", "vocab")
 
 
-@jax.jit
-def _run_stateful(model, state, tokens, attention_mask):
+@functools.partial(jax.jit, static_argnums=0)
+def _run_stateful(treedef, leaves, tokens, attention_mask):
+    model, state = jax.tree.unflatten(treedef, leaves)
     return model.stateless_call(
         state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask)
     )
@@ -89,7 +94,9 @@ class Model:
     def model(self, value: pz.nn.Layer) -> None:
         self._model = value
         self._frozen = pz.freeze_params(value)
+        self._leaves, self._treedef = jax.tree.flatten(self._frozen)
         self._capture_plans: dict[Any, tuple[pz.nn.Layer, list]] = {}
+        self._flat_plans: dict[int, tuple[pz.nn.Layer, Any, list]] = {}
         self._hook_names = [hp.name for hp in hook_points(value)]
 
     def __repr__(self) -> str:
@@ -185,7 +192,7 @@ class Model:
         Padded sequences give the same logits at their real tokens as when run alone.
         """
         tokens, mask = self._inputs(tokens, attention_mask)
-        return _run(self._frozen, tokens, mask)
+        return _run(self._treedef, self._leaves, tokens, mask)
 
     def run_with_cache(
         self, tokens: Any, names: NameSelector = None, attention_mask: Any = None
@@ -197,7 +204,9 @@ class Model:
         """
         tokens, mask = self._inputs(tokens, attention_mask)
         unbound, state = self._capture_plan(names)
-        logits, values = _run_stateful(unbound, state, tokens, mask)
+        captured = [v.label[len(_CACHE_LABEL) :] for v in state]
+        warn_if_patterns_are_large(self, captured, *tokens.shape)
+        logits, values = _run_stateful(*self._flat_plan(unbound, state), tokens, mask)
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
         return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
@@ -222,6 +231,17 @@ class Model:
         except TypeError:
             pass
         return plan
+
+    def _flat_plan(self, unbound: pz.nn.Layer, state: list) -> tuple[Any, list]:
+        """``(treedef, leaves)`` of a capture plan, kept while the plan is: flattening the
+        tree on every call would cost about a millisecond."""
+        cached = self._flat_plans.get(id(unbound))
+        if cached is None or cached[0] is not unbound:
+            leaves, treedef = jax.tree.flatten((unbound, state))
+            if len(self._flat_plans) >= 32:  # plans of unhashable selectors are not kept
+                self._flat_plans.clear()
+            cached = self._flat_plans[id(unbound)] = (unbound, treedef, leaves)
+        return cached[1], cached[2]
 
     def with_hooks(self, hooks: Mapping[str, HookFn]) -> pz.nn.Layer:
         """The Penzai model with ``hooks`` installed (keys are names or glob patterns)."""

@@ -5,30 +5,59 @@ put back the value that site had in the *clean* run; record ``metric(logits)``. 
 one (layer, position) of a residual-stream-shaped hook, or one (layer, head) of a per-head
 hook (``z``, ``q``, ``k``, ``v``, ``pattern``), patched at every position.
 
-`sweep` does every site in one ``jax.jit``-compiled program: the forward pass is
-``jax.vmap``-ed over the site index, and each hook blends clean and corrupted values with a
-one-hot mask computed from that (traced) index. `attribution_patching` replaces the sweep
-by its first-order estimate ``(clean - corrupted) . d metric / d value`` at the corrupted
-run, from one forward and one backward pass (``jax.grad``).
+`sweep` does every site in one ``jax.jit``-compiled program that shares what the patched
+runs have in common. A patch in block L leaves blocks 0..L-1 as in the corrupted run;
+attention being causal, a patch at position p leaves the positions before p as they were,
+and no value before the first position where the two prompts differ (`first_difference`)
+differs between the runs. So the runs of the sites patched in block L form one *group*:
+it starts at block L as copies of the corrupted run (with the clean and corrupted runs
+alongside), each run is patched at the site's hook with the clean run's value, and only
+the rows that can differ from the corrupted run are carried: run (L, p) from position p on.
+Per-token layers (norms, projections, MLPs) run on that flat list of rows; attention
+gathers each run's whole sequence (the rows it does not carry from the corrupted run),
+mixes, and scatters back. Logits are computed only at the positions the metric reads
+(`metric_positions` reads them off the metric; otherwise every position), and after the
+last attention layer only those rows go on. Every group has the same layout and each block
+runs over the groups begun so far in a loop, so each kind of block (local or global
+attention) is traced once and its kernels are compiled once: the first call costs about
+what compiling two forward passes costs. The compiled program depends on the prompt
+length, the site, the metric and the first position where the prompts differ.
+
+Models with blocks this program does not know (AltUp streams, shared KV caches, ...), and
+chunked sweeps, use the general form: the whole forward ``jax.vmap``-ed over the site
+index, each hook blending clean and corrupted values with a one-hot mask computed from it.
+`attribution_patching` replaces the sweep by its first-order estimate
+``(clean - corrupted) . d metric / d value`` at the corrupted run, from one forward and
+one backward pass (``jax.grad``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 
+from gemmalens.layers.attention import Attention, DotProductAttention
+from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
 from gemmalens.layers.hooks import HookPoint, InterveneHook
+from gemmalens.layers.mlp import GatedMLP
+from gemmalens.layers.norms import RMSNorm
+from gemmalens.layers.rope import ApplyRoPE
+from gemmalens.layers.transformer import DecoderLM, positions_from_mask
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
 
 Metric = Callable[[jax.Array], jax.Array]
+# "auto" (read off the metric), "all", or the positions the metric reads: an int, a slice
+# or a list of ints.
+LogitPositions = Union[str, int, slice, Sequence[int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +99,458 @@ def site_names(m: Model, site: str) -> tuple[str, ...]:
     return names
 
 
+# --------------------------------------------------------------- which logits a metric reads
+
+
+def metric_positions(
+    metric: Metric, shape: tuple[int, ...], dtype: Any = jnp.float32
+) -> tuple[int, int] | None:
+    """The positions (axis 1) of ``[batch, seq, vocab]`` logits that ``metric`` can read,
+    as a half-open range ``(start, stop)``, or None when that cannot be shown.
+
+    Read off the metric's jaxpr: when every use of the logits is a static slice (what
+    ``logits[:, -1, token]`` or ``logits[:, -3:]`` trace to), the metric's value cannot
+    depend on any other position. Anything else (a gather with an index array, a nested
+    ``jit``, the whole array passed on) gives None, and a sweep then computes every position.
+    """
+    try:
+        jaxpr = jax.make_jaxpr(metric)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
+    except Exception:  # noqa: BLE001 - a metric that cannot be traced on its own: read all
+        return None
+    if len(jaxpr.invars) != 1:
+        return None
+    (logits,) = jaxpr.invars
+    if any(v is logits for v in jaxpr.outvars):
+        return None
+    start, stop = shape[1], 0
+    for eqn in jaxpr.eqns:
+        if not any(v is logits for v in eqn.invars):
+            continue
+        if eqn.primitive.name != "slice":
+            return None
+        start = min(start, int(eqn.params["start_indices"][1]))
+        stop = max(stop, int(eqn.params["limit_indices"][1]))
+    if stop <= start:  # the metric never reads the logits: one position is as good as any
+        return shape[1] - 1, shape[1]
+    return start, stop
+
+
+@functools.lru_cache(maxsize=64)
+def _metric_positions_cached(metric: Metric, shape: tuple[int, ...], dtype: str):
+    return metric_positions(metric, shape, jnp.dtype(dtype))
+
+
+def _normalise_positions(positions: LogitPositions, seq: int) -> str | tuple[int, int]:
+    """``"auto"``, ``"all"`` or a declared ``(start, stop)`` covering the positions given."""
+    if positions is None or (isinstance(positions, str) and positions == "all"):
+        return "all"
+    if isinstance(positions, str):
+        if positions != "auto":
+            raise ValueError(
+                f"logit_positions={positions!r}: use 'auto', 'all', an int, a slice or a "
+                "list of positions."
+            )
+        return "auto"
+    every = range(seq)
+    try:
+        if isinstance(positions, slice):
+            chosen = list(every[positions])
+        elif isinstance(positions, (int, np.integer)):
+            chosen = [every[int(positions)]]
+        else:
+            chosen = [every[int(p)] for p in positions]
+    except IndexError:
+        raise ValueError(
+            f"logit_positions={positions!r} is outside the {seq} positions of the prompt."
+        ) from None
+    if not chosen:
+        raise ValueError(f"logit_positions={positions!r} selects no position.")
+    return min(chosen), max(chosen) + 1
+
+
+# --------------------------------------------------------------- the shared-runs sweep
+
+# Layers that act on each token alone (so they run unchanged on a flat list of rows), and
+# the containers the sweep walks into. Anything else sends a model to the general form.
+_PER_TOKEN = (RMSNorm, pz.nn.Linear, ApplyRoPE, EmbedTokens, TiedUnembed, TanhSoftCap)
+_CONTAINERS = (pz.nn.Sequential, pz.nn.NamedGroup)
+
+
+def _walkable(layer: Any) -> bool:
+    if type(layer) is HookPoint or isinstance(layer, _PER_TOKEN):
+        return True
+    if isinstance(layer, GatedMLP):
+        return layer.gate_sparsity is None
+    if isinstance(layer, _CONTAINERS):
+        return all(_walkable(sub) for sub in layer.sublayers)
+    if isinstance(layer, pz.nn.Residual):
+        return _walkable(layer.delta)
+    if type(layer) is Attention:
+        return (
+            type(layer.mixer) is DotProductAttention
+            and type(layer.hook_z) is HookPoint
+            and all(_walkable(part) for part in (layer.query, layer.key, layer.value))
+            and isinstance(layer.output, pz.nn.Linear)
+        )
+    return False
+
+
+def shares_runs(model: Any) -> bool:
+    """Whether `sweep` can run ``model`` with shared runs: a `DecoderLM` whose blocks are
+    made of layers it knows (norms, projections, gated MLPs, attention, hook points), each
+    with one attention layer, and whose hook points are all bare (no hooks installed)."""
+    if not isinstance(model, DecoderLM) or not isinstance(model.blocks, _CONTAINERS):
+        return False
+    hooks = pz.select(model).at_instances_of(HookPoint).get_sequence()
+    if any(type(hp) is not HookPoint for hp in hooks):
+        return False
+    for i, block in enumerate(model.blocks.sublayers):
+        if not (isinstance(block, pz.nn.NamedGroup) and block.name == f"blocks.{i}"):
+            return False
+        if len(pz.select(block).at_instances_of(Attention).get_sequence()) != 1:
+            return False
+        names = [hp.name for hp in pz.select(block).at_instances_of(HookPoint).get_sequence()]
+        if not all(name.startswith(f"blocks.{i}.") for name in names):
+            return False
+    parts = (model.embed, model.blocks, model.final_norm, model.unembed)
+    return all(_walkable(part) for part in parts)
+
+
+def first_difference(clean, corrupted, clean_mask=None, corrupted_mask=None) -> int:
+    """The first position where the two prompts differ (in a token or in padding) in any
+    batch row; the length when they are the same. In a causal model every value before it
+    is the same in both runs, so no patch there changes anything."""
+    differs = np.asarray(clean) != np.asarray(corrupted)
+    if clean_mask is not None or corrupted_mask is not None:
+        ones = np.ones(differs.shape, np.int32)
+        a = ones if clean_mask is None else np.asarray(clean_mask)
+        b = ones if corrupted_mask is None else np.asarray(corrupted_mask)
+        differs |= a != b
+    columns = np.nonzero(differs.any(axis=0))[0]
+    return int(columns[0]) if len(columns) else differs.shape[1]
+
+
+class _Rows:
+    """Which (run, position) each row of a flat activation holds, in (run, position) order.
+
+    Run 0 is the clean prompt, run 1 the corrupted one, runs 2.. the patched runs."""
+
+    def __init__(self, run: np.ndarray, pos: np.ndarray, seq: int, num_runs: int):
+        self.run, self.pos = run.astype(np.int32), pos.astype(np.int32)
+        self.num_runs = num_runs
+        self.table = np.full((self.num_runs, seq), -1, np.int32)
+        self.table[self.run, self.pos] = np.arange(len(run), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.run)
+
+    def select(self, keep: np.ndarray) -> _Rows:
+        return _Rows(self.run[keep], self.pos[keep], self.table.shape[1], self.num_runs)
+
+    def index_or_corrupted(self, runs: np.ndarray, start: int = 0, stop: int | None = None):
+        """``[runs, stop - start]`` row indices; a run's missing rows read the corrupted run's
+        (they hold the same values: a patch never reaches earlier positions)."""
+        index = self.table[runs, start:stop]
+        fallback = np.broadcast_to(self.table[1, start:stop], index.shape)
+        index = np.where(index < 0, fallback, index)
+        assert (index >= 0).all(), "a row the corrupted run must hold is missing"
+        return index
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static layout of a shared-runs sweep; it keys the compiled programs.
+
+    Every start layer gets a *group* of runs with this one layout: the clean run from
+    ``first_diff`` on, the whole corrupted run, and one run per live unit (a position at or
+    after ``first_diff``, or a head) from its first position that can differ on."""
+
+    site: str
+    layers: int
+    units: int
+    seq: int
+    first_diff: int
+    causal: bool
+    read: tuple[int, int] | None
+    arange: bool
+
+    @property
+    def spec(self) -> Site:
+        return SITES[self.site]
+
+    @property
+    def hook(self) -> str:
+        """The site's hook name inside a block (``hook_resid_pre``, ``attn.hook_z``)."""
+        return self.spec.hook.split(".", 2)[2]
+
+    @functools.cached_property
+    def live_units(self) -> np.ndarray:
+        if self.spec.unit == "pos" and self.causal:
+            return np.arange(self.first_diff, self.units)
+        return np.arange(self.units)
+
+    @functools.cached_property
+    def unit_run(self) -> np.ndarray:
+        """The run of each unit; 1 (the corrupted run) where a patch changes nothing."""
+        runs = np.ones(self.units, np.int64)
+        runs[self.live_units] = 2 + np.arange(len(self.live_units))
+        return runs
+
+    @functools.cached_property
+    def run_unit(self) -> np.ndarray:
+        return np.concatenate([[-1, -1], self.live_units])
+
+    @functools.cached_property
+    def rows(self) -> _Rows:
+        if self.spec.unit == "pos" and self.causal:
+            first = self.live_units
+        else:
+            first = np.full(len(self.live_units), self.first_diff)
+        starts = np.concatenate([[self.first_diff, 0], first])
+        run = np.concatenate([np.full(self.seq - s, u) for u, s in enumerate(starts)])
+        pos = np.concatenate([np.arange(s, self.seq) for s in starts])
+        return _Rows(run, pos, self.seq, len(starts))
+
+    @functools.cached_property
+    def pruned_rows(self) -> _Rows:
+        """The rows kept after the last attention layer: the positions the metric reads."""
+        start, stop = self.read
+        return self.rows.select((self.rows.pos >= start) & (self.rows.pos < stop))
+
+    @functools.cached_property
+    def start_index(self) -> np.ndarray:
+        """For a new group: which row of a running group each row copies (the clean and
+        corrupted rows as they are; a patched run starts as the corrupted run)."""
+        rows = self.rows
+        return rows.table[np.minimum(rows.run, 1), rows.pos]
+
+
+def _take_rows(x: pz.nx.NamedArray, index: np.ndarray) -> pz.nx.NamedArray:
+    return pz.nx.nmap(lambda a: a[index])(x.untag("seq")).tag("seq")
+
+
+def _canonical(block: pz.nn.NamedGroup, index: int) -> pz.nn.NamedGroup:
+    """``block`` with names that do not mention its index, so that blocks of one kind have
+    one tree structure and one traced program."""
+    prefix = f"blocks.{index}."
+    block = (
+        pz.select(block)
+        .at_instances_of(HookPoint)
+        .apply(lambda hp: dataclasses.replace(hp, name=hp.name.removeprefix(prefix)))
+    )
+    block = (
+        pz.select(block)
+        .at_instances_of(pz.ParameterValue)
+        .apply(lambda p: pz.ParameterValue(value=p.value, label="block"))
+    )
+    return dataclasses.replace(block, name="block")
+
+
+def _patched(value: jax.Array, lead: int, dst: np.ndarray, src: np.ndarray, patch) -> jax.Array:
+    """``value`` whose entries ``dst`` of its first ``lead`` axes (flattened; axis 1 alone
+    when ``lead`` is 1) take the entries ``src`` where ``patch`` is true. A gather, not a
+    scatter: every block of every group then runs the same compiled kernel."""
+    if lead == 1:  # along axis 1 (rows of a [batch, rows, ...] value)
+        count = value.shape[1]
+    else:
+        count = int(np.prod(value.shape[:lead]))
+    index = np.arange(count)
+    index[dst] = src
+    index = jnp.where(patch, index, np.arange(count))
+    if lead == 1:
+        return value[:, index]
+    flat = value.reshape(count, *value.shape[lead:])
+    return flat[index].reshape(value.shape)
+
+
+class _Walker:
+    """Runs layers on a group's flat rows (see the module docstring); inside a trace."""
+
+    def __init__(self, plan: _Plan, positions: jax.Array, patch: jax.Array | None, prune: bool):
+        self.plan, self.positions, self.patch, self.prune = plan, positions, patch, prune
+        self._side: dict[int, dict[str, Any]] = {}
+
+    def flat_side(self, rows: _Rows) -> dict[str, Any]:
+        if id(rows) not in self._side:
+            which = np.minimum(rows.run, 1)
+            positions = self.positions[which, :, rows.pos]  # [rows, batch]
+            self._side[id(rows)] = {"token_positions": pz.nx.wrap(positions.T).tag("batch", "seq")}
+        return self._side[id(rows)]
+
+    def dense_side(self, runs: int) -> dict[str, Any]:
+        which = np.minimum(np.arange(runs), 1)
+        positions = self.positions[which].reshape(-1, self.plan.seq)
+        side = {"token_positions": pz.nx.wrap(positions).tag("batch", "seq")}
+        if self.plan.arange:
+            side["positions_are_arange"] = True
+        return side
+
+    # ------------------------------------------------------------------ patches
+
+    def _patches(self, name: str) -> bool:
+        return self.patch is not None and name == self.plan.hook
+
+    def patch_flat(self, hp: HookPoint, x: pz.nx.NamedArray, rows: _Rows) -> pz.nx.NamedArray:
+        if not self._patches(hp.name):
+            return x
+        plan, value = self.plan, hp.to_user(x)
+        runs = np.arange(2, rows.num_runs)
+        if plan.spec.unit == "pos":  # one row per run: its own position
+            dst = rows.table[runs, plan.run_unit[runs]]
+            keep = dst >= 0  # a row dropped after the last attention is never read
+            src = rows.table[0, plan.run_unit[runs][keep]]
+            value = _patched(value, 1, dst[keep], src, self.patch)
+        else:  # one unit (a head) of every row of the run: entries (row, unit)
+            axis, units = plan.spec.unit_axis, value.shape[plan.spec.unit_axis]
+            dst = np.nonzero(rows.run >= 2)[0]
+            src, unit = rows.table[0, rows.pos[dst]], plan.run_unit[rows.run[dst]]
+            moved = jnp.moveaxis(jnp.moveaxis(value, axis, 0), 2, 0)  # [rows, unit, batch, ...]
+            moved = _patched(moved, 2, dst * units + unit, src * units + unit, self.patch)
+            value = jnp.moveaxis(jnp.moveaxis(moved, 0, 2), 0, axis)
+        return pz.nx.wrap(value).tag(*hp.axes)
+
+    def patch_dense(self, name: str, value: jax.Array, runs: int) -> jax.Array:
+        """A patch on a ``[run * batch, ...]`` value (attention internals): entries
+        (run, unit) take the clean run's."""
+        if not self._patches(name):
+            return value
+        axis = self.plan.spec.unit_axis + 1
+        moved = jnp.moveaxis(value.reshape(runs, -1, *value.shape[1:]), axis, 1)
+        units, patched = moved.shape[1], np.arange(2, runs)
+        unit = self.plan.run_unit[patched]
+        moved = _patched(moved, 2, patched * units + unit, unit, self.patch)
+        return jnp.moveaxis(moved, 1, axis).reshape(value.shape)
+
+    # ------------------------------------------------------------------ the walk
+
+    def walk(self, layer: Any, x: pz.nx.NamedArray, rows: _Rows):
+        if isinstance(layer, HookPoint):
+            return self.patch_flat(layer, x, rows), rows
+        if isinstance(layer, _CONTAINERS):
+            for sub in layer.sublayers:
+                x, rows = self.walk(sub, x, rows)
+            return x, rows
+        if isinstance(layer, pz.nn.Residual):
+            delta, out_rows = self.walk(layer.delta, x, rows)
+            if out_rows is not rows:
+                x = _take_rows(x, rows.table[out_rows.run, out_rows.pos])
+            return delta + x, out_rows
+        if isinstance(layer, Attention):
+            return self.attention(layer, x, rows)
+        return layer(x, **self.flat_side(rows)), rows
+
+    def attention(self, layer: Attention, x: pz.nx.NamedArray, rows: _Rows):
+        q, _ = self.walk(layer.query, x, rows)
+        k, _ = self.walk(layer.key, x, rows)
+        v, _ = self.walk(layer.value, x, rows)
+        runs = rows.num_runs
+        index = rows.index_or_corrupted(np.arange(runs))  # [runs, seq]
+
+        def dense(a):
+            d = pz.nx.nmap(lambda r: r[index])(a.untag("seq")).tag("run", "seq")
+            rest = [n for n in d.named_shape if n not in ("run", "batch")]
+            array = d.unwrap("run", "batch", *rest)
+            return pz.nx.wrap(array.reshape(-1, *array.shape[2:])).tag("batch", *rest)
+
+        mixer = layer.mixer
+        for field in ("hook_attn_scores", "hook_pattern"):
+            hp = getattr(mixer, field)
+            if self._patches(hp.name):
+                fn = functools.partial(self._dense_hook, runs=runs)
+                hooked = InterveneHook(name=hp.name, axes=hp.axes, fn=fn)
+                mixer = dataclasses.replace(mixer, **{field: hooked})
+        z = mixer((dense(q), dense(k), dense(v)), **self.dense_side(runs))
+        hook_z = layer.hook_z
+        z = pz.nx.wrap(self.patch_dense(hook_z.name, hook_z.to_user(z), runs)).tag(*hook_z.axes)
+
+        # Nothing mixes positions after the last attention: keep the rows the metric reads.
+        out_rows = self.plan.pruned_rows if self.prune else rows
+        rest = [n for n in z.named_shape if n not in ("batch", "seq")]
+        array = z.unwrap("batch", "seq", *rest)
+        array = array.reshape(runs, -1, *array.shape[1:])[out_rows.run, :, out_rows.pos]
+        z_rows = pz.nx.wrap(array).tag("seq", "batch", *rest)
+        return layer.output(z_rows, **self.flat_side(out_rows)), out_rows
+
+    def _dense_hook(self, value: jax.Array, name: str, runs: int) -> jax.Array:
+        return self.patch_dense(name, value, runs)
+
+
+_RESID = ("batch", "seq", "embedding")
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "prune"))
+def _shared_block(block, x, positions, patch, *, plan, prune):
+    """One block on one group's rows ``[batch, rows, d_model]``, patching the site's hook
+    where ``patch`` is true. Traced once per kind of block (all groups share one layout)."""
+    x = pz.nx.wrap(x).tag(*_RESID)
+    return _Walker(plan, positions, patch, prune).walk(block, x, plan.rows)[0].unwrap(*_RESID)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "metric"))
+def _shared_scores(final_norm, unembed, x, positions, *, plan, metric):
+    """The metric of every unit of one group: ``[units, ...]``."""
+    rows = plan.rows if plan.read is None else plan.pruned_rows
+    keep = np.nonzero(rows.run >= 1)[0]  # the clean run has done its part
+    x, rows = _take_rows(pz.nx.wrap(x).tag(*_RESID), keep), rows.select(keep)
+    walker = _Walker(plan, positions, None, False)
+    x, rows = walker.walk(final_norm, x, rows)
+    logits, rows = walker.walk(unembed, x, rows)
+    start, stop = plan.read if plan.read is not None else (0, plan.seq)
+    index = rows.index_or_corrupted(plan.unit_run, start, stop)  # [units, stop - start]
+    read = jnp.moveaxis(logits.unwrap("batch", "seq", "vocab")[:, index], 1, 0)
+    pieces = [read]  # [units, batch, stop - start, vocab]
+    if start > 0 or stop < plan.seq:  # positions the metric does not read
+        shape = (*read.shape[:2], plan.seq, read.shape[3])
+        pieces = [
+            jnp.full((*shape[:2], start, shape[3]), jnp.nan, read.dtype),
+            read,
+            jnp.full((*shape[:2], plan.seq - stop, shape[3]), jnp.nan, read.dtype),
+        ]
+    full = jnp.concatenate(pieces, axis=2) if len(pieces) > 1 else read
+    return jax.vmap(lambda one: jnp.asarray(metric(one)))(full)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "metric"))
+def _sweep_shared(model, clean, corrupted, clean_mask, corrupted_mask, *, plan, metric):
+    batch, seq = clean.shape
+
+    def positions(mask):
+        if mask is None:
+            return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        return positions_from_mask(pz.nx.wrap(mask).tag("batch", "seq")).unwrap("batch", "seq")
+
+    positions = jnp.stack([positions(clean_mask), positions(corrupted_mask)])
+    rows = plan.rows
+    tokens = jnp.stack([clean, corrupted])[np.minimum(rows.run, 1), :, rows.pos].T
+    walker = _Walker(plan, positions, None, False)
+    first, _ = walker.walk(model.embed, pz.nx.wrap(tokens).tag("batch", "seq"), rows)
+    first = first.unwrap(*_RESID)
+
+    # groups[L]: the runs patched in block L, with the clean and corrupted runs. Each block
+    # runs over the groups begun so far in a loop: it is compiled once, not once per group.
+    groups = first[None]
+    for j, block in enumerate(model.blocks.sublayers):
+        if j:
+            groups = jnp.concatenate([groups, groups[0][:, plan.start_index][None]])
+        block = _canonical(block, j)
+        prune = plan.read is not None and j == plan.layers - 1
+
+        def step(args, block=block, prune=prune):
+            x, patch = args
+            return _shared_block(block, x, positions, patch, plan=plan, prune=prune)
+
+        groups = jax.lax.map(step, (groups, jnp.arange(j + 1) == j))
+    return jax.lax.map(
+        lambda x: _shared_scores(
+            model.final_norm, model.unembed, x, positions, plan=plan, metric=metric
+        ),
+        groups,
+    )
+
+
+# --------------------------------------------------------------- the general form
+
+
 def _with_hook_fns(model: Any, fns: dict[str, Callable]) -> Any:
     # Called inside a traced function, so the fns may close over tracers: the rewritten
     # tree never crosses a jit boundary, so its static fields are never hashed.
@@ -97,7 +578,9 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("names", "unit_axis", "metric", "chunk_size"))
-def _sweep(model, clean_values, tokens, attention_mask, *, names, unit_axis, metric, chunk_size):
+def _sweep_vmapped(
+    model, clean_values, tokens, attention_mask, *, names, unit_axis, metric, chunk_size
+):
     layers, units = len(names), clean_values[0].shape[unit_axis]
 
     def patched_metric(site: jax.Array) -> jax.Array:
@@ -136,6 +619,68 @@ def _prepare(m: Model, clean_tokens, corrupted_tokens, attention_mask, corrupted
     return clean, clean_mask, corrupted, corrupted_mask_
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModelFacts:
+    shares_runs: bool
+    causal: bool
+    dtype: str  # of the weights, so of the logits
+
+
+_FACTS: dict[int, tuple[Any, _ModelFacts]] = {}
+
+
+def _model_facts(model: Any) -> _ModelFacts:
+    """What the sweep needs to know of a model, kept per model object: walking the tree
+    takes tens of milliseconds, a fair part of a sweep on a small model."""
+    cached = _FACTS.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    mixers = pz.select(model).at_instances_of(DotProductAttention).get_sequence()
+    tables = pz.select(model).at_instances_of(EmbedTokens).get_sequence()
+    facts = _ModelFacts(
+        shares_runs=shares_runs(model),
+        causal=all(mixer.mask.causal for mixer in mixers),
+        dtype=tables[0].table.value.dtype.name if tables else "float32",
+    )
+    if len(_FACTS) >= 16:
+        _FACTS.clear()
+    _FACTS[id(model)] = (model, facts)
+    return facts
+
+
+def _shared_plan(m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions):
+    batch, seq = clean.shape
+    spec = SITES[site]
+    causal = _model_facts(m._frozen).causal
+    if causal:  # never past the last position: a plan needs one row per run
+        first_diff = min(first_difference(clean, corrupted, clean_mask, corrupted_mask), seq - 1)
+    else:
+        first_diff = 0
+    if positions == "auto":
+        shape, dtype = (batch, seq, m.config.vocab_size), _model_facts(m._frozen).dtype
+        try:
+            read = _metric_positions_cached(metric, shape, dtype)
+        except TypeError:  # an unhashable metric
+            read = metric_positions(metric, shape, jnp.dtype(dtype))
+    else:
+        read = None if positions == "all" else positions
+    units = {
+        "pos": seq,
+        "head": m.config.num_attention_heads,
+        "kv_head": m.config.num_key_value_heads,
+    }[spec.unit]
+    return _Plan(
+        site=site,
+        layers=m.config.num_hidden_layers,
+        units=units,
+        seq=seq,
+        first_diff=first_diff,
+        causal=causal,
+        read=read,
+        arange=clean_mask is None and corrupted_mask is None,
+    )
+
+
 def sweep(
     m: Model,
     clean_tokens: Any,
@@ -145,8 +690,9 @@ def sweep(
     attention_mask: Any = None,
     corrupted_attention_mask: Any = None,
     chunk_size: int | None = None,
+    logit_positions: LogitPositions = "auto",
 ) -> jax.Array:
-    """Activation patching at every site of one kind, in one compiled vectorised program.
+    """Activation patching at every site of one kind, in one compiled program.
 
     Args:
       m: the model.
@@ -159,8 +705,16 @@ def sweep(
         ``k`` or ``v`` (``[layer, kv_head]``). A head site patches all positions.
       attention_mask: for padded batches (defaults to ``tokens != pad``); the corrupted
         run uses ``corrupted_attention_mask`` when given.
-      chunk_size: patch this many sites at a time (bounds memory on big models); None
-        patches all sites in one batch.
+      chunk_size: patch this many sites at a time, each chunk a ``vmap`` of whole forward
+        passes (bounds memory on big models, at the price of the sharing described in
+        the module docstring); None runs every site in one shared program.
+      logit_positions: which positions of the logits the metric reads, so that only those
+        are computed. ``"auto"`` (default) reads it off the metric (`metric_positions`)
+        and computes every position when it cannot be shown; ``"all"`` always computes
+        every position; an int, a slice or a list of positions declares them (the
+        others are NaN in the logits the metric gets). With a large vocabulary, a metric
+        that reads every position holds ``[sites of a layer, batch, seq, vocab]`` logits
+        at once: index the positions statically (``logits[:, -1]``) or declare them.
 
     Returns:
       ``[layer, unit]`` metric values: entry ``[l, u]`` is the metric of the corrupted run
@@ -172,9 +726,23 @@ def sweep(
     clean, clean_mask, corrupted, corrupted_mask = _prepare(
         m, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask
     )
+    positions = _normalise_positions(logit_positions, clean.shape[1])
+    if chunk_size is None and _model_facts(m._frozen).shares_runs:
+        plan = _shared_plan(
+            m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions
+        )
+        return _sweep_shared(
+            m._frozen,
+            clean,
+            corrupted,
+            clean_mask,
+            corrupted_mask,
+            plan=plan,
+            metric=metric,
+        )
     _, clean_cache = m.run_with_cache(clean, names=list(names), attention_mask=clean_mask)
     clean_values = [clean_cache[n] for n in names]
-    return _sweep(
+    return _sweep_vmapped(
         m._frozen,
         clean_values,
         corrupted,

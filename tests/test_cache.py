@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,22 @@ def test_logit_lens(reference):
     np.testing.assert_allclose(lens.target_logprobs[-1], expected, atol=1e-4)
     cached = cache.logit_lens(norm="cached")
     np.testing.assert_allclose(cached.logits[-1], logits, atol=1e-4)
+
+
+def test_capturing_long_attention_patterns_warns_with_the_memory_needed(reference, monkeypatch):
+    _, model, _, _ = reference
+    batch, seq = TOKENS.shape
+    heads = model.config.num_attention_heads
+    one_layer = batch * heads * seq * seq * 4  # float32
+    monkeypatch.setattr(gl.cache, "PATTERN_WARNING_BYTES", 3 * one_layer)
+    with pytest.warns(gl.cache.PatternMemoryWarning, match=f"{LAYERS * one_layer} bytes"):
+        model.run_with_cache(TOKENS, names="blocks.*.attn.hook_pattern")
+    both = ["blocks.[0-3].attn.hook_pattern", "blocks.[0-3].attn.hook_attn_scores"]
+    with pytest.warns(gl.cache.PatternMemoryWarning, match=f"{8 * one_layer} bytes"):
+        model.run_with_cache(TOKENS, names=both)  # scores count as much as patterns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # under the threshold, or no pattern: no warning
+        model.run_with_cache(
+            TOKENS, names=["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"]
+        )
+        model.run_with_cache(TOKENS, names="blocks.*.hook_resid_post")

@@ -44,13 +44,19 @@ def setup(tmp_path_factory):
     return model, clean, corrupted, metric
 
 
-def _loop_sweep(model, clean, corrupted, metric, site):
+def _loop_sweep(model, clean, corrupted, metric, site, mask=None):
     """The reference: a Python loop over sites, one forward pass each (compiled once,
     with the site as an argument), patching through the public ``with_hooks``."""
     spec = patching.SITES[site]
-    names = [spec.hook.format(i) for i in range(LAYERS)]
-    _, cache = model.run_with_cache(clean, names=names)
+    layers = model.config.num_hidden_layers
+    names = [spec.hook.format(i) for i in range(layers)]
+    _, cache = model.run_with_cache(clean, names=names, attention_mask=mask)
     axis = spec.unit_axis
+    side = (
+        {}
+        if mask is None
+        else {"attention_mask": pz.nx.wrap(jnp.asarray(mask)).tag("batch", "seq")}
+    )
 
     @jax.jit
     def patched(layer, unit):
@@ -63,11 +69,11 @@ def _loop_sweep(model, clean, corrupted, metric, site):
             return fn
 
         hooked = pz.freeze_params(model.with_hooks({n: make(i, n) for i, n in enumerate(names)}))
-        logits = hooked(pz.nx.wrap(jnp.asarray(corrupted)).tag("batch", "seq"))
+        logits = hooked(pz.nx.wrap(jnp.asarray(corrupted)).tag("batch", "seq"), **side)
         return metric(logits.unwrap("batch", "seq", "vocab"))
 
     units = cache[names[0]].shape[axis]
-    return np.array([[patched(i, u) for u in range(units)] for i in range(LAYERS)])
+    return np.array([[patched(i, u) for u in range(units)] for i in range(layers)])
 
 
 def test_patching_clean_into_clean_changes_nothing(setup):
@@ -97,13 +103,102 @@ def test_patching_every_position_of_layer0_reproduces_the_other_run(setup):
     np.testing.assert_allclose(patched, model(corrupted), atol=1e-5)
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "z", "pattern"])
+@pytest.mark.parametrize("site", sorted(patching.SITES))
 def test_vectorised_sweep_equals_a_loop(setup, site):
     model, clean, corrupted, metric = setup
+    assert patching.shares_runs(model._frozen)  # the shared-runs program, not the fallback
     scores = patching.sweep(model, clean, corrupted, metric, site=site)
     expected = _loop_sweep(model, clean, corrupted, metric, site)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert np.ptp(expected) > 0.01  # the sites do differ
+
+
+def _mean_logprob(logits):  # reads every position
+    return jnp.mean(jax.nn.log_softmax(logits, axis=-1)[..., 7])
+
+
+def _gathered(logits):  # an index array: which positions it reads is not shown statically
+    return jnp.sum(logits[jnp.arange(2), jnp.array([1, 3]), 5])
+
+
+@pytest.mark.parametrize("metric", [_mean_logprob, _gathered], ids=["all", "gather"])
+def test_sweep_with_metrics_that_read_other_positions(setup, metric):
+    model, clean, corrupted, _ = setup
+    assert patching.metric_positions(metric, (2, SEQ, 256)) is None
+    scores = patching.sweep(model, clean, corrupted, metric, site="resid_pre")
+    expected = _loop_sweep(model, clean, corrupted, metric, "resid_pre")
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+def test_metric_positions():
+    shape = (2, SEQ, 256)
+    assert patching.metric_positions(lambda x: x[:, -1, 3].mean(), shape) == (SEQ - 1, SEQ)
+    assert patching.metric_positions(lambda x: x[0, 1, 3] - x[1, -2, 4], shape) == (1, SEQ - 1)
+    assert patching.metric_positions(lambda x: x[:, 2:].sum(), shape) == (2, SEQ)
+    assert patching.metric_positions(lambda x: jnp.float32(1.0), shape) == (SEQ - 1, SEQ)
+    assert patching.metric_positions(lambda x: x.sum(), shape) is None
+    assert patching.metric_positions(jax.jit(lambda x: x[:, -1].sum()), shape) is None
+
+
+def test_declared_logit_positions(setup):
+    model, clean, corrupted, metric = setup
+    auto = patching.sweep(model, clean, corrupted, metric)
+    every = patching.sweep(model, clean, corrupted, metric, logit_positions="all")
+    declared = patching.sweep(model, clean, corrupted, metric, logit_positions=[-1])
+    np.testing.assert_allclose(every, auto, atol=1e-5)
+    np.testing.assert_allclose(declared, auto, atol=1e-6)
+    # Reading a position that was not declared gives NaN rather than a wrong number.
+    wrong = patching.sweep(model, clean, corrupted, metric, logit_positions=slice(0, 2))
+    assert np.isnan(np.asarray(wrong)).all()
+    with pytest.raises(ValueError, match="outside"):
+        patching.sweep(model, clean, corrupted, metric, logit_positions=SEQ)
+
+
+def test_sweep_with_padding_and_prompts_that_differ_at_the_start(setup):
+    model, clean, corrupted, metric = setup
+    corrupted = corrupted.copy()
+    corrupted[1, 0] = (corrupted[1, 0] + 7) % 250 + 3  # the prompts now differ from position 0
+    mask = np.ones_like(clean)
+    mask[0, -1] = 0  # row 0 is right-padded by one token
+    assert patching.first_difference(clean, corrupted, mask, mask) == 0
+
+    def last_real(logits):  # the metric reads the last real token of each row
+        return logits[0, -2, 5] - logits[1, -1, 9]
+
+    for site in ("resid_pre", "k"):
+        scores = patching.sweep(model, clean, corrupted, last_real, site=site, attention_mask=mask)
+        expected = _loop_sweep(model, clean, corrupted, last_real, site, mask=mask)
+        np.testing.assert_allclose(scores, expected, atol=1e-5, err_msg=site)
+
+
+def test_bidirectional_model_patches_every_position(tmp_path):
+    ref.gemma3_text(
+        tmp_path,
+        num_hidden_layers=LAYERS,
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=True,
+    )
+    model = gl.load(tmp_path)
+    clean = np.random.RandomState(1).randint(3, 256, (1, SEQ))
+    corrupted = clean.copy()
+    corrupted[0, CHANGED] = 5
+
+    def metric(logits):
+        return logits[0, 0, 3] - logits[0, 0, 4]  # position 0 sees later ones here
+
+    scores = patching.sweep(model, clean, corrupted, metric)
+    expected = _loop_sweep(model, clean, corrupted, metric, "resid_pre")
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.ptp(expected[:, CHANGED:]) > 0.01
+
+
+def test_sweep_of_a_hooked_model_uses_the_general_form(setup):
+    model, clean, corrupted, metric = setup
+    with model.hooks({"blocks.1.hook_mlp_out": lambda v, _: v * 0.5}):
+        assert not patching.shares_runs(model._frozen)
+        scores = patching.sweep(model, clean, corrupted, metric)
+        expected = _loop_sweep(model, clean, corrupted, metric, "resid_pre")
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
 def test_chunked_sweep_equals_full_sweep(setup):
