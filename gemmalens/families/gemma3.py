@@ -11,6 +11,7 @@ from typing import Any
 
 from penzai import pz
 
+from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
     Attention,
     AttentionMask,
@@ -98,17 +99,7 @@ class Gemma3Config(CountsParameters):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3Config:
         """Reads a transformers ``gemma3_text`` config dict (new or legacy key spellings)."""
-        unsupported = {
-            "attention_bias": hf.get("attention_bias", False),
-            "hidden_activation": hf.get("hidden_activation", "gelu_pytorch_tanh")
-            not in ("gelu_pytorch_tanh", None),
-        }
-        for key, bad in unsupported.items():
-            if bad:
-                raise ValueError(
-                    f"This Gemma 3 config sets {key}={hf.get(key)!r}, which no released Gemma 3 "
-                    "uses and gemmalens does not implement."
-                )
+        reject_unimplemented(hf, "Gemma 3")
         num_layers = hf["num_hidden_layers"]
         layer_types = hf.get("layer_types")
         if layer_types is None:

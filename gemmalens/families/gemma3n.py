@@ -60,6 +60,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.families.gemma3 import FULL, SLIDING, RopeConfig, _rope_from_hf
+from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
     Attention,
     AttentionMask,
@@ -203,18 +204,7 @@ class Gemma3nConfig(CountsParameters):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3nConfig:
         """Reads a transformers ``gemma3n_text`` config dict (defaults as in transformers)."""
-        for key, allowed in (("attention_bias", (False, None)),):
-            if hf.get(key) not in allowed:
-                raise ValueError(
-                    f"This Gemma 3n config sets {key}={hf.get(key)!r}, which no released Gemma "
-                    "3n uses and gemmalens does not implement."
-                )
-        activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
-        if activation not in ("gelu_pytorch_tanh", None):
-            raise ValueError(
-                f"This Gemma 3n config uses hidden_activation={activation!r}; gemmalens "
-                "implements 'gelu_pytorch_tanh' (GELU, tanh approximation) only."
-            )
+        reject_unimplemented(hf, "Gemma 3n")
         layers = hf.get("num_hidden_layers", 35)
         sparsity = hf.get("activation_sparsity_pattern")
         rope = _rope_from_hf(hf)

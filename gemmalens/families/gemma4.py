@@ -49,6 +49,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.families.gemma3 import FULL, SLIDING
+from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
     Attention,
     AttentionMask,
@@ -218,17 +219,7 @@ class Gemma4Config(CountsParameters):
         ``num_global_key_value_heads`` and the ``per_layer_config`` that transformers 5.23
         writes (``{"5": {"head_dim": 512, "num_key_value_heads": 2}}``).
         """
-        if hf.get("attention_bias"):
-            raise ValueError(
-                "This Gemma 4 config sets attention_bias=True, which no released Gemma 4 uses "
-                "and gemmalens does not implement."
-            )
-        activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
-        if activation not in ("gelu_pytorch_tanh", None):
-            raise ValueError(
-                f"This Gemma 4 config uses hidden_activation={activation!r}; gemmalens "
-                "implements 'gelu_pytorch_tanh' (GELU, tanh approximation) only."
-            )
+        reject_unimplemented(hf, "Gemma 4")
         layers = hf.get("num_hidden_layers", 30)
         layer_types = list(hf.get("layer_types") or cls.default_layer_types(layers))
         layer_types[-1] = FULL  # as transformers' __post_init__
