@@ -3,6 +3,7 @@
 import gemmalens as gl
 m = gl.load("path/to/gemma-3-1b")            # a local Hugging Face checkpoint directory
 m = gl.build(gl.preset("gemma3_1b"), seed=0) # or a random model of a preset architecture
+m = gl.teaching_model("gemma3")              # or a small trained model that ships inside
 logits, cache = m.run_with_cache(tokens)
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens import cache, interventions, patching
+from gemmalens import cache, circuits, interventions, patching, widgets
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -23,6 +24,7 @@ from gemmalens.families.t5gemma2 import T5Gemma2Config
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
+from gemmalens.teaching import teaching_model, teaching_model_path, teaching_models
 from gemmalens.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -56,8 +58,13 @@ __all__ = [
     "Tokenizer",
     "build",
     "cache",
+    "circuits",
+    "widgets",
     "interventions",
     "load",
+    "teaching_model",
+    "teaching_model_path",
+    "teaching_models",
     "patching",
     "preset",
     "presets",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
+
+from gemmalens.tokenizer import train_gemma_tokenizer
 
 # A few paragraphs of plain English (plus digits and punctuation) are enough for a
 # few hundred BPE merges; anything outside this text still encodes via byte fallback.
@@ -36,24 +37,13 @@ Can you explain why the sky is blue? Sunlight is scattered by the air, and blue 
 scattered more than red light, so the sky looks blue from the ground.
 """
 
-# Gemma 3 layout of the first ids: pad/eos/bos/unk, then user-defined symbols, so that
-# <start_of_turn> and <end_of_turn> land on 105 and 106 as in the real tokenizer.
-_GEMMA_USER_DEFINED = (
-    ["<mask>", "[multimodal]"]
-    + [f"<unused{i}>" for i in range(99)]
-    + ["<start_of_turn>", "<end_of_turn>"]
-)
-
 
 def make_tiny_sentencepiece(directory: str | os.PathLike) -> pathlib.Path:
     """Trains a tiny Gemma-style SentencePiece BPE model and writes it to disk.
 
-    The special pieces sit at the same ids as in Gemma 3's tokenizer (`<pad>`=0,
-    `<eos>`=1, `<bos>`=2, `<unk>`=3, `<mask>`=4, `[multimodal]`=5, `<unused0>`..`<unused98>`
-    =6..104, `<start_of_turn>`=105, `<end_of_turn>`=106); ordinary pieces follow. The
-    normalisation settings mirror Gemma's (no dummy prefix, whitespace kept verbatim,
-    digits split, byte fallback) so that any text round-trips. Training takes well under
-    a second and is deterministic: the same bytes are written on every call.
+    The special pieces sit at Gemma's ids (see `gemmalens.tokenizer.train_gemma_tokenizer`).
+    Training takes well under a second and is deterministic: the same bytes are written on
+    every call.
 
     Args:
       directory: Folder to write into; created if missing.
@@ -61,41 +51,7 @@ def make_tiny_sentencepiece(directory: str | os.PathLike) -> pathlib.Path:
     Returns:
       Path of the written `directory/tokenizer.model`.
     """
-    import sentencepiece as spm
-
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     lines = [line for line in _TINY_CORPUS.splitlines() if line.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=640,
-        # The corpus may not support exactly `vocab_size` merges; a smaller vocab is fine.
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=_GEMMA_USER_DEFINED,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True,
-        # One thread and no sampling keep the output byte-identical across runs.
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    path = directory / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    path = pathlib.Path(directory) / "tokenizer.model"
+    # The corpus may not support exactly 640 merges; a smaller vocab is fine here.
+    return train_gemma_tokenizer(lines, path, vocab_size=640, exact_vocab_size=False)

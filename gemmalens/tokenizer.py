@@ -6,9 +6,10 @@ never fetches one from the network.
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -358,3 +359,71 @@ def _text_parts(message: Mapping[str, Any]) -> list[str]:
     raise ValueError(
         f"Message content must be a string or a list of text parts, got {type(content).__name__}."
     )
+
+
+# Gemma 3 layout of the first ids: pad/eos/bos/unk, then user-defined symbols, so that
+# <start_of_turn> and <end_of_turn> land on 105 and 106 as in the real tokenizer.
+GEMMA_USER_DEFINED_PIECES = (
+    ["<mask>", "[multimodal]"]
+    + [f"<unused{i}>" for i in range(99)]
+    + [START_OF_TURN_PIECE, END_OF_TURN_PIECE]
+)
+
+
+def train_gemma_tokenizer(
+    lines: Iterable[str],
+    path: str | os.PathLike,
+    vocab_size: int,
+    exact_vocab_size: bool = True,
+) -> pathlib.Path:
+    """Trains a SentencePiece BPE model laid out like Gemma's and writes it to ``path``.
+
+    The special pieces sit at Gemma 3's ids (`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3,
+    `<mask>`=4, `[multimodal]`=5, `<unused0>`..`<unused98>`=6..104, `<start_of_turn>`=105,
+    `<end_of_turn>`=106); ordinary pieces follow. The normalisation mirrors Gemma's (no
+    dummy prefix, whitespace kept verbatim, digits split, byte fallback), so any text
+    round-trips. Deterministic: the same lines give the same bytes.
+
+    Args:
+      lines: training text, one sentence or paragraph per item.
+      path: the ``tokenizer.model`` file to write (its folder is created).
+      vocab_size: pieces in the model, special pieces and the 256 byte pieces included.
+      exact_vocab_size: if False, a corpus too small for ``vocab_size`` pieces gives fewer.
+
+    Returns:
+      ``path``.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=exact_vocab_size,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=GEMMA_USER_DEFINED_PIECES,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 16,
+        # One thread and no sampling keep the output byte-identical across runs.
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 
 from gemmalens.checkpoints import gemma3
@@ -84,3 +85,17 @@ def load_checkpoint(
         show_progress=show_progress,
     )
     return model, config
+
+
+def to_file_layout(tensors: dict[str, np.ndarray], config: Gemma3nConfig) -> dict[str, np.ndarray]:
+    """Adds the key/value projections that KV-sharing layers carry in transformers' files
+    (it builds them for every layer) but never use: zeros shaped like their producer's."""
+    out = dict(tensors)
+    for consumer, producer in enumerate(config.kv_sources):
+        if producer is None:
+            continue
+        for name in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            source = f"model.layers.{producer}.self_attn.{name}"
+            if source in tensors:
+                out[f"model.layers.{consumer}.self_attn.{name}"] = np.zeros_like(tensors[source])
+    return out

@@ -111,3 +111,16 @@ def load_checkpoint(
         show_progress=show_progress,
     )
     return model, config
+
+
+def to_file_layout(tensors: dict[str, np.ndarray], config: Gemma4Config) -> dict[str, np.ndarray]:
+    """The inverse of `ExpertsAsMatrices`: expert matrices ``[E * out, in]`` back to the
+    files' ``[E, out, in]``."""
+    return {
+        key: (
+            value.reshape(config.num_experts, -1, value.shape[-1])
+            if _EXPERT_TENSOR.search(key)
+            else value
+        )
+        for key, value in tensors.items()
+    }

@@ -1,0 +1,91 @@
+"""Writing a gemmalens model as a Hugging Face checkpoint directory.
+
+The inverse of `gemmalens.load` for the decoder-only families: the same label -> tensor
+name maps, the same ``[out, in]`` layouts, so that both gemmalens and transformers read
+the result. This is how the teaching models that ship with gemmalens are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from penzai import pz
+from safetensors.numpy import save_file
+
+from gemmalens.checkpoints import gemma3, gemma3n, gemma4
+from gemmalens.layers.params import ShapeOnly
+
+# config.json model_type -> (label -> tensor name, file-layout fix-ups).
+_WRITERS: dict[str, tuple[Callable[[str], str], Callable[[dict, Any], dict]]] = {
+    "gemma3_text": (gemma3.hf_name, lambda tensors, config: tensors),
+    "gemma3n_text": (gemma3n.hf_name, gemma3n.to_file_layout),
+    "gemma4_text": (gemma4.hf_name, gemma4.to_file_layout),
+}
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict[str, np.ndarray]:
+    """Every parameter of ``model`` under its transformers name, as float32 arrays."""
+    if model_type not in _WRITERS:
+        raise ValueError(
+            f"gemmalens writes {sorted(_WRITERS)} checkpoints, not {model_type!r}: use a "
+            "text-only model_type (e.g. 'gemma3_text')."
+        )
+    hf_name, to_file_layout = _WRITERS[model_type]
+    shapes = ShapeOnly()
+    config.build(shapes)
+    _, params = pz.unbind_params(model)
+    values = {p.label: p.value for p in params}
+    missing = [r.label for r in shapes.requests if r.label not in values]
+    if missing:
+        raise ValueError(
+            f"The model lacks {len(missing)} parameters its config asks for (first: "
+            f"{missing[:3]}); was it built from a different config?"
+        )
+    tensors = {}
+    for request in shapes.requests:
+        array = values[request.label].unwrap(*request.axes).astype(jnp.float32)
+        tensors["model." + hf_name(request.label)] = np.asarray(array).reshape(request.linear_shape)
+    return to_file_layout(tensors, config)
+
+
+def save_checkpoint(
+    model: Any,
+    directory: str | os.PathLike,
+    hf_config: dict[str, Any],
+    dtype: str = "bfloat16",
+    tokenizer: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """Writes ``config.json``, ``model.safetensors`` (and ``tokenizer.model``) to ``directory``.
+
+    Args:
+      model: a `gemmalens.Model` of a decoder-only family (Gemma 3, 3n, 4).
+      directory: created if missing; existing files of the same names are replaced.
+      hf_config: the transformers config dict written as ``config.json`` (its
+        ``model_type`` picks the tensor names); ``model.config`` must be what it describes.
+      dtype: ``"bfloat16"`` (as Gemma checkpoints ship) or ``"float32"``.
+      tokenizer: a ``tokenizer.model`` file to copy beside the weights.
+
+    Returns:
+      The directory.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_tensors(model.model, model.config, hf_config.get("model_type"))
+    tensors = {k: np.ascontiguousarray(v.astype(_DTYPES[dtype])) for k, v in tensors.items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = {**hf_config, "torch_dtype": dtype}
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, directory / "tokenizer.model")
+    return directory

@@ -1,0 +1,52 @@
+"""The small trained models that ship with gemmalens, and how they were made.
+
+    import gemmalens as gl
+    m = gl.teaching_model("gemma3")        # or "gemma3n", "gemma4_moe"
+    m("The capital of France is")
+
+Each is a Hugging Face checkpoint folder inside the package (``config.json``,
+``model.safetensors``, ``tokenizer.model``), so `gemmalens.load` and transformers read it
+like any real Gemma checkpoint. ``corpus``, ``configs``, ``train`` and ``evidence`` hold
+the training text, the architectures, the training script and the measurements.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "teaching"
+DESCRIPTIONS = {
+    "gemma3": "Gemma 3 style: 6 layers (local and global), 4 heads, d_model 256",
+    "gemma3n": "Gemma 3n style: AltUp (4 streams), LAuReL, per-layer embeddings, "
+    "activation sparsity, KV sharing; 6 layers, d_model 256",
+    "gemma4_moe": "Gemma 4 mixture of experts: 8 experts (top 2) beside a dense MLP; "
+    "4 layers, d_model 256",
+}
+
+
+def teaching_models() -> list[str]:
+    """Names of the teaching models shipped in this installation."""
+    return [name for name in DESCRIPTIONS if (ASSETS / name / "config.json").is_file()]
+
+
+def teaching_model_path(name: str = "gemma3") -> pathlib.Path:
+    """The checkpoint folder of teaching model ``name`` (for `gemmalens.load` or
+    transformers' ``from_pretrained``)."""
+    if name not in DESCRIPTIONS:
+        raise KeyError(f"No teaching model named {name!r}; gemmalens ships {sorted(DESCRIPTIONS)}.")
+    path = ASSETS / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The teaching model {name!r} is missing from {path}. It ships inside the "
+            "package; reinstall gemmalens (`pip install -e .` from a clone), or rebuild it "
+            "with `python -m gemmalens.teaching.train --models " + name + "`."
+        )
+    return path
+
+
+def teaching_model(name: str = "gemma3", dtype: Any = "float32") -> Any:
+    """Loads teaching model ``name`` (``"gemma3"``, ``"gemma3n"``, ``"gemma4_moe"``)."""
+    from gemmalens.checkpoints.load import load
+
+    return load(teaching_model_path(name), dtype=dtype)

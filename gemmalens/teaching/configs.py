@@ -1,0 +1,150 @@
+"""The teaching models' architectures, as the ``config.json`` dicts they ship with.
+
+Each is a real configuration of its family, shrunk: the features that make the family
+what it is stay switched on (local and global layers; AltUp, LAuReL, per-layer embeddings,
+activation sparsity and KV sharing; experts beside the dense MLP), the widths are small
+enough that three models fit in about 30 MB of bfloat16.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+VOCAB_SIZE = 4096
+# Long enough for a repeated span of 48 tokens three times over, short enough to train fast.
+SEQ_LEN = 256
+
+_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+GEMMA3 = dict(
+    architectures=["Gemma3ForCausalLM"],
+    model_type="gemma3_text",
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    # Two global layers among local ones (the real models have one in six).
+    layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    query_pre_attn_scalar=64,
+    sliding_window=32,
+    max_position_embeddings=1024,
+    rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+    },
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+    use_bidirectional_attention=False,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+    **_SPECIAL_IDS,
+)
+
+GEMMA3N = dict(
+    architectures=["Gemma3nForCausalLM"],
+    model_type="gemma3n_text",
+    vocab_size=VOCAB_SIZE,
+    vocab_size_per_layer_input=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=384,
+    num_hidden_layers=6,
+    layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
+    # Layers 4 and 5 reuse the keys and values of the last local and global layers (3, 2).
+    num_kv_shared_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    sliding_window=32,
+    max_position_embeddings=1024,
+    hidden_size_per_layer_input=16,
+    laurel_rank=16,
+    altup_num_inputs=4,
+    altup_active_idx=0,
+    altup_coef_clip=120.0,
+    altup_correct_scale=True,
+    activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
+    rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+    },
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+    **_SPECIAL_IDS,
+)
+
+GEMMA4_MOE = dict(
+    architectures=["Gemma4ForCausalLM"],
+    model_type="gemma4_text",
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    layer_types=[SLIDING, FULL, SLIDING, FULL],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    hidden_size_per_layer_input=0,
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=96,
+    sliding_window=32,
+    max_position_embeddings=1024,
+    rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1_000_000.0,
+        },
+    },
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+    **_SPECIAL_IDS,
+)
+
+TEACHING_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3": GEMMA3,
+    "gemma3n": GEMMA3N,
+    "gemma4_moe": GEMMA4_MOE,
+}
+
+
+def hf_config(name: str, tiny: bool = False) -> dict[str, Any]:
+    """A copy of the ``config.json`` dict of teaching model ``name``.
+
+    ``tiny=True`` shrinks every width (not the features) so that a few training steps run
+    in seconds on a CPU: the setting the test suite trains.
+    """
+    if name not in TEACHING_CONFIGS:
+        raise KeyError(f"No teaching model {name!r}; choose one of {sorted(TEACHING_CONFIGS)}.")
+    config = copy.deepcopy(TEACHING_CONFIGS[name])
+    if tiny:
+        config.update(hidden_size=32, head_dim=8, num_attention_heads=2, sliding_window=8)
+        if "query_pre_attn_scalar" in config:
+            config["query_pre_attn_scalar"] = 8
+        if "global_head_dim" in config:
+            config["global_head_dim"] = 16
+        if name == "gemma3n":
+            config.update(intermediate_size=48, hidden_size_per_layer_input=4, laurel_rank=4)
+        elif name == "gemma4_moe":
+            config.update(intermediate_size=32, moe_intermediate_size=16)
+        else:
+            config.update(intermediate_size=64)
+    return config

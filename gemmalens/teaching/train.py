@@ -1,0 +1,428 @@
+"""Trains the teaching models that ship with gemmalens.
+
+The models are the gemmalens Penzai models themselves: their parameters are unbound,
+differentiated with JAX and updated with optax, and the trained tree is written as a
+Hugging Face checkpoint that `gemmalens.load` and transformers both read.
+
+    python -m gemmalens.teaching.train                    # all three models, full setting
+    python -m gemmalens.teaching.train --tiny --steps 30  # seconds on a CPU
+
+Outputs: ``--out`` (default ``gemmalens/assets/teaching``) gets one checkpoint folder per
+model plus ``NOTICE``; ``--report`` (default ``docs/teaching``) gets the loss curves, the
+evidence figures and ``report.json`` with every measured number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from penzai import pz
+from tqdm.auto import tqdm
+
+import gemmalens as gl
+from gemmalens.checkpoints.save import save_checkpoint
+from gemmalens.layers.hooks import capture, hook_points
+from gemmalens.teaching import configs, corpus
+from gemmalens.tokenizer import Tokenizer, train_gemma_tokenizer
+
+FAMILY_CONFIGS = {
+    "gemma3_text": gl.Gemma3Config,
+    "gemma3n_text": gl.Gemma3nConfig,
+    "gemma4_text": gl.Gemma4Config,
+}
+# Share of training rows drawn from each source.
+DEFAULT_MIXTURE = {
+    "docs": 0.55,
+    "induction": 0.15,
+    "ioi": 0.1,
+    "facts": 0.1,
+    "additions": 0.05,
+    "chat": 0.05,
+}
+_ROUTER_HOOKS = "blocks.*.moe.hook_router_logits"
+_CAPTURE_LABEL = "train/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One training run's knobs. The defaults are what the shipped models were trained with."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    seq_len: int = configs.SEQ_LEN
+    learning_rate: float = 2e-3
+    warmup_steps: int = 150
+    weight_decay: float = 0.01
+    # Switch-Transformer load balancing, so that every expert gets work.
+    load_balance_weight: float = 0.01
+    seed: int = 0
+    tiny: bool = False
+    mixture: tuple[tuple[str, float], ...] = tuple(DEFAULT_MIXTURE.items())
+    # Characters of documentation prose (None: all of it).
+    docs_chars: int | None = None
+    vocab_size: int = configs.VOCAB_SIZE
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _encode_stream(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """The texts as one stream of ids, each text opened by ``<bos>`` and closed by ``<eos>``."""
+    pieces = []
+    for ids in tokenizer.encode(list(texts), add_bos=True, add_eos=True):
+        pieces.append(np.asarray(ids, np.int32))
+    return np.concatenate(pieces)
+
+
+class TrainingData:
+    """Rows of ``seq_len`` token ids drawn from the sources in ``settings.mixture``.
+
+    Text sources are encoded once into long streams; a row is ``<bos>`` followed by a
+    window of a stream at a random offset. Induction rows are ``<bos>`` and a random span
+    of ordinary tokens repeated to the end of the row.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, docs: Sequence[str], settings: Settings):
+        rng = np.random.default_rng(settings.seed)
+        self.settings = settings
+        self.bos = tokenizer.bos_id
+        # Ordinary pieces follow the special pieces (0..106) and the 256 byte pieces.
+        self.first_ordinary_id = 107 + 256
+        self.vocab_size = tokenizer.vocab_size
+        sentences = 400 if settings.tiny else 20_000
+        self.streams = {"docs": _encode_stream(tokenizer, docs)}
+        for kind in corpus.SYNTHETIC_TEXT:
+            paragraphs = [corpus.synthetic_paragraph(kind, rng) for _ in range(sentences // 8)]
+            self.streams[kind] = _encode_stream(tokenizer, paragraphs)
+        self.kinds = [kind for kind, _ in settings.mixture]
+        weights = np.array([weight for _, weight in settings.mixture], np.float64)
+        self.weights = weights / weights.sum()
+        for kind in self.kinds:
+            if kind != "induction" and len(self.streams[kind]) <= settings.seq_len:
+                raise ValueError(f"The {kind!r} stream is shorter than one row; add more text.")
+
+    def batch(self, rng: np.random.Generator) -> np.ndarray:
+        """``[batch_size, seq_len]`` int32 token ids."""
+        s = self.settings
+        rows = np.empty((s.batch_size, s.seq_len), np.int32)
+        for row, kind in zip(rows, rng.choice(self.kinds, size=s.batch_size, p=self.weights)):
+            row[0] = self.bos
+            if kind == "induction":
+                row[1:] = corpus.repeated_random_tokens(
+                    rng, s.seq_len - 1, self.first_ordinary_id, self.vocab_size
+                )
+            else:
+                stream = self.streams[kind]
+                start = rng.integers(0, len(stream) - s.seq_len)
+                row[1:] = stream[start : start + s.seq_len - 1]
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            kind: {"tokens": int(len(stream)), "share_of_rows": float(w)}
+            for (kind, stream), w in (
+                ((k, self.streams.get(k, np.zeros(0))), w) for k, w in zip(self.kinds, self.weights)
+            )
+        }
+
+
+def build_tokenizer(docs: Sequence[str], path: pathlib.Path, settings: Settings) -> Tokenizer:
+    """Trains the shared tokenizer on the documentation and samples of every synthetic kind."""
+    rng = np.random.default_rng(settings.seed + 1)
+    lines = list(docs)
+    samples = 100 if settings.tiny else 2000
+    for kind in corpus.SYNTHETIC_TEXT:
+        lines += [corpus.synthetic_paragraph(kind, rng, sentences=4) for _ in range(samples)]
+    train_gemma_tokenizer(lines, path, settings.vocab_size, exact_vocab_size=not settings.tiny)
+    return Tokenizer.from_file(path)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def _next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)
+    return -picked.mean()
+
+
+def _load_balance_loss(router_logits: list[jax.Array], top_k: int) -> jax.Array:
+    """Switch Transformer's ``E * sum_e f_e P_e``: 1 when routing is uniform, larger when
+    a few experts take most tokens (f_e: share of top-k picks, P_e: mean router weight)."""
+    losses = []
+    for logits in router_logits:
+        experts = logits.shape[-1]
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, experts)
+        chosen = jax.lax.top_k(probs, top_k)[1]
+        share = jax.nn.one_hot(chosen, experts).sum(axis=1).mean(axis=0) / top_k
+        losses.append(experts * jnp.sum(jax.lax.stop_gradient(share) * probs.mean(axis=0)))
+    return jnp.mean(jnp.stack(losses))
+
+
+class Trainer:
+    """Holds the unbound model, its parameters and the optimiser state of one run."""
+
+    def __init__(self, hf_config: dict[str, Any], settings: Settings):
+        self.hf_config = hf_config
+        self.settings = settings
+        self.config = FAMILY_CONFIGS[hf_config["model_type"]].from_hf(hf_config)
+        model = self.config.build(gl.RandomInit(seed=settings.seed))
+        unbound, params = pz.unbind_params(model, freeze=True)
+        self.top_k = hf_config.get("top_k_experts") or 0
+        names = {hp.name for hp in hook_points(model)}
+        router_names = {n for n in names if n.endswith("moe.hook_router_logits")}
+        self._plain = unbound
+        capturing = capture(unbound, router_names, _CAPTURE_LABEL)
+        self.unbound, state = pz.unbind_state_vars(capturing, freeze=True)
+        self.state = state
+        self.params = params
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, settings.learning_rate, settings.warmup_steps, settings.steps, 0.05
+        )
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(schedule, b2=0.98, weight_decay=settings.weight_decay),
+        )
+        self.opt_state = self.optimizer.init(self.params)
+        self._step = jax.jit(self._update, donate_argnums=(0, 1))
+
+    def _losses(self, params, tokens):
+        model = pz.bind_variables(self.unbound, params)
+        logits, values = model.stateless_call(self.state, pz.nx.wrap(tokens).tag("batch", "seq"))
+        loss = _next_token_loss(logits.unwrap("batch", "seq", "vocab"), tokens)
+        # Captured values are plain [batch, seq, expert] arrays.
+        router = [v.value for v in values if v.label.startswith(_CAPTURE_LABEL)]
+        balance = _load_balance_loss(router, self.top_k) if router else jnp.zeros(())
+        return loss + self.settings.load_balance_weight * balance, (loss, balance)
+
+    def _update(self, params, opt_state, tokens):
+        grads, (loss, balance) = jax.grad(self._losses, has_aux=True)(params, tokens)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, balance
+
+    def step(self, tokens: np.ndarray) -> tuple[float, float]:
+        self.params, self.opt_state, loss, balance = self._step(
+            self.params, self.opt_state, jnp.asarray(tokens)
+        )
+        return loss, balance
+
+    def model(self, tokenizer: Tokenizer | None = None) -> gl.Model:
+        """The trained model as a `gemmalens.Model` (parameters bound, hooks restored)."""
+        model = pz.bind_variables(self._plain, self.params, unfreeze_as_copy=True)
+        return gl.Model(model, self.config, tokenizer)
+
+
+def train(
+    hf_config: dict[str, Any],
+    data: TrainingData,
+    settings: Settings,
+    name: str = "",
+    progress: bool = True,
+) -> tuple[Trainer, dict[str, Any]]:
+    """Trains one model; returns the trainer and its loss history."""
+    trainer = Trainer(hf_config, settings)
+    rng = np.random.default_rng(settings.seed + 2)
+    losses, balances = [], []
+    start = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=f"training {name}", disable=not progress)
+    for step in bar:
+        loss, balance = trainer.step(data.batch(rng))
+        losses.append(loss)
+        balances.append(balance)
+        if step % 50 == 0 or step == settings.steps - 1:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    losses = [float(x) for x in jax.device_get(losses)]
+    seconds = time.perf_counter() - start
+    history = {
+        "loss": losses,
+        "load_balance": [float(x) for x in jax.device_get(balances)],
+        "seconds": seconds,
+        "device": str(jax.devices()[0].device_kind),
+    }
+    return trainer, history
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+NOTICE = """\
+The teaching models in this folder were trained by gemmalens (Apache-2.0) on text that
+includes docstrings from the Python standard library and from NumPy, and on synthetic
+text and token sequences generated by gemmalens/teaching/corpus.py.
+
+Python: Copyright (c) 2001 Python Software Foundation; All Rights Reserved. Used under
+the PSF License Agreement for Python, which permits derivative works.
+
+NumPy: Copyright (c) 2005, NumPy Developers. All rights reserved. Used under the BSD
+3-Clause licence, which permits redistribution in binary form with this notice.
+"""
+
+
+def run(
+    names: Sequence[str],
+    out: pathlib.Path,
+    report_dir: pathlib.Path,
+    settings: Settings,
+    evidence: Callable[..., dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Builds the corpus and tokenizer, trains ``names``, writes checkpoints and report."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    docs = corpus.documentation(
+        max_chars=settings.docs_chars or (20_000 if settings.tiny else None)
+    )
+    tokenizer_path = build_tokenizer(docs, out / "tokenizer.model", settings).path
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    data = TrainingData(tokenizer, docs, settings)
+    report: dict[str, Any] = {
+        "settings": {**dataclasses.asdict(settings), "mixture": dict(settings.mixture)},
+        "corpus": {
+            "documentation_characters": sum(map(len, docs)),
+            "documentation_texts": len(docs),
+            "documentation_sources": {
+                "python": platform.python_version(),
+                "numpy": np.__version__,
+            },
+            "streams": data.describe(),
+        },
+        "tokenizer": {"vocab_size": tokenizer.vocab_size, "sha256": _sha256(tokenizer_path)},
+        "jax": jax.__version__,
+        "models": {},
+    }
+    for name in names:
+        hf = configs.hf_config(name, tiny=settings.tiny)
+        trainer, history = train(hf, data, settings, name, progress)
+        model = trainer.model(tokenizer)
+        directory = save_checkpoint(model, out / name, hf, tokenizer=tokenizer_path)
+        entry = {
+            "parameters": int(trainer.config.num_params()),
+            "checkpoint_bytes": (directory / "model.safetensors").stat().st_size,
+            "train_seconds": history["seconds"],
+            "device": history["device"],
+            "first_loss": history["loss"][0],
+            "final_loss": float(np.mean(history["loss"][-50:])),
+        }
+        _plot_loss(history, name, report_dir / f"loss_{name}.png")
+        if evidence is not None:
+            shipped = gl.load(directory)
+            entry["evidence"] = evidence(name, shipped, data, report_dir)
+        report["models"][name] = entry
+        (report_dir / f"loss_{name}.json").write_text(json.dumps(history["loss"]))
+        # Written after every model, so that a run cut short keeps what it finished.
+        report["total_seconds"] = time.perf_counter() - started
+        (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "NOTICE").write_text(NOTICE)
+    return report
+
+
+def remeasure(
+    names: Sequence[str], out: pathlib.Path, report_dir: pathlib.Path, settings: Settings
+) -> dict[str, Any]:
+    """Re-runs the evidence on the checkpoints in ``out`` (no training) and updates the
+    ``evidence`` entries of ``report_dir/report.json``; runs on a CPU in a minute."""
+    from gemmalens.teaching.evidence import measure
+
+    report_path = report_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
+    tokenizer = Tokenizer.from_file(out / names[0] / "tokenizer.model")
+    docs = corpus.documentation(max_chars=settings.docs_chars)
+    data = TrainingData(tokenizer, docs, settings)
+    for name in names:
+        found = measure(name, gl.load(out / name), data, report_dir)
+        report["models"].setdefault(name, {})["evidence"] = found
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _plot_loss(history: dict[str, Any], name: str, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = np.asarray(history["loss"])
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.plot(loss, color="#9ecae1", lw=0.6, label="per step")
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    ax.plot(np.arange(window - 1, len(loss)), smooth, color="#08519c", lw=1.6, label="mean")
+    ax.set(
+        title=f"{name}: training loss ({len(loss)} steps, {history['seconds']:.0f} s "
+        f"on {history['device']})",
+        xlabel="step",
+        ylabel="next-token cross-entropy (nats)",
+    )
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gemmalens.teaching.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--models", nargs="+", default=list(configs.TEACHING_CONFIGS))
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("gemmalens/assets/teaching")
+    )
+    parser.add_argument("--report", type=pathlib.Path, default=pathlib.Path("docs/teaching"))
+    parser.add_argument("--steps", type=int, default=Settings.steps)
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
+    parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and corpus (CPU, tests)")
+    parser.add_argument("--no-evidence", action="store_true", help="skip the evidence figures")
+    parser.add_argument(
+        "--evidence-only",
+        action="store_true",
+        help="no training: measure the checkpoints already in --out and update --report",
+    )
+    args = parser.parse_args(argv)
+    settings = Settings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        tiny=args.tiny,
+        seq_len=64 if args.tiny else Settings.seq_len,
+        warmup_steps=min(Settings.warmup_steps, max(1, args.steps // 10)),
+    )
+    if args.evidence_only:
+        remeasure(args.models, args.out, args.report, settings)
+        return 0
+    evidence = None
+    if not args.no_evidence:
+        from gemmalens.teaching.evidence import measure
+
+        evidence = measure
+    report = run(args.models, args.out, args.report, settings, evidence)
+    for name, entry in report["models"].items():
+        print(
+            f"{name}: loss {entry['first_loss']:.2f} -> {entry['final_loss']:.2f} in "
+            f"{entry['train_seconds']:.0f} s on {entry['device']}; {args.out / name}"
+        )
+    print(f"report: {args.report / 'report.json'} ({report['total_seconds']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The teaching models that ship with gemmalens: they load in gemmalens and transformers
+with the same logits, their tokenizer is laid out like Gemma's, and the training script
+that made them runs and learns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import gemmalens as gl
+from gemmalens.teaching import configs, corpus, train
+
+SHIPPED = ["gemma3", "gemma3n", "gemma4_moe"]
+TOLERANCE = 1e-4
+
+
+def test_all_three_models_ship_within_the_size_budget():
+    assert gl.teaching_models() == SHIPPED
+    total = sum(
+        f.stat().st_size for name in SHIPPED for f in gl.teaching_model_path(name).iterdir()
+    )
+    assert total < 31 * 2**20, f"{total / 2**20:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def prompt_tokens():
+    m = gl.teaching_model("gemma3")
+    texts = [
+        "The capital of France is Paris, and the capital of Japan is",
+        "When Mary and John went to the store, John gave a drink to",
+    ]
+    tokens, mask = m.to_tokens(texts)
+    return np.asarray(tokens), np.asarray(mask)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_gemmalens_and_transformers_give_the_same_logits(name, prompt_tokens):
+    tokens, mask = prompt_tokens
+    ours = np.asarray(gl.teaching_model(name)(tokens, attention_mask=mask))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        gl.teaching_model_path(name), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        theirs = reference(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+        ).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - theirs[real]).max() < TOLERANCE
+    # Trained, not random: logits spread over tens of units, unlike a fresh init.
+    assert ours[real].std() > 1.0
+
+
+def test_config_json_is_the_documented_architecture():
+    for name in SHIPPED:
+        shipped = json.loads((gl.teaching_model_path(name) / "config.json").read_text())
+        expected = configs.hf_config(name)
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "layer_types", "vocab_size"):
+            assert shipped[key] == expected[key], (name, key)
+
+
+def test_tokenizer_has_gemma_special_ids_and_round_trips():
+    tok = gl.teaching_model("gemma3").tokenizer
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
+    assert tok.piece_to_id("<mask>") == 4
+    assert tok.start_of_turn_id == 105 and tok.end_of_turn_id == 106
+    assert tok.vocab_size == configs.VOCAB_SIZE
+    text = "def f(x):\n    return x ** 2  # naïve café, 12 + 7 = 19 \t ✓"
+    assert tok.decode(tok.encode(text, add_bos=False)) == text
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert ids[:2] == [2, 105] and ids.count(106) == 1
+    # Names from the synthetic text are single pieces, so patching positions line up.
+    for name in corpus.NAMES:
+        assert len(tok.encode(" " + name, add_bos=False)) == 1, name
+
+
+def test_shipped_gemma3_learned_the_synthetic_facts():
+    m = gl.teaching_model("gemma3")
+    logits = np.asarray(m("The capital of France is"))[0, -1]
+    assert m.tokenizer.id_to_piece(int(logits.argmax())) == "\u2581Paris"
+
+
+def test_training_script_runs_on_a_tiny_setting_and_the_loss_falls(tmp_path):
+    settings = train.Settings(
+        steps=40, batch_size=8, seq_len=48, tiny=True, warmup_steps=4, learning_rate=3e-3
+    )
+    report = train.run(
+        ["gemma4_moe"], tmp_path / "out", tmp_path / "report", settings, progress=False
+    )
+    entry = report["models"]["gemma4_moe"]
+    losses = json.loads((tmp_path / "report" / "loss_gemma4_moe.json").read_text())
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert (tmp_path / "report" / "loss_gemma4_moe.png").stat().st_size > 10_000
+    # What it wrote is a checkpoint that loads, with the loss the script reported.
+    m = gl.load(tmp_path / "out" / "gemma4_moe")
+    assert m.config.num_experts == 8 and entry["parameters"] == m.config.num_params()
+    assert (tmp_path / "out" / "NOTICE").read_text().startswith("The teaching models")
+
+
+def test_training_data_mixes_the_sources_it_names():
+    tok = gl.teaching_model("gemma3").tokenizer
+    settings = train.Settings(batch_size=64, seq_len=32, tiny=True)
+    data = train.TrainingData(tok, corpus.documentation(max_chars=5000), settings)
+    batch = data.batch(np.random.default_rng(0))
+    assert batch.shape == (64, 32) and (batch[:, 0] == tok.bos_id).all()
+    repeated = [row for row in batch if len(set(row[1:].tolist())) < 25]
+    assert repeated, "no induction rows in a batch of 64 (15% expected)"
+    again = data.batch(np.random.default_rng(0))
+    np.testing.assert_array_equal(batch, again)
