@@ -1,0 +1,32 @@
+"""Interactive viewers for notebooks, each with a static twin.
+
+Every viewer is an `anywidget.AnyWidget` built from a `run_with_cache` result (or, for
+`PatchingViewer`, from `gemmalens.patching.sweep` results):
+
+* `AttentionViewer`: attention patterns per layer and head, sliding windows visible;
+* `AltUpViewer`: Gemma 3n's AltUp streams, predicted vs corrected;
+* `RoutingViewer`: Gemma 4 mixture-of-experts routing;
+* `LogitLensViewer`: the top token each layer predicts;
+* `PatchingViewer`: activation patching heatmaps.
+
+In Jupyter a viewer shows as a live widget; ``viewer.to_html()`` is a self-contained
+interactive copy (no kernel, no network), which is also what nbconvert and the docs show;
+``viewer.figure()`` is a static matplotlib figure of the current state.
+"""
+
+from gemmalens.widgets._base import Viewer, ViewerError
+from gemmalens.widgets.altup import AltUpViewer
+from gemmalens.widgets.attention import AttentionViewer
+from gemmalens.widgets.logit_lens import LogitLensViewer
+from gemmalens.widgets.patching import PatchingViewer
+from gemmalens.widgets.routing import RoutingViewer
+
+__all__ = [
+    "AltUpViewer",
+    "AttentionViewer",
+    "LogitLensViewer",
+    "PatchingViewer",
+    "RoutingViewer",
+    "Viewer",
+    "ViewerError",
+]

@@ -1,0 +1,1085 @@
+// gemmalens viewers: plain DOM and SVG, no dependencies, nothing fetched.
+//
+// `render({ model, el })` draws the viewer named by `model.get("view")`. In Jupyter the
+// model is anywidget's: Python owns the data and recomputes it when a control changes,
+// and every change redraws. In a static page `renderStatic(el, payload)` puts a small
+// stand-in model over the JSON that `Viewer.to_html` embeds (the data of every control
+// value), so the same drawing code runs with no kernel.
+
+const FONT =
+  'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif';
+const LABEL_SIZE = 11;
+const FUTURE_COLOUR = "#eeeeee"; // keys hidden by causality (as in attention.py)
+const OUTSIDE_COLOUR = "#f6d7a7"; // keys outside the sliding window (as in attention.py)
+const HIGHLIGHT = "#d62728";
+
+// ------------------------------------------------------------------------ DOM helpers
+
+let svgNamespace = null;
+let uniqueId = 0;
+
+// The SVG namespace, read off an <svg> the HTML parser made (no URL literal needed).
+function svgNS() {
+  if (svgNamespace === null) {
+    const probe = document.createElement("div");
+    probe.innerHTML = "<svg></svg>";
+    svgNamespace = probe.firstChild.namespaceURI;
+  }
+  return svgNamespace;
+}
+
+function setAttributes(node, attrs) {
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on") && typeof value === "function") {
+      node.addEventListener(key.slice(2), value);
+    } else if (key === "style" && typeof value === "object") {
+      Object.assign(node.style, value);
+    } else {
+      node.setAttribute(key, value === true ? "" : String(value));
+    }
+  }
+}
+
+function append(node, children) {
+  for (const child of [].concat(children)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.appendChild(typeof child === "object" ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+// An HTML element: h("div", { class: "x", onclick: f }, [children]).
+function h(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  setAttributes(node, attrs);
+  return append(node, children);
+}
+
+// An SVG element, likewise.
+function svg(tag, attrs = {}, children = []) {
+  const node = document.createElementNS(svgNS(), tag);
+  setAttributes(node, attrs);
+  return append(node, children);
+}
+
+let measureContext = null;
+
+function textWidth(text, size = LABEL_SIZE) {
+  if (measureContext === null) measureContext = document.createElement("canvas").getContext("2d");
+  if (!measureContext) return text.length * size * 0.6;
+  measureContext.font = `${size}px ${FONT}`;
+  return measureContext.measureText(text).width;
+}
+
+function truncate(text, length) {
+  text = String(text);
+  return text.length <= length ? text : text.slice(0, Math.max(1, length - 1)) + "…";
+}
+
+// The smallest of 1, 2, 5, 10, 20, 50, ... that is at least `needed`.
+function niceStep(needed) {
+  for (let scale = 1; ; scale *= 10) {
+    for (const step of [1, 2, 5]) {
+      if (step * scale >= needed) return step * scale;
+    }
+  }
+}
+
+function clamp(value, low, high) {
+  return Math.min(high, Math.max(low, value));
+}
+
+function format(value) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "–";
+  const size = Math.abs(value);
+  if (size >= 1000 || (size > 0 && size < 0.001)) return value.toExponential(2);
+  if (size >= 100) return value.toFixed(1);
+  if (size >= 1) return value.toFixed(2);
+  return value.toFixed(3);
+}
+
+// ------------------------------------------------------------------------ colours
+
+// Eleven evenly spaced samples of matplotlib's colour maps, interpolated linearly.
+const COLOUR_MAPS = {
+  blues: ["#f7fbff", "#e3eef9", "#d0e1f2", "#b7d4ea", "#94c4df", "#6aaed6", "#4a98c9",
+    "#2e7ebc", "#1764ab", "#084a91", "#08306b"],
+  viridis: ["#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c", "#22a884",
+    "#44bf70", "#7ad151", "#bddf26", "#fde725"],
+  rdbu: ["#67001f", "#b1182b", "#d6604d", "#f3a481", "#fddbc7", "#f6f7f7", "#d1e5f0",
+    "#90c4dd", "#4393c3", "#2065ab", "#053061"],
+};
+
+function hexToRgb(hex) {
+  return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+}
+
+// colourMap("blues")(t) -> [r, g, b] for t in [0, 1]; null for a missing value.
+function colourMap(name) {
+  const stops = COLOUR_MAPS[name].map(hexToRgb);
+  return (t) => {
+    if (t === null || t === undefined || Number.isNaN(t)) return null;
+    const x = clamp(t, 0, 1) * (stops.length - 1);
+    const i = Math.min(stops.length - 2, Math.floor(x));
+    const f = x - i;
+    return stops[i].map((a, j) => Math.round(a + (stops[i + 1][j] - a) * f));
+  };
+}
+
+function css(rgb, missing = "#d9d9d9") {
+  return rgb === null ? missing : `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
+}
+
+function isDark(rgb) {
+  if (rgb === null) return false;
+  return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 140;
+}
+
+// ------------------------------------------------------------------------ widgets
+
+// A <select> bound to a control: its options are model.get("options")[name].
+function selectControl(model, name, label) {
+  const options = (model.get("options") || {})[name] || [];
+  const current = JSON.stringify(model.get(name));
+  const select = h("select", { class: "gl-select", "data-control": name });
+  for (const [value, text] of options) {
+    const option = h("option", { value: JSON.stringify(value) }, text);
+    if (JSON.stringify(value) === current) option.selected = true;
+    select.appendChild(option);
+  }
+  select.disabled = options.length <= 1;
+  select.addEventListener("change", () => {
+    model.set(name, JSON.parse(select.value));
+    model.save_changes();
+  });
+  return h("label", { class: "gl-control" }, [label, select]);
+}
+
+function setControls(model, values) {
+  for (const [name, value] of Object.entries(values)) model.set(name, value);
+  model.save_changes();
+}
+
+function tooltip(root) {
+  const tip = h("div", { class: "gl-tooltip" });
+  root.appendChild(tip);
+  return {
+    show(text, event) {
+      tip.textContent = text;
+      tip.style.display = "block";
+      const box = root.getBoundingClientRect();
+      const x = event.clientX - box.left + 14;
+      const y = event.clientY - box.top + 14;
+      tip.style.left = `${Math.min(x, Math.max(0, box.width - tip.offsetWidth - 4))}px`;
+      tip.style.top = `${y}px`;
+    },
+    hide() {
+      tip.style.display = "none";
+    },
+  };
+}
+
+// Horizontal bars: items [{ label, value, text, colour }], scaled to `max`.
+function barList(items, max = null) {
+  const top = max ?? Math.max(1e-12, ...items.map((item) => Math.abs(item.value ?? 0)));
+  const list = h("div", { class: "gl-barlist" });
+  for (const item of items) {
+    const width = clamp((Math.abs(item.value ?? 0) / top) * 100, 0, 100);
+    list.appendChild(
+      h("div", { class: "gl-bar-row", title: item.title || "" }, [
+        h("span", { class: "gl-bar-label" }, item.label),
+        h("span", { class: "gl-bar-track" }, [
+          h("span", {
+            class: "gl-bar-fill",
+            style: { width: `${width}%`, background: item.colour || "#4a98c9" },
+          }),
+        ]),
+        h("span", { class: "gl-bar-value" }, item.text ?? format(item.value)),
+      ]),
+    );
+  }
+  return list;
+}
+
+// A vertical colour bar from vmin (bottom) to vmax (top).
+function colourBar(map, vmin, vmax, label, height) {
+  // As tall as the heatmap beside it, and tall enough for its label.
+  height = Math.max(110, Math.min(Math.max(height, textWidth(label) + 12), 320));
+  const steps = 48;
+  const bar = svg("svg", { class: "gl-colourbar", width: 74, height: height + 16 });
+  for (let i = 0; i < steps; i++) {
+    const t = 1 - (i + 0.5) / steps;
+    bar.appendChild(
+      svg("rect", {
+        x: 4,
+        y: 8 + (i * height) / steps,
+        width: 12,
+        height: height / steps + 0.5,
+        fill: css(map(t)),
+        "shape-rendering": "crispEdges",
+      }),
+    );
+  }
+  bar.appendChild(svg("rect", { x: 4, y: 8, width: 12, height, fill: "none", stroke: "#999" }));
+  for (const [t, value] of [[0, vmax], [0.5, (vmin + vmax) / 2], [1, vmin]]) {
+    bar.appendChild(
+      svg("text", { class: "gl-tick", x: 20, y: 8 + t * height, "dominant-baseline": "central" },
+        format(value)),
+    );
+  }
+  bar.appendChild(
+    svg("text", {
+      class: "gl-axis-title",
+      transform: `translate(66,${8 + height / 2}) rotate(-90)`,
+      "text-anchor": "middle",
+    }, truncate(label, Math.floor(height / 5.8))),
+  );
+  return bar;
+}
+
+// A heatmap of SVG rects (class gl-cell, data-r / data-c), labelled rows and columns.
+//   rows, cols, cellW, cellH, fill(r, c) -> css colour, rowLabels, colLabels,
+//   optional: text(r, c), textFill(r, c), xTitle, yTitle, rotateCols, defs (SVG nodes),
+//   onHover(r, c, event), onLeave(), onClick(r, c).
+// Returns { node, left, top, highlight(r, c), select(r, c), overlay }.
+function heatmap(o) {
+  const rowLabels = o.rowLabels.map((l) => truncate(l, 18));
+  const colLabels = o.colLabels.map((l) => truncate(l, 16));
+  const rotate = o.rotateCols ?? true;
+  const rowWidth = Math.max(0, ...rowLabels.map((l) => textWidth(l)));
+  const colWidth = Math.max(0, ...colLabels.map((l) => textWidth(l)));
+  // Label every n-th row / column when they would overlap (upright labels need their width).
+  const rowStep = niceStep(12 / o.cellH);
+  const colStep = niceStep((rotate ? 13 : colWidth + 6) / o.cellW);
+  const left = Math.ceil(rowWidth + 8 + (o.yTitle ? 18 : 0));
+  const labelsBelow = rotate ? colWidth * 0.87 + 12 : 16;
+  const bottom = Math.ceil(labelsBelow + (o.xTitle ? 18 : 0));
+  const top = 4;
+  const width = o.cols * o.cellW;
+  const height = o.rows * o.cellH;
+  const right = rotate ? 4 : Math.ceil(textWidth(colLabels[colLabels.length - 1] || "") / 2 + 4);
+  const root = svg("svg", {
+    class: "gl-heatmap",
+    width: left + width + right,
+    height: top + height + bottom,
+  });
+  if (o.defs) root.appendChild(svg("defs", {}, o.defs));
+  const plot = svg("g", { transform: `translate(${left},${top})` });
+  root.appendChild(plot);
+  const cells = svg("g", { class: "gl-cells" });
+  plot.appendChild(cells);
+  for (let r = 0; r < o.rows; r++) {
+    for (let c = 0; c < o.cols; c++) {
+      cells.appendChild(
+        svg("rect", {
+          class: "gl-cell",
+          x: c * o.cellW,
+          y: r * o.cellH,
+          width: o.cellW,
+          height: o.cellH,
+          fill: o.fill(r, c),
+          "data-r": r,
+          "data-c": c,
+        }),
+      );
+    }
+  }
+  if (o.text) {
+    const texts = svg("g", { class: "gl-cell-texts" });
+    for (let r = 0; r < o.rows; r++) {
+      for (let c = 0; c < o.cols; c++) {
+        const label = o.text(r, c);
+        if (!label) continue;
+        texts.appendChild(
+          svg("text", {
+            class: "gl-cell-text",
+            x: (c + 0.5) * o.cellW,
+            y: (r + 0.5) * o.cellH,
+            fill: o.textFill ? o.textFill(r, c) : "#1f2328",
+            "text-anchor": "middle",
+            "dominant-baseline": "central",
+          }, label),
+        );
+      }
+    }
+    plot.appendChild(texts);
+  }
+  const overlay = svg("g", { class: "gl-overlay" });
+  plot.appendChild(overlay);
+  const box = (cls) => {
+    const rect = svg("rect", { class: cls, visibility: "hidden" });
+    overlay.appendChild(rect);
+    return rect;
+  };
+  const hoverRow = box("gl-hl");
+  const hoverCol = box("gl-hl");
+  const selectRow = box("gl-sel");
+  const selectCol = box("gl-sel");
+  const place = (rect, r, c) => {
+    if (r === null || r === undefined || r < 0) {
+      rect.setAttribute("visibility", "hidden");
+      return;
+    }
+    const whole = c === "row" ? [0, r * o.cellH, width, o.cellH]
+      : c === "col" ? [r * o.cellW, 0, o.cellW, height]
+        : [c * o.cellW, r * o.cellH, o.cellW, o.cellH];
+    setAttributes(rect, { x: whole[0], y: whole[1], width: whole[2], height: whole[3] });
+    rect.setAttribute("visibility", "visible");
+  };
+  for (let r = 0; r < o.rows; r += rowStep) {
+    plot.appendChild(
+      svg("text", {
+        class: "gl-label",
+        x: -5,
+        y: (r + 0.5) * o.cellH,
+        "text-anchor": "end",
+        "dominant-baseline": "central",
+      }, rowLabels[r]),
+    );
+  }
+  for (let c = 0; c < o.cols; c += colStep) {
+    const x = (c + 0.5) * o.cellW;
+    const y = height + 6;
+    plot.appendChild(
+      rotate
+        ? svg("text", {
+          class: "gl-label",
+          x,
+          y,
+          transform: `rotate(-60,${x},${y})`,
+          "text-anchor": "end",
+          "dominant-baseline": "central",
+        }, colLabels[c])
+        : svg("text", { class: "gl-label", x, y: y + 6, "text-anchor": "middle" }, colLabels[c]),
+    );
+  }
+  if (o.yTitle) {
+    plot.appendChild(
+      svg("text", {
+        class: "gl-axis-title",
+        transform: `translate(${-left + 10},${height / 2}) rotate(-90)`,
+        "text-anchor": "middle",
+      }, o.yTitle),
+    );
+  }
+  if (o.xTitle) {
+    plot.appendChild(
+      svg("text", {
+        class: "gl-axis-title",
+        x: width / 2,
+        y: height + bottom - 4,
+        "text-anchor": "middle",
+      }, o.xTitle),
+    );
+  }
+  const cellOf = (event) => {
+    const data = event.target.dataset;
+    return data && data.r !== undefined ? [Number(data.r), Number(data.c)] : null;
+  };
+  cells.addEventListener("mousemove", (event) => {
+    const at = cellOf(event);
+    if (at && o.onHover) o.onHover(at[0], at[1], event);
+  });
+  cells.addEventListener("mouseleave", () => o.onLeave && o.onLeave());
+  cells.addEventListener("click", (event) => {
+    const at = cellOf(event);
+    if (at && o.onClick) o.onClick(at[0], at[1], event);
+  });
+  return {
+    node: root,
+    left,
+    top,
+    width,
+    height,
+    overlay,
+    // Outline row r's and column c's lines (null hides); mode "cross" or "cell".
+    highlight(r, c, mode = "cross") {
+      if (mode === "cell") {
+        place(hoverRow, r, c);
+        place(hoverCol, null);
+      } else {
+        place(hoverRow, r, "row");
+        place(hoverCol, c, "col");
+      }
+    },
+    select(r, c, mode = "cross") {
+      if (mode === "cell") {
+        place(selectRow, r, c);
+        place(selectCol, null);
+      } else if (mode === "row") {
+        place(selectRow, r, "row");
+        place(selectCol, null);
+      } else {
+        place(selectRow, r, "row");
+        place(selectCol, c, "col");
+      }
+    },
+  };
+}
+
+// Lines over positions that line up with a heatmap's columns above them.
+//   series [{ name, values, colour, dash }], n, cellW, left, height, yTitle, marker.
+function lineChart(o) {
+  const width = o.n * o.cellW;
+  const height = o.height;
+  const top = 8;
+  const bottom = 8;
+  const values = o.series.flatMap((s) => s.values).filter((v) => v !== null && !Number.isNaN(v));
+  const high = Math.max(1e-12, ...values);
+  const y = (v) => top + height - (v / high) * height;
+  const root = svg("svg", { class: "gl-linechart", width: o.left + width + 8, height: top + height + bottom });
+  const plot = svg("g", { transform: `translate(${o.left},0)` });
+  root.appendChild(plot);
+  for (const t of [0, 0.5, 1]) {
+    plot.appendChild(svg("line", { class: "gl-grid", x1: 0, x2: width, y1: y(t * high), y2: y(t * high) }));
+    plot.appendChild(
+      svg("text", { class: "gl-tick", x: -5, y: y(t * high), "text-anchor": "end", "dominant-baseline": "central" },
+        format(t * high)),
+    );
+  }
+  if (o.yTitle) {
+    plot.appendChild(
+      svg("text", {
+        class: "gl-axis-title",
+        transform: `translate(${-o.left + 10},${top + height / 2}) rotate(-90)`,
+        "text-anchor": "middle",
+      }, o.yTitle),
+    );
+  }
+  if (o.marker !== undefined && o.marker >= 0) {
+    const x = (o.marker + 0.5) * o.cellW;
+    plot.appendChild(svg("line", { class: "gl-marker", x1: x, x2: x, y1: top, y2: top + height }));
+  }
+  for (const s of o.series) {
+    const points = s.values.map((v, i) => `${(i + 0.5) * o.cellW},${y(v ?? 0)}`).join(" ");
+    plot.appendChild(
+      svg("polyline", {
+        class: "gl-line",
+        points,
+        fill: "none",
+        stroke: s.colour,
+        "stroke-width": 2,
+        "stroke-dasharray": s.dash || null,
+      }),
+    );
+    s.values.forEach((v, i) => {
+      plot.appendChild(svg("circle", { cx: (i + 0.5) * o.cellW, cy: y(v ?? 0), r: 2.5, fill: s.colour }));
+    });
+  }
+  const legend = h("div", { class: "gl-legend" }, o.series.map((s) =>
+    h("span", { class: "gl-legend-item" }, [
+      h("span", { class: "gl-swatch", style: { background: s.colour } }), s.name,
+    ])));
+  return h("div", { class: "gl-linechart-box" }, [root, legend]);
+}
+
+// The common layout: title, controls, a main area and a side panel, a note.
+function frame(model, root) {
+  root.appendChild(h("div", { class: "gl-title" }, model.get("title") || ""));
+  const controls = h("div", { class: "gl-controls" });
+  const main = h("div", { class: "gl-main" });
+  const side = h("div", { class: "gl-side" });
+  root.append(controls, h("div", { class: "gl-body" }, [main, side]));
+  const note = model.get("note");
+  if (note) root.appendChild(h("div", { class: "gl-note" }, note));
+  return { controls, main, side };
+}
+
+function sideHeading(text) {
+  return h("div", { class: "gl-side-heading" }, text);
+}
+
+function hint(text) {
+  return h("div", { class: "gl-hint" }, text);
+}
+
+function topIndices(values, k, keep = () => true) {
+  return values
+    .map((v, i) => [v, i])
+    .filter(([v, i]) => v !== null && keep(i))
+    .sort((a, b) => b[0] - a[0] || a[1] - b[1])
+    .slice(0, k)
+    .map(([, i]) => i);
+}
+
+// ------------------------------------------------------------------------ attention
+
+// 0 visible, 1 hidden by causality, 2 outside the window (as attention.visibility).
+function visibility(mask, q, k) {
+  if (mask.causal !== false && k > q) return 1;
+  if (mask.before !== null && mask.before !== undefined && q - k >= mask.before) return 2;
+  if (mask.after !== null && mask.after !== undefined && k - q >= mask.after) return 2;
+  return 0;
+}
+
+function drawAttention(model, root) {
+  const { controls, main, side } = frame(model, root);
+  controls.append(selectControl(model, "layer", "Layer"), selectControl(model, "head", "Head"));
+  const matrix = model.get("matrix") || [];
+  const tokens = model.get("tokens") || [];
+  const keyTokens = (model.get("key_tokens") || []).length ? model.get("key_tokens") : tokens;
+  const mask = model.get("window") || {};
+  controls.appendChild(h("span", { class: `gl-badge gl-badge-${mask.type}` }, mask.label || ""));
+  const queries = matrix.length;
+  const keys = queries ? matrix[0].length : 0;
+  const code = (q, k) => visibility(mask, q, k);
+  let peak = 0;
+  matrix.forEach((row, q) => row.forEach((v, k) => {
+    if (code(q, k) === 0 && v > peak) peak = v;
+  }));
+  peak = peak || 1;
+  const blues = colourMap("blues");
+  const hatchId = `gl-hatch-${++uniqueId}`;
+  const hatch = svg("pattern", {
+    id: hatchId, width: 6, height: 6, patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)",
+  }, [
+    svg("rect", { width: 6, height: 6, fill: OUTSIDE_COLOUR }),
+    svg("line", { x1: 0, y1: 0, x2: 0, y2: 6, stroke: "#d9a55b", "stroke-width": 2 }),
+  ]);
+  const cell = clamp(Math.floor(560 / Math.max(queries, keys, 1)), 5, 26);
+
+  const strip = h("div", { class: "gl-tokens" });
+  const chips = tokens.map((token, i) =>
+    h("span", { class: "gl-token", "data-pos": i, title: `position ${i}` }, token));
+  strip.append(...chips);
+  main.appendChild(strip);
+  const tip = tooltip(root);
+  let pinned = model.get("selected_token");
+
+  const map = heatmap({
+    rows: queries,
+    cols: keys,
+    cellW: cell,
+    cellH: cell,
+    rowLabels: tokens,
+    colLabels: keyTokens,
+    yTitle: "query (attending)",
+    xTitle: "key (attended to)",
+    defs: [hatch],
+    fill: (q, k) => {
+      const c = code(q, k);
+      if (c === 1) return FUTURE_COLOUR;
+      if (c === 2) return `url(#${hatchId})`;
+      return css(blues(matrix[q][k] / peak));
+    },
+    onHover: (q, k, event) => {
+      map.highlight(q, k);
+      const hidden = code(q, k) === 1 ? " (future: masked)" : code(q, k) === 2 ? " (outside the window)" : "";
+      tip.show(`query ${q} ${tokens[q]} → key ${k} ${keyTokens[k]}\nweight ${format(matrix[q][k])}${hidden}`, event);
+      showToken(q);
+    },
+    onLeave: () => {
+      tip.hide();
+      map.highlight(null, null);
+      showToken(pinned);
+    },
+    onClick: (q) => pin(q),
+  });
+  // The window's edge: the sides shared by a visible cell and one outside the window.
+  const edges = [];
+  for (let q = 0; q < queries; q++) {
+    for (let k = 0; k < keys; k++) {
+      if (code(q, k) !== 2) continue;
+      if (k + 1 < keys && code(q, k + 1) === 0) edges.push(`M${(k + 1) * cell},${q * cell}v${cell}`);
+      if (k > 0 && code(q, k - 1) === 0) edges.push(`M${k * cell},${q * cell}v${cell}`);
+      if (q > 0 && code(q - 1, k) === 0) edges.push(`M${k * cell},${q * cell}h${cell}`);
+      if (q + 1 < queries && code(q + 1, k) === 0) edges.push(`M${k * cell},${(q + 1) * cell}h${cell}`);
+    }
+  }
+  if (edges.length) {
+    map.overlay.appendChild(svg("path", { class: "gl-window-edge", d: edges.join("") }));
+  }
+  main.appendChild(h("div", { class: "gl-figure" }, [
+    map.node, colourBar(blues, 0, peak, "attention weight", queries * cell),
+  ]));
+
+  function showToken(t) {
+    side.replaceChildren();
+    chips.forEach((chip, i) => {
+      chip.classList.toggle("gl-current", i === t);
+      const row = t >= 0 && t < queries ? matrix[t] : null;
+      const rgb = row && i < row.length && code(t, i) === 0 ? blues(row[i] / peak) : null;
+      chip.style.background = rgb ? css(rgb) : "";
+      chip.style.color = rgb && isDark(rgb) ? "#fff" : "";
+    });
+    map.select(pinned, pinned < keys ? pinned : null);
+    if (t === null || t < 0 || t >= queries) {
+      side.append(sideHeading("Token"), hint("Hover a token or a cell to see what it attends to; click to pin it."));
+      return;
+    }
+    side.appendChild(sideHeading(`Position ${t}: ${tokens[t]}`));
+    const row = matrix[t];
+    const attends = topIndices(row, 6, (k) => code(t, k) === 0).map((k) => ({
+      label: `${k} ${truncate(keyTokens[k], 12)}`, value: row[k],
+    }));
+    side.append(h("div", { class: "gl-side-sub" }, "attends to (its row)"), barList(attends, 1));
+    if (t < keys) {
+      const column = matrix.map((r) => r[t]);
+      const by = topIndices(column, 6, (q) => code(q, t) === 0).map((q) => ({
+        label: `${q} ${truncate(tokens[q], 12)}`, value: column[q], colour: "#6aaed6",
+      }));
+      side.append(h("div", { class: "gl-side-sub" }, "attended to by (its column)"), barList(by, 1));
+    }
+  }
+  function pin(t) {
+    pinned = pinned === t ? -1 : t;
+    model.set("selected_token", pinned);
+    model.save_changes();
+  }
+  chips.forEach((chip, i) => {
+    chip.addEventListener("mouseenter", () => {
+      showToken(i);
+      map.highlight(i, i < keys ? i : null);
+    });
+    chip.addEventListener("mouseleave", () => {
+      showToken(pinned);
+      map.highlight(null, null);
+    });
+    chip.addEventListener("click", () => pin(i));
+  });
+  showToken(pinned);
+}
+
+// ------------------------------------------------------------------------ AltUp
+
+const ALTUP_LINES = [
+  ["prediction", "#2e7ebc", null],
+  ["correction", "#22a884", "6 3"],
+  ["difference", "#d6604d", "2 3"],
+];
+
+function drawAltUp(model, root) {
+  const { controls, main, side } = frame(model, root);
+  controls.append(
+    selectControl(model, "layer", "Layer"),
+    selectControl(model, "stream", "Stream"),
+    selectControl(model, "measure", "Heatmap"),
+  );
+  const norms = model.get("norms") || {};
+  const labels = model.get("measure_labels") || {};
+  const measure = model.get("measure");
+  const values = norms[measure] || [];
+  const tokens = model.get("tokens") || [];
+  const active = model.get("active_stream");
+  const stream = model.get("stream");
+  const streams = values.length;
+  const positions = streams ? values[0].length : 0;
+  const flat = values.flat().filter((v) => v !== null);
+  const low = Math.min(...flat);
+  const high = Math.max(...flat);
+  const span = high - low || 1;
+  const viridis = colourMap("viridis");
+  const cellW = clamp(Math.floor(640 / Math.max(positions, 1)), 8, 40);
+  const tip = tooltip(root);
+  const streamName = (s) => `stream ${s}${s === active ? " (active)" : ""}`;
+  const map = heatmap({
+    rows: streams,
+    cols: positions,
+    cellW,
+    cellH: 26,
+    rowLabels: [...Array(streams).keys()].map(streamName),
+    colLabels: tokens,
+    fill: (s, p) => css(viridis((values[s][p] - low) / span)),
+    onHover: (s, p, event) => {
+      map.highlight(s, p, "cell");
+      const lines = ["prediction", "correction", "difference", "relative"]
+        .map((m) => `${labels[m] || m}: ${format(norms[m][s][p])}`);
+      tip.show(`${streamName(s)}, position ${p} ${tokens[p]}\n${lines.join("\n")}`, event);
+    },
+    onLeave: () => {
+      tip.hide();
+      map.highlight(null, null);
+    },
+    onClick: (s) => setControls(model, { stream: s }),
+  });
+  map.select(stream, null, "row");
+  main.appendChild(h("div", { class: "gl-figure" }, [
+    map.node, colourBar(viridis, low, high, labels[measure] || measure, streams * 26),
+  ]));
+  const lines = model.get("stream_norms") || {};
+  main.appendChild(h("div", { class: "gl-side-sub" }, `${streamName(stream)} along the sequence`));
+  main.appendChild(lineChart({
+    series: ALTUP_LINES.map(([name, colour, dash]) => ({
+      name: labels[name] || name, values: lines[name] || [], colour, dash,
+    })),
+    n: positions,
+    cellW,
+    left: map.left,
+    height: 120,
+    yTitle: "norm",
+    marker: model.get("selected_token"),
+  }));
+
+  // Overview: how strongly each layer corrects each stream; click to jump there.
+  const overview = model.get("overview") || [];
+  const layers = model.get("layers") || [];
+  const layerIndex = layers.indexOf(model.get("layer"));
+  const overviewFlat = overview.flat().filter((v) => v !== null);
+  const overviewHigh = Math.max(1e-12, ...overviewFlat);
+  side.appendChild(sideHeading("All layers"));
+  side.appendChild(h("div", { class: "gl-side-sub" }, "mean ‖corrected − prediction‖ / ‖prediction‖"));
+  const layerOptions = new Set(((model.get("options") || {}).layer || []).map((o) => o[0]));
+  const overviewMap = heatmap({
+    rows: overview.length,
+    cols: streams,
+    cellW: 26,
+    cellH: clamp(Math.floor(320 / Math.max(overview.length, 1)), 6, 20),
+    rowLabels: layers.map((l) => `layer ${l}`),
+    colLabels: [...Array(streams).keys()].map(String),
+    rotateCols: false,
+    xTitle: "stream",
+    fill: (l, s) => css(viridis(overview[l][s] / overviewHigh)),
+    onHover: (l, s, event) => {
+      overviewMap.highlight(l, s, "cell");
+      tip.show(`layer ${layers[l]}, ${streamName(s)}: ${format(overview[l][s])}`, event);
+    },
+    onLeave: () => {
+      tip.hide();
+      overviewMap.highlight(null, null);
+    },
+    onClick: (l, s) => {
+      if (layerOptions.has(layers[l])) setControls(model, { layer: layers[l], stream: s });
+    },
+  });
+  overviewMap.select(layerIndex, stream, "cell");
+  side.appendChild(overviewMap.node);
+}
+
+// ------------------------------------------------------------------------ routing
+
+function drawRouting(model, root) {
+  const { controls, main, side } = frame(model, root);
+  controls.append(selectControl(model, "layer", "Layer"), selectControl(model, "show", "Colour"));
+  const show = model.get("show");
+  const values = model.get(show) || [];
+  const weights = model.get("weights") || [];
+  const probabilities = model.get("probabilities") || [];
+  const chosen = model.get("chosen") || [];
+  const load = model.get("load") || [];
+  const loadWeight = model.get("load_weight") || [];
+  const tokens = model.get("tokens") || [];
+  const positions = values.length;
+  const experts = positions ? values[0].length : 0;
+  const peak = Math.max(1e-12, ...values.flat());
+  const blues = colourMap("blues");
+  const cellW = clamp(Math.floor(640 / Math.max(experts, 1)), 4, 26);
+  const cellH = clamp(Math.floor(420 / Math.max(positions, 1)), 8, 20);
+  const tip = tooltip(root);
+  let pinned = model.get("selected_token");
+  const map = heatmap({
+    rows: positions,
+    cols: experts,
+    cellW,
+    cellH,
+    rowLabels: tokens,
+    colLabels: [...Array(experts).keys()].map(String),
+    rotateCols: false,
+    yTitle: "token",
+    xTitle: "expert",
+    fill: (p, e) => css(blues(values[p][e] / peak)),
+    onHover: (p, e, event) => {
+      map.highlight(p, e);
+      const mark = chosen[p] && chosen[p].includes(e) ? " (chosen)" : "";
+      tip.show(`${p} ${tokens[p]} → expert ${e}${mark}\nweight ${format(weights[p][e])}, ` +
+        `probability ${format(probabilities[p][e])}`, event);
+      showToken(p);
+    },
+    onLeave: () => {
+      tip.hide();
+      map.highlight(null, null);
+      showToken(pinned);
+    },
+    onClick: (p) => {
+      pinned = pinned === p ? -1 : p;
+      model.set("selected_token", pinned);
+      model.save_changes();
+    },
+  });
+  // Outline the chosen experts where cells are big enough to show both outline and colour.
+  if (cellW >= 8) chosen.forEach((row, p) => row.forEach((e) => {
+    map.overlay.appendChild(svg("rect", {
+      class: "gl-chosen", x: e * cellW + 0.75, y: p * cellH + 0.75, width: cellW - 1.5, height: cellH - 1.5,
+    }));
+  }));
+  main.appendChild(h("div", { class: "gl-figure" }, [
+    map.node, colourBar(blues, 0, peak, show === "weights" ? "expert weight" : "router probability", positions * cellH),
+  ]));
+
+  // Each expert's load, its bars under the heatmap's columns.
+  const most = Math.max(1, ...load);
+  const barHeight = 70;
+  const bars = svg("svg", { class: "gl-bars", width: map.left + experts * cellW + 8, height: barHeight + 22 });
+  const plot = svg("g", { transform: `translate(${map.left},4)` });
+  bars.appendChild(plot);
+  load.forEach((count, e) => {
+    const height = (count / most) * barHeight;
+    plot.appendChild(svg("rect", {
+      class: "gl-bar", x: e * cellW + 0.5, y: barHeight - height, width: Math.max(1, cellW - 1), height,
+    }, [svg("title", {}, `expert ${e}: ${count} tokens, total weight ${format(loadWeight[e])}`)]));
+  });
+  plot.appendChild(svg("line", { class: "gl-grid", x1: 0, x2: experts * cellW, y1: barHeight, y2: barHeight }));
+  plot.appendChild(svg("text", { class: "gl-tick", x: -5, y: 0, "text-anchor": "end", "dominant-baseline": "hanging" }, String(most)));
+  plot.appendChild(svg("text", { class: "gl-tick", x: -5, y: barHeight, "text-anchor": "end" }, "0"));
+  plot.appendChild(svg("text", { class: "gl-axis-title", x: experts * cellW / 2, y: barHeight + 14, "text-anchor": "middle" },
+    "expert load (tokens that chose it)"));
+  main.appendChild(bars);
+
+  function showToken(p) {
+    side.replaceChildren();
+    map.select(pinned, null, "row");
+    if (p === null || p < 0 || p >= positions) {
+      side.append(sideHeading("Token"), hint("Hover a row to see the token's experts; click to pin it."));
+      return;
+    }
+    side.appendChild(sideHeading(`Position ${p}: ${tokens[p]}`));
+    const picks = chosen[p] || [];
+    const order = topIndices(probabilities[p], Math.max(picks.length + 2, 4));
+    side.appendChild(h("div", { class: "gl-side-sub" }, "router probability (✓ chosen, with its weight)"));
+    side.appendChild(barList(order.map((e) => ({
+      label: `expert ${e}${picks.includes(e) ? " ✓" : ""}`,
+      value: probabilities[p][e],
+      text: picks.includes(e) ? `${format(probabilities[p][e])} · w ${format(weights[p][e])}` : format(probabilities[p][e]),
+      colour: picks.includes(e) ? "#2e7ebc" : "#b7d4ea",
+    }))));
+  }
+  showToken(pinned);
+}
+
+// ------------------------------------------------------------------------ logit lens
+
+function drawLogitLens(model, root) {
+  const { controls, main, side } = frame(model, root);
+  controls.append(selectControl(model, "k", "Top k"), selectControl(model, "color_by", "Colour"));
+  const k = model.get("k");
+  const topTokens = model.get("top_tokens") || [];
+  const topProbs = model.get("top_probs") || [];
+  const nextTokens = model.get("next_tokens") || [];
+  const nextProbs = model.get("next_probs") || [];
+  const nextRanks = model.get("next_ranks") || [];
+  const rowLabels = model.get("row_labels") || [];
+  const tokens = model.get("tokens") || [];
+  const byNext = model.get("color_by") === "next" && nextProbs.length;
+  const rows = topTokens.length;
+  const positions = rows ? topTokens[0].length : 0;
+  const blues = colourMap("blues");
+  const cellW = clamp(Math.floor(1100 / Math.max(positions, 1)), 30, 64);
+  const cellH = clamp(Math.floor(520 / Math.max(rows, 1)), 14, 22);
+  const chars = Math.max(2, Math.floor((cellW - 4) / 6.2));
+  // Display row d shows layer entry rows - 1 - d: the last layer on top.
+  const entry = (d) => rows - 1 - d;
+  const colour = (d, p) => {
+    const r = entry(d);
+    return blues(byNext ? nextProbs[r][p] : topProbs[r][p][0]);
+  };
+  const tip = tooltip(root);
+  const after = (r) => (rowLabels[r] === "embed" ? "the embedding" : `layer ${rowLabels[r]}`);
+  let pinned = model.get("selected_cell") || [-1, -1];
+  const map = heatmap({
+    rows,
+    cols: positions,
+    cellW,
+    cellH,
+    rowLabels: rowLabels.slice().reverse(),
+    colLabels: tokens,
+    yTitle: "after layer",
+    xTitle: "input token",
+    fill: (d, p) => css(colour(d, p)),
+    text: (d, p) => truncate(topTokens[entry(d)][p][0], chars),
+    textFill: (d, p) => (isDark(colour(d, p)) ? "#fff" : "#1f2328"),
+    onHover: (d, p, event) => {
+      map.highlight(d, p, "cell");
+      const r = entry(d);
+      const next = nextTokens[p] ? `\nnext token ${nextTokens[p]}: ${format(nextProbs[r]?.[p])}` : "";
+      tip.show(`after ${after(r)}, position ${p} ${tokens[p]}\ntop ${topTokens[r][p][0]}: ${format(topProbs[r][p][0])}${next}`, event);
+      showCell(r, p);
+    },
+    onLeave: () => {
+      tip.hide();
+      map.highlight(null, null);
+      showCell(pinned[0], pinned[1]);
+    },
+    onClick: (d, p) => {
+      const r = entry(d);
+      pinned = pinned[0] === r && pinned[1] === p ? [-1, -1] : [r, p];
+      model.set("selected_cell", pinned);
+      model.save_changes();
+    },
+  });
+  main.appendChild(h("div", { class: "gl-figure" }, [
+    map.node,
+    colourBar(blues, 0, 1, byNext ? "probability of the next token" : "probability of the top token", rows * cellH),
+  ]));
+
+  function showCell(r, p) {
+    side.replaceChildren();
+    map.select(r >= 0 ? entry(r) : -1, p, "cell");
+    if (r === null || r < 0 || r >= rows || p < 0 || p >= positions) {
+      side.append(sideHeading("Cell"), hint("Hover a cell for its top tokens; click to pin it."));
+      return;
+    }
+    side.appendChild(sideHeading(`After ${after(r)}, position ${p}: ${tokens[p]}`));
+    const next = nextTokens[p];
+    const list = topTokens[r][p].slice(0, k).map((token, i) => ({
+      label: token, value: topProbs[r][p][i], colour: token === next ? "#22a884" : "#4a98c9",
+    }));
+    side.append(h("div", { class: "gl-side-sub" }, `top ${k} predictions`), barList(list, 1));
+    if (next && nextProbs.length) {
+      side.appendChild(h("div", { class: "gl-side-sub" },
+        `next token ${next}: probability ${format(nextProbs[r][p])}, rank ${nextRanks[r][p] + 1}`));
+    }
+  }
+  showCell(pinned[0], pinned[1]);
+}
+
+// ------------------------------------------------------------------------ patching
+
+function drawPatching(model, root) {
+  const { controls, main, side } = frame(model, root);
+  controls.append(selectControl(model, "site", "Site"), selectControl(model, "show", "Show"));
+  const matrix = model.get("matrix") || [];
+  const rowLabels = model.get("row_labels") || [];
+  const colLabels = model.get("col_labels") || [];
+  const unit = model.get("unit");
+  const limit = model.get("limit") || 1;
+  const label = model.get("value_label") || "";
+  const layers = matrix.length;
+  const units = layers ? matrix[0].length : 0;
+  const rdbu = colourMap("rdbu");
+  const cellW = clamp(Math.floor(640 / Math.max(units, 1)), 10, 44);
+  const cellH = clamp(Math.floor(380 / Math.max(layers, 1)), 10, 26);
+  const unitTitle = { pos: "position (token)", head: "head", kv_head: "KV head" }[unit] || unit;
+  const tip = tooltip(root);
+  let pinned = model.get("selected_cell") || [-1, -1];
+  const colour = (v) => rdbu(v === null ? null : (v / limit + 1) / 2);
+  const map = heatmap({
+    rows: layers,
+    cols: units,
+    cellW,
+    cellH,
+    rowLabels: rowLabels.map((l) => String(l)),
+    colLabels,
+    rotateCols: unit === "pos",
+    yTitle: "layer",
+    xTitle: unitTitle,
+    fill: (l, u) => css(colour(matrix[l][u])),
+    onHover: (l, u, event) => {
+      map.highlight(l, u, "cell");
+      tip.show(`layer ${rowLabels[l]}, ${unit === "pos" ? "position" : "unit"} ${u} ${colLabels[u]}\n${label}: ${format(matrix[l][u])}`, event);
+    },
+    onLeave: () => {
+      tip.hide();
+      map.highlight(null, null);
+    },
+    onClick: (l, u) => {
+      pinned = pinned[0] === l && pinned[1] === u ? [-1, -1] : [l, u];
+      model.set("selected_cell", pinned);
+      model.save_changes();
+    },
+  });
+  map.select(pinned[0], pinned[1], "cell");
+  main.appendChild(h("div", { class: "gl-figure" }, [
+    map.node, colourBar(rdbu, -limit, limit, label, layers * cellH),
+  ]));
+  side.appendChild(sideHeading("Largest effects"));
+  const sites = [];
+  matrix.forEach((row, l) => row.forEach((v, u) => {
+    if (v !== null) sites.push([Math.abs(v), l, u]);
+  }));
+  sites.sort((a, b) => b[0] - a[0]);
+  side.appendChild(barList(sites.slice(0, 8).map(([, l, u]) => ({
+    label: `L${rowLabels[l]} ${truncate(colLabels[u], 12)}`,
+    value: matrix[l][u],
+    colour: matrix[l][u] >= 0 ? "#4393c3" : "#d6604d",
+  })), limit));
+  const baselines = model.get("baselines") || {};
+  if (baselines.clean !== null && baselines.clean !== undefined) {
+    side.appendChild(h("div", { class: "gl-side-sub" },
+      `clean run: ${format(baselines.clean)}; corrupted run: ${format(baselines.corrupted)}`));
+  }
+}
+
+// ------------------------------------------------------------------------ entry points
+
+const VIEWS = {
+  attention: [drawAttention, ["layer", "head", "selected_token", "matrix", "window"]],
+  altup: [drawAltUp, ["layer", "stream", "measure", "selected_token", "norms", "stream_norms"]],
+  routing: [drawRouting, ["layer", "show", "selected_token", "weights", "probabilities", "chosen", "load"]],
+  "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
+  patching: [drawPatching, ["site", "show", "selected_cell", "matrix", "limit", "col_labels"]],
+};
+const COMMON_KEYS = ["tokens", "options", "note", "title"];
+
+function render({ model, el }) {
+  const name = model.get("view");
+  const root = h("div", { class: `gemmalens-view gemmalens-${name}` });
+  el.appendChild(root);
+  const entry = VIEWS[name];
+  if (!entry) {
+    root.textContent = `gemmalens: unknown viewer ${JSON.stringify(name)}`;
+    return undefined;
+  }
+  const [draw, keys] = entry;
+  let queued = false;
+  const redraw = () => {
+    queued = false;
+    root.replaceChildren();
+    try {
+      draw(model, root);
+      root.setAttribute("data-gl-drawn", "true");
+    } catch (error) {
+      root.replaceChildren(h("pre", { class: "gl-error" }, String((error && error.stack) || error)));
+      console.error("gemmalens viewer", error);
+    }
+  };
+  // Python sends the data of one control change together: draw once for all of it.
+  const schedule = () => {
+    if (!queued) {
+      queued = true;
+      Promise.resolve().then(redraw);
+    }
+  };
+  const events = [...keys, ...COMMON_KEYS].map((key) => `change:${key}`);
+  events.forEach((event) => model.on(event, schedule));
+  redraw();
+  return () => events.forEach((event) => model.off(event, schedule));
+}
+
+// A stand-in for the widget model over the JSON `Viewer.to_html` embeds: setting a
+// control looks up the data of the new combination of control values.
+function staticModel(payload) {
+  const values = { ...payload.initial };
+  const handlers = new Map();
+  const fire = (key) => (handlers.get(key) || []).slice().forEach((callback) => callback());
+  return {
+    get: (key) => values[key],
+    set(key, value) {
+      values[key] = value;
+      const changed = [key];
+      if (payload.controls.includes(key)) {
+        const state = payload.states[JSON.stringify(payload.controls.map((c) => values[c]))];
+        if (state) {
+          Object.assign(values, state);
+          changed.push(...Object.keys(state));
+        }
+      }
+      changed.forEach(fire);
+    },
+    save_changes() {},
+    on(event, callback) {
+      const key = event.replace(/^change:/, "");
+      handlers.set(key, [...(handlers.get(key) || []), callback]);
+    },
+    off(event, callback) {
+      const key = event.replace(/^change:/, "");
+      handlers.set(key, (handlers.get(key) || []).filter((c) => c !== callback));
+    },
+  };
+}
+
+function renderStatic(el, payload) {
+  return render({ model: staticModel(payload), el });
+}
+
+export { render, renderStatic };
+export default { render };
