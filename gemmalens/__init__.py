@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens import cache, circuits, interventions, patching, widgets
+from gemmalens import cache, circuits, interventions, patching
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -28,6 +28,15 @@ from gemmalens.teaching import teaching_model, teaching_model_path, teaching_mod
 from gemmalens.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The widgets pull in the Jupyter stack; they load on first use of `gl.widgets`.
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module("gemmalens.widgets")
+    raise AttributeError(f"module 'gemmalens' has no attribute {name!r}")
 
 
 def build(

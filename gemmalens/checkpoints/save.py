@@ -1,6 +1,6 @@
 """Writing a gemmalens model as a Hugging Face checkpoint directory.
 
-The inverse of `gemmalens.load` for the decoder-only families: the same label -> tensor
+The inverse of `gemmalens.load` for the text models: the same label -> tensor
 name maps, the same ``[out, in]`` layouts, so that both gemmalens and transformers read
 the result. This is how the teaching models that ship with gemmalens are written.
 """
@@ -20,14 +20,24 @@ import numpy as np
 from penzai import pz
 from safetensors.numpy import save_file
 
-from gemmalens.checkpoints import gemma3, gemma3n, gemma4
+from gemmalens.checkpoints import gemma3, gemma3n, gemma4, t5gemma2
 from gemmalens.layers.params import ShapeOnly
+
+
+def _in_model(hf_name: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda label: "model." + hf_name(label)
+
+
+def _unchanged(tensors: dict, config: Any) -> dict:
+    return tensors
+
 
 # config.json model_type -> (label -> tensor name, file-layout fix-ups).
 _WRITERS: dict[str, tuple[Callable[[str], str], Callable[[dict, Any], dict]]] = {
-    "gemma3_text": (gemma3.hf_name, lambda tensors, config: tensors),
-    "gemma3n_text": (gemma3n.hf_name, gemma3n.to_file_layout),
-    "gemma4_text": (gemma4.hf_name, gemma4.to_file_layout),
+    "gemma3_text": (_in_model(gemma3.hf_name), _unchanged),
+    "gemma3n_text": (_in_model(gemma3n.hf_name), gemma3n.to_file_layout),
+    "gemma4_text": (_in_model(gemma4.hf_name), gemma4.to_file_layout),
+    "t5gemma2": (t5gemma2.key_mapper(t5gemma2.ENCODER_PREFIXES[0]), _unchanged),
 }
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -39,7 +49,7 @@ def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict
             f"gemmalens writes {sorted(_WRITERS)} checkpoints, not {model_type!r}: use a "
             "text-only model_type (e.g. 'gemma3_text')."
         )
-    hf_name, to_file_layout = _WRITERS[model_type]
+    key_for, to_file_layout = _WRITERS[model_type]
     shapes = ShapeOnly()
     config.build(shapes)
     _, params = pz.unbind_params(model)
@@ -53,7 +63,7 @@ def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict
     tensors = {}
     for request in shapes.requests:
         array = values[request.label].unwrap(*request.axes).astype(jnp.float32)
-        tensors["model." + hf_name(request.label)] = np.asarray(array).reshape(request.linear_shape)
+        tensors[key_for(request.label)] = np.asarray(array).reshape(request.linear_shape)
     return to_file_layout(tensors, config)
 
 
@@ -67,7 +77,7 @@ def save_checkpoint(
     """Writes ``config.json``, ``model.safetensors`` (and ``tokenizer.model``) to ``directory``.
 
     Args:
-      model: a `gemmalens.Model` of a decoder-only family (Gemma 3, 3n, 4).
+      model: a `gemmalens.Model` (Gemma 3, 3n, 4 text; T5Gemma 2 text path).
       directory: created if missing; existing files of the same names are replaced.
       hf_config: the transformers config dict written as ``config.json`` (its
         ``model_type`` picks the tensor names); ``model.config`` must be what it describes.

@@ -1,7 +1,7 @@
 """The small trained models that ship with gemmalens, and how they were made.
 
     import gemmalens as gl
-    m = gl.teaching_model("gemma3")        # or "gemma3n", "gemma4_moe"
+    m = gl.teaching_model("gemma3")        # or "gemma3n", "gemma4_moe", "t5gemma2"
     m("The capital of France is")
 
 Each is a Hugging Face checkpoint folder inside the package (``config.json``,
@@ -22,6 +22,8 @@ DESCRIPTIONS = {
     "activation sparsity, KV sharing; 6 layers, d_model 256",
     "gemma4_moe": "Gemma 4 mixture of experts: 8 experts (top 2) beside a dense MLP; "
     "4 layers, d_model 256",
+    "t5gemma2": "T5Gemma 2 encoder-decoder (text path): 2 + 2 layers, d_model 128, trained "
+    "to copy, reverse and answer questions",
 }
 
 
@@ -46,7 +48,8 @@ def teaching_model_path(name: str = "gemma3") -> pathlib.Path:
 
 
 def teaching_model(name: str = "gemma3", dtype: Any = "float32") -> Any:
-    """Loads teaching model ``name`` (``"gemma3"``, ``"gemma3n"``, ``"gemma4_moe"``)."""
+    """Loads teaching model ``name`` (``"gemma3"``, ``"gemma3n"``, ``"gemma4_moe"``,
+    ``"t5gemma2"``) as a `gemmalens.Model` (`gemmalens.EncoderDecoderModel` for T5Gemma 2)."""
     from gemmalens.checkpoints.load import load
 
     return load(teaching_model_path(name), dtype=dtype)

@@ -3,7 +3,8 @@
 Each is a real configuration of its family, shrunk: the features that make the family
 what it is stay switched on (local and global layers; AltUp, LAuReL, per-layer embeddings,
 activation sparsity and KV sharing; experts beside the dense MLP), the widths are small
-enough that three models fit in about 30 MB of bfloat16.
+enough that the decoder-only three fit in about 28 MB of bfloat16; the T5Gemma 2
+encoder-decoder adds about 3 MB.
 """
 
 from __future__ import annotations
@@ -119,10 +120,70 @@ GEMMA4_MOE = dict(
     **_SPECIAL_IDS,
 )
 
+_T5GEMMA2_TEXT = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    layer_types=[SLIDING, FULL],
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    query_pre_attn_scalar=32,
+    sliding_window=16,
+    max_position_embeddings=512,
+    rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+    },
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+    tie_word_embeddings=True,
+    **_SPECIAL_IDS,
+)
+# Image markers on unused pieces, which text never produces (<unused96..98>): the
+# end-of-image id reads a learned embedding row instead of its token's.
+_BOI, _EOI, _IMAGE = 102, 103, 104
+T5GEMMA2 = dict(
+    architectures=["T5Gemma2ForConditionalGeneration"],
+    model_type="t5gemma2",
+    is_encoder_decoder=True,
+    encoder=dict(
+        model_type="t5gemma2_encoder",
+        text_config={**_T5GEMMA2_TEXT, "model_type": "t5gemma2_text"},
+        # transformers always builds a vision tower; the teaching model has only this tiny
+        # placeholder config, and the checkpoint holds no vision weights (text only).
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=1,
+        boi_token_index=_BOI,
+        eoi_token_index=_EOI,
+        image_token_index=_IMAGE,
+        tie_word_embeddings=True,
+    ),
+    decoder={**_T5GEMMA2_TEXT, "model_type": "t5gemma2_decoder"},
+    image_token_index=_IMAGE,
+    eoi_token_index=_EOI,
+    vocab_size=VOCAB_SIZE,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+    **_SPECIAL_IDS,
+)
+
 TEACHING_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma3": GEMMA3,
     "gemma3n": GEMMA3N,
     "gemma4_moe": GEMMA4_MOE,
+    "t5gemma2": T5GEMMA2,
 }
 
 
@@ -135,7 +196,11 @@ def hf_config(name: str, tiny: bool = False) -> dict[str, Any]:
     if name not in TEACHING_CONFIGS:
         raise KeyError(f"No teaching model {name!r}; choose one of {sorted(TEACHING_CONFIGS)}.")
     config = copy.deepcopy(TEACHING_CONFIGS[name])
-    if tiny:
+    if tiny and name == "t5gemma2":
+        for stack in (config["encoder"]["text_config"], config["decoder"]):
+            stack.update(hidden_size=32, head_dim=8, query_pre_attn_scalar=8)
+            stack.update(intermediate_size=64, sliding_window=8, num_attention_heads=2)
+    elif tiny:
         config.update(hidden_size=32, head_dim=8, num_attention_heads=2, sliding_window=8)
         if "query_pre_attn_scalar" in config:
             config["query_pre_attn_scalar"] = 8

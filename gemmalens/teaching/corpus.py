@@ -225,3 +225,32 @@ def repeated_random_tokens(
     span_length = int(rng.integers(span[0], span[1] + 1))
     pattern = rng.integers(low, high, size=span_length)
     return np.resize(pattern, length)
+
+
+# ------------------------------------------------------------------- encoder-decoder tasks
+
+# Words that are single pieces of the teaching tokenizer (with their leading space).
+SEQ2SEQ_WORDS = NAMES + PLACES + OBJECTS
+SEQ2SEQ_TASKS = ("copy", "reverse", "capital", "indirect_object")
+
+
+def seq2seq_example(task: str, rng: np.random.Generator) -> tuple[str, str]:
+    """One (encoder text, decoder target) pair. The tasks make cross-attention easy to read:
+    copying aligns the decoder with the encoder token by token, reversing aligns it
+    backwards, and the two questions make it find one word (the country, the other name)."""
+    if task in ("copy", "reverse"):
+        count = int(rng.integers(4, 11))
+        words = [SEQ2SEQ_WORDS[i] for i in rng.integers(len(SEQ2SEQ_WORDS), size=count)]
+        target = words[::-1] if task == "reverse" else words
+        return f"{task}: " + " ".join(words), " " + " ".join(target)
+    if task == "capital":
+        country, capital = COUNTRIES_AND_CAPITALS[rng.integers(len(COUNTRIES_AND_CAPITALS))]
+        return f"What is the capital of {country}?", f" {capital}"
+    if task == "indirect_object":
+        a, b = rng.choice(len(NAMES), size=2, replace=False)
+        place, obj = PLACES[rng.integers(len(PLACES))], OBJECTS[rng.integers(len(OBJECTS))]
+        question = (
+            f"When {NAMES[a]} and {NAMES[b]} went to the {place}, {NAMES[b]} gave a {obj} to whom?"
+        )
+        return question, f" {NAMES[a]}"
+    raise KeyError(f"Unknown task {task!r}; choose one of {SEQ2SEQ_TASKS}.")

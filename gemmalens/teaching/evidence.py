@@ -20,6 +20,7 @@ import numpy as np
 
 import gemmalens as gl
 from gemmalens.circuits import induction_scores, repeated_random_tokens
+from gemmalens.teaching import corpus
 
 PROMPTS = (
     "The capital of France is",
@@ -271,8 +272,57 @@ def evaluation_rows(data, seed: int = 1234, rows: int = 32) -> np.ndarray:
     return np.stack(out[:rows])
 
 
+def seq2seq_accuracy(m: Any, data, per_task: int = 40, seed: int = 99) -> dict[str, float]:
+    """Exact-match accuracy of greedy generation on fresh examples of each task."""
+    rng = np.random.default_rng(seed)
+    accuracy = {}
+    for task in corpus.SEQ2SEQ_TASKS:
+        examples = [corpus.seq2seq_example(task, rng) for _ in range(per_task)]
+        sources, targets = zip(*examples)
+        generation = m.generate(list(sources), max_new_tokens=data.decoder_len)
+        hits = [out.strip() == target.strip() for out, target in zip(generation.text, targets)]
+        accuracy[task] = float(np.mean(hits))
+    return accuracy
+
+
+def _plot_cross_attention(m: Any, examples: list[tuple[str, str]], path: pathlib.Path):
+    """The cross-attention of the last decoder layer (mean over heads) for each example."""
+    plt = _plt()
+    layer = m.config.decoder.num_hidden_layers - 1
+    name = f"decoder.blocks.{layer}.attn.hook_cross_pattern"
+    fig, axes = plt.subplots(1, len(examples), figsize=(5.2 * len(examples), 4.2), dpi=120)
+    for ax, (source, target) in zip(np.atleast_1d(axes), examples):
+        encoder_ids = m.tokenizer.encode(source)
+        decoder_ids = m.tokenizer.encode(target)
+        _, cache = m.run_with_cache(
+            np.array([encoder_ids]), decoder_tokens=np.array([decoder_ids]), names=[name]
+        )
+        pattern = np.asarray(cache[name], np.float32)[0].mean(axis=0)
+        ax.imshow(pattern, cmap="Blues", vmin=0, aspect="auto")
+        pieces = [m.tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in encoder_ids]
+        outputs = [m.tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in decoder_ids]
+        ax.set_xticks(range(len(pieces)), pieces, rotation=70, fontsize=8)
+        ax.set_yticks(range(len(outputs)), outputs, fontsize=8)
+        ax.set(xlabel="encoder token (key)", ylabel="decoder input (query)")
+        ax.set_title(f"{source[:40]}", fontsize=9)
+    fig.suptitle(f"Cross-attention, decoder layer {layer}, mean over heads")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def measure_seq2seq(name: str, m: Any, data, report_dir: pathlib.Path) -> dict[str, Any]:
+    """Evidence for the encoder-decoder: task accuracy and a cross-attention figure."""
+    rng = np.random.default_rng(7)
+    examples = [corpus.seq2seq_example(task, rng) for task in ("reverse", "capital")]
+    _plot_cross_attention(m, examples, report_dir / f"cross_attention_{name}.png")
+    return {"accuracy": seq2seq_accuracy(m, data)}
+
+
 def measure(name: str, m: gl.Model, data, report_dir: pathlib.Path) -> dict[str, Any]:
     """All the evidence for teaching model ``name``; writes its figures to ``report_dir``."""
+    if name == "t5gemma2":
+        return measure_seq2seq(name, m, data, report_dir)
     repeated = repeated_random_tokens(m)
     found: dict[str, Any] = {
         "next_token": top_predictions(m),

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 import gemmalens as gl
 from gemmalens.checkpoints.save import save_checkpoint
+from gemmalens.encdec import _named
+from gemmalens.encdec import _side_inputs as encoder_decoder_side_inputs
 from gemmalens.layers.hooks import capture, hook_points
 from gemmalens.teaching import configs, corpus
 from gemmalens.tokenizer import Tokenizer, train_gemma_tokenizer
@@ -42,6 +44,7 @@ FAMILY_CONFIGS = {
     "gemma3_text": gl.Gemma3Config,
     "gemma3n_text": gl.Gemma3nConfig,
     "gemma4_text": gl.Gemma4Config,
+    "t5gemma2": gl.T5Gemma2Config,
 }
 # Share of training rows drawn from each source.
 DEFAULT_MIXTURE = {
@@ -139,6 +142,53 @@ class TrainingData:
         }
 
 
+class Seq2SeqData:
+    """Batches of encoder-decoder examples (`corpus.seq2seq_example`), tasks drawn evenly.
+
+    Encoder rows are ``<bos> text`` (what ``m.generate(text)`` feeds the encoder), decoder
+    rows ``<bos> target <eos>``, both padded on the right to fixed lengths; the masks mark
+    real tokens.
+    """
+
+    encoder_len = 32
+    decoder_len = 16
+
+    def __init__(self, tokenizer: Tokenizer, settings: Settings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    def examples(self, rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+        tasks = rng.choice(corpus.SEQ2SEQ_TASKS, size=count)
+        return [corpus.seq2seq_example(task, rng) for task in tasks]
+
+    def _padded(
+        self, texts: Sequence[str], length: int, add_eos: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer.encode(list(texts), add_bos=True, add_eos=add_eos)
+        tokens = np.zeros((len(ids), length), np.int32)
+        for row, seq in zip(tokens, ids):
+            if len(seq) > length:
+                raise ValueError(f"An example of {len(seq)} tokens exceeds the {length} allowed.")
+            row[: len(seq)] = seq
+        return tokens, (tokens != self.tokenizer.pad_id).astype(np.int32)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        sources, targets = zip(*self.examples(rng, self.settings.batch_size))
+        tokens, mask = self._padded(sources, self.encoder_len, add_eos=False)
+        decoder_tokens, decoder_mask = self._padded(targets, self.decoder_len, add_eos=True)
+        return {
+            "tokens": tokens,
+            "mask": mask,
+            "decoder_tokens": decoder_tokens,
+            "decoder_mask": decoder_mask,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            task: {"share_of_rows": 1 / len(corpus.SEQ2SEQ_TASKS)} for task in corpus.SEQ2SEQ_TASKS
+        }
+
+
 def build_tokenizer(docs: Sequence[str], path: pathlib.Path, settings: Settings) -> Tokenizer:
     """Trains the shared tokenizer on the documentation and samples of every synthetic kind."""
     rng = np.random.default_rng(settings.seed + 1)
@@ -153,10 +203,14 @@ def build_tokenizer(docs: Sequence[str], path: pathlib.Path, settings: Settings)
 # ------------------------------------------------------------------------------- training
 
 
-def _next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+def _next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
+    """Mean cross-entropy of each next token (only where ``mask`` marks it real)."""
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)
-    return -picked.mean()
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    if mask is None:
+        return -picked.mean()
+    weights = mask[:, 1:].astype(jnp.float32)
+    return -(picked * weights).sum() / weights.sum()
 
 
 def _load_balance_loss(router_logits: list[jax.Array], top_k: int) -> jax.Array:
@@ -199,30 +253,42 @@ class Trainer:
         self.opt_state = self.optimizer.init(self.params)
         self._step = jax.jit(self._update, donate_argnums=(0, 1))
 
-    def _losses(self, params, tokens):
+    def _losses(self, params, batch):
         model = pz.bind_variables(self.unbound, params)
-        logits, values = model.stateless_call(self.state, pz.nx.wrap(tokens).tag("batch", "seq"))
-        loss = _next_token_loss(logits.unwrap("batch", "seq", "vocab"), tokens)
+        if "decoder_tokens" in batch:  # encoder-decoder: the loss is on the decoder's tokens
+            side = encoder_decoder_side_inputs(
+                batch["tokens"], batch["mask"], batch["decoder_tokens"], batch["decoder_mask"]
+            )
+            inputs = (_named(batch["tokens"]), _named(batch["decoder_tokens"]))
+            logits, values = model.stateless_call(self.state, inputs, **side)
+            target, mask = batch["decoder_tokens"], batch["decoder_mask"]
+        else:
+            logits, values = model.stateless_call(self.state, _named(batch["tokens"]))
+            target, mask = batch["tokens"], None
+        loss = _next_token_loss(logits.unwrap("batch", "seq", "vocab"), target, mask)
         # Captured values are plain [batch, seq, expert] arrays.
         router = [v.value for v in values if v.label.startswith(_CAPTURE_LABEL)]
         balance = _load_balance_loss(router, self.top_k) if router else jnp.zeros(())
         return loss + self.settings.load_balance_weight * balance, (loss, balance)
 
-    def _update(self, params, opt_state, tokens):
-        grads, (loss, balance) = jax.grad(self._losses, has_aux=True)(params, tokens)
+    def _update(self, params, opt_state, batch):
+        grads, (loss, balance) = jax.grad(self._losses, has_aux=True)(params, batch)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, balance
 
-    def step(self, tokens: np.ndarray) -> tuple[float, float]:
-        self.params, self.opt_state, loss, balance = self._step(
-            self.params, self.opt_state, jnp.asarray(tokens)
-        )
+    def step(self, batch: np.ndarray | dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        """One optimiser step on ``[batch, seq]`` tokens (or an encoder-decoder batch dict)."""
+        if not isinstance(batch, dict):
+            batch = {"tokens": batch}
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        self.params, self.opt_state, loss, balance = self._step(self.params, self.opt_state, batch)
         return loss, balance
 
     def model(self, tokenizer: Tokenizer | None = None) -> gl.Model:
         """The trained model as a `gemmalens.Model` (parameters bound, hooks restored)."""
         model = pz.bind_variables(self._plain, self.params, unfreeze_as_copy=True)
-        return gl.Model(model, self.config, tokenizer)
+        surface = getattr(self.config, "surface_class", gl.Model)
+        return surface(model, self.config, tokenizer)
 
 
 def train(
@@ -308,9 +374,11 @@ def run(
         "jax": jax.__version__,
         "models": {},
     }
+    seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
         hf = configs.hf_config(name, tiny=settings.tiny)
-        trainer, history = train(hf, data, settings, name, progress)
+        source = seq2seq if hf["model_type"] == "t5gemma2" else data
+        trainer, history = train(hf, source, settings, name, progress)
         model = trainer.model(tokenizer)
         directory = save_checkpoint(model, out / name, hf, tokenizer=tokenizer_path)
         entry = {
@@ -324,7 +392,7 @@ def run(
         _plot_loss(history, name, report_dir / f"loss_{name}.png")
         if evidence is not None:
             shipped = gl.load(directory)
-            entry["evidence"] = evidence(name, shipped, data, report_dir)
+            entry["evidence"] = evidence(name, shipped, source, report_dir)
         report["models"][name] = entry
         (report_dir / f"loss_{name}.json").write_text(json.dumps(history["loss"]))
         # Written after every model, so that a run cut short keeps what it finished.
@@ -346,8 +414,10 @@ def remeasure(
     tokenizer = Tokenizer.from_file(out / names[0] / "tokenizer.model")
     docs = corpus.documentation(max_chars=settings.docs_chars)
     data = TrainingData(tokenizer, docs, settings)
+    seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
-        found = measure(name, gl.load(out / name), data, report_dir)
+        source = seq2seq if name == "t5gemma2" else data
+        found = measure(name, gl.load(out / name), source, report_dir)
         report["models"].setdefault(name, {})["evidence"] = found
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
