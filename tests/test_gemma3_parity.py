@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 import gemmalens as gl
 from tests import hf_reference as ref
@@ -131,3 +132,17 @@ def test_bfloat16_load_error_against_float32(tmp_path):
     print(f"bfloat16 vs float32: max abs logit error {error:.4f} (logit scale {scale:.2f})")
     # bfloat16 keeps 8 bits of mantissa: expect percent-level error, never garbage.
     assert 0 < error < 0.05 * scale
+
+
+def test_sparse_hub_text_config_takes_transformers_defaults():
+    """The Hub's Gemma 3 4B config lists only what differs from Gemma3TextConfig's defaults."""
+    hub = {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    }
+    complete = transformers.Gemma3TextConfig(**hub).to_dict()
+    assert gl.Gemma3Config.from_hf(hub) == gl.Gemma3Config.from_hf(complete)

@@ -98,9 +98,13 @@ class Gemma3Config(CountsParameters):
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3Config:
-        """Reads a transformers ``gemma3_text`` config dict (new or legacy key spellings)."""
+        """Reads a transformers ``gemma3_text`` config dict (new or legacy key spellings).
+
+        Keys a file leaves out take transformers' ``Gemma3TextConfig`` defaults, as they do
+        there: the Hub's Gemma 3 4B-27B ``text_config`` entries list only what differs.
+        """
         reject_unimplemented(hf, "Gemma 3")
-        num_layers = hf["num_hidden_layers"]
+        num_layers = hf.get("num_hidden_layers", 26)
         layer_types = hf.get("layer_types")
         if layer_types is None:
             pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
@@ -108,12 +112,12 @@ class Gemma3Config(CountsParameters):
         rope = _rope_from_hf(hf)
         eos = hf.get("eos_token_id", 1)
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
+            vocab_size=hf.get("vocab_size", 262_208),
+            hidden_size=hf.get("hidden_size", 2304),
+            intermediate_size=hf.get("intermediate_size", 9216),
             num_hidden_layers=num_layers,
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf["num_key_value_heads"],
+            num_attention_heads=hf.get("num_attention_heads", 8),
+            num_key_value_heads=hf.get("num_key_value_heads", 4),
             head_dim=hf.get("head_dim", 256),
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
             sliding_window=hf.get("sliding_window", 4096),
