@@ -54,7 +54,7 @@ _DTYPES: dict[str, np.dtype] = {
 _HOW_TO_GET_FILES = (
     "gemmalens never downloads anything: pass a local directory that holds config.json and "
     "the *.safetensors file(s), e.g. one made on a machine with network access with\n"
-    "    huggingface-cli download google/gemma-2b --local-dir ./gemma-2b"
+    "    hf download google/gemma-3-1b-it --local-dir ./gemma-3-1b-it"
 )
 
 _HOW_TO_CONVERT = (
@@ -133,7 +133,7 @@ def _read_header(path: pathlib.Path) -> _FileHeader:
             raise CheckpointError(
                 f"{path} is a Git LFS pointer file ({size} bytes), not the tensor data. "
                 "Run `git lfs pull` in the repository, or download the file with "
-                "`huggingface-cli download`."
+                "`hf download`."
             )
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
