@@ -14,16 +14,20 @@ import transformers
 import gemmalens as gl
 from gemmalens.teaching import configs, corpus, train
 
-SHIPPED = ["gemma3", "gemma3n", "gemma4_moe"]
+DECODERS = ["gemma3", "gemma3n", "gemma4_moe"]
+SHIPPED = [*DECODERS, "t5gemma2"]
 TOLERANCE = 1e-4
 
 
-def test_all_three_models_ship_within_the_size_budget():
+def _folder_bytes(name: str) -> int:
+    return sum(f.stat().st_size for f in gl.teaching_model_path(name).iterdir())
+
+
+def test_the_models_ship_within_the_size_budget():
     assert gl.teaching_models() == SHIPPED
-    total = sum(
-        f.stat().st_size for name in SHIPPED for f in gl.teaching_model_path(name).iterdir()
-    )
-    assert total < 31 * 2**20, f"{total / 2**20:.1f} MiB"
+    # The three decoder-only models the issue asks for fit "about 30 MB"; T5Gemma 2 adds 3 MB.
+    assert sum(map(_folder_bytes, DECODERS)) < 28 * 2**20
+    assert _folder_bytes("t5gemma2") < 3 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def prompt_tokens():
     return np.asarray(tokens), np.asarray(mask)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", DECODERS)
 def test_gemmalens_and_transformers_give_the_same_logits(name, prompt_tokens):
     tokens, mask = prompt_tokens
     ours = np.asarray(gl.teaching_model(name)(tokens, attention_mask=mask))
@@ -55,8 +59,39 @@ def test_gemmalens_and_transformers_give_the_same_logits(name, prompt_tokens):
     assert ours[real].std() > 1.0
 
 
+def test_t5gemma2_gives_the_same_logits_in_transformers():
+    m = gl.teaching_model("t5gemma2")
+    tok = m.tokenizer
+    sources = ["reverse: Mary park ring Tom", "What is the capital of Peru?"]
+    tokens, mask = m.to_tokens(sources)
+    # <bos> and the first two answer tokens; <bos> " Lima" <eos> for the question.
+    decoder_tokens = np.array([tok.encode(" Tom ring")[:3], tok.encode(" Lima", add_eos=True)])
+    ours = np.asarray(m(tokens, decoder_tokens=decoder_tokens, attention_mask=mask))
+    # The teaching checkpoint is text only: transformers initialises the (unused) vision
+    # tower it always builds, and says so.
+    reference = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(
+        gl.teaching_model_path("t5gemma2"), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        theirs = reference(
+            input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
+            attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+            decoder_input_ids=torch.tensor(decoder_tokens, dtype=torch.long),
+        ).logits.numpy()
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    assert ours.std() > 1.0
+
+
+def test_t5gemma2_learned_its_tasks():
+    m = gl.teaching_model("t5gemma2")
+    out = m.generate(
+        ["reverse: Mary park ring Tom", "What is the capital of Peru?"], max_new_tokens=8
+    )
+    assert [text.strip() for text in out.text] == ["Tom ring park Mary", "Lima"]
+
+
 def test_config_json_is_the_documented_architecture():
-    for name in SHIPPED:
+    for name in DECODERS:
         shipped = json.loads((gl.teaching_model_path(name) / "config.json").read_text())
         expected = configs.hf_config(name)
         for key in ("model_type", "hidden_size", "num_hidden_layers", "layer_types", "vocab_size"):
@@ -112,3 +147,27 @@ def test_training_data_mixes_the_sources_it_names():
     assert repeated, "no induction rows in a batch of 64 (15% expected)"
     again = data.batch(np.random.default_rng(0))
     np.testing.assert_array_equal(batch, again)
+
+
+def test_the_docs_page_quotes_the_measured_figures():
+    """docs/teaching-models.md is written from docs/teaching/report.json: keep them in step."""
+    root = gl.teaching_model_path("gemma3").parents[3]
+    page = (root / "docs" / "teaching-models.md").read_text()
+    report = json.loads((root / "docs" / "teaching" / "report.json").read_text())
+    models = report["models"]
+    for name in SHIPPED:
+        assert f"{models[name]['parameters']:,}" in page
+    heads = models["gemma3"]["evidence"]["induction"]["top_heads"]
+    for head in heads:
+        assert f"{head['score']:.2f} (head {head['head']})" in page
+    routing = models["gemma4_moe"]["evidence"]["routing"]
+    bits = ", ".join(f"{routing[str(i)]['mutual_information_bits']:.2f}" for i in range(3))
+    assert bits in page
+    altup = models["gemma3n"]["evidence"]["altup"]
+    assert f"from {altup['loss']:.2f} to {altup['loss_without_predictions']:.2f}" in page
+    predicted = " | ".join(
+        f"{altup['layers'][str(i)]['active_prediction_error']:.2f}" for i in range(6)
+    )
+    assert f"| prediction | {predicted} |" in page
+    accuracy = models["t5gemma2"]["evidence"]["accuracy"]
+    assert f"{100 * accuracy['copy']:g} % of the copies" in page
