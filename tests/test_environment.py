@@ -1,0 +1,24 @@
+"""environment.yml (conda) pins what pyproject.toml pins: the two must not drift."""
+
+from __future__ import annotations
+
+import pathlib
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pyproject_requirements() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+
+
+def _environment_requirements() -> set[str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = lines.index("  - pip:") + 1
+    entries = [line.strip()[2:].strip().strip('"') for line in lines[start:] if line.strip()]
+    return {entry for entry in entries if entry != "-e ."}
+
+
+def test_environment_yml_pins_what_pyproject_pins():
+    assert _environment_requirements() == _pyproject_requirements()
