@@ -6,6 +6,7 @@ once (as the cell's value) and nothing accumulates in pyplot's global state.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -17,9 +18,23 @@ TOKEN_FONT_SIZE = 8
 MAX_TICK_LABELS = 64
 
 
+class NotebookFigure(Figure):
+    """A matplotlib `Figure` that shows itself as a PNG in Jupyter even when pyplot (and so
+    the inline backend) was never imported; with the inline backend active, IPython's own
+    formatter takes precedence and draws it once, as usual."""
+
+    def __repr__(self) -> str:  # reads as the plain Figure it is
+        return super().__repr__().replace(type(self).__name__, "Figure", 1)
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
+
+
 def new_figure(width: float, height: float, figsize: tuple[float, float] | None = None) -> Figure:
     """A constrained-layout figure, ``figsize`` overriding the computed size."""
-    return Figure(figsize=figsize or (width, height), layout="constrained")
+    return NotebookFigure(figsize=figsize or (width, height), layout="constrained")
 
 
 def fitted_size(
