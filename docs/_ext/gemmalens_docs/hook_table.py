@@ -1,0 +1,419 @@
+"""The hook point tables, read off real tiny models of every family at build time.
+
+Each family is a preset shrunk to a few layers (``FAMILIES``): the same builder, the same hook
+points, tiny widths. A table lists every hook point of that model with the block index
+written as ``{i}``, the axes of its value (``HookPoint.axes``, the order of the array that
+``run_with_cache`` returns) and a line on what it holds (``HOOK_DOCS``). The model is also
+run abstractly (``jax.eval_shape``) to check that every value has one dimension per axis.
+
+A hook point without a line in ``HOOK_DOCS``, or a line for a hook point no model has, is
+a build warning (an error under ``-W``): the table never goes stale silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+logger = logging.getLogger(__name__)
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# Distinct sizes, none of them 1, so that an axis of size 1 in a value (a broadcast
+# divisor) shows as such.
+VOCAB = 96
+BATCH, SEQ, DECODER_SEQ = 2, 7, 5
+
+
+def _gemma3() -> Any:
+    import gemmalens as gl
+
+    return gl.preset("gemma3_270m").replace(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=4,
+        layer_types=(SLIDING, FULL),
+    )
+
+
+def _gemma3n() -> Any:
+    import gemmalens as gl
+
+    # Layer 0 is sparse (as the first ten of E2B/E4B), layer 2 reuses layer 1's keys.
+    return gl.preset("gemma3n_e2b").replace(
+        vocab_size=VOCAB,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size=32,
+        intermediate_size=(48, 48, 48),
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=(SLIDING, FULL, FULL),
+        activation_sparsity_pattern=(0.95, 0.0, 0.0),
+        num_kv_shared_layers=1,
+        hidden_size_per_layer_input=8,
+        laurel_rank=4,
+    )
+
+
+def _gemma4() -> Any:
+    import gemmalens as gl
+
+    # E2B's features: per-layer embeddings, KV sharing, a double-wide MLP on sharing layers.
+    return gl.preset("gemma4_e2b").replace(
+        vocab_size=VOCAB,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        sliding_window=4,
+        layer_types=(SLIDING, FULL, FULL),
+        num_kv_shared_layers=1,
+        hidden_size_per_layer_input=8,
+    )
+
+
+def _gemma4_moe() -> Any:
+    import gemmalens as gl
+
+    # 26B-A4B's features: K=V global attention and experts beside the dense MLP.
+    return gl.preset("gemma4_26b_a4b").replace(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        num_global_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        sliding_window=4,
+        layer_types=(SLIDING, FULL),
+        num_experts=6,
+        top_k_experts=3,
+        moe_intermediate_size=12,
+    )
+
+
+def _t5gemma2() -> Any:
+    import gemmalens as gl
+
+    config = gl.preset("t5gemma2_270m_270m")
+
+    def shrink(stack: Any) -> Any:
+        return stack.replace(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            layer_types=(SLIDING, FULL),
+        )
+
+    return dataclasses.replace(
+        config, encoder=shrink(config.encoder), decoder=shrink(config.decoder)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    title: str
+    preset: str  # the preset the tiny model is shrunk from
+    config: Callable[[], Any]
+    encoder_decoder: bool = False
+
+
+FAMILIES = {
+    "gemma3": Family("Gemma 3", "gemma3_270m", _gemma3),
+    "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
+    "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
+    "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
+    "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2, encoder_decoder=True),
+}
+
+# What each hook point holds, by template (``blocks.{i}.``; T5Gemma 2's ``encoder.`` and
+# ``decoder.`` prefixes are dropped before the look-up).
+HOOK_DOCS = {
+    # Every family.
+    "hook_embed": "Token embeddings, after the sqrt(d_model) scaling.",
+    "blocks.{i}.hook_resid_pre": "The residual stream entering the block.",
+    "blocks.{i}.attn.hook_q": "Queries, after QK-norm and RoPE.",
+    "blocks.{i}.attn.hook_k": "Keys, after QK-norm and RoPE (on KV-sharing layers: the "
+    "keys of the layer they reuse).",
+    "blocks.{i}.attn.hook_v": "Values (after the value norm where the family has one).",
+    "blocks.{i}.attn.hook_attn_scores": "Attention logits: scaled, masked (-inf), before "
+    "the softmax.",
+    "blocks.{i}.attn.hook_pattern": "Attention weights (softmax of the scores); rows sum to 1.",
+    "blocks.{i}.attn.hook_z": "Per-head attention output, before the output projection.",
+    "blocks.{i}.hook_attn_out": "The attention branch's contribution to the residual "
+    "stream, after the post-attention norm.",
+    "blocks.{i}.hook_resid_mid": "The residual stream between attention and MLP.",
+    "blocks.{i}.mlp.hook_pre": "The MLP's gate projection, before the GELU.",
+    "blocks.{i}.mlp.hook_pre_linear": "The MLP's up projection (the linear half of the "
+    "gated unit).",
+    "blocks.{i}.mlp.hook_post": "GELU(gate) * up: the input of the down projection.",
+    "blocks.{i}.hook_mlp_out": "The MLP branch's contribution to the residual stream, "
+    "after the post-feedforward norm.",
+    "blocks.{i}.hook_resid_post": "The residual stream leaving the block.",
+    "ln_final.hook_scale": "The final norm's divisor sqrt(mean(x²) + eps), one number per "
+    "position (used to freeze the norm in logit attribution).",
+    "ln_final.hook_normalized": "The final norm's output, which the unembedding reads.",
+    # Gemma 3n.
+    "hook_altup_expanded": "The AltUp streams made from the embedding: stream 0 is the "
+    "embedding, the others magnitude-matched projections of it.",
+    "blocks.{i}.altup.hook_prediction_modalities": "AltUp router output for the "
+    "prediction: tanh of a projection of the normed active stream.",
+    "blocks.{i}.altup.hook_prediction_coefs": "Per-token mixing coefficients C of the "
+    "prediction: pred[s] = stream[s] + sum_t C[s, t] stream[t].",
+    "blocks.{i}.altup.hook_predictions": "Every stream's prediction. The active one is "
+    "what the transformer layer runs on (hook_resid_pre).",
+    "blocks.{i}.laurel.hook_out": "LAuReL: x + norm(right(left(x))), a low-rank branch "
+    "beside attention, added to the residual.",
+    "blocks.{i}.mlp.hook_pre_sparse": "Only on layers with activation sparsity: the gate "
+    "after Gaussian top-k, relu(gate - (mean + z * std)).",
+    "blocks.{i}.altup.hook_correction_modalities": "AltUp router output for the "
+    "correction, from the layer's output.",
+    "blocks.{i}.altup.hook_correction_coefs": "Per-stream weight of the innovation "
+    "(correction coefficients + 1).",
+    "blocks.{i}.altup.hook_innovation": "The layer's output minus the active prediction.",
+    "blocks.{i}.altup.hook_corrected": "Every stream corrected: prediction + coefficient "
+    "* innovation.",
+    "blocks.{i}.hook_per_layer_input": "This layer's per-layer embedding (token part plus "
+    "projected context part).",
+    "blocks.{i}.hook_streams_post": "Every stream at the block's output, after the "
+    "per-layer input is added to the non-active streams: the next block's input.",
+    "hook_altup_collapsed": "The streams merged back into one: the mean of stream 0 and "
+    "the magnitude-matched unembedded others.",
+    # Gemma 4.
+    "blocks.{i}.hook_per_layer_out": "The per-layer-input branch's contribution to the "
+    "residual stream.",
+    "blocks.{i}.hook_dense_mlp_out": "MoE layers: the dense MLP's output (first "
+    "post-norm), one of the two summands of the feedforward branch.",
+    "blocks.{i}.moe.hook_router_logits": "Router logits per expert. Changing them "
+    "changes which experts are chosen.",
+    "blocks.{i}.moe.hook_expert_indices": "The k experts each token is routed to. "
+    "Replacing them reroutes the token.",
+    "blocks.{i}.moe.hook_expert_weights": "Each expert's weight for each token: the "
+    "renormalised top-k probabilities times the per-expert scale, 0 off the chosen ones.",
+    "blocks.{i}.moe.hook_out": "The experts' weighted sum after its post-norm, the other "
+    "summand of the feedforward branch.",
+    # T5Gemma 2's decoder.
+    "blocks.{i}.attn.hook_cross_k": "Keys computed from the encoder output (QK-norm, no RoPE).",
+    "blocks.{i}.attn.hook_cross_v": "Values computed from the encoder output.",
+    "blocks.{i}.attn.hook_self_pattern": "The part of the merged softmax over the "
+    "decoder's own keys.",
+    "blocks.{i}.attn.hook_cross_pattern": "The part of the merged softmax over the "
+    "encoder's tokens.",
+}
+
+_BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+_STACK = re.compile(r"^(encoder|decoder)\.")
+
+
+def template(name: str) -> str:
+    """A hook name with its block index written ``{i}``: ``blocks.3.hook_z`` ->
+    ``blocks.{i}.hook_z``."""
+    return _BLOCK.sub(r"\1blocks.{i}.", name)
+
+
+def doc_key(name: str) -> str:
+    """The ``HOOK_DOCS`` key of a hook name or template (no stack prefix, ``{i}``)."""
+    return _STACK.sub("", template(name))
+
+
+@dataclasses.dataclass(frozen=True)
+class HookRow:
+    template: str  # blocks.{i}.attn.hook_pattern
+    axes: tuple[str, ...]  # as HookPoint.axes, a size-1 axis written "1"
+    blocks: tuple[int, ...]  # the tiny model's blocks that have it (() for model-level)
+    block_count: int  # blocks in the tiny model's stack
+
+    @property
+    def in_every_block(self) -> bool:
+        return not self.blocks or len(self.blocks) == self.block_count
+
+
+@functools.cache
+def tiny_model(family: str) -> Any:
+    """The tiny model of ``family``, built once per process by the family's own builder.
+
+    Its weights are zeros: the tables read only the tree (hook points) and the shapes of
+    an abstract run, and drawing random weights would compile a kernel per weight shape
+    (seconds per family on a CI box)."""
+    import gemmalens as gl
+    from gemmalens.layers.params import ShapeOnly
+
+    config = FAMILIES[family].config()
+    tree = config.build(ShapeOnly())
+    zeros = jax.tree.map(
+        lambda leaf: (
+            np.zeros(leaf.shape, leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+        ),
+        tree,
+    )
+    surface = getattr(config, "surface_class", gl.Model)
+    return surface(zeros, config, None)
+
+
+def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
+    m = tiny_model(family)
+    tokens = np.full((BATCH, SEQ), 3, np.int32)
+    if FAMILIES[family].encoder_decoder:
+        decoder_tokens = np.full((BATCH, DECODER_SEQ), 3, np.int32)
+        run = lambda: dict(m.run_with_cache(tokens, decoder_tokens=decoder_tokens)[1])  # noqa: E731
+    else:
+        run = lambda: dict(m.run_with_cache(tokens)[1])  # noqa: E731
+    return jax.eval_shape(run)
+
+
+@functools.cache
+def hook_rows(family: str) -> tuple[HookRow, ...]:
+    """One row per hook template of ``family``'s tiny model, in forward order."""
+    from gemmalens.layers.hooks import hook_points
+
+    m = tiny_model(family)
+    shapes = _abstract_cache(family)
+    config = m.config
+    rows: dict[str, dict[str, Any]] = {}
+    for point in hook_points(m.model):
+        shape = shapes[point.name].shape
+        if len(shape) != len(point.axes):
+            raise ValueError(
+                f"{point.name}: value of shape {shape} for axes {point.axes} in the tiny "
+                f"{family} model; the hook point's axes are wrong."
+            )
+        axes = tuple("1" if size == 1 else axis for axis, size in zip(point.axes, shape))
+        key = template(point.name)
+        row = rows.setdefault(key, {"axes": axes, "blocks": []})
+        if row["axes"] != axes:
+            raise ValueError(f"{key}: axes differ between blocks: {row['axes']} vs {axes}.")
+        block = _BLOCK.search(point.name)
+        if block:
+            row["blocks"].append(int(block.group(2)))
+    stack = config.decoder if FAMILIES[family].encoder_decoder else config
+    return tuple(
+        HookRow(key, row["axes"], tuple(row["blocks"]), stack.num_hidden_layers)
+        for key, row in rows.items()
+    )
+
+
+def base_templates() -> set[str]:
+    """The doc keys of Gemma 3's hook points: what every family starts from."""
+    return {doc_key(row.template) for row in hook_rows("gemma3")}
+
+
+# ----------------------------------------------------------------------------- docutils
+
+
+def _code(text: str) -> nodes.paragraph:
+    return nodes.paragraph("", "", nodes.literal(text, text))
+
+
+def _entry(*children: nodes.Node) -> nodes.entry:
+    entry = nodes.entry()
+    entry.extend(children)
+    return entry
+
+
+def _table(rows: list[HookRow], headers: tuple[str, ...]) -> nodes.table:
+    table = nodes.table(classes=["gemmalens-hook-table"])
+    group = nodes.tgroup(cols=len(headers))
+    table += group
+    for width in (40, 22, 38)[: len(headers)]:
+        group += nodes.colspec(colwidth=width)
+    head = nodes.thead()
+    group += head
+    header = nodes.row()
+    for text in headers:
+        header += _entry(nodes.paragraph(text, text))
+    head += header
+    body = nodes.tbody()
+    group += body
+    for row in rows:
+        line = nodes.row()
+        axes = "[" + ", ".join(row.axes) + "]"
+        description = HOOK_DOCS.get(doc_key(row.template), "")
+        if not row.in_every_block:
+            which = ", ".join(str(b) for b in row.blocks)
+            plural = "s" if len(row.blocks) > 1 else ""
+            description += f" (In the tiny model, block{plural} {which} of its {row.block_count}.)"
+        line += _entry(_code(row.template))
+        line += _entry(_code(axes))
+        line += _entry(nodes.paragraph(description, description))
+        body += line
+    return table
+
+
+class HookTable(SphinxDirective):
+    """``{hook-table} family``: the hook points of that family's tiny model.
+
+    Options: ``:only-new:`` lists only the hook points Gemma 3 does not have.
+    """
+
+    required_arguments = 1
+    option_spec = {"only-new": directives.flag}
+
+    def run(self) -> list[nodes.Node]:
+        family = self.arguments[0]
+        if family not in FAMILIES:
+            raise self.error(f"Unknown family {family!r}; one of {sorted(FAMILIES)}.")
+        package = pathlib.Path(__import__("gemmalens").__file__).parent
+        for path in sorted(package.glob("**/*.py")):  # rebuild when the package changes
+            self.env.note_dependency(str(path))
+        try:
+            rows = list(hook_rows(family))
+        except Exception as error:  # the build should say which table, not crash
+            raise self.error(
+                f"Reading the hook points of the tiny {family} model failed: {error!r}"
+            ) from error
+        for row in rows:
+            if doc_key(row.template) not in HOOK_DOCS:
+                logger.warning(
+                    "Hook point %s of %s has no description: add one to HOOK_DOCS in "
+                    "docs/_ext/gemmalens_docs/hook_table.py.",
+                    row.template,
+                    family,
+                    location=self.get_location(),
+                )
+        if "only-new" in self.options:
+            base = base_templates()
+            rows = [row for row in rows if doc_key(row.template) not in base]
+        return [_table(rows, ("hook point", "axes", "value"))]
+
+
+def check_descriptions(app: Any, env: Any) -> None:
+    """Warns about ``HOOK_DOCS`` lines that no family's hook point uses (stale text)."""
+    used = {doc_key(row.template) for family in FAMILIES for row in hook_rows(family)}
+    for key in sorted(set(HOOK_DOCS) - used):
+        logger.warning(
+            "HOOK_DOCS in docs/_ext/gemmalens_docs/hook_table.py describes %s, which no "
+            "family's tiny model has: remove or rename it.",
+            key,
+        )
