@@ -6,6 +6,9 @@
     logits = m.run_with_hooks(tokens, iv.ablate_heads(3, [0, 2]))
     logits = m.run_with_hooks(tokens, iv.combine(iv.ablate_neurons(1, 17), iv.add_vector(4, v)))
 
+Gemma 4's expert interventions (`force_expert`, `forbid_expert`, `ablate_expert`) live with
+the family and are re-exported here.
+
 Hook functions are part of the compiled program's static structure, so a new dict (or a
 new array captured in one) compiles again; keep the dict to rerun it without recompiling.
 """
@@ -18,7 +21,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gemmalens.families.gemma4 import ablate_expert, forbid_expert, force_expert
 from gemmalens.layers.hooks import HookFn
+
+__all__ = [
+    "ablate_expert",
+    "ablate_heads",
+    "ablate_neurons",
+    "add_vector",
+    "combine",
+    "forbid_expert",
+    "force_expert",
+    "replace_with",
+]
 
 HookDict = dict[str, HookFn]
 

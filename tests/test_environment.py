@@ -22,3 +22,12 @@ def _environment_requirements() -> set[str]:
 
 def test_environment_yml_pins_what_pyproject_pins():
     assert _environment_requirements() == _pyproject_requirements()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```bash\n")[1:3]
+    demo, tests = (block.split("\n```")[0].strip() for block in blocks)
+    assert demo.endswith("gemmalens demo")
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == tests
