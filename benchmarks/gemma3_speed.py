@@ -251,6 +251,16 @@ def versions() -> dict:
     )
 
 
+def decode_table(results: dict) -> str:
+    rows = ["| measurement | gemmalens | transformers | ratio |", "|---|---|---|---|"]
+    for r in results["decode"]:
+        rows.append(
+            f"| greedy decode, batch {r['batch']}, new tokens/s | {r['gemmalens_tok_s']:,.0f} | "
+            f"{r['transformers_tok_s']:,.0f} | {r['gemmalens_tok_s'] / r['transformers_tok_s']:.1f}x |"
+        )
+    return "\n".join(rows)  # fmt: skip
+
+
 def table(results: dict) -> str:
     rows = ["| measurement | gemmalens | transformers | ratio |", "|---|---|---|---|"]
     for r in results["forward"]:
@@ -262,11 +272,7 @@ def table(results: dict) -> str:
         rows.append(
             f"| forward {shape}, MFU | {r['gemmalens_mfu']:.1%} | {r['transformers_mfu']:.1%} | |"
         )
-    for r in results["decode"]:
-        rows.append(
-            f"| greedy decode, batch {r['batch']}, new tokens/s | {r['gemmalens_tok_s']:,.0f} | "
-            f"{r['transformers_tok_s']:,.0f} | {r['gemmalens_tok_s'] / r['transformers_tok_s']:.1f}x |"
-        )
+    rows += decode_table(results).splitlines()[2:]
     c = results["capture"]
     shape = f"{c['batch']} x {c['length']}"
     rows.append(
@@ -311,7 +317,15 @@ def main(argv: list[str] | None = None) -> dict:
         make_checkpoint(directory, setup["config"], setup["dtype"])
         if args.decode_only:
             results = measure_speed(setup, directory, decode_only=True)
+            results["versions"] = versions()
+            results["command"] = "python benchmarks/gemma3_speed.py --decode-only" + (
+                " --tiny" if args.tiny else ""
+            )
+            print(json.dumps(results["versions"]))
             print(json.dumps(results["decode"]))
+            print(decode_table(results))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2))
             return results
         # Peak memory first, in fresh processes, while this one holds no device memory.
         memory = {}

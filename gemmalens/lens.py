@@ -97,6 +97,7 @@ class Model:
         self._leaves, self._treedef = jax.tree.flatten(self._frozen)
         self._capture_plans: dict[Any, tuple[pz.nn.Layer, list]] = {}
         self._flat_plans: dict[int, tuple[pz.nn.Layer, Any, list]] = {}
+        self._generation_programs: dict[Any, sampling.GenerationProgram] = {}
         self._hook_names = [hp.name for hp in hook_points(value)]
 
     def __repr__(self) -> str:
@@ -321,14 +322,10 @@ class Model:
                 eos_ids.append(self.tokenizer.end_of_turn_id)
         eos_ids = tuple(int(e) for e in eos_ids) if stop_at_eos else ()
 
-        model = self.with_hooks(hooks) if hooks else self._model
         captured = set(self.select_hooks(capture)) if capture != () else set()
-        model = capture_hooks(model, captured, _CACHE_LABEL)
-        model = sampling.with_kv_cache(pz.freeze_params(model), len(rows), width + max_new_tokens)
-        unbound, state = pz.unbind_state_vars(model)
-        new_tokens, prompt_values, step_values = sampling._generate(
-            unbound,
-            [v.freeze() for v in state],
+        program = self._generation_program(hooks, captured, len(rows), width + max_new_tokens)
+        new_tokens, prompt_values, step_values = sampling.generate_tokens(
+            program,
             jnp.asarray(tokens),
             jnp.asarray(mask),
             jax.random.key(seed),
@@ -354,6 +351,24 @@ class Model:
             prompt_cache=as_cache(prompt_values) if captured else None,
             step_cache=as_cache(step_values) if captured else None,
         )
+
+    def _generation_program(
+        self, hooks: Mapping[str, HookFn] | None, captured: set[str], batch: int, length: int
+    ) -> sampling.GenerationProgram:
+        """The model prepared for generation. Preparing rewrites the whole tree, which
+        costs several decode steps' worth of time, so programs without interventions are
+        kept until the model changes (hook functions may change between calls: not kept)."""
+        if hooks:
+            model = capture_hooks(self.with_hooks(hooks), captured, _CACHE_LABEL)
+            return sampling.prepare(pz.freeze_params(model), batch, length)
+        key = (frozenset(captured), batch, length)
+        program = self._generation_programs.get(key)
+        if program is None:
+            if len(self._generation_programs) >= 16:
+                self._generation_programs.clear()
+            model = capture_hooks(self._frozen, captured, _CACHE_LABEL)
+            program = self._generation_programs[key] = sampling.prepare(model, batch, length)
+        return program
 
     def _prompt_rows(self, prompts: Any, attention_mask: Any) -> list[list[int]]:
         if isinstance(prompts, str) or (

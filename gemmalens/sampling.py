@@ -112,6 +112,10 @@ def _write(stored: dict, k, v, positions) -> dict:
     }
 
 
+# What an empty cache slot holds: zero keys and values at position -1 (never attended to).
+_EMPTY_FILL = {"k": 0, "v": 0, "positions": -1}
+
+
 def with_kv_cache(model: pz.nn.Layer, batch_size: int, max_length: int) -> pz.nn.Layer:
     """A copy of ``model`` whose attention layers keep an (empty) KV cache."""
     counter = iter(range(1_000_000))
@@ -124,13 +128,12 @@ def with_kv_cache(model: pz.nn.Layer, batch_size: int, max_length: int) -> pz.nn
             **{a: n for a, n in attention.key.sublayers[0].output_axes.items()},
         }
         dtype = attention.key.sublayers[0].weights.value.dtype
-        empty = {
-            "k": pz.nx.zeros(kv_shape, dtype=dtype),
-            "v": pz.nx.zeros(kv_shape, dtype=dtype),
-            "positions": pz.nx.full({"batch": batch_size, "seq": length}, -1, dtype=jnp.int32),
-        }
+        positions_shape = {"batch": batch_size, "seq": length}
+        shapes = {"k": kv_shape, "v": kv_shape, "positions": positions_shape}
+        dtypes = {"k": dtype, "v": dtype, "positions": jnp.int32}
+        cache = {name: pz.nx.full(shapes[name], _EMPTY_FILL[name], dtypes[name]) for name in shapes}
         return CachingAttention(
-            attention, pz.StateVariable(empty, label=f"{_KV_LABEL}{next(counter)}")
+            attention, pz.StateVariable(cache, label=f"{_KV_LABEL}{next(counter)}")
         )
 
     return pz.select(model).at_instances_of(Attention).apply(add_cache)
@@ -208,15 +211,92 @@ def _split(values, prefix: str):
 DECODE_UNROLL = 1
 
 
-@functools.partial(
-    jax.jit, static_argnames=("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
-)
+def _is_positions_leaf(path) -> bool:
+    return any(getattr(key, "key", None) == "positions" for key in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EmptyCaches:
+    """The KV caches of a program as shapes: made (zeros, positions -1) inside the
+    compiled call, so a call allocates and fills nothing beforehand. Hashable (static)."""
+
+    treedef: Any
+    leaves: tuple[tuple[tuple[int, ...], str, int], ...]  # (shape, dtype, fill)
+
+    def make(self) -> list:
+        arrays = [jnp.full(shape, fill, dtype) for shape, dtype, fill in self.leaves]
+        return jax.tree.unflatten(self.treedef, arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationProgram:
+    """A model prepared for `generate_tokens`: KV caches added, state split off, and the
+    tree flattened once. Rewriting and flattening a Penzai tree costs tens of milliseconds
+    per call for a 1B model, several decode steps' worth, so `Model.generate` keeps one
+    program per (captures, batch, length) until the model changes.
+
+    Attributes:
+      treedef: the tree structure of ``(model without state, capture state values)``.
+      leaves: the arrays of that tree (weights).
+      caches: the empty KV caches, as shapes.
+    """
+
+    treedef: Any
+    leaves: list
+    caches: _EmptyCaches
+
+
+def prepare(model: pz.nn.Layer, batch_size: int, max_length: int) -> GenerationProgram:
+    """The `GenerationProgram` of ``model`` (parameters frozen, captures installed) for
+    ``batch_size`` rows of up to ``max_length`` tokens (prompt and new tokens)."""
+    # The empty caches made here are only read for their shapes (once per program).
+    cached = with_kv_cache(model, batch_size, max_length)
+    unbound, state = pz.unbind_state_vars(cached)
+    caches, captures = _split([v.freeze() for v in state], _KV_LABEL)
+    leaves, treedef = jax.tree.flatten((unbound, captures))
+    with_paths, caches_treedef = jax.tree_util.tree_flatten_with_path(caches)
+    shapes = tuple(
+        (tuple(leaf.shape), jnp.dtype(leaf.dtype).name, -1 if _is_positions_leaf(path) else 0)
+        for path, leaf in with_paths
+    )
+    return GenerationProgram(treedef, leaves, _EmptyCaches(caches_treedef, shapes))
+
+
+def generate_tokens(
+    program: GenerationProgram, tokens: jax.Array, mask: jax.Array, key: jax.Array, **options
+):
+    """Runs `_generate` on a prepared program: same options and results."""
+    return _generate_program(
+        program.treedef, program.caches, program.leaves, tokens, mask, key, **options
+    )
+
+
+_STATIC = ("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=_STATIC)
+def _generate_program(treedef, empty_caches, leaves, tokens, mask, key, **options):
+    model, captures = jax.tree.unflatten(treedef, leaves)
+    return _decode(model, empty_caches.make(), captures, tokens, mask, key, **options)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(
     model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
 ):
     """Prefill then scan. Returns new tokens [batch, max_new_tokens], the prefill captures
     and the per-step captures (stacked along a leading step axis)."""
     caches, captures = _split(state, _KV_LABEL)
+    return _decode(
+        model, caches, captures, tokens, mask, key,
+        max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids, pad_id=pad_id,
+        unroll=unroll,
+    )  # fmt: skip
+
+
+def _decode(
+    model, caches, captures, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll
+):
     empty_captures = captures
 
     def forward(caches, tokens, positions):

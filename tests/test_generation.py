@@ -167,3 +167,22 @@ def test_text_prompts(tmp_path):
     result = model.generate(["Once upon a time", "Hi"], max_new_tokens=6)
     assert len(result.text) == 2 and all(isinstance(t, str) for t in result.text)
     assert result.prompt_tokens[0, -1] == tokenizer.encode("Once upon a time")[-1]
+
+
+def test_replacing_the_model_drops_prepared_generation_programs(pair):
+    """`generate` keeps prepared programs per shape; new weights must not reuse them."""
+    _, m = pair
+    prompts = [[2, 17, 201, 45], [2, 90, 12, 7]]
+    original = m.model
+    before = np.asarray(m.generate(prompts, max_new_tokens=6).tokens)
+    other = gl.build(m.config, seed=123)
+    try:
+        m.model = other.model
+        swapped = np.asarray(m.generate(prompts, max_new_tokens=6).tokens)
+    finally:
+        m.model = original
+    np.testing.assert_array_equal(
+        swapped, np.asarray(other.generate(prompts, max_new_tokens=6).tokens)
+    )
+    assert not np.array_equal(swapped, before)
+    np.testing.assert_array_equal(np.asarray(m.generate(prompts, max_new_tokens=6).tokens), before)
