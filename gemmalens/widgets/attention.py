@@ -56,8 +56,12 @@ def window_of(mask: AttentionMask | None, layer_type: str | None = None) -> dict
         label = "global attention: every earlier key" if mask.causal else "global attention"
     elif mask.causal:
         label = f"sliding window: each query sees its last {mask.window_before} keys"
-    else:
+    elif mask.window_before == mask.window_after:
         label = f"sliding window: keys less than {mask.window_before} positions away"
+    else:  # lopsided, as in T5Gemma 2's encoder
+        back = "all" if mask.window_before is None else mask.window_before - 1
+        ahead = "all" if mask.window_after is None else mask.window_after - 1
+        label = f"sliding window: {back} keys back, {ahead} ahead"
     return {
         "type": "sliding" if sliding else "global",
         "causal": bool(mask.causal),
