@@ -111,7 +111,8 @@ class EncoderOutput:
     attention_mask: jax.Array | None = None
 
 
-def _named(tokens: jax.Array) -> pz.nx.NamedArray:
+def named_tokens(tokens: jax.Array) -> pz.nx.NamedArray:
+    """``[batch, seq]`` ids as a named array (the encoder-decoder's input form)."""
     return pz.nx.wrap(tokens).tag("batch", "seq")
 
 
@@ -120,10 +121,13 @@ def column_positions(tokens: jax.Array, mask: jax.Array | None) -> pz.nx.NamedAr
     columns = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if mask is not None:
         columns = jnp.where(mask > 0, columns, -1)
-    return _named(columns)
+    return named_tokens(columns)
 
 
-def _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask) -> dict[str, Any]:
+def seq2seq_side_inputs(
+    encoder_tokens, encoder_mask, decoder_tokens, decoder_mask
+) -> dict[str, Any]:
+    """The positions `EncoderDecoder` takes beside its tokens (masks: [batch, seq] or None)."""
     return {
         "encoder_positions": column_positions(encoder_tokens, encoder_mask),
         "decoder_positions": column_positions(decoder_tokens, decoder_mask),
@@ -133,15 +137,17 @@ def _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask) -> 
 
 @jax.jit
 def _run(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
-    side = _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
-    logits = model((_named(encoder_tokens), _named(decoder_tokens)), **side)
+    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    logits = model((named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side)
     return logits.unwrap("batch", "seq", "vocab")
 
 
 @jax.jit
 def _run_stateful(model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
-    side = _side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
-    return model.stateless_call(state, (_named(encoder_tokens), _named(decoder_tokens)), **side)
+    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    return model.stateless_call(
+        state, (named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side
+    )
 
 
 @jax.jit
@@ -149,7 +155,7 @@ def _encode(encoder, state, tokens, mask):
     side = {"token_positions": column_positions(tokens, mask)}
     if mask is None:
         side["positions_are_arange"] = True
-    hidden, values = encoder.stateless_call(state, _named(tokens), **side)
+    hidden, values = encoder.stateless_call(state, named_tokens(tokens), **side)
     return hidden.unwrap("batch", "seq", "embedding"), values
 
 
@@ -157,7 +163,7 @@ def _encode(encoder, state, tokens, mask):
 def _decode(decoder, decoder_tokens, decoder_mask, hidden_states, encoder_mask):
     encoder_output = pz.nx.wrap(hidden_states).tag(*RESID_AXES)
     logits = decoder(
-        _named(decoder_tokens),
+        named_tokens(decoder_tokens),
         token_positions=column_positions(decoder_tokens, decoder_mask),
         **{
             ENCODER_OUTPUT: encoder_output,

@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 
 import gemmalens as gl
 from gemmalens.checkpoints.save import save_checkpoint
-from gemmalens.encdec import _named
-from gemmalens.encdec import _side_inputs as encoder_decoder_side_inputs
+from gemmalens.encdec import named_tokens, seq2seq_side_inputs
 from gemmalens.layers.hooks import capture, hook_points
 from gemmalens.teaching import configs, corpus
 from gemmalens.tokenizer import Tokenizer, train_gemma_tokenizer
@@ -256,14 +255,14 @@ class Trainer:
     def _losses(self, params, batch):
         model = pz.bind_variables(self.unbound, params)
         if "decoder_tokens" in batch:  # encoder-decoder: the loss is on the decoder's tokens
-            side = encoder_decoder_side_inputs(
+            side = seq2seq_side_inputs(
                 batch["tokens"], batch["mask"], batch["decoder_tokens"], batch["decoder_mask"]
             )
-            inputs = (_named(batch["tokens"]), _named(batch["decoder_tokens"]))
+            inputs = (named_tokens(batch["tokens"]), named_tokens(batch["decoder_tokens"]))
             logits, values = model.stateless_call(self.state, inputs, **side)
             target, mask = batch["decoder_tokens"], batch["decoder_mask"]
         else:
-            logits, values = model.stateless_call(self.state, _named(batch["tokens"]))
+            logits, values = model.stateless_call(self.state, named_tokens(batch["tokens"]))
             target, mask = batch["tokens"], None
         loss = _next_token_loss(logits.unwrap("batch", "seq", "vocab"), target, mask)
         # Captured values are plain [batch, seq, expert] arrays.
