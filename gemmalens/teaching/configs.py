@@ -17,7 +17,19 @@ VOCAB_SIZE = 4096
 # Long enough for a repeated span of 48 tokens three times over, short enough to train fast.
 SEQ_LEN = 256
 
-_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+# What every teaching model (and each T5Gemma 2 stack) shares.
+_SHARED = dict(
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+}
 
 GEMMA3 = dict(
     architectures=["Gemma3ForCausalLM"],
@@ -34,18 +46,12 @@ GEMMA3 = dict(
     query_pre_attn_scalar=64,
     sliding_window=32,
     max_position_embeddings=1024,
-    rope_parameters={
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
-    },
-    rms_norm_eps=1e-6,
-    hidden_activation="gelu_pytorch_tanh",
+    rope_parameters=_DEFAULT_ROPE,
     final_logit_softcapping=None,
     attn_logit_softcapping=None,
     use_bidirectional_attention=False,
-    tie_word_embeddings=True,
     torch_dtype="bfloat16",
-    **_SPECIAL_IDS,
+    **_SHARED,
 )
 
 GEMMA3N = dict(
@@ -71,16 +77,10 @@ GEMMA3N = dict(
     altup_coef_clip=120.0,
     altup_correct_scale=True,
     activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
-    rope_parameters={
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
-    },
-    rms_norm_eps=1e-6,
-    hidden_activation="gelu_pytorch_tanh",
+    rope_parameters=_DEFAULT_ROPE,
     final_logit_softcapping=30.0,
-    tie_word_embeddings=True,
     torch_dtype="bfloat16",
-    **_SPECIAL_IDS,
+    **_SHARED,
 )
 
 GEMMA4_MOE = dict(
@@ -112,12 +112,9 @@ GEMMA4_MOE = dict(
             "rope_theta": 1_000_000.0,
         },
     },
-    rms_norm_eps=1e-6,
-    hidden_activation="gelu_pytorch_tanh",
     final_logit_softcapping=30.0,
-    tie_word_embeddings=True,
     torch_dtype="bfloat16",
-    **_SPECIAL_IDS,
+    **_SHARED,
 )
 
 _T5GEMMA2_TEXT = dict(
@@ -132,16 +129,10 @@ _T5GEMMA2_TEXT = dict(
     query_pre_attn_scalar=32,
     sliding_window=16,
     max_position_embeddings=512,
-    rope_parameters={
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        FULL: {"rope_type": "default", "rope_theta": 1_000_000.0},
-    },
-    rms_norm_eps=1e-6,
-    hidden_activation="gelu_pytorch_tanh",
+    rope_parameters=_DEFAULT_ROPE,
     final_logit_softcapping=None,
     attn_logit_softcapping=None,
-    tie_word_embeddings=True,
-    **_SPECIAL_IDS,
+    **_SHARED,
 )
 # Image markers on unused pieces, which text never produces (<unused96..98>): the
 # end-of-image id reads a learned embedding row instead of its token's.
@@ -174,9 +165,11 @@ T5GEMMA2 = dict(
     image_token_index=_IMAGE,
     eoi_token_index=_EOI,
     vocab_size=VOCAB_SIZE,
-    tie_word_embeddings=True,
     torch_dtype="bfloat16",
-    **_SPECIAL_IDS,
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
 )
 
 TEACHING_CONFIGS: dict[str, dict[str, Any]] = {
