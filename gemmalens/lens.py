@@ -375,7 +375,10 @@ class Model:
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)
         ):
             if self.tokenizer is None:
-                raise ValueError("Text prompts need a tokenizer; pass token ids instead.")
+                raise ValueError(
+                    "Text prompts need a tokenizer and this model has none: pass token ids, or "
+                    "load a checkpoint directory that contains tokenizer.model."
+                )
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
             return self.tokenizer.encode(texts)
         if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):

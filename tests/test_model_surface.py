@@ -191,6 +191,8 @@ def test_attention_mask_shape_mismatch(model):
 def test_text_needs_a_tokenizer(model):
     with pytest.raises(ValueError, match="no tokenizer"):
         model("hello")
+    with pytest.raises(ValueError, match="contains tokenizer.model"):
+        model.generate("hello", max_new_tokens=2)
 
 
 def test_checkpoint_with_tokenizer(tmp_path):
