@@ -202,6 +202,20 @@ def test_attention_from_model_matches_a_full_cache(gemma3):
     )
 
 
+def test_attention_viewer_shows_only_the_layers_asked_for(gemma3):
+    _, tokens, _, cache = gemma3
+    everything = AttentionViewer(cache, tokens)
+    chosen = AttentionViewer(cache, tokens, layers=[2, 5])
+    assert [value for value, _ in chosen.options["layer"]] == [2, 5] and chosen.layer == 2
+    np.testing.assert_allclose(
+        chosen.matrix, np.asarray(cache["blocks.2.attn.hook_pattern"])[0, 0], rtol=1e-6
+    )
+    # The static copy embeds one state per (layer, head): 2 layers instead of 6.
+    assert len(chosen.static_payload()["states"]) * 3 == len(everything.static_payload()["states"])
+    with pytest.raises(ValueError, match=r"layers=\[7\] are not in the cache"):
+        AttentionViewer(cache, tokens, layers=[2, 7])
+
+
 def test_attention_errors(gemma3):
     model, tokens, _, cache = gemma3
     viewer = AttentionViewer(cache, tokens)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,6 +145,7 @@ class AttentionViewer(Viewer):
         head: int = 0,
         batch: int = 0,
         prefix: str = "",
+        layers: Sequence[int] | None = None,
         selected_token: int = -1,
         embed_html: bool = True,
     ):
@@ -160,11 +161,20 @@ class AttentionViewer(Viewer):
           head: the head shown first (-1: mean over heads).
           batch: which batch row to show.
           prefix: hook name prefix for encoder-decoder stacks (``"encoder."``, ``"decoder."``).
+          layers: show only these of the cached layers (default: all of them); fewer layers
+            make a smaller static HTML copy.
           selected_token: the query highlighted first (-1: none).
           embed_html: add the static `to_html` copy to the notebook output.
         """
         template = PATTERN_HOOK.replace("{prefix}", prefix)
-        layers = require_layers(cache, [template], "AttentionViewer", [template.format(layer="*")])
+        cached = require_layers(cache, [template], "AttentionViewer", [template.format(layer="*")])
+        layers = cached if layers is None else [int(i) for i in layers]
+        missing = sorted(set(layers) - set(cached))
+        if missing or not layers:
+            raise ViewerError(
+                f"layers={missing or layers} are not in the cache, which holds the patterns of "
+                f"layers {cached}; capture them with names=['{template.format(layer='*')}']."
+            )
         self._patterns = {
             i: batch_row(cache[template.format(layer=i)], batch, template.format(layer=i))
             for i in layers
