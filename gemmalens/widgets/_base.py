@@ -421,3 +421,21 @@ class Viewer(anywidget.AnyWidget):
 def options_list(values: Iterable[Any], label: Callable[[Any], str] = str) -> list[list[Any]]:
     """``[[value, label], ...]`` for a selector."""
     return [[jsonable(v), label(v)] for v in values]
+
+
+class LayerViewer(Viewer):
+    """A viewer that shows one layer at a time (of ``self._layers``, set by the subclass
+    before the controls) and can highlight one token (``selected_token``, -1: none)."""
+
+    layer = traitlets.Int(0).tag(sync=True)
+    selected_token = traitlets.Int(-1).tag(sync=True)
+
+    @traitlets.validate("layer")
+    def _check_layer(self, proposal: Any) -> int:
+        return check_choice("layer", proposal["value"], self._layers)
+
+    @traitlets.validate("selected_token")
+    def _check_selected(self, proposal: Any) -> int:
+        return check_choice(
+            "selected_token", proposal["value"], list(range(-1, len(self.tokens))), " (-1: none)"
+        )

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
-    Viewer,
+    LayerViewer,
     batch_row,
     check_choice,
     ids_of,
@@ -32,7 +32,7 @@ MEASURES = {
 }
 
 
-class AltUpViewer(Viewer):
+class AltUpViewer(LayerViewer):
     """Gemma 3n's AltUp streams: what each block predicts, what it corrects, and by how much.
 
     Each block predicts all K streams from the streams it receives (a cheap linear mix,
@@ -66,10 +66,8 @@ class AltUpViewer(Viewer):
 
     css_class = "gemmalens-altup"
 
-    layer = traitlets.Int(0).tag(sync=True)
     stream = traitlets.Int(0).tag(sync=True)
     measure = traitlets.Unicode("difference").tag(sync=True)
-    selected_token = traitlets.Int(-1).tag(sync=True)
     norms = traitlets.Dict().tag(sync=True)
     stream_norms = traitlets.Dict().tag(sync=True)
     overview = traitlets.List().tag(sync=True)
@@ -176,10 +174,6 @@ class AltUpViewer(Viewer):
         _, cache = m.run_with_cache(ids, names=names)
         return cls(cache, ids, **kwargs)
 
-    @traitlets.validate("layer")
-    def _check_layer(self, proposal: Any) -> int:
-        return check_choice("layer", proposal["value"], self._layers)
-
     @traitlets.validate("stream")
     def _check_stream(self, proposal: Any) -> int:
         return check_choice("stream", proposal["value"], list(range(self._streams)))
@@ -187,12 +181,6 @@ class AltUpViewer(Viewer):
     @traitlets.validate("measure")
     def _check_measure(self, proposal: Any) -> str:
         return check_choice("measure", proposal["value"], list(MEASURES))
-
-    @traitlets.validate("selected_token")
-    def _check_selected(self, proposal: Any) -> int:
-        return check_choice(
-            "selected_token", proposal["value"], list(range(-1, len(self.tokens))), " (-1: none)"
-        )
 
     def layer_norms(self, layer: int | None = None) -> dict[str, np.ndarray]:
         """``{measure: [stream, pos]}`` of ``layer`` (default: the one shown)."""

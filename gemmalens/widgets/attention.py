@@ -15,7 +15,7 @@ from penzai import pz
 from gemmalens.layers.attention import AttentionMask, DotProductAttention
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
-    Viewer,
+    LayerViewer,
     ViewerError,
     batch_row,
     check_choice,
@@ -93,7 +93,7 @@ def _masks_by_hook(model: Any) -> dict[str, AttentionMask]:
     return {mixer.hook_pattern.name: mixer.mask for mixer in mixers}
 
 
-class AttentionViewer(Viewer):
+class AttentionViewer(LayerViewer):
     """Attention patterns, one layer and head at a time, with the sliding window visible.
 
     Tokens label both axes (queries down, keys across). On sliding-window layers the keys
@@ -125,9 +125,7 @@ class AttentionViewer(Viewer):
 
     css_class = "gemmalens-attention"
 
-    layer = traitlets.Int(0).tag(sync=True)
     head = traitlets.Int(0).tag(sync=True)
-    selected_token = traitlets.Int(-1).tag(sync=True)
     matrix = traitlets.List().tag(sync=True)
     window = traitlets.Dict().tag(sync=True)
     key_tokens = traitlets.List(traitlets.Unicode()).tag(sync=True)
@@ -248,12 +246,6 @@ class AttentionViewer(Viewer):
     def _check_head(self, proposal: Any) -> int:
         return check_choice(
             "head", proposal["value"], [MEAN_HEAD, *range(self._heads)], " (-1: mean over heads)"
-        )
-
-    @traitlets.validate("selected_token")
-    def _check_selected(self, proposal: Any) -> int:
-        return check_choice(
-            "selected_token", proposal["value"], list(range(-1, len(self.tokens))), " (-1: none)"
         )
 
     # -------------------------------------------------------------- data

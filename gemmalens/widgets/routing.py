@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
-    Viewer,
+    LayerViewer,
     batch_row,
     check_choice,
     ids_of,
@@ -34,7 +34,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-class RoutingViewer(Viewer):
+class RoutingViewer(LayerViewer):
     """Mixture-of-experts routing (Gemma 4 26B-A4B): token x expert weights per layer.
 
     Each MoE layer's router scores every expert for every token
@@ -66,9 +66,7 @@ class RoutingViewer(Viewer):
 
     css_class = "gemmalens-routing"
 
-    layer = traitlets.Int(0).tag(sync=True)
     show = traitlets.Unicode("weights").tag(sync=True)
-    selected_token = traitlets.Int(-1).tag(sync=True)
     weights = traitlets.List().tag(sync=True)
     probabilities = traitlets.List().tag(sync=True)
     chosen = traitlets.List().tag(sync=True)
@@ -140,19 +138,9 @@ class RoutingViewer(Viewer):
         _, cache = m.run_with_cache(ids, names=names)
         return cls(cache, ids, **kwargs)
 
-    @traitlets.validate("layer")
-    def _check_layer(self, proposal: Any) -> int:
-        return check_choice("layer", proposal["value"], self._layers)
-
     @traitlets.validate("show")
     def _check_show(self, proposal: Any) -> str:
         return check_choice("show", proposal["value"], list(SHOWN))
-
-    @traitlets.validate("selected_token")
-    def _check_selected(self, proposal: Any) -> int:
-        return check_choice(
-            "selected_token", proposal["value"], list(range(-1, len(self.tokens))), " (-1: none)"
-        )
 
     def routing(self, layer: int | None = None) -> dict[str, np.ndarray]:
         """``{"probabilities", "weights": [pos, expert], "chosen": [pos, k]}`` of ``layer``."""
