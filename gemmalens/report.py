@@ -55,10 +55,6 @@ def _png(figure: Figure) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{encoded}">'
 
 
-def _piece(tokenizer: Any, token: int) -> str:
-    return tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
-
-
 def _predictions_figure(predictions: list[tuple[str, float]]) -> Figure:
     figure = Figure(figsize=(6.0, 0.35 * len(predictions) + 1.0), layout="constrained")
     ax = figure.add_subplot()
@@ -119,9 +115,9 @@ def _example_text(tokenizer: Any, ids: np.ndarray, example: tuple | None) -> str
         return "No token of this prompt repeats, so there is nothing for it to complete here."
     query, key, weight = example
     return (
-        f"On this prompt, at <code>{html.escape(repr(_piece(tokenizer, ids[query])))}</code> "
+        f"On this prompt, at <code>{html.escape(repr(tokenizer.piece_text(ids[query])))}</code> "
         f"(position {query}) it gives {weight:.2f} of its attention to "
-        f"<code>{html.escape(repr(_piece(tokenizer, ids[key])))}</code> (position {key}), "
+        f"<code>{html.escape(repr(tokenizer.piece_text(ids[key])))}</code> (position {key}), "
         "the token that followed the same token earlier."
     )
 
@@ -151,7 +147,7 @@ def write_report(m: Any, prompt: str, path: str | pathlib.Path, title: str) -> R
     logits, cache = m.run_with_cache(tokens, names=names)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[0, -1], jnp.float32)))
     top = np.argsort(-probs, kind="stable")[:10]
-    predictions = [(_piece(tokenizer, t), float(probs[t])) for t in top]
+    predictions = [(tokenizer.piece_text(t), float(probs[t])) for t in top]
 
     ids = np.asarray(tokens[0])
     pattern = np.asarray(cache[f"blocks.{layer}.attn.hook_pattern"], np.float32)[0, head]

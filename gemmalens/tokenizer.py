@@ -133,6 +133,11 @@ class Tokenizer:
             )
         return self._sp.id_to_piece(token_id)
 
+    def piece_text(self, token_id: int) -> str:
+        """The piece of `token_id` with SentencePiece's word marker ``▁`` shown as the space
+        it stands for (``' Paris'``); control pieces stay as they are (``'<bos>'``)."""
+        return self.id_to_piece(token_id).replace("\u2581", " ")
+
     def piece_to_id(self, piece: str) -> int:
         """Returns the id of `piece`.
 

@@ -282,3 +282,11 @@ def test_encode_chat(tok):
     assert ids.count(tok.start_of_turn_id) == 4
     assert ids.count(tok.end_of_turn_id) == 3
     assert tok.decode(ids) == tok.apply_chat_template(CONVERSATION)
+
+
+def test_piece_text_shows_the_word_marker_as_a_space(tok):
+    word = tok.encode(" river", add_bos=False)[0]
+    assert tok.id_to_piece(word).startswith("\u2581")
+    assert tok.piece_text(word) == tok.id_to_piece(word).replace("\u2581", " ")
+    assert tok.piece_text(word).startswith(" ")
+    assert tok.piece_text(tok.bos_id) == "<bos>"

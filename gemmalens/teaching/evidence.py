@@ -299,8 +299,8 @@ def _plot_cross_attention(m: Any, examples: list[tuple[str, str]], path: pathlib
         )
         pattern = np.asarray(cache[name], np.float32)[0].mean(axis=0)
         ax.imshow(pattern, cmap="Blues", vmin=0, aspect="auto")
-        pieces = [m.tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in encoder_ids]
-        outputs = [m.tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in decoder_ids]
+        pieces = [m.tokenizer.piece_text(t) for t in encoder_ids]
+        outputs = [m.tokenizer.piece_text(t) for t in decoder_ids]
         ax.set_xticks(range(len(pieces)), pieces, rotation=70, fontsize=8)
         ax.set_yticks(range(len(outputs)), outputs, fontsize=8)
         ax.set(xlabel="encoder token (key)", ylabel="decoder input (query)")
