@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gemmalens import circuits
+from gemmalens.encdec import EncoderDecoderModel
 from gemmalens.widgets import AttentionViewer, LogitLensViewer
 
 DEFAULT_PROMPT = (
@@ -134,7 +135,7 @@ def write_report(m: Any, prompt: str, path: str | pathlib.Path, title: str) -> R
             "The report needs a tokenizer to show tokens: put the checkpoint's tokenizer.model "
             "beside its config.json."
         )
-    if hasattr(m, "encode"):
+    if isinstance(m, EncoderDecoderModel):
         raise ValueError(
             "The demo report covers decoder-only models (Gemma 3, 3n, 4); this checkpoint is "
             "an encoder-decoder (T5Gemma 2). See the T5Gemma 2 tutorial notebook instead."

@@ -321,7 +321,7 @@ def measure_seq2seq(name: str, m: Any, data, report_dir: pathlib.Path) -> dict[s
 
 def measure(name: str, m: gl.Model, data, report_dir: pathlib.Path) -> dict[str, Any]:
     """All the evidence for teaching model ``name``; writes its figures to ``report_dir``."""
-    if name == "t5gemma2":
+    if isinstance(m, gl.EncoderDecoderModel):
         return measure_seq2seq(name, m, data, report_dir)
     repeated = repeated_random_tokens(m)
     found: dict[str, Any] = {

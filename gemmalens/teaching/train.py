@@ -133,11 +133,10 @@ class TrainingData:
         return rows
 
     def describe(self) -> dict[str, Any]:
+        # Induction rows are drawn fresh, from no stream.
         return {
-            kind: {"tokens": int(len(stream)), "share_of_rows": float(w)}
-            for (kind, stream), w in (
-                ((k, self.streams.get(k, np.zeros(0))), w) for k, w in zip(self.kinds, self.weights)
-            )
+            kind: {"tokens": len(self.streams.get(kind, ())), "share_of_rows": float(weight)}
+            for kind, weight in zip(self.kinds, self.weights)
         }
 
 
@@ -186,6 +185,12 @@ class Seq2SeqData:
         return {
             task: {"share_of_rows": 1 / len(corpus.SEQ2SEQ_TASKS)} for task in corpus.SEQ2SEQ_TASKS
         }
+
+
+def _documentation(settings: Settings) -> list[str]:
+    """The documentation prose a run uses: ``settings.docs_chars`` of it, 20,000 characters
+    in the tiny setting, all of it otherwise."""
+    return corpus.documentation(settings.docs_chars or (20_000 if settings.tiny else None))
 
 
 def build_tokenizer(docs: Sequence[str], path: pathlib.Path, settings: Settings) -> Tokenizer:
@@ -352,9 +357,7 @@ def run(
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
-    docs = corpus.documentation(
-        max_chars=settings.docs_chars or (20_000 if settings.tiny else None)
-    )
+    docs = _documentation(settings)
     tokenizer_path = build_tokenizer(docs, out / "tokenizer.model", settings).path
     tokenizer = Tokenizer.from_file(tokenizer_path)
     data = TrainingData(tokenizer, docs, settings)
@@ -376,7 +379,7 @@ def run(
     seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
         hf = configs.hf_config(name, tiny=settings.tiny)
-        source = seq2seq if hf["model_type"] == "t5gemma2" else data
+        source = seq2seq if hf.get("is_encoder_decoder", False) else data
         trainer, history = train(hf, source, settings, name, progress)
         model = trainer.model(tokenizer)
         directory = save_checkpoint(model, out / name, hf, tokenizer=tokenizer_path)
@@ -408,14 +411,15 @@ def remeasure(
     ``evidence`` entries of ``report_dir/report.json``; runs on a CPU in a minute."""
     from gemmalens.teaching.evidence import measure
 
+    report_dir.mkdir(parents=True, exist_ok=True)
     report_path = report_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
     tokenizer = Tokenizer.from_file(out / names[0] / "tokenizer.model")
-    docs = corpus.documentation(max_chars=settings.docs_chars)
-    data = TrainingData(tokenizer, docs, settings)
+    data = TrainingData(tokenizer, _documentation(settings), settings)
     seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
-        source = seq2seq if name == "t5gemma2" else data
+        encoder_decoder = configs.hf_config(name).get("is_encoder_decoder", False)
+        source = seq2seq if encoder_decoder else data
         found = measure(name, gl.load(out / name), source, report_dir)
         report["models"].setdefault(name, {})["evidence"] = found
     report_path.write_text(json.dumps(report, indent=2) + "\n")
