@@ -71,7 +71,7 @@ def settings(tiny: bool) -> dict:
             config=TINY,
             dtype="float32",
             forward_shapes=[(2, 32), (1, 64)],
-            decode=dict(prompt=16, new=8, batches=[1, 2]),
+            decode=dict(cases=[(1, 16), (2, 16)], new=8),
             capture_shape=(1, 64),
             repeats=2,
         )
@@ -79,7 +79,8 @@ def settings(tiny: bool) -> dict:
         config=GEMMA3_1B,
         dtype="bfloat16",
         forward_shapes=[(8, 1024), (2, 8192)],
-        decode=dict(prompt=128, new=256, batches=[1, 8]),
+        # (batch, prompt length); 256 new tokens each.
+        decode=dict(cases=[(1, 128), (8, 128), (1, 2048), (8, 2048)], new=256),
         capture_shape=(2, 8192),
         repeats=5,
     )
@@ -168,8 +169,11 @@ def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> di
         del ids
 
     decode = setup["decode"]
-    for batch in decode["batches"]:
-        prompt = tokens_for(batch, decode["prompt"], config["vocab_size"], seed=1)
+    # On a GPU, decode steps can run attention as one kernel (`DECODE_ATTENTION_KERNEL`):
+    # both ways are measured ("auto" picks the kernel from batch 2 on, after these figures).
+    variants = ["on", "off"] if jax.default_backend() == "gpu" else ["off"]
+    for batch, prompt_length in decode["cases"]:
+        prompt = tokens_for(batch, prompt_length, config["vocab_size"], seed=1)
         ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
 
         def ours_generate(prompt=prompt):
@@ -185,17 +189,25 @@ def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> di
                 pad_token_id=0,
             )
 
-        ours = timed(ours_generate, max(1, repeats // 2), jax_sync)
+        ours = {}
+        for variant in variants:
+            gl.sampling.DECODE_ATTENTION_KERNEL = variant
+            model._generation_programs.clear()  # prepare again with this setting
+            ours[variant] = timed(ours_generate, repeats, jax_sync)
+        gl.sampling.DECODE_ATTENTION_KERNEL = "auto"
         with torch.inference_mode():
-            theirs = timed(theirs_generate, max(1, repeats // 2), torch_sync)
+            theirs = timed(theirs_generate, repeats, torch_sync)
         new_tokens = batch * decode["new"]
         results["decode"].append(
             dict(
                 batch=batch,
-                gemmalens_tok_s=new_tokens / ours,
+                prompt=prompt_length,
+                gemmalens_tok_s=new_tokens / ours[variants[0]],
+                gemmalens_xla_attention_tok_s=new_tokens / ours["off"],
                 transformers_tok_s=new_tokens / theirs,
             )
         )
+        print("decode", json.dumps(results["decode"][-1]), flush=True)
 
     if decode_only:
         return results
@@ -254,10 +266,18 @@ def versions() -> dict:
 def decode_table(results: dict) -> str:
     rows = ["| measurement | gemmalens | transformers | ratio |", "|---|---|---|---|"]
     for r in results["decode"]:
+        case = f"batch {r['batch']}, prompt {r['prompt']}"
+        theirs = r["transformers_tok_s"]
+        both = r["gemmalens_xla_attention_tok_s"] != r["gemmalens_tok_s"]
         rows.append(
-            f"| greedy decode, batch {r['batch']}, new tokens/s | {r['gemmalens_tok_s']:,.0f} | "
-            f"{r['transformers_tok_s']:,.0f} | {r['gemmalens_tok_s'] / r['transformers_tok_s']:.1f}x |"
+            f"| greedy decode, {case}, new tokens/s{', decode kernel' if both else ''} | "
+            f"{r['gemmalens_tok_s']:,.0f} | {theirs:,.0f} | {r['gemmalens_tok_s'] / theirs:.1f}x |"
         )
+        if both:
+            rows.append(
+                f"| same, attention left to XLA (no decode kernel) | "
+                f"{r['gemmalens_xla_attention_tok_s']:,.0f} | | {r['gemmalens_xla_attention_tok_s'] / theirs:.1f}x |"
+            )
     return "\n".join(rows)  # fmt: skip
 
 

@@ -20,10 +20,18 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.layers.attention import Attention
+from gemmalens.kernels import decode_attention
+from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
 from gemmalens.layers.transformer import positions_from_mask
 
 _KV_LABEL = "gemmalens.kv_cache:"
+
+# Whether a decode step (one new token per row) runs its cache write and attention as one
+# kernel (`gemmalens.kernels.decode_attention`): "auto" does on GPUs for batches of two or
+# more rows (measured on an H100: +4 % at batch 8, -2 % at batch 1; docs/benchmarks.md),
+# "on" does on GPUs always, "off" never, and "interpret" runs the kernel in Pallas'
+# interpreter on any backend (for tests). Read when a model is prepared for generation.
+DECODE_ATTENTION_KERNEL = "auto"
 
 
 def cache_length(attention: Attention, max_length: int) -> int:
@@ -45,6 +53,7 @@ class CachingAttention(pz.nn.Layer):
 
     attention: Attention
     cache: pz.StateVariable
+    kernel: str = dataclasses.field(default="off", metadata={"pytree_node": False})
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         layer = self.attention
@@ -53,6 +62,10 @@ class CachingAttention(pz.nn.Layer):
         v = layer.value(x, **side_inputs)
         stored = self.cache.value
         new_positions = side_inputs["token_positions"]
+        if q.named_shape["seq"] == 1 and self._kernel_applies(q, k, stored):
+            z = self._attend_with_kernel(q, k, v, new_positions)
+            z = layer.hook_z(z, **side_inputs)
+            return layer.output(z, **side_inputs)
         updated = _write(stored, k, v, new_positions)
         if q.named_shape["seq"] == 1:
             # One new token evicts only a key its own window no longer sees, so it can
@@ -71,9 +84,63 @@ class CachingAttention(pz.nn.Layer):
         self.cache.value = updated
         return layer.output(z, **side_inputs)
 
+    def _kernel_applies(self, q, k, stored) -> bool:
+        """Whether this step can run as `decode_attention`: a plain causal mixer whose
+        weights nobody hooks, a shape the kernel tiles, keys in the cache's dtype."""
+        if self.kernel == "off":
+            return False
+        if self.kernel in ("auto", "on") and jax.default_backend() != "gpu":
+            return False
+        if self.kernel == "auto" and q.named_shape["batch"] < 2:
+            return False
+        mixer = self.attention.mixer
+        return (
+            type(mixer) is DotProductAttention
+            and not mixer.uses_explicit_weights()
+            and mixer.mask.causal
+            and mixer.mask.window_after is None
+            and k.dtype == stored["k"].dtype
+            and decode_attention.supported(
+                q.named_shape["head_dim"], q.named_shape["heads"] // k.named_shape["kv_heads"]
+            )
+        )
+
+    def _attend_with_kernel(self, q, k, v, new_positions) -> pz.nx.NamedArray:
+        stored = self.cache.value
+        length = stored["positions"].named_shape["seq"]
+        mixer = self.attention.mixer
+
+        def one_token(named, axes):
+            return named.unwrap(*axes)[:, 0]
+
+        z, key_cache, value_cache = decode_attention.decode_attention(
+            one_token(q, QKV_AXES),
+            one_token(k, KV_AXES),
+            one_token(v, KV_AXES),
+            new_positions.unwrap("batch", "seq")[:, 0],
+            stored["positions"].unwrap("batch", "seq"),
+            stored["k"].unwrap(*KV_AXES),
+            stored["v"].unwrap(*KV_AXES),
+            scale=mixer.scale,
+            window=mixer.mask.window_before,
+            interpret=self.kernel == "interpret",
+            **decode_attention.launch_settings(length),
+        )
+
+        def as_cache(array, old):
+            return pz.nx.wrap(array).tag(*KV_AXES).order_as(*old.named_shape)
+
+        self.cache.value = {
+            "k": as_cache(key_cache, stored["k"]),
+            "v": as_cache(value_cache, stored["v"]),
+            "positions": _write(stored, None, None, new_positions)["positions"],
+        }
+        return pz.nx.wrap(z[:, None]).tag(*QKV_AXES)
+
 
 def _write(stored: dict, k, v, positions) -> dict:
-    """Writes the new entries at slot ``position % length``.
+    """Writes the new entries at slot ``position % length`` (``k`` and ``v`` may be None:
+    only what is given is written).
 
     Only the last ``length`` real tokens of each row are written, so a prompt longer than a
     sliding window never writes two tokens to one slot.
@@ -105,19 +172,21 @@ def _write(stored: dict, k, v, positions) -> dict:
         def write(old, new):
             return pz.nx.nmap(scatter)(old.untag("seq"), new.untag("seq"), slot).tag("seq")
 
-    return {
-        "k": write(stored["k"], k),
-        "v": write(stored["v"], v),
-        "positions": write(stored["positions"], positions),
-    }
+    new = {"k": k, "v": v, "positions": positions}
+    return {name: write(stored[name], new[name]) for name in new if new[name] is not None}
 
 
 # What an empty cache slot holds: zero keys and values at position -1 (never attended to).
 _EMPTY_FILL = {"k": 0, "v": 0, "positions": -1}
 
 
-def with_kv_cache(model: pz.nn.Layer, batch_size: int, max_length: int) -> pz.nn.Layer:
-    """A copy of ``model`` whose attention layers keep an (empty) KV cache."""
+def with_kv_cache(
+    model: pz.nn.Layer, batch_size: int, max_length: int, kernel: str = "off"
+) -> pz.nn.Layer:
+    """A copy of ``model`` whose attention layers keep an (empty) KV cache.
+
+    ``kernel`` says whether decode steps may use `gemmalens.kernels.decode_attention`
+    (see `DECODE_ATTENTION_KERNEL`)."""
     counter = iter(range(1_000_000))
 
     def add_cache(attention: Attention) -> CachingAttention:
@@ -133,7 +202,7 @@ def with_kv_cache(model: pz.nn.Layer, batch_size: int, max_length: int) -> pz.nn
         dtypes = {"k": dtype, "v": dtype, "positions": jnp.int32}
         cache = {name: pz.nx.full(shapes[name], _EMPTY_FILL[name], dtypes[name]) for name in shapes}
         return CachingAttention(
-            attention, pz.StateVariable(cache, label=f"{_KV_LABEL}{next(counter)}")
+            attention, pz.StateVariable(cache, label=f"{_KV_LABEL}{next(counter)}"), kernel
         )
 
     return pz.select(model).at_instances_of(Attention).apply(add_cache)
@@ -250,7 +319,7 @@ def prepare(model: pz.nn.Layer, batch_size: int, max_length: int) -> GenerationP
     """The `GenerationProgram` of ``model`` (parameters frozen, captures installed) for
     ``batch_size`` rows of up to ``max_length`` tokens (prompt and new tokens)."""
     # The empty caches made here are only read for their shapes (once per program).
-    cached = with_kv_cache(model, batch_size, max_length)
+    cached = with_kv_cache(model, batch_size, max_length, DECODE_ATTENTION_KERNEL)
     unbound, state = pz.unbind_state_vars(cached)
     caches, captures = _split([v.freeze() for v in state], _KV_LABEL)
     leaves, treedef = jax.tree.flatten((unbound, captures))
