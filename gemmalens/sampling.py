@@ -32,6 +32,7 @@ _KV_LABEL = "gemmalens.kv_cache:"
 # "on" does on GPUs always, "off" never, and "interpret" runs the kernel in Pallas'
 # interpreter on any backend (for tests). Read when a model is prepared for generation.
 DECODE_ATTENTION_KERNEL = "auto"
+_KERNEL_CHOICES = ("auto", "on", "off", "interpret")
 
 
 def cache_length(attention: Attention, max_length: int) -> int:
@@ -49,6 +50,8 @@ class CachingAttention(pz.nn.Layer):
     ``cache.value`` holds ``k`` and ``v`` (named axes ``batch``, ``seq``, ``kv_heads``,
     ``head_dim``; ``seq`` of the cache length) and ``positions`` (``batch``, ``seq``; -1 for
     empty slots). The wrapped layer's sublayers and hook points are used unchanged.
+    ``kernel`` (see `DECODE_ATTENTION_KERNEL`) lets one-token steps run the cache write and
+    attention as `gemmalens.kernels.decode_attention.decode_attention`.
     """
 
     attention: Attention
@@ -187,6 +190,11 @@ def with_kv_cache(
 
     ``kernel`` says whether decode steps may use `gemmalens.kernels.decode_attention`
     (see `DECODE_ATTENTION_KERNEL`)."""
+    if kernel not in _KERNEL_CHOICES:
+        raise ValueError(
+            f"Unknown decode attention kernel setting {kernel!r}; choose one of "
+            f"{', '.join(map(repr, _KERNEL_CHOICES))} (gemmalens.sampling.DECODE_ATTENTION_KERNEL)."
+        )
     counter = iter(range(1_000_000))
 
     def add_cache(attention: Attention) -> CachingAttention:

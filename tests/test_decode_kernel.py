@@ -138,3 +138,10 @@ def test_auto_keeps_the_kernel_to_gpus():
     assert sampling.DECODE_ATTENTION_KERNEL == "auto"
     layer = sampling.CachingAttention.__dataclass_fields__["kernel"]
     assert layer.default == "off"
+
+
+def test_an_unknown_kernel_setting_is_named(hf_and_directory, monkeypatch):
+    _, directory = hf_and_directory
+    monkeypatch.setattr(sampling, "DECODE_ATTENTION_KERNEL", "yes")
+    with pytest.raises(ValueError, match="'yes'.*'auto', 'on', 'off', 'interpret'"):
+        gl.load(directory).generate(PROMPTS, max_new_tokens=2)

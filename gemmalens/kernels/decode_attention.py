@@ -106,7 +106,7 @@ def _kernel(
     max_ref[...] = running_max
     sum_ref[...] = running_sum
 
-    @pl.when(first)
+    @pl.when(first & (position >= 0))  # a negative position (padding) is never stored
     def _write_new_entry():
         key_cache_out_ref[pl.ds(slot, 1), :] = new_key[None, :].astype(key_cache_out_ref.dtype)
         value_cache_out_ref[pl.ds(slot, 1), :] = new_value[None, :].astype(
@@ -158,7 +158,7 @@ def decode_attention(
       query: [batch, heads, head_dim], after the query norm and RoPE.
       new_key, new_value: [batch, kv_heads, head_dim], the new token's key (after norm and
         RoPE) and value.
-      position: [batch] int32, the new token's position; it is written at slot
+      position: [batch] int32, the new token's position (>= 0); it is written at slot
         ``position % length``.
       cache_positions: [batch, length] int32, the position held by each slot (-1 if empty),
         *before* this step. (The caller updates it; the kernel only reads it.)
