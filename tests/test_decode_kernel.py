@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from penzai import pz
 
 import gemmalens as gl
 from gemmalens import sampling
@@ -133,11 +134,29 @@ def test_hooked_patterns_fall_back_to_explicit_attention(hf_and_directory, kerne
     np.testing.assert_allclose(np.asarray(step_patterns).sum(-1), 1.0, atol=1e-5)
 
 
-def test_auto_keeps_the_kernel_to_gpus():
-    assert jax.default_backend() == "cpu"  # the suite runs on CPUs
+def test_auto_uses_the_kernel_on_gpus_from_batch_two(hf_and_directory, monkeypatch):
+    _, directory = hf_and_directory
+    model = gl.load(directory)
     assert sampling.DECODE_ATTENTION_KERNEL == "auto"
-    layer = sampling.CachingAttention.__dataclass_fields__["kernel"]
-    assert layer.default == "off"
+
+    def decides(kernel_setting, batch, backend):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        cached = sampling.with_kv_cache(model.model, batch, 8, kernel_setting)
+        layer = pz.select(cached).at_instances_of(sampling.CachingAttention).get_sequence()[0]
+        tokens = pz.nx.wrap(jnp.ones((batch, 1), jnp.int32)).tag("batch", "seq")
+        x = model.model.embed(tokens)
+        q, k = (
+            layer.attention.query(x, token_positions=tokens),
+            layer.attention.key(x, token_positions=tokens),
+        )
+        return layer._kernel_applies(q, k, layer.cache.value)
+
+    assert not decides("auto", 1, "gpu")  # batch 1: XLA's kernels were faster
+    assert decides("auto", 2, "gpu")
+    assert not decides("auto", 2, "cpu")  # Triton kernels need a GPU
+    assert decides("on", 1, "gpu")
+    assert not decides("off", 8, "gpu")
+    assert decides("interpret", 1, "cpu")
 
 
 def test_an_unknown_kernel_setting_is_named(hf_and_directory, monkeypatch):
