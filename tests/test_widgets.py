@@ -4,6 +4,7 @@ change recomputes, the static HTML copy, the matplotlib figures and the errors."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -24,10 +25,11 @@ from gemmalens.widgets import (
     PatchingViewer,
     RoutingViewer,
 )
-from gemmalens.widgets._base import TokenNamer
+from gemmalens.widgets._base import TokenNamer, ViewerError
 from gemmalens.widgets.attention import visibility
 
 TEXT = "The cat sat on the mat."
+DECODER_TEXT = "A mat sat on the cat, then it sat."
 WINDOW = 4
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -106,6 +108,32 @@ def gemma4_moe(tokenizer):
     model = gl.build(config, seed=2, tokenizer=tokenizer)
     tokens = np.asarray(model.to_tokens(TEXT)[0])
     return model, tokens, model.run_with_cache(tokens, names="blocks.*.moe.*")[1]
+
+
+@pytest.fixture(scope="module")
+def t5gemma2(tokenizer):
+    """Encoder of 3 layers (window WINDOW), decoder of 2 (window 3): the stacks differ in
+    depth; every attention pattern captured."""
+    config = gl.preset("t5gemma2_270m_270m")
+
+    def shrink(stack, layer_types, window):
+        return stack.replace(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=len(layer_types), layer_types=layer_types, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=window,
+        )  # fmt: skip
+
+    config = dataclasses.replace(
+        config,
+        encoder=shrink(config.encoder, ("sliding_attention", "sliding_attention", "full_attention"), WINDOW),
+        decoder=shrink(config.decoder, ("sliding_attention", "full_attention"), 3),
+    )  # fmt: skip
+    model = gl.build(config, seed=3, tokenizer=tokenizer)
+    tokens = np.asarray(model.to_tokens(TEXT)[0])
+    decoder_tokens = np.asarray(model.to_tokens(DECODER_TEXT)[0])
+    _, cache = model.run_with_cache(tokens, decoder_tokens=decoder_tokens, names="*pattern")
+    assert decoder_tokens.shape[1] > 3 + 2 and tokens.shape[1] != decoder_tokens.shape[1]
+    return model, tokens, decoder_tokens, cache
 
 
 def _clean_metric(logits):
@@ -236,6 +264,160 @@ def test_attention_errors(gemma3):
         AttentionViewer(residual_only, tokens)
     with pytest.raises(ValueError, match="tokens has 3 positions"):
         AttentionViewer(cache, tokens[:, :3])
+
+
+# ------------------------------------------------------------------------------ T5Gemma 2
+
+
+def _cached(cache, hook):
+    return np.asarray(cache[hook])[0]
+
+
+def test_encoder_decoder_parts_against_the_cache(t5gemma2):
+    model, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer(cache, tokens, decoder_tokens=decoder_tokens)
+    assert [value for value, _ in viewer.options["part"]] == ["encoder", "self", "cross", "merged"]
+    assert (viewer.part, viewer.layer, viewer.head) == ("encoder", 0, 0)
+    namer = TokenNamer(model.tokenizer)
+    encoder_labels = [namer(t) for t in tokens[0]]
+    decoder_labels = [namer(t) for t in decoder_tokens[0]]
+    assert viewer.tokens == viewer.key_tokens == encoder_labels
+    np.testing.assert_allclose(
+        viewer.matrix, _cached(cache, "encoder.blocks.0.attn.hook_pattern")[0], rtol=1e-6
+    )
+    viewer.part, viewer.layer, viewer.head = "cross", 1, 1
+    cross = _cached(cache, "decoder.blocks.1.attn.hook_cross_pattern")
+    np.testing.assert_allclose(viewer.matrix, cross[1], rtol=1e-6)
+    assert viewer.tokens == decoder_labels and viewer.key_tokens == encoder_labels
+    viewer.part = "self"
+    own = _cached(cache, "decoder.blocks.1.attn.hook_self_pattern")
+    np.testing.assert_allclose(viewer.matrix, own[1], rtol=1e-6)
+    assert viewer.key_tokens == decoder_labels
+    # One softmax: each part alone sums to less than one per row, the two to one.
+    np.testing.assert_allclose(own.sum(-1) + cross.sum(-1), 1.0, rtol=1e-5)
+    assert (np.asarray(viewer.matrix).sum(-1) < 1 - 1e-3).any()
+    viewer.part, viewer.head = "merged", -1
+    merged = _cached(cache, "decoder.blocks.1.attn.hook_pattern")
+    np.testing.assert_allclose(viewer.matrix, merged.mean(axis=0), rtol=1e-6)
+    assert viewer.key_tokens == decoder_labels + encoder_labels
+    assert viewer.pattern(0, 1, part="cross").shape == (len(decoder_labels), len(encoder_labels))
+    viewer.set_state({"part": "cross"})  # what a change in the front end does
+    np.testing.assert_allclose(viewer.matrix, cross.mean(axis=0), rtol=1e-6)
+
+
+def test_encoder_decoder_windows_per_part(t5gemma2):
+    model, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer(cache, tokens, decoder_tokens=decoder_tokens)
+    cases = [  # (part, layer, hook, sliding)
+        ("encoder", 0, "encoder.blocks.0.attn.hook_pattern", True),
+        ("encoder", 2, "encoder.blocks.2.attn.hook_pattern", False),
+        ("self", 0, "decoder.blocks.0.attn.hook_self_pattern", True),
+        ("self", 1, "decoder.blocks.1.attn.hook_self_pattern", False),
+        ("cross", 0, "decoder.blocks.0.attn.hook_cross_pattern", False),
+        ("merged", 0, "decoder.blocks.0.attn.hook_pattern", True),
+    ]
+    for part, layer, hook, sliding in cases:
+        viewer.part, viewer.layer = part, layer
+        assert (viewer.window["type"] == "sliding") == sliding, (part, layer)
+        # What the viewer shades is exactly what the model masked: zero weight there.
+        weights = _cached(cache, hook)
+        code = visibility(viewer.window, *weights.shape[1:])
+        assert (code == 2).any() == sliding, (part, layer)
+        assert np.all(weights[:, code != 0] == 0) and np.all(weights[:, code == 0] > 0)
+    viewer.part, viewer.layer = "encoder", 0  # bidirectional: later keys in the window
+    assert viewer.window["causal"] is False and viewer.window["after"] is not None
+    viewer.part = "cross"  # every encoder key of every decoder query, whatever the layer
+    assert viewer.window["self_keys"] == 0 and "every encoder token" in viewer.window["label"]
+    viewer.part = "merged"  # the self part's window on the decoder's keys only
+    assert viewer.window["before"] == 3 and viewer.window["self_keys"] == decoder_tokens.shape[1]
+
+
+def test_encoder_decoder_part_change_keeps_a_valid_layer_and_selection(t5gemma2):
+    _, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer(cache, tokens, decoder_tokens=decoder_tokens, layer=2)
+    viewer.part = "cross"  # the decoder has layers 0 and 1: the nearest is shown
+    assert viewer.layer == 1 and [v for v, _ in viewer.options["layer"]] == [0, 1]
+    np.testing.assert_allclose(
+        viewer.matrix, _cached(cache, "decoder.blocks.1.attn.hook_cross_pattern")[0], rtol=1e-6
+    )
+    with pytest.raises(ViewerError, match=r"layer must be in \[0, 1\], got 2"):
+        viewer.layer = 2
+    assert decoder_tokens.shape[1] > tokens.shape[1]
+    viewer.selected_token = decoder_tokens.shape[1] - 1  # a decoder token past the encoder's
+    viewer.part = "encoder"
+    assert viewer.selected_token == -1 and viewer.layer == 1
+
+
+def test_encoder_decoder_from_model(t5gemma2):
+    model, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer.from_model(
+        model, TEXT, decoder_tokens=DECODER_TEXT, part="cross", layer=1, head=1
+    )
+    assert len(viewer.options["part"]) == 4
+    np.testing.assert_allclose(
+        viewer.matrix, _cached(cache, "decoder.blocks.1.attn.hook_cross_pattern")[1], atol=1e-6
+    )
+    assert viewer.key_tokens[0] == "<bos>" and len(viewer.key_tokens) == tokens.shape[1]
+    some = AttentionViewer.from_model(model, tokens, decoder_tokens=decoder_tokens, layers=[2])
+    assert some.part == "encoder" and "part" not in some.options  # the decoder has no layer 2
+    with pytest.raises(ViewerError, match=r"pass decoder_tokens= .*decoder start token"):
+        AttentionViewer.from_model(model, TEXT)
+
+
+def test_encoder_decoder_errors(gemma3, t5gemma2):
+    model, tokens, decoder_tokens, cache = t5gemma2
+    _, gemma_tokens, _, gemma_cache = gemma3
+    with pytest.raises(ViewerError, match=r"part='cross' .*decoder-only model.*EncoderDecoder"):
+        AttentionViewer(gemma_cache, gemma_tokens, part="cross")
+    with pytest.raises(ViewerError, match="decoder_tokens is for encoder-decoder models"):
+        AttentionViewer.from_model(gemma3[0], TEXT, decoder_tokens=TEXT)
+    no_cross = gl.ActivationCache({k: v for k, v in cache.items() if "cross" not in k}, model)
+    with pytest.raises(
+        ViewerError, match=r"names=\['decoder\.blocks\.\*\.attn\.hook_cross_pattern'\]"
+    ):
+        AttentionViewer(no_cross, tokens, decoder_tokens=decoder_tokens, part="cross")
+    viewer = AttentionViewer(no_cross, tokens, decoder_tokens=decoder_tokens)
+    with pytest.raises(ViewerError, match=r"part='cross' \(decoder cross part\) is not in"):
+        viewer.part = "cross"
+    with pytest.raises(ViewerError, match=r"part must be one of \['encoder', 'self', 'cross'"):
+        viewer.part = "decoder"
+    assert viewer.part == "encoder"  # a rejected value leaves the viewer as it was
+    residual_only = gl.ActivationCache({}, model)
+    with pytest.raises(KeyError, match=r"'decoder\.blocks\.\*\.attn\.hook_cross_pattern'"):
+        AttentionViewer(residual_only, tokens)
+
+
+def test_encoder_prefix_as_before(t5gemma2):
+    """The older form: prefix="encoder." and a cache of the encoder's patterns alone."""
+    model, tokens, _, cache = t5gemma2
+    encoder_only = gl.ActivationCache({k: v for k, v in cache.items() if "encoder" in k}, model)
+    viewer = AttentionViewer(encoder_only, tokens, prefix="encoder.", head=-1)
+    assert viewer.part == "encoder" and "part" not in viewer.options
+    np.testing.assert_allclose(
+        viewer.matrix, _cached(cache, "encoder.blocks.0.attn.hook_pattern").mean(0), rtol=1e-6
+    )
+    assert list(viewer.static_payload()["states"])[0] == "[0,-1]"
+
+
+def test_encoder_decoder_static_copy_and_figure(t5gemma2):
+    _, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer(cache, tokens, decoder_tokens=decoder_tokens, part="cross")
+    payload = _payload(viewer.to_html())
+    assert payload["controls"] == ["part", "layer", "head"]
+    assert len(payload["states"]) == 4 * 3 * 3  # parts x layers of either stack x heads
+    # Decoder layer 2 does not exist: the cross part's state for it shows layer 1.
+    state = payload["states"]['["cross",2,0]']
+    assert state["layer"] == 1 and [v for v, _ in state["options"]["layer"]] == [0, 1]
+    expected = _cached(cache, "decoder.blocks.1.attn.hook_cross_pattern")[0]
+    np.testing.assert_allclose(state["matrix"], expected, atol=1e-3 * expected.max())
+    assert state["key_tokens"] == viewer.key_tokens and len(state["tokens"]) != len(tokens[0])
+    figure = viewer.figure()
+    ax = figure.axes[0]
+    assert ax.get_xlabel() == "key: encoder token (attended to)"
+    assert ax.get_title().startswith("Decoder cross part: layer 0, head 0")
+    assert viewer.key_tokens[2] in [t.get_text() for t in ax.get_xticklabels()]
+    viewer.part, viewer.selected_token = "merged", 2
+    assert "every encoder token" in viewer.figure().axes[0].get_title()
 
 
 # ------------------------------------------------------------------------------ AltUp
@@ -486,20 +668,48 @@ def test_figures(viewers, name, xlabel, ylabel):
     assert viewer.tokens[1] in ticks
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs a headless chromium")
-def test_static_copies_draw_in_a_browser(viewers, tmp_path):
+def _browser_dom(body: str, tmp_path) -> str:
+    """The DOM headless Chromium makes of a page with ``body``, once its scripts ran."""
     page = tmp_path / "viewers.html"
-    body = "\n".join(v.to_html() for v in viewers.values())
     page.write_text(f"<!doctype html><meta charset='utf-8'><body>{body}</body>")
-    dom = subprocess.run(
+    return subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--virtual-time-budget=3000", "--dump-dom",
          page.as_uri()],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
+
+
+@needs_chromium
+def test_static_copies_draw_in_a_browser(viewers, tmp_path):
+    dom = _browser_dom("\n".join(v.to_html() for v in viewers.values()), tmp_path)
     for name in viewers:
         assert f'class="gemmalens-view gemmalens-{name}" data-gl-drawn="true"' in dom, name
     assert '<pre class="gl-error">' not in dom
     cells = dom.count('class="gl-cell"')
     positions = len(viewers["attention"].tokens)
     assert cells >= positions**2  # the attention heatmap alone
+
+
+@needs_chromium
+def test_encoder_decoder_static_copy_switches_part_in_a_browser(t5gemma2, tmp_path):
+    _, tokens, decoder_tokens, cache = t5gemma2
+    viewer = AttentionViewer(cache, tokens, decoder_tokens=decoder_tokens, part="merged")
+    # Pick the cross part in the page's selector, as a reader would.
+    pick_cross = (
+        "<script>setTimeout(() => { const s = document.querySelector('[data-control=part]');"
+        " s.value = JSON.stringify('cross'); s.dispatchEvent(new Event('change')); }, 500);"
+        "</script>"
+    )
+    merged = _browser_dom(viewer.to_html(), tmp_path)
+    assert 'class="gl-part-edge"' in merged and '<pre class="gl-error">' not in merged
+    assert merged.count('class="gl-cell"') == len(viewer.tokens) * len(viewer.key_tokens)
+    cross = _browser_dom(viewer.to_html() + pick_cross, tmp_path)
+    assert '<pre class="gl-error">' not in cross and "key: encoder token" in cross
+    cells = cross.count('class="gl-cell"')
+    assert (
+        cells == decoder_tokens.shape[1] * tokens.shape[1] and 'class="gl-part-edge"' not in cross
+    )

@@ -337,11 +337,16 @@ class Viewer(anywidget.AnyWidget):
         skip = {"layout", "tabbable", "tooltip"}
         return [n for n in self.trait_names(sync=True) if not n.startswith("_") and n not in skip]
 
-    def _static_options(self, max_values: int) -> tuple[dict[str, list], bool]:
-        """Which values of each static control to embed, fewest dropped to fit the cap."""
+    def _static_values(self) -> dict[str, list]:
+        """Every value of each static control (default: the values its selector offers)."""
         controls = self._data_controls if self._static_controls is None else self._static_controls
         current = self._controls()
-        chosen = {c: [opt[0] for opt in self.options.get(c, [[current.get(c)]])] for c in controls}
+        return {c: [opt[0] for opt in self.options.get(c, [[current.get(c)]])] for c in controls}
+
+    def _static_options(self, max_values: int) -> tuple[dict[str, list], bool]:
+        """Which values of each static control to embed, fewest dropped to fit the cap."""
+        current = self._controls()
+        chosen = self._static_values()
         per_state = count_numbers(self._static_state(current))
         thinned = False
         while per_state * math.prod(len(v) for v in chosen.values()) > max_values:
@@ -360,7 +365,8 @@ class Viewer(anywidget.AnyWidget):
 
     def static_payload(self, max_values: int = MAX_STATIC_VALUES) -> dict[str, Any]:
         """What `to_html` embeds: the traitlets now, and the data of every combination of
-        the static controls' values (``states``, keyed by `state_key`)."""
+        the static controls' values (``states``, keyed by `state_key`). A state may also set
+        controls and ``options`` (a viewer whose selectors depend on another control)."""
         chosen, thinned = self._static_options(max_values)
         current = self._controls()
         controls = list(chosen)
@@ -370,15 +376,24 @@ class Viewer(anywidget.AnyWidget):
             states[state_key(combo)] = jsonable(self._static_state(values), STATIC_DIGITS)
         initial = jsonable({n: getattr(self, n) for n in self._synced_names()}, STATIC_DIGITS)
         initial.update(states[state_key(current[c] for c in controls)])
-        options = dict(initial["options"])
-        for name, values in chosen.items():
-            options[name] = [opt for opt in options.get(name, []) if opt[0] in values]
-        initial["options"] = options
+
+        def embedded(options: dict[str, list]) -> dict[str, list]:
+            """The selectors' options less the values this copy does not embed."""
+            return {
+                n: [o for o in opts if n not in chosen or o[0] in chosen[n]]
+                for n, opts in options.items()
+            }
+
+        initial["options"] = embedded(initial["options"])
+        for state in states.values():  # a state may set the options (they depend on a control)
+            if "options" in state:
+                state["options"] = embedded(state["options"])
         if thinned:
+            every = self._static_values()
             left_out = ", ".join(
-                f"{len(chosen[c])} of {len(self.options.get(c, []))} {c}s"
+                f"{len(chosen[c])} of {len(every[c])} {c}s"
                 for c in controls
-                if len(chosen[c]) < len(self.options.get(c, []))
+                if len(chosen[c]) < len(every[c])
             )
             cap = (
                 f"Static copy: {left_out} embedded to keep the page small "

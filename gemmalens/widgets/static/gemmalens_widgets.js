@@ -505,8 +505,10 @@ function topIndices(values, k, keep = () => true) {
 
 // ------------------------------------------------------------------------ attention
 
-// 0 visible, 1 hidden by causality, 2 outside the window (as attention.visibility).
+// 0 visible, 1 hidden by causality, 2 outside the window (as attention.visibility). The
+// mask covers the queries' own keys (the first self_keys); later keys are the encoder's.
 function visibility(mask, q, k) {
+  if (mask.self_keys !== null && mask.self_keys !== undefined && k >= mask.self_keys) return 0;
   if (mask.causal !== false && k > q) return 1;
   if (mask.before !== null && mask.before !== undefined && q - k >= mask.before) return 2;
   if (mask.after !== null && mask.after !== undefined && k - q >= mask.after) return 2;
@@ -515,6 +517,10 @@ function visibility(mask, q, k) {
 
 function drawAttention(model, root) {
   const { controls, main, side } = frame(model, root);
+  // Encoder-decoder models: which part (encoder, decoder self / cross / merged).
+  if (((model.get("options") || {}).part || []).length > 1) {
+    controls.append(selectControl(model, "part", "Part"));
+  }
   controls.append(selectControl(model, "layer", "Layer"), selectControl(model, "head", "Head"));
   const matrix = model.get("matrix") || [];
   const tokens = model.get("tokens") || [];
@@ -523,6 +529,8 @@ function drawAttention(model, root) {
   controls.appendChild(h("span", { class: `gl-badge gl-badge-${mask.type}` }, mask.label || ""));
   const queries = matrix.length;
   const keys = queries ? matrix[0].length : 0;
+  // Keys that are the queries' own tokens (a column per query); the rest are the encoder's.
+  const selfKeys = Math.min(mask.self_keys ?? keys, keys);
   const code = (q, k) => visibility(mask, q, k);
   let peak = 0;
   matrix.forEach((row, q) => row.forEach((v, k) => {
@@ -555,7 +563,7 @@ function drawAttention(model, root) {
     rowLabels: tokens,
     colLabels: keyTokens,
     yTitle: "query (attending)",
-    xTitle: "key (attended to)",
+    xTitle: mask.key_title || "key (attended to)",
     defs: [hatch],
     fill: (q, k) => {
       const c = code(q, k);
@@ -590,6 +598,9 @@ function drawAttention(model, root) {
   if (edges.length) {
     map.overlay.appendChild(svg("path", { class: "gl-window-edge", d: edges.join("") }));
   }
+  if (selfKeys > 0 && selfKeys < keys) { // the merged row: the decoder's keys | the encoder's
+    map.overlay.appendChild(svg("path", { class: "gl-part-edge", d: `M${selfKeys * cell},0v${queries * cell}` }));
+  }
   main.appendChild(h("div", { class: "gl-figure" }, [
     map.node, colourBar(blues, 0, peak, "attention weight", queries * cell),
   ]));
@@ -603,7 +614,7 @@ function drawAttention(model, root) {
       chip.style.background = rgb ? css(rgb) : "";
       chip.style.color = rgb && isDark(rgb) ? "#fff" : "";
     });
-    map.select(pinned, pinned < keys ? pinned : null);
+    map.select(pinned, pinned < selfKeys ? pinned : null);
     if (t === null || t < 0 || t >= queries) {
       side.append(sideHeading("Token"), hint("Hover a token or a cell to see what it attends to; click to pin it."));
       return;
@@ -614,7 +625,7 @@ function drawAttention(model, root) {
       label: `${k} ${truncate(keyTokens[k], 12)}`, value: row[k],
     }));
     side.append(h("div", { class: "gl-side-sub" }, "attends to (its row)"), barList(attends, 1));
-    if (t < keys) {
+    if (t < selfKeys) {
       const column = matrix.map((r) => r[t]);
       const by = topIndices(column, 6, (q) => code(q, t) === 0).map((q) => ({
         label: `${q} ${truncate(tokens[q], 12)}`, value: column[q], colour: "#6aaed6",
@@ -630,7 +641,7 @@ function drawAttention(model, root) {
   chips.forEach((chip, i) => {
     chip.addEventListener("mouseenter", () => {
       showToken(i);
-      map.highlight(i, i < keys ? i : null);
+      map.highlight(i, i < selfKeys ? i : null);
     });
     chip.addEventListener("mouseleave", () => {
       showToken(pinned);
@@ -1002,7 +1013,7 @@ function drawPatching(model, root) {
 // ------------------------------------------------------------------------ entry points
 
 const VIEWS = {
-  attention: [drawAttention, ["layer", "head", "selected_token", "matrix", "window"]],
+  attention: [drawAttention, ["part", "layer", "head", "selected_token", "matrix", "window", "key_tokens"]],
   altup: [drawAltUp, ["layer", "stream", "measure", "selected_token", "norms", "stream_norms"]],
   routing: [drawRouting, ["layer", "show", "selected_token", "weights", "probabilities", "chosen", "load"]],
   "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
@@ -1081,5 +1092,6 @@ function renderStatic(el, payload) {
   return render({ model: staticModel(payload), el });
 }
 
-export { render, renderStatic };
+// anywidget loads the default export; `Viewer.to_html` calls renderStatic in this module.
+export { renderStatic };
 export default { render };
