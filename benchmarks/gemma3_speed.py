@@ -192,7 +192,6 @@ def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> di
         ours = {}
         for variant in variants:
             gl.sampling.DECODE_ATTENTION_KERNEL = variant
-            model._generation_programs.clear()  # prepare again with this setting
             ours[variant] = timed(ours_generate, repeats, jax_sync)
         gl.sampling.DECODE_ATTENTION_KERNEL = "auto"
         with torch.inference_mode():

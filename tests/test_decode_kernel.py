@@ -122,6 +122,20 @@ def test_generation_with_the_kernel_matches_transformers(hf_and_directory, kerne
     np.testing.assert_array_equal(ours, _hf_generate(hf_model, PROMPTS, 12))
 
 
+def test_changing_the_setting_prepares_generation_again(
+    hf_and_directory, kernel_calls, monkeypatch
+):
+    _, directory = hf_and_directory
+    model = gl.load(directory)
+    monkeypatch.setattr(sampling, "DECODE_ATTENTION_KERNEL", "off")
+    off = np.asarray(model.generate(PROMPTS, max_new_tokens=4, stop_at_eos=False).tokens)
+    assert kernel_calls == []
+    monkeypatch.setattr(sampling, "DECODE_ATTENTION_KERNEL", "interpret")
+    on = np.asarray(model.generate(PROMPTS, max_new_tokens=4, stop_at_eos=False).tokens)
+    assert len(kernel_calls) == model.config.num_hidden_layers  # not the program made "off"
+    np.testing.assert_array_equal(on, off)
+
+
 def test_hooked_patterns_fall_back_to_explicit_attention(hf_and_directory, kernel_calls):
     _, directory = hf_and_directory
     model = gl.load(directory)
