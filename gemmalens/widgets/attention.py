@@ -364,8 +364,8 @@ class AttentionViewer(LayerViewer):
                 window = window_of(masks.get(part.hook.format(layer=i)), layer_type)
                 self_keys = len(self._labels[part.queries])
             else:  # the cross part: every encoder token, whatever the layer's window
-                window = {"type": "global", "causal": False, "before": None, "after": None,
-                          "label": "cross attention: every encoder token"}  # fmt: skip
+                window = window_of(AttentionMask(causal=False))
+                window["label"] = "cross attention: every encoder token"
                 self_keys = 0
             if 0 < self_keys < pattern.shape[-1]:
                 window["label"] += "; plus every encoder token"
