@@ -361,8 +361,9 @@ class Model:
         if hooks:
             model = capture_hooks(self.with_hooks(hooks), captured, _CACHE_LABEL)
             return sampling.prepare(pz.freeze_params(model), batch, length)
-        # The kernel setting is read while preparing: a program made under another is stale.
-        key = (frozenset(captured), batch, length, sampling.DECODE_ATTENTION_KERNEL)
+        # Kernel settings are read while preparing: a program made under others is stale.
+        kernels = (sampling.DECODE_ATTENTION_KERNEL, sampling.DECODE_MLP_KERNEL)
+        key = (frozenset(captured), batch, length, kernels)
         program = self._generation_programs.get(key)
         if program is None:
             if len(self._generation_programs) >= 16:

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.kernels import decode_attention
+from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
+from gemmalens.layers.hooks import HookPoint
+from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.transformer import positions_from_mask
 
 _KV_LABEL = "gemmalens.kv_cache:"
@@ -32,7 +34,19 @@ _KV_LABEL = "gemmalens.kv_cache:"
 # "on" does on GPUs always, "off" never, and "interpret" runs the kernel in Pallas'
 # interpreter on any backend (for tests). Read when a model is prepared for generation.
 DECODE_ATTENTION_KERNEL = "auto"
+# The same choices for the gated feed-forward block (`gemmalens.kernels.decode_mlp`): "auto"
+# runs it on GPUs for 2 to 16 rows (XLA's matrix-vector kernels are faster for one row).
+DECODE_MLP_KERNEL = "auto"
 _KERNEL_CHOICES = ("auto", "on", "off", "interpret")
+
+
+def _kernel_wanted(setting: str, batch: int) -> bool:
+    """Whether a decode kernel under ``setting`` runs for a step of ``batch`` rows."""
+    if setting == "off":
+        return False
+    if setting == "interpret":
+        return True
+    return jax.default_backend() == "gpu" and (setting == "on" or batch >= 2)
 
 
 def cache_length(attention: Attention, max_length: int) -> int:
@@ -90,11 +104,7 @@ class CachingAttention(pz.nn.Layer):
     def _kernel_applies(self, q, k, stored) -> bool:
         """Whether this step can run as `decode_attention`: a plain causal mixer whose
         weights nobody hooks, a shape the kernel tiles, keys in the cache's dtype."""
-        if self.kernel == "off":
-            return False
-        if self.kernel in ("auto", "on") and jax.default_backend() != "gpu":
-            return False
-        if self.kernel == "auto" and q.named_shape["batch"] < 2:
+        if not _kernel_wanted(self.kernel, q.named_shape["batch"]):
             return False
         mixer = self.attention.mixer
         return (
@@ -141,6 +151,52 @@ class CachingAttention(pz.nn.Layer):
         return pz.nx.wrap(z[:, None]).tag(*QKV_AXES)
 
 
+@pz.pytree_dataclass
+class KernelMLP(pz.nn.Layer):
+    """A `GatedMLP` whose one-token decode steps run as `decode_mlp.gated_mlp` (see
+    `DECODE_MLP_KERNEL`); any other call, or a hooked or sparse-gated block, runs ``mlp``."""
+
+    mlp: GatedMLP
+    kernel: str = dataclasses.field(default="off", metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if not self._kernel_applies(x):
+            return self.mlp(x, **side_inputs)
+        mlp = self.mlp
+
+        def matrix(linear: pz.nn.Linear, out_axis: str, in_axis: str) -> jax.Array:
+            return linear.weights.value.unwrap(out_axis, in_axis)
+
+        out = decode_mlp.gated_mlp(
+            x.unwrap("batch", "seq", "embedding")[:, 0],
+            matrix(mlp.gate_proj, "neurons", "embedding"),
+            matrix(mlp.up_proj, "neurons", "embedding"),
+            matrix(mlp.down_proj, "embedding", "neurons"),
+            interpret=self.kernel == "interpret",
+        )
+        return pz.nx.wrap(out[:, None]).tag("batch", "seq", "embedding")
+
+    def _kernel_applies(self, x: pz.nx.NamedArray) -> bool:
+        shape = x.named_shape
+        mlp = self.mlp
+        if set(shape) != {"batch", "seq", "embedding"} or shape["seq"] != 1:
+            return False
+        if not _kernel_wanted(self.kernel, shape["batch"]):
+            return False
+        hooks = (mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post)
+        return (
+            type(mlp) is GatedMLP
+            and mlp.gate_sparsity is None
+            and all(type(hook) is HookPoint for hook in hooks)
+            and mlp.gate_proj.weights.value.dtype == x.dtype
+            and decode_mlp.supported(
+                shape["batch"],
+                shape["embedding"],
+                mlp.gate_proj.weights.value.named_shape["neurons"],
+            )
+        )
+
+
 def _write(stored: dict, k, v, positions) -> dict:
     """Writes the new entries at slot ``position % length`` (``k`` and ``v`` may be None:
     only what is given is written).
@@ -183,18 +239,28 @@ def _write(stored: dict, k, v, positions) -> dict:
 _EMPTY_FILL = {"k": 0, "v": 0, "positions": -1}
 
 
+def _check_kernel_setting(setting: str, name: str) -> None:
+    if setting not in _KERNEL_CHOICES:
+        raise ValueError(
+            f"Unknown decode kernel setting {setting!r}; choose one of "
+            f"{', '.join(map(repr, _KERNEL_CHOICES))} (gemmalens.sampling.{name})."
+        )
+
+
 def with_kv_cache(
-    model: pz.nn.Layer, batch_size: int, max_length: int, kernel: str = "off"
+    model: pz.nn.Layer,
+    batch_size: int,
+    max_length: int,
+    kernel: str = "off",
+    mlp_kernel: str = "off",
 ) -> pz.nn.Layer:
     """A copy of ``model`` whose attention layers keep an (empty) KV cache.
 
     ``kernel`` says whether decode steps may use `gemmalens.kernels.decode_attention`
-    (see `DECODE_ATTENTION_KERNEL`)."""
-    if kernel not in _KERNEL_CHOICES:
-        raise ValueError(
-            f"Unknown decode attention kernel setting {kernel!r}; choose one of "
-            f"{', '.join(map(repr, _KERNEL_CHOICES))} (gemmalens.sampling.DECODE_ATTENTION_KERNEL)."
-        )
+    (see `DECODE_ATTENTION_KERNEL`), ``mlp_kernel`` whether gated feed-forward blocks may
+    use `gemmalens.kernels.decode_mlp` (see `DECODE_MLP_KERNEL`)."""
+    _check_kernel_setting(kernel, "DECODE_ATTENTION_KERNEL")
+    _check_kernel_setting(mlp_kernel, "DECODE_MLP_KERNEL")
     counter = iter(range(1_000_000))
 
     def add_cache(attention: Attention) -> CachingAttention:
@@ -213,7 +279,10 @@ def with_kv_cache(
             attention, pz.StateVariable(cache, label=f"{_KV_LABEL}{next(counter)}"), kernel
         )
 
-    return pz.select(model).at_instances_of(Attention).apply(add_cache)
+    model = pz.select(model).at_instances_of(Attention).apply(add_cache)
+    if mlp_kernel == "off":
+        return model
+    return pz.select(model).at_instances_of(GatedMLP).apply(lambda mlp: KernelMLP(mlp, mlp_kernel))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +396,9 @@ def prepare(model: pz.nn.Layer, batch_size: int, max_length: int) -> GenerationP
     """The `GenerationProgram` of ``model`` (parameters frozen, captures installed) for
     ``batch_size`` rows of up to ``max_length`` tokens (prompt and new tokens)."""
     # The empty caches made here are only read for their shapes (once per program).
-    cached = with_kv_cache(model, batch_size, max_length, DECODE_ATTENTION_KERNEL)
+    cached = with_kv_cache(
+        model, batch_size, max_length, DECODE_ATTENTION_KERNEL, DECODE_MLP_KERNEL
+    )
     unbound, state = pz.unbind_state_vars(cached)
     caches, captures = _split([v.freeze() for v in state], _KV_LABEL)
     leaves, treedef = jax.tree.flatten((unbound, captures))
