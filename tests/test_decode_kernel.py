@@ -84,6 +84,16 @@ def test_kernel_equals_the_plain_step(
     assert np.abs(np.asarray(z)).max() > 0.1, "an all-zero output would prove little"
 
 
+def test_launch_settings_fit_shared_memory():
+    # Gemma 3 in bfloat16 keeps the tuned blocks; float32 or wider heads get smaller ones
+    # (a float32 cache of 256-wide heads once asked for more shared memory than an H100 has).
+    assert kernel.launch_settings(512) == dict(splits=2, block_k=64, num_stages=3)
+    for length, head_dim, itemsize in [(512, 256, 4), (8192, 512, 2), (4096, 512, 4)]:
+        settings = kernel.launch_settings(length, head_dim, itemsize)
+        blocks = settings["num_stages"] * settings["block_k"] * head_dim * itemsize * 2
+        assert blocks <= 200 * 1024 and settings["block_k"] >= 16
+
+
 def test_kernel_shape_limits():
     assert kernel.supported(head_dim=256, heads_per_kv_head=4)
     assert not kernel.supported(head_dim=24, heads_per_kv_head=4)  # not a power of two

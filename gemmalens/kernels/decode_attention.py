@@ -30,6 +30,9 @@ from jax.experimental.pallas import triton as plgpu
 # Score given to keys a query may not see: far below any real score, yet finite so that
 # exp(masked - max) is 0 and never NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Bytes of key and value blocks the pipelined loop may keep in shared memory (an H100 has
+# 227 KiB a block; the rest is left for the compiler's own use).
+_SHARED_MEMORY_BUDGET = 200 * 1024
 
 
 def _kernel(
@@ -230,8 +233,14 @@ def decode_attention(
     return z, key_cache, value_cache
 
 
-def launch_settings(length: int) -> dict:
-    """Split and block sizes for a cache of ``length`` keys (tuned on an H100)."""
+def launch_settings(length: int, head_dim: int = 256, itemsize: int = 2) -> dict:
+    """Split and block sizes for a cache of ``length`` keys (tuned on an H100 in bfloat16).
+
+    Blocks of keys and values, times the pipeline's three stages, must fit in shared
+    memory: wider heads or float32 caches get fewer keys per block."""
     block_k = 64 if length >= 64 else 16
+    stages = 3
+    while block_k > 16 and stages * block_k * head_dim * itemsize * 2 > _SHARED_MEMORY_BUDGET:
+        block_k //= 2
     splits = max(1, min(8, length // 192))
-    return dict(splits=splits, block_k=block_k, num_stages=3)
+    return dict(splits=splits, block_k=block_k, num_stages=stages)
