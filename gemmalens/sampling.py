@@ -137,7 +137,9 @@ class CachingAttention(pz.nn.Layer):
             scale=mixer.scale,
             window=mixer.mask.window_before,
             interpret=self.kernel == "interpret",
-            **decode_attention.launch_settings(length),
+            **decode_attention.launch_settings(
+                length, q.named_shape["head_dim"], jnp.dtype(stored["k"].dtype).itemsize
+            ),
         )
 
         def as_cache(array, old):
@@ -188,7 +190,10 @@ class KernelMLP(pz.nn.Layer):
             type(mlp) is GatedMLP
             and mlp.gate_sparsity is None
             and all(type(hook) is HookPoint for hook in hooks)
-            and mlp.gate_proj.weights.value.dtype == x.dtype
+            and all(
+                linear.weights.value.dtype == x.dtype
+                for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            )
             and decode_mlp.supported(
                 shape["batch"],
                 shape["embedding"],
