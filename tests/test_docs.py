@@ -59,6 +59,8 @@ API_OBJECTS = [
     ("api/model", "gemmalens.Model.run_with_cache"),
     ("api/model", "gemmalens.Model.run_with_hooks"),
     ("api/model", "gemmalens.Model.generate"),
+    ("api/model", "gemmalens.kernels.decode_attention.decode_attention"),
+    ("api/model", "gemmalens.kernels.decode_mlp.gated_mlp"),
     ("api/model", "gemmalens.EncoderDecoderModel"),
     ("api/cache", "gemmalens.ActivationCache"),
     ("api/cache", "gemmalens.ActivationCache.logit_lens"),
