@@ -11,6 +11,7 @@ from penzai import pz
 
 import gemmalens as gl
 from gemmalens import sampling
+from gemmalens.kernels import decode_attention, decode_mlp
 from tests import hf_reference as ref
 
 RS = np.random.RandomState(0)
@@ -186,3 +187,44 @@ def test_replacing_the_model_drops_prepared_generation_programs(pair):
     )
     assert not np.array_equal(swapped, before)
     np.testing.assert_array_equal(np.asarray(m.generate(prompts, max_new_tokens=6).tokens), before)
+
+
+# The other decoder families: AltUp, LAuReL, per-layer inputs, KV sharing, sparse gates
+# (Gemma 3n), partial RoPE and per-layer outputs (Gemma 4 E2B-like), experts (Gemma 4 MoE).
+FAMILIES = {
+    "gemma3n": lambda directory: ref.gemma3n_text(directory),
+    "gemma4_e2b": lambda directory: ref.gemma4_text(directory, seed=1),
+    "gemma4_moe": lambda directory: ref.gemma4_text(directory, moe=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = FAMILIES[request.param](directory)
+    return directory, _hf_generate(hf_model, PROMPTS, 8)
+
+
+@pytest.mark.parametrize("kernels", ["off", "interpret"])
+def test_greedy_generation_of_other_families_matches_transformers(family, kernels, monkeypatch):
+    """With the decode kernels in Pallas' interpreter, too: layers they cannot run (KV
+    consumers, sparse-gated blocks) keep the plain path."""
+    directory, theirs = family
+    monkeypatch.setattr(sampling, "DECODE_ATTENTION_KERNEL", kernels)
+    monkeypatch.setattr(sampling, "DECODE_MLP_KERNEL", kernels)
+    traced = []
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            traced.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+    for module, name in [(decode_attention, "decode_attention"), (decode_mlp, "gated_mlp")]:
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    ours = np.asarray(gl.load(directory).generate(PROMPTS, 8, stop_at_eos=False).tokens)
+    np.testing.assert_array_equal(ours, theirs)
+    # The kernels ran in some layers (not all: see above), or in none when off.
+    assert set(traced) == ({"decode_attention", "gated_mlp"} if kernels == "interpret" else set())
+    assert max(len(set(row)) for row in ours.tolist()) > 3, "degenerate output proves little"
