@@ -377,7 +377,15 @@ class EncoderDecoderModel(Model):
             pz.nx.wrap(hidden).tag(*RESID_AXES),
             column_positions(jnp.asarray(tokens), jnp.asarray(mask)),
         )
-        decoder = sampling.with_kv_cache(decoder, len(rows), 1 + max_new_tokens)
+        # The decoder's merged self+cross attention keeps the plain path; its feed-forward
+        # blocks may run the decode kernel.
+        decoder = sampling.with_kv_cache(
+            decoder,
+            len(rows),
+            1 + max_new_tokens,
+            sampling.DECODE_ATTENTION_KERNEL,
+            sampling.DECODE_MLP_KERNEL,
+        )
         unbound, state = pz.unbind_state_vars(decoder)
         start = np.full((len(rows), 1), self.config.decoder_start_token_id, np.int32)
         new_tokens, prompt_values, step_values = sampling._generate(

@@ -17,9 +17,11 @@ from penzai import pz
 from transformers.models.t5gemma2 import modeling_t5gemma2
 
 import gemmalens as gl
+from gemmalens import sampling
 from gemmalens.encdec import EncoderDecoderModel
 from gemmalens.families.gemma3 import FULL, SLIDING
 from gemmalens.families.t5gemma2 import encoder_mask
+from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.transformer import positions_from_mask
 from tests import hf_reference as ref
 
@@ -201,6 +203,27 @@ def test_greedy_generation_matches_transformers(pair):
     padding = ~np.asarray(result.prompt_mask).astype(bool)  # [batch, enc_pos]
     assert np.all(np.where(padding[None, :, None, None, :], steps, 0) == 0)
     assert np.all(steps.sum(-1) < 1)  # the rest of each row went to the decoder's own keys
+
+
+def test_generation_with_the_decode_kernels_matches_transformers(pair, monkeypatch):
+    """In Pallas' interpreter: the decoder's feed-forward blocks run the decode kernel; its
+    merged self+cross attention keeps the plain path."""
+    hf_model, model = pair
+    traced = []
+    for module, name in [(decode_attention, "decode_attention"), (decode_mlp, "gated_mlp")]:
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            traced.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    monkeypatch.setattr(sampling, "DECODE_ATTENTION_KERNEL", "interpret")
+    monkeypatch.setattr(sampling, "DECODE_MLP_KERNEL", "interpret")
+    ours = np.asarray(model.generate(PROMPTS, max_new_tokens=10, stop_at_eos=False).tokens)
+    np.testing.assert_array_equal(ours, _hf_generate(hf_model, PROMPTS, 10))
+    # Traced for the first step (the decoder's prompt is its one start token) and the loop.
+    assert traced == ["gated_mlp"] * (2 * model.config.decoder.num_hidden_layers)
 
 
 def test_patching_an_encoder_position_changes_the_decoder(pair, run):
