@@ -1,10 +1,11 @@
 """A decode step's gated feed-forward block as two GPU kernels.
 
 While decoding, the feed-forward block multiplies a few rows (one new token per sequence)
-by three large weight matrices. That is bound by reading the weights, and at 2 to 16 rows
-XLA's matrix kernels read them at well below the memory bandwidth and leave the
-activation (``gelu(gate) * up``) and the sum of the down projection's partial products to
-kernels of their own. Here:
+by three large weight matrices: bound by reading the weights, and by how many kernels run.
+For 2 to 16 rows XLA makes four kernels of it (the merged gate and up product, the
+activation ``gelu(gate) * up``, a split-K down projection, the sum of its partial
+products). Here the activation is part of the gate and up kernel, and the down projection
+reads its weights faster (measurements in docs/benchmarks.md):
 
 - ``gate_up``: each program reads a block of rows of the gate and the up weights, multiplies
   them by the input (the weights are the tensor-core product's wide operand, the input the
