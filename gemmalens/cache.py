@@ -4,12 +4,17 @@ Every analysis here is linear algebra on cached values plus the model's weights;
 runs the model again. Shapes are batch-first; stacks of residual-stream pieces put their
 ``component`` axis first: ``[component, batch, pos, d_model]``.
 
-Gemma's residual stream is ``h = embed + sum_i (attn_out_i + mlp_out_i)`` where each branch
-output is *after* its post-norm (``blocks.{i}.hook_attn_out`` / ``hook_mlp_out``), so
-`ActivationCache.decompose_resid` is exact. The final norm is not linear, but with the
-run's own RMS divisor (``ln_final.hook_scale``) held fixed it is:
-``ln_final(sum_c x_c) = sum_c x_c / rms * (1 + w)``. That is how `accumulated_resid`,
+In Gemma 3 the residual stream is ``h = embed + sum_i (attn_out_i + mlp_out_i)`` where each
+branch output is *after* its post-norm (``blocks.{i}.hook_attn_out`` / ``hook_mlp_out``).
+The newer families write it otherwise (Gemma 4 scales it per layer, Gemma 3n keeps several
+AltUp streams, T5Gemma 2 has two stacks): `gemmalens.residual` holds each family's algebra,
+and every method here goes through it, so decompositions add up on every family. The final
+norm is not linear, but with the run's own RMS divisor (``ln_final.hook_scale``) held fixed
+it is: ``ln_final(sum_c x_c) = sum_c x_c / rms * gain``. That is how `accumulated_resid`,
 `decompose_resid` and `logit_attrs` apply it when asked (``apply_ln=True``).
+
+Encoder-decoder models: every method takes ``stack="encoder"`` or ``"decoder"`` (default:
+the decoder, whose output reaches the logits).
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.layers.attention import Attention
-from gemmalens.layers.embeddings import TanhSoftCap, TiedUnembed
-from gemmalens.layers.norms import RMSNorm
+from gemmalens import residual
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
@@ -143,14 +146,6 @@ def select_positions(x: jax.Array, pos_slice: PosSlice, pos_axis: int) -> jax.Ar
     return x[tuple(index)]
 
 
-def _norm_gain(norm: RMSNorm) -> jax.Array:
-    """The per-channel multiplier an `RMSNorm` applies after dividing by the RMS."""
-    if norm.form == "none":
-        return jnp.ones((), jnp.float32)
-    weight = norm.scale.value.unwrap(norm.axis).astype(jnp.float32)
-    return 1.0 + weight if norm.form == "one_plus" else weight
-
-
 @dataclasses.dataclass(frozen=True)
 class LogitLens:
     """What each layer's residual stream would predict if the model stopped there.
@@ -235,78 +230,41 @@ class ActivationCache(Mapping):
             raise ValueError(f"{purpose} needs the model's weights; this cache has no model.")
         return self.model
 
+    def readout(self, stack: str | None = None) -> residual.Readout:
+        """The residual algebra of ``stack`` for this run (see `gemmalens.residual`):
+        ``"encoder"`` or ``"decoder"`` on encoder-decoder models, None for the stack whose
+        output reaches the logits."""
+        return residual.readout(self, stack)
+
+    def num_layers_of(self, stack: str | None = None) -> int:
+        """The block count of ``stack`` (None: the stack that reaches the logits)."""
+        return residual.find_stack(self._need_model("The layer count").config, stack).num_layers
+
     @property
     def num_layers(self) -> int:
-        return self._need_model("The layer count").config.num_hidden_layers
+        return self.num_layers_of(None)
 
-    def _layer_count(self, layer: int | None) -> int:
-        total = self.num_layers
+    def _layer_count(self, layer: int | None, stack: str | None = None) -> int:
+        total = self.num_layers_of(stack)
         if layer is None:
             return total
         if not 0 <= layer <= total:
             raise ValueError(f"layer must be in [0, {total}] (or None for all), got {layer}.")
         return layer
 
-    def _embed(self) -> jax.Array:
-        return self._need("hook_embed", "blocks.0.hook_resid_pre", purpose="The embedding")
-
-    def _resid_after(self, i: int) -> jax.Array:
-        return self._need(
-            f"blocks.{i}.hook_resid_post",
-            f"blocks.{i + 1}.hook_resid_pre",
-            purpose=f"The residual stream after block {i}",
-        )
-
-    def final_scale(self) -> jax.Array:
+    def final_scale(self, stack: str | None = None) -> jax.Array:
         """The final norm's RMS divisor of this run, ``[batch, pos, 1]`` (float32).
 
         Read from ``ln_final.hook_scale`` when captured, else recomputed (identically) from
-        the last block's ``hook_resid_post``.
+        the final residual stream (for Gemma 3n: the AltUp collapse).
         """
-        if "ln_final.hook_scale" in self._values:
-            return self._values["ln_final.hook_scale"]
-        resid = self._resid_after(self.num_layers - 1).astype(jnp.float32)
-        eps = self._final_norm().eps
-        return jnp.sqrt(jnp.mean(resid * resid, axis=-1, keepdims=True) + eps)
+        out = self.readout(stack)
+        name = out.p + "ln_final.hook_scale"
+        if name in self._values:
+            return self._values[name]
+        return residual.rms(out.resid(out.stack.num_layers), out.final_norm().eps)
 
-    def _final_norm(self) -> RMSNorm:
-        model = self._need_model("The final norm").model
-        return pz.select(model.final_norm).at_instances_of(RMSNorm).get_sequence()[0]
-
-    def _unembed_matrix(self) -> jax.Array:
-        """``[vocab, d_model]`` (the tied embedding table, unscaled)."""
-        model = self._need_model("Unembedding").model
-        (unembed,) = pz.select(model.unembed).at_instances_of(TiedUnembed).get_sequence()
-        return unembed.table.value.unwrap("vocab", "embedding")
-
-    def _softcap(self) -> float | None:
-        model = self._need_model("Unembedding").model
-        caps = pz.select(model.unembed).at_instances_of(TanhSoftCap).get_sequence()
-        return caps[0].cap if caps else None
-
-    def _block(self, i: int) -> pz.nn.NamedGroup:
-        model = self._need_model("Per-head results").model
-        blocks = (
-            pz.select(model)
-            .at_instances_of(pz.nn.NamedGroup)
-            .where(lambda g: g.name == f"blocks.{i}")
-            .get_sequence()
-        )
-        if not blocks:
-            raise ValueError(f"The model has no block named 'blocks.{i}'.")
-        return blocks[0]
-
-    def _attention_and_post_norm(self, i: int) -> tuple[Attention, RMSNorm | None]:
-        """Block ``i``'s attention layer and the norm right after it (None if none)."""
-        for seq in pz.select(self._block(i)).at_instances_of(pz.nn.Sequential).get_sequence():
-            layers = list(seq.sublayers)
-            for j, layer in enumerate(layers):
-                if isinstance(layer, Attention):
-                    after = layers[j + 1] if j + 1 < len(layers) else None
-                    return layer, after if isinstance(after, RMSNorm) else None
-        raise ValueError(f"Block {i} has no attention layer.")
-
-    def apply_ln_to_stack(self, residual_stack: jax.Array) -> jax.Array:
+    def apply_ln_to_stack(self, residual_stack: jax.Array, stack: str | None = None) -> jax.Array:
         """The final norm applied to each component with this run's RMS divisor.
 
         ``residual_stack``: ``[..., batch, pos, d_model]`` with every position (slice
@@ -314,8 +272,8 @@ class ActivationCache(Mapping):
         components sum to ``ln_final.hook_normalized`` when the raw ones sum to the final
         residual stream.
         """
-        gain = _norm_gain(self._final_norm())
-        scaled = residual_stack.astype(jnp.float32) / self.final_scale()
+        gain = residual.norm_gain(self.readout(stack).final_norm())
+        scaled = residual_stack.astype(jnp.float32) / self.final_scale(stack)
         return (scaled * gain).astype(residual_stack.dtype)
 
     def _finish_stack(
@@ -325,12 +283,13 @@ class ActivationCache(Mapping):
         apply_ln: bool,
         pos_slice: PosSlice,
         return_labels: bool,
+        stack: str | None,
     ) -> jax.Array | tuple[jax.Array, list[str]]:
-        stack = jnp.stack(components)
+        values = jnp.stack(components)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack)
-        stack = select_positions(stack, pos_slice, pos_axis=2)
-        return (stack, labels) if return_labels else stack
+            values = self.apply_ln_to_stack(values, stack)
+        values = select_positions(values, pos_slice, pos_axis=2)
+        return (values, labels) if return_labels else values
 
     # ------------------------------------------------------------------------ residual stream
 
@@ -340,6 +299,7 @@ class ActivationCache(Mapping):
         apply_ln: bool = False,
         pos_slice: PosSlice = None,
         return_labels: bool = False,
+        stack: str | None = None,
     ) -> jax.Array | tuple[jax.Array, list[str]]:
         """The residual stream as it grows: the embedding, then after each block.
 
@@ -350,14 +310,23 @@ class ActivationCache(Mapping):
             view used for attribution; `logit_lens` can instead renormalise each layer).
           pos_slice: which positions to keep (see `PosSlice`).
           return_labels: also return the hook name each entry was read from.
+          stack: ``"encoder"`` / ``"decoder"`` on encoder-decoder models (default: the
+            stack whose output reaches the logits).
 
         Returns:
-          ``[layer + 1, batch, pos, d_model]`` (pos dropped for an int / per-row slice).
+          ``[layer + 1, batch, pos, d_model]`` (pos dropped for an int / per-row slice),
+          float32.
+
+        Gemma 3n keeps K AltUp streams; its entries are what the model reads out of them:
+        the collapse (``hook_altup_collapsed`` at the end) applied to the streams after
+        each block (``blocks.{i}.hook_streams_post``; the first entry collapses
+        ``hook_altup_expanded``), not the active stream of ``hook_resid_post``.
         """
-        count = self._layer_count(layer)
-        components = [self._embed()] + [self._resid_after(i) for i in range(count)]
-        labels = ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(count)]
-        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+        out = self.readout(stack)
+        count = self._layer_count(layer, stack)
+        components = [out.resid(d) for d in range(count + 1)]
+        labels = [out.resid_label(d) for d in range(count + 1)]
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels, stack)
 
     def decompose_resid(
         self,
@@ -367,58 +336,74 @@ class ActivationCache(Mapping):
         pos_slice: PosSlice = None,
         incl_embeds: bool = True,
         return_labels: bool = False,
+        stack: str | None = None,
+        detail: bool = True,
     ) -> jax.Array | tuple[jax.Array, list[str]]:
-        """The residual stream split into what wrote it: embedding, each attention and
-        each MLP output (after their post-norms, i.e. ``hook_attn_out`` / ``hook_mlp_out``).
+        """The residual stream split into what wrote it, each part as it arrives there.
 
-        With ``mode="all"`` and ``incl_embeds=True`` the components sum exactly (up to float
-        rounding) to the input of block ``layer`` (the final residual stream for None).
+        With ``mode="all"`` and ``incl_embeds=True`` the components sum (up to float
+        rounding) to entry ``layer`` of `accumulated_resid`: the input of block ``layer``,
+        or the final residual stream for None. Per family:
+
+        * Gemma 3, T5Gemma 2: the embedding, each attention and MLP output (after their
+          post-norms, ``hook_attn_out`` / ``hook_mlp_out``). The decoder of T5Gemma 2
+          splits its merged attention into ``hook_attn_out[self]`` and
+          ``hook_attn_out[cross]`` (with ``detail``), the post-norm's divisor held at its
+          value in this run.
+        * Gemma 4: each part multiplied by the ``layer_scalar`` of its block and of every
+          later block (as it arrives); the per-layer-input term
+          (``hook_per_layer_out``, E2B/E4B) as its own part; MoE layers split (with
+          ``detail``) into the dense branch (``hook_dense_mlp_out``) and the routed experts
+          (``moe.hook_out``), the shared post-norm's divisor held fixed.
+        * Gemma 3n: the parts are the AltUp initial streams (``hook_altup_expanded``) and,
+          per block, the attention output, LAuReL's output, the MLP output and the
+          per-layer-input term, each carried through the later blocks' AltUp prediction
+          and correction and read out through the collapse, with this run's router
+          coefficients and the collapse's rescaling held fixed
+          (`gemmalens.residual.AltUpReadout` has the algebra).
+
+        Holding a norm divisor or a router coefficient fixed is the linearisation direct
+        logit attribution already makes with the final norm: exact for this run, but
+        removing a part would also change the held values.
 
         Returns:
-          ``[component, batch, pos, d_model]``; labels ``hook_embed``,
-          ``blocks.{i}.hook_attn_out``, ``blocks.{i}.hook_mlp_out`` in forward order.
+          ``[component, batch, pos, d_model]`` float32, labels naming where each part was
+          read (hook names; ``[self]`` / ``[cross]`` marks the two attention parts).
         """
-        count = self._layer_count(layer)
-        components, labels = [], []
-        if incl_embeds:
-            components.append(self._embed())
-            labels.append("hook_embed")
-        for i in range(count):
-            for kind in ("attn", "mlp"):
-                if mode in ("all", kind):
-                    name = f"blocks.{i}.hook_{kind}_out"
-                    components.append(self._need(name, purpose="decompose_resid"))
-                    labels.append(name)
+        out = self.readout(stack)
+        count = self._layer_count(layer, stack)
+        components, labels = out.components(count, mode, incl_embeds, detail)
         if not components:
             raise ValueError("decompose_resid selected no components (layer=0, no embeds?).")
-        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels, stack)
 
     # ------------------------------------------------------------------------ heads
 
-    def head_results(self, layer: int, fold_post_norm: bool = True) -> jax.Array:
+    def head_results(
+        self,
+        layer: int,
+        fold_post_norm: bool = True,
+        part: Literal["self", "cross"] | None = None,
+        stack: str | None = None,
+    ) -> jax.Array:
         """What each attention head of block ``layer`` writes, ``[batch, pos, head, d_model]``.
 
         A head's raw output is ``z_h @ W_O[h]``; the raw outputs sum to the attention
-        output *before* Gemma's post-attention norm. That norm is not linear, so a head's
+        output *before* the post-attention norm. That norm is not linear, so a head's
         share of ``hook_attn_out`` is defined here by holding the norm's RMS divisor at its
         value in this run (computed exactly from the cached ``hook_z``):
-        ``result_h = z_h W_O[h] / rms(sum_h z_h W_O[h]) * (1 + w)``. These sum to
+        ``result_h = z_h W_O[h] / rms(sum_h z_h W_O[h]) * gain``. These sum to
         ``blocks.{layer}.hook_attn_out``. They are a linearisation: removing a head would
-        also change the divisor, which this split does not show.
+        also change the divisor, which this split does not show. Works for every attention
+        variant (own keys, keys shared from an earlier layer, K=V, merged self+cross).
 
         With ``fold_post_norm=False`` the raw ``z_h @ W_O[h]`` are returned (they sum to the
-        pre-norm attention output).
+        pre-norm attention output). ``part`` (T5Gemma 2's decoder): only the part of each
+        head's output that comes from its own tokens (``"self"``) or the encoder's
+        (``"cross"``); the two parts sum to the whole.
         """
-        z = self._need(f"blocks.{layer}.attn.hook_z", purpose="head_results")
-        attention, post_norm = self._attention_and_post_norm(layer)
-        w_o = attention.output.weights.value.unwrap("heads", "head_dim", "embedding")
-        raw = jnp.einsum("bphd,hdm->bphm", z.astype(jnp.float32), w_o.astype(jnp.float32))
-        if not fold_post_norm or post_norm is None:
-            return raw.astype(z.dtype)
-        # The model normalises o_proj(z) (in the model dtype); recompute its divisor.
-        total = jnp.einsum("bphd,hdm->bpm", z, w_o).astype(jnp.float32)
-        rms = jnp.sqrt(jnp.mean(total * total, axis=-1, keepdims=True) + post_norm.eps)
-        return (raw / rms[:, :, None, :] * _norm_gain(post_norm)[None]).astype(z.dtype)
+        out = self.readout(stack)
+        return out.head_results(layer, fold_post_norm, part)
 
     def stack_head_results(
         self,
@@ -427,24 +412,34 @@ class ActivationCache(Mapping):
         pos_slice: PosSlice = None,
         fold_post_norm: bool = True,
         return_labels: bool = False,
+        stack: str | None = None,
+        part: Literal["self", "cross"] | None = None,
     ) -> jax.Array | tuple[jax.Array, list[str]]:
         """Every head's result (see `head_results`) of blocks ``0 .. layer-1`` (all for
         None), stacked as ``[layer * head, batch, pos, d_model]`` with labels ``L{i}H{h}``.
 
-        With ``fold_post_norm=True`` (default) the heads of block ``i`` sum to
-        ``blocks.{i}.hook_attn_out``, so these can replace the attention terms of
-        `decompose_resid` in a direct logit attribution.
+        Each result is taken as it arrives in the stream that `decompose_resid` splits
+        (multiplied by later layer scalars in Gemma 4, carried through AltUp in Gemma 3n;
+        unchanged in Gemma 3), so with ``fold_post_norm=True`` (default) the heads of block
+        ``i`` sum to that block's attention part of `decompose_resid`: they can replace
+        the attention terms in a direct logit attribution.
         """
-        count = self._layer_count(layer)
+        out = self.readout(stack)
+        count = self._layer_count(layer, stack)
         components, labels = [], []
+        suffix = "" if part is None else f".{part}"
         for i in range(count):
-            results = self.head_results(i, fold_post_norm)
+            results = out.head_results(i, fold_post_norm, part)  # [b, p, h, d]
+            if fold_post_norm:
+                results = jnp.moveaxis(
+                    out.transport(i, jnp.moveaxis(results, 2, 0), count, "attn"), 0, 2
+                )
             for h in range(results.shape[2]):
                 components.append(results[:, :, h])
-                labels.append(f"L{i}H{h}")
+                labels.append(f"L{i}H{h}{suffix}")
         if not components:
             raise ValueError("stack_head_results selected no heads (layer=0).")
-        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels)
+        return self._finish_stack(components, labels, apply_ln, pos_slice, return_labels, stack)
 
     # ------------------------------------------------------------------------ logits
 
@@ -455,6 +450,7 @@ class ActivationCache(Mapping):
         incorrect_tokens: int | jax.Array | None = None,
         pos_slice: PosSlice = -1,
         apply_ln: bool = True,
+        stack: str | None = None,
     ) -> jax.Array:
         """Direct logit attribution: each component's contribution to a logit (difference).
 
@@ -471,19 +467,31 @@ class ActivationCache(Mapping):
         Returns:
           ``[component, batch]`` (or ``[component, batch, pos]`` for a slice). With the
           full `decompose_resid` stack the components sum to the model's logit (difference)
-          *before* the final soft-cap: exactly the logit when the config has no
-          ``final_logit_softcapping``. With a soft-cap the model's logit is
-          ``cap * tanh(sum / cap)``; the attributions explain the pre-cap logit, which the
-          cap then squashes monotonically (their sum no longer equals the capped logit).
+          *before* the final soft-cap. Without a ``final_logit_softcapping`` that is the
+          logit itself. With one (Gemma 3n, Gemma 4) the model outputs
+          ``cap * tanh(pre / cap)``; the attributions split ``pre`` (recover it from the
+          logits as ``cap * arctanh(logit / cap)``, or use `pre_softcap_logits`), which
+          the cap then squashes monotonically: their sum is not the capped logit, and
+          this function does not pretend otherwise.
         """
+        out = self.readout(stack)
         if apply_ln:
-            residual_stack = self.apply_ln_to_stack(residual_stack)
-        residual = select_positions(residual_stack, pos_slice, pos_axis=2)
-        unembed = self._unembed_matrix()
+            residual_stack = self.apply_ln_to_stack(residual_stack, stack)
+        values = select_positions(residual_stack, pos_slice, pos_axis=2)
+        unembed = out.unembed_matrix()
         direction = unembed[jnp.asarray(tokens)]
         if incorrect_tokens is not None:
             direction = direction - unembed[jnp.asarray(incorrect_tokens)]
-        return jnp.sum(residual.astype(jnp.float32) * direction.astype(jnp.float32), axis=-1)
+        return jnp.sum(values.astype(jnp.float32) * direction.astype(jnp.float32), axis=-1)
+
+    def pre_softcap_logits(self, logits: jax.Array, stack: str | None = None) -> jax.Array:
+        """The model's logits before its final soft-cap, ``cap * arctanh(logits / cap)``
+        (the logits themselves when the model has no cap): what `logit_attrs` splits."""
+        cap = self.readout(stack).softcap()
+        logits = jnp.asarray(logits, jnp.float32)
+        if cap is None:
+            return logits
+        return cap * jnp.arctanh(logits / cap)
 
     def logit_lens(
         self,
@@ -493,6 +501,7 @@ class ActivationCache(Mapping):
         targets: jax.Array | None = None,
         norm: Literal["recompute", "cached"] = "recompute",
         softcap: bool = True,
+        stack: str | None = None,
     ) -> LogitLens:
         """Logits read off the residual stream after each block (and the embedding).
 
@@ -507,20 +516,26 @@ class ActivationCache(Mapping):
             (what the model would output if it stopped there); ``"cached"`` uses the final
             residual's RMS divisor for every layer (the linear view of `logit_attrs`).
           softcap: apply the model's final soft-cap, if it has one.
+          stack: on encoder-decoder models only the decoder (the default) has logits;
+            ``stack="encoder"`` raises, since the encoder's stream is never unembedded.
 
-        With ``norm="recompute"``, ``softcap=True`` and every block, the last entry equals
-        the model's logits.
+        Each entry is read out the way the model reads its last one: for Gemma 3n the
+        AltUp collapse of all streams (see `accumulated_resid`), then the final norm, the
+        unembedding and the soft-cap. With ``norm="recompute"``, ``softcap=True`` and every
+        block, the last entry equals the model's logits.
         """
-        stack, labels = self.accumulated_resid(layer, return_labels=True)
+        out = self.readout(stack)
+        unembed = out.unembed_matrix()  # raises for a stack without logits
+        values, labels = self.accumulated_resid(layer, return_labels=True, stack=stack)
         if norm == "cached":
-            normalized = self.apply_ln_to_stack(stack)
+            normalized = self.apply_ln_to_stack(values, stack)
         else:
-            final = self._final_norm()
-            normalized = final(pz.nx.wrap(stack).tag("layer", "batch", "seq", "embedding"))
+            final = out.final_norm()
+            normalized = final(pz.nx.wrap(values).tag("layer", "batch", "seq", "embedding"))
             normalized = normalized.unwrap("layer", "batch", "seq", "embedding")
         normalized = select_positions(normalized, pos_slice, pos_axis=2)
-        logits = jnp.einsum("...m,vm->...v", normalized, self._unembed_matrix())
-        cap = self._softcap()
+        logits = jnp.einsum("...m,vm->...v", normalized, unembed.astype(normalized.dtype))
+        cap = out.softcap()
         if softcap and cap is not None:
             logits = jnp.tanh(logits / cap) * cap
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

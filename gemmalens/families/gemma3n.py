@@ -28,6 +28,7 @@ Gemma 3n-only hook points, per block ``i``:
   ``altup.hook_corrected`` (``predictions + coefs * innovation``, before the per-layer input);
 * ``laurel.hook_out``: LAuReL's output ``x + norm(right(left(x)))``;
 * ``hook_per_layer_input`` ``[batch, pos, P]``: this layer's per-layer input;
+  ``hook_per_layer_out`` ``[batch, pos, d_model]``: what it adds to streams 1..K-1;
 * ``mlp.hook_pre`` is the gate *before* sparsification; on layers with
   ``activation_sparsity_pattern[i] > 0``, ``mlp.hook_pre_sparse`` is the gate after it
   (``relu(gate - cutoff)``), which feeds the GELU;
@@ -288,7 +289,8 @@ class AttentionWithLaurel(pz.nn.Layer):
 @pz.pytree_dataclass
 class PerLayerInputIntoStreams(pz.nn.Layer):
     """``streams[1:] += gate(streams[a] * correct_output_scale)`` (stream 0 is left alone,
-    whatever ``a`` is, as in transformers). ``[batch, seq, stream, embedding]`` in and out.
+    whatever ``a`` is, as in transformers). ``[batch, seq, stream, embedding]`` in and out;
+    the added term passes ``hook_out`` (``blocks.{i}.hook_per_layer_out``, as in Gemma 4).
 
     ``correct_output_scale`` multiplies only when ``apply_output_scale``
     (``altup_correct_scale``); checkpoints store it either way.
@@ -298,12 +300,13 @@ class PerLayerInputIntoStreams(pz.nn.Layer):
     apply_output_scale: bool = dataclasses.field(metadata={"pytree_node": False})
     correct_output_scale: pz.nn.ParameterLike[pz.nx.NamedArray]
     gate: PerLayerInputGate
+    hook_out: HookPoint
 
     def __call__(self, streams: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         active = streams[{"stream": self.active_index}]
         if self.apply_output_scale:
             active = active * self.correct_output_scale.value.astype(active.dtype)
-        added = self.gate(active, **side_inputs)
+        added = self.hook_out(self.gate(active, **side_inputs), **side_inputs)
         return pz.nx.nmap(lambda s, a: s.at[1:].add(a))(streams.untag("stream"), added).tag(
             "stream"
         )
@@ -491,6 +494,7 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
                 gate=PerLayerInputGate.build(
                     block, prefix, index, width, config.hidden_size_per_layer_input, eps
                 ),
+                hook_out=HookPoint(prefix + "hook_per_layer_out", RESID_AXES),
             ),
             HookPoint(prefix + "hook_streams_post", STREAM_AXES),
         ],
