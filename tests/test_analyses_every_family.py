@@ -1,0 +1,281 @@
+"""The cache analyses on every family, each identity checked against values computed here,
+with numpy, from captured hook values and the checkpoint's own tensors.
+
+Tiny perturbed checkpoints made by transformers: Gemma 3 (soft-capped), Gemma 3n (AltUp with
+a non-zero active stream, LAuReL, per-layer inputs, KV sharing), Gemma 4 E2B-like (layer
+scalars, per-layer inputs, KV sharing) and MoE-like (experts, K=V), T5Gemma 2 (encoder and
+decoder with merged attention). Every weight is perturbed, ``layer_scalar`` included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import gemmalens as gl
+from tests import hf_reference as ref
+
+RELATIVE = 1e-5
+FAMILIES = ["gemma3", "gemma3n", "gemma4_e2b", "gemma4_moe", "t5gemma2"]
+TOKENS = np.random.RandomState(3).randint(3, 250, (2, 9))
+DECODER_TOKENS = np.random.RandomState(4).randint(3, 250, (2, 6))
+
+
+class Family:
+    """A loaded tiny model, its checkpoint tensors, and one run with every hook captured."""
+
+    def __init__(self, name, directory):
+        self.name = name
+        self.tensors = load_file(directory / "model.safetensors")
+        self.m = gl.load(directory)
+        if name == "t5gemma2":
+            logits, self.cache = self.m.run_with_cache(TOKENS, decoder_tokens=DECODER_TOKENS)
+        else:
+            logits, self.cache = self.m.run_with_cache(TOKENS)
+        self.logits = np.asarray(logits, np.float64)
+
+    def values(self, name: str) -> np.ndarray:
+        return np.asarray(self.cache[name], np.float64)
+
+    def stacks(self) -> list[tuple[str | None, str, str]]:
+        """``(stack argument, hook prefix, checkpoint prefix)`` for each stack."""
+        if self.name == "t5gemma2":
+            return [
+                ("encoder", "encoder.", "model.encoder.layers."),
+                ("decoder", "decoder.", "model.decoder.layers."),
+            ]
+        return [(None, "", "model.layers.")]
+
+    def layers(self, stack) -> int:
+        return self.cache.num_layers_of(stack)
+
+    def softcap(self) -> float | None:
+        config = self.m.config.decoder if self.name == "t5gemma2" else self.m.config
+        return config.final_logit_softcapping
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    made = {}
+    builders = {
+        "gemma3": lambda d: ref.gemma3_text(d),
+        "gemma3n": lambda d: ref.gemma3n_text(d),
+        "gemma4_e2b": lambda d: ref.gemma4_text(d, moe=False),
+        "gemma4_moe": lambda d: ref.gemma4_text(d, moe=True),
+        "t5gemma2": lambda d: ref.t5gemma2(d),
+    }
+
+    def get(name):
+        if name not in made:
+            directory = tmp_path_factory.mktemp(name)
+            builders[name](directory)
+            made[name] = Family(name, directory)
+        return made[name]
+
+    return get
+
+
+def _relative(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def _collapse(streams: np.ndarray, tensors: dict) -> np.ndarray:
+    """Gemma 3n's read-out of AltUp streams ``[b, p, K, d]``, as transformers writes it:
+    stream 0 and the back-projected others, each rescaled to stream 0's RMS, averaged."""
+    first = streams[..., 0, :]
+    target = np.sqrt(np.mean(first**2, axis=-1, keepdims=True))
+    parts = [first]
+    for j in range(streams.shape[-2] - 1):
+        weight = tensors[f"model.altup_unembed_projections.{j}.weight"].astype(np.float64)
+        back = streams[..., j + 1, :] @ weight.T
+        magnitude = np.sqrt(np.maximum(np.mean(back**2, axis=-1, keepdims=True), 1e-5))
+        parts.append(back * target / magnitude)
+    return np.mean(parts, axis=0)
+
+
+def _stream_after(family: Family, prefix: str, depth: int) -> np.ndarray:
+    """The residual stream after ``depth`` blocks, from hooks (and the collapse for 3n)."""
+    if family.name == "gemma3n":
+        name = "hook_altup_expanded" if depth == 0 else f"blocks.{depth - 1}.hook_streams_post"
+        return _collapse(family.values(name), family.tensors)
+    if depth == 0:
+        return family.values(prefix + "hook_embed")
+    return family.values(f"{prefix}blocks.{depth - 1}.hook_resid_post")
+
+
+# --------------------------------------------------------------------------- decomposition
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_decomposition_sums_to_the_stream_it_decomposes(families, name):
+    family = families(name)
+    for stack, prefix, _ in family.stacks():
+        total = family.layers(stack)
+        for depth in (2, total):
+            parts, labels = family.cache.decompose_resid(
+                layer=depth, stack=stack, return_labels=True
+            )
+            expected = _stream_after(family, prefix, depth)
+            assert _relative(np.asarray(parts).sum(0), expected) <= RELATIVE, (stack, depth)
+            assert len(labels) == parts.shape[0] > 1 + 2 * depth - 1
+            accumulated = family.cache.accumulated_resid(layer=depth, stack=stack)
+            assert _relative(accumulated[-1], expected) <= RELATIVE
+
+
+@pytest.mark.parametrize("name", ["gemma3n", "gemma4_e2b", "gemma4_moe"])
+def test_naive_sum_of_branch_outputs_would_not_add_up(families, name):
+    """What decompose_resid returned before (embedding plus the raw branch outputs) misses
+    the stream by far on these families: the identity above can fail."""
+    family = families(name)
+    layers = family.layers(None)
+    naive = family.values("hook_embed") + sum(
+        family.values(f"blocks.{i}.hook_attn_out") + family.values(f"blocks.{i}.hook_mlp_out")
+        for i in range(layers)
+    )
+    assert _relative(naive, _stream_after(family, "", layers)) > 0.05
+
+
+def test_gemma4_parts_are_scaled_by_later_layer_scalars(families):
+    family = families("gemma4_e2b")
+    parts, labels = family.cache.decompose_resid(return_labels=True)
+    scalars = [float(family.tensors[f"model.layers.{i}.layer_scalar"][0]) for i in range(6)]
+    index = labels.index("blocks.3.hook_attn_out")
+    expected = family.values("blocks.3.hook_attn_out") * np.prod(scalars[3:])
+    assert _relative(parts[index], expected) <= RELATIVE
+    assert "blocks.3.hook_per_layer_out" in labels
+
+
+def test_gemma4_moe_splits_dense_and_routed_parts(families):
+    family = families("gemma4_moe")
+    parts, labels = family.cache.decompose_resid(return_labels=True)
+    dense = labels.index("blocks.2.hook_dense_mlp_out")
+    routed = labels.index("blocks.2.moe.hook_out")
+    scale = np.prod(
+        [float(family.tensors[f"model.layers.{i}.layer_scalar"][0]) for i in range(2, 6)]
+    )
+    together = np.asarray(parts[dense] + parts[routed], np.float64)
+    assert _relative(together, family.values("blocks.2.hook_mlp_out") * scale) <= RELATIVE
+    assert np.abs(np.asarray(parts[routed])).max() > 1e-3  # both parts carry something
+    whole, whole_labels = family.cache.decompose_resid(return_labels=True, detail=False)
+    assert "blocks.2.hook_mlp_out" in whole_labels and whole.shape[0] == len(labels) - 6
+
+
+def test_t5gemma2_decoder_attention_splits_into_self_and_cross(families):
+    family = families("t5gemma2")
+    parts, labels = family.cache.decompose_resid(stack="decoder", return_labels=True)
+    for i in range(family.layers("decoder")):
+        own = labels.index(f"decoder.blocks.{i}.hook_attn_out[self]")
+        cross = labels.index(f"decoder.blocks.{i}.hook_attn_out[cross]")
+        expected = family.values(f"decoder.blocks.{i}.hook_attn_out")
+        assert _relative(parts[own] + parts[cross], expected) <= RELATIVE
+
+
+# --------------------------------------------------------------------------- logit lens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logit_lens_last_entry_equals_the_logits(families, name):
+    family = families(name)
+    lens = family.cache.logit_lens(top_k=3)
+    assert np.abs(np.asarray(lens.logits[-1], np.float64) - family.logits).max() <= 1e-4
+    assert np.abs(family.logits).max() > 1.0
+
+
+def test_gemma3n_logit_lens_reads_every_stream(families):
+    """Reading the active stream (hook_resid_post) through the final norm is not what the
+    model does; the lens' last entry differs from that by a lot and matches the logits."""
+    family = families("gemma3n")
+    lens = family.cache.logit_lens(top_k=3, softcap=False)
+    active = family.values("blocks.4.hook_resid_post")
+    weight = family.tensors["model.norm.weight"].astype(np.float64)
+    table = family.tensors["model.embed_tokens.weight"].astype(np.float64)
+    normed = active / np.sqrt(np.mean(active**2, axis=-1, keepdims=True) + 1e-6) * weight
+    assert _relative(normed @ table.T, lens.logits[-1]) > 0.05
+    assert lens.labels[-1] == "blocks.4.hook_streams_post"
+
+
+def test_encoder_has_no_logit_lens(families):
+    family = families("t5gemma2")
+    with pytest.raises(ValueError, match="not unembedded"):
+        family.cache.logit_lens(stack="encoder")
+    with pytest.raises(ValueError, match="no stack 'middle'"):
+        family.cache.decompose_resid(stack="middle")
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _z_times_output(family, prefix, checkpoint_prefix, i, z):
+    w_o = family.tensors[f"{checkpoint_prefix}{i}.self_attn.o_proj.weight"].astype(np.float64)
+    return np.einsum("bphd,mhd->bpm", z, w_o.reshape(w_o.shape[0], z.shape[2], z.shape[3]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_head_results_sum_to_the_attention_output(families, name):
+    """Every attention variant: own keys, keys shared from an earlier layer (3n, 4 E2B),
+    K=V (4 MoE), merged self+cross (T5Gemma 2's decoder)."""
+    family = families(name)
+    for stack, prefix, checkpoint_prefix in family.stacks():
+        for i in range(family.layers(stack)):
+            z = family.values(f"{prefix}blocks.{i}.attn.hook_z")
+            raw = np.asarray(family.cache.head_results(i, fold_post_norm=False, stack=stack))
+            expected = _z_times_output(family, prefix, checkpoint_prefix, i, z)
+            assert _relative(raw.sum(axis=2), expected) <= RELATIVE, (stack, i)
+            folded = np.asarray(family.cache.head_results(i, stack=stack))
+            attn_out = family.values(f"{prefix}blocks.{i}.hook_attn_out")
+            assert _relative(folded.sum(axis=2), attn_out) <= RELATIVE, (stack, i)
+
+
+def test_merged_attention_head_parts(families):
+    family = families("t5gemma2")
+    for i in range(family.layers("decoder")):
+        p = f"decoder.blocks.{i}.attn."
+        self_pattern, v = family.values(p + "hook_self_pattern"), family.values(p + "hook_v")
+        group = self_pattern.shape[1] // v.shape[2]
+        z_self = np.einsum("bhqk,bkhd->bqhd", self_pattern, np.repeat(v, group, axis=2))
+        own = np.asarray(family.cache.head_results(i, False, part="self", stack="decoder"))
+        expected = _z_times_output(family, "decoder.", "model.decoder.layers.", i, z_self)
+        assert _relative(own.sum(axis=2), expected) <= RELATIVE
+        both = family.cache.head_results(i, part="self", stack="decoder") + (
+            family.cache.head_results(i, part="cross", stack="decoder")
+        )
+        assert _relative(np.asarray(both), family.cache.head_results(i, stack="decoder")) <= 1e-5
+    with pytest.raises(ValueError, match="plain attention"):
+        family.cache.head_results(0, part="self", stack="encoder")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stacked_heads_replace_the_attention_parts_of_the_decomposition(families, name):
+    family = families(name)
+    for stack, prefix, _ in family.stacks():
+        layers = family.layers(stack)
+        heads = np.asarray(family.cache.stack_head_results(stack=stack), np.float64)
+        parts, labels = family.cache.decompose_resid(stack=stack, return_labels=True)
+        per_layer = heads.reshape(layers, -1, *heads.shape[1:]).sum(axis=1)
+        for i in range(layers):
+            attention = sum(
+                np.asarray(parts[j], np.float64)
+                for j, label in enumerate(labels)
+                if label.startswith(f"{prefix}blocks.{i}.hook_attn_out")
+            )
+            assert _relative(per_layer[i], attention) <= RELATIVE, (stack, i)
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_direct_logit_attribution_sums_to_the_logit_before_the_softcap(families, name):
+    family = families(name)
+    correct, wrong = 17, 23
+    parts = family.cache.decompose_resid()
+    attrs = np.asarray(family.cache.logit_attrs(parts, correct, wrong), np.float64)
+    cap = family.softcap()
+    last = family.logits[:, -1]
+    pre = last if cap is None else cap * np.arctanh(last / cap)
+    expected = pre[:, correct] - pre[:, wrong]
+    assert np.abs(attrs.sum(0) - expected).max() <= 1e-3 * max(1.0, np.abs(expected).max())
+    helper = np.asarray(family.cache.pre_softcap_logits(family.logits))
+    np.testing.assert_allclose(helper[:, -1], pre, rtol=1e-4, atol=1e-4)
