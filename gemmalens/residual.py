@@ -494,6 +494,18 @@ class AltUpReadout(Readout):
         return writes
 
 
+def lens_hook_names(model: Any, stack: str | None = None) -> list[str]:
+    """The hook names (glob patterns) the logit lens and `accumulated_resid` read on the
+    `gemmalens.Model` ``model``: the residual stream after the embedding and after every
+    block, or, for Gemma 3n, every AltUp stream there."""
+    chosen = find_stack(model.config, stack)
+    root = getattr(model.model, chosen.name) if chosen.prefix else model.model
+    p = chosen.prefix
+    if isinstance(getattr(root, "altup_collapse", None), AltUpCollapse):
+        return [f"{p}hook_altup_expanded", f"{p}blocks.*.hook_streams_post"]
+    return [f"{p}hook_embed", f"{p}blocks.*.hook_resid_post"]
+
+
 def readout(cache: ActivationCache, stack: str | None = None) -> Readout:
     """The residual algebra of ``stack`` (None: the stack that reaches the logits)."""
     model = cache._need_model("This analysis")

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import gemmalens as gl
+from gemmalens import residual
 from tests import hf_reference as ref
 
 RELATIVE = 1e-5
@@ -279,3 +280,32 @@ def test_direct_logit_attribution_sums_to_the_logit_before_the_softcap(families,
     assert np.abs(attrs.sum(0) - expected).max() <= 1e-3 * max(1.0, np.abs(expected).max())
     helper = np.asarray(family.cache.pre_softcap_logits(family.logits))
     np.testing.assert_allclose(helper[:, -1], pre, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- widgets
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_logit_lens_viewer_on_every_teaching_model(name):
+    """The viewer asks the model which hooks its lens reads; its last row is the model's
+    own prediction (argmax of the logits) at every position."""
+    from gemmalens.widgets import LogitLensViewer
+    from gemmalens.widgets._base import TokenNamer
+
+    m = gl.teaching_model(name)
+    ids = np.asarray(m.to_tokens("The cat sat on the mat and")[0])
+    if name == "t5gemma2":
+        decoder_ids = np.asarray(m.to_tokens("Le chat")[0])
+        viewer = LogitLensViewer.from_model(m, ids, decoder_tokens=decoder_ids, embed_html=False)
+        logits = np.asarray(m(ids, decoder_tokens=decoder_ids))
+        with pytest.raises(ValueError, match="decoder_tokens"):
+            LogitLensViewer.from_model(m, ids)
+    else:
+        viewer = LogitLensViewer.from_model(m, ids, embed_html=False)
+        logits = np.asarray(m(ids))
+    layers = residual.find_stack(m.config, None).num_layers
+    assert viewer.row_labels == ["embed"] + [str(i) for i in range(layers)]
+    namer = TokenNamer(m.tokenizer)
+    best = [namer(t) for t in logits[0].argmax(-1)]
+    shown = [viewer.top_k(layers, p, 1)[0][0] for p in range(len(best))]
+    assert shown == best

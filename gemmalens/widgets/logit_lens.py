@@ -11,6 +11,7 @@ import traitlets
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from gemmalens import residual
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
     TokenNamer,
@@ -28,13 +29,18 @@ CHUNK_BYTES = 256 * 2**20
 COLOR_BY = {"top": "probability of the top token", "next": "probability of the next token"}
 
 
+def _lens_hooks(cache: Any) -> list[str]:
+    model = getattr(cache, "model", None)
+    return LENS_HOOKS if model is None else residual.lens_hook_names(model)
+
+
 def _sequence_length(cache: Mapping[str, Any]) -> int:
     for name, value in cache.items():
-        if name == "hook_embed" or name.endswith(("hook_resid_post", "hook_resid_pre")):
+        if name.endswith(("hook_embed", "hook_resid_post", "hook_resid_pre", "hook_streams_post")):
             return int(np.shape(value)[1])
     raise KeyError(
         "LogitLensViewer needs the residual stream after every block; capture it with "
-        f"m.run_with_cache(tokens, names={LENS_HOOKS!r})."
+        f"m.run_with_cache(tokens, names={_lens_hooks(cache)!r})."
     )
 
 
@@ -54,9 +60,9 @@ def lens_tables(
             "m.run_with_cache(...) returned, which keeps its model."
         )
     seq = _sequence_length(cache)
-    config = cache.model.config
-    rows = (config.num_hidden_layers + 1) * int(np.shape(next(iter(cache.values())))[0])
-    chunk = max(1, CHUNK_BYTES // (rows * config.vocab_size * 4))
+    vocab = cache.readout().unembed_matrix().shape[0]
+    rows = (cache.num_layers + 1) * int(np.shape(next(iter(cache.values())))[0])
+    chunk = max(1, CHUNK_BYTES // (rows * vocab * 4))
     tables: dict[str, list] = {"top_ids": [], "top_probs": [], "next_probs": [], "next_ranks": []}
     labels: list[str] = []
     for start in range(0, seq, chunk):
@@ -66,7 +72,8 @@ def lens_tables(
         except KeyError as error:
             raise KeyError(
                 "LogitLensViewer needs the residual stream after every block; capture it "
-                f"with m.run_with_cache(tokens, names={LENS_HOOKS!r}). ({error.args[0]})"
+                f"with m.run_with_cache(tokens, names={_lens_hooks(cache)!r}). "
+                f"({error.args[0]})"
             ) from None
         labels = lens.labels
         tables["top_ids"].append(np.asarray(lens.top_tokens[:, batch]))
@@ -88,7 +95,10 @@ def lens_tables(
 
 
 def _row_label(hook: str) -> str:
-    return "embed" if hook == "hook_embed" else hook.split(".")[1]
+    """``embed`` for the first entry, else the block index (``decoder.blocks.3...`` -> 3)."""
+    if hook.endswith(("hook_embed", "hook_altup_expanded")):
+        return "embed"
+    return hook.split("blocks.", 1)[1].split(".", 1)[0]
 
 
 class LogitLensViewer(Viewer):
@@ -151,8 +161,10 @@ class LogitLensViewer(Viewer):
         """
         Args:
           cache: the `ActivationCache` of ``m.run_with_cache`` (it keeps the model, whose
-            final norm and unembedding the lens uses) holding ``hook_embed`` and every
-            ``blocks.{i}.hook_resid_post``.
+            final norm and unembedding the lens uses) holding the residual stream after
+            every block: ``hook_embed`` and every ``blocks.{i}.hook_resid_post`` (Gemma 3n:
+            ``hook_altup_expanded`` and every ``blocks.{i}.hook_streams_post``, read out
+            through the AltUp collapse; T5Gemma 2: the decoder's).
           tokens: the token ids of the cache (their next tokens give ``next_probs``) or
             labels; None labels positions by number.
           tokenizer: decodes ids (default: the cache's model's tokenizer).
@@ -201,11 +213,26 @@ class LogitLensViewer(Viewer):
         )
 
     @classmethod
-    def from_model(cls, m: Any, tokens: Any, **kwargs: Any) -> LogitLensViewer:
-        """Runs ``m`` on ``tokens`` (text or ids) capturing only the residual stream, and
-        builds the viewer."""
+    def from_model(
+        cls, m: Any, tokens: Any, decoder_tokens: Any = None, **kwargs: Any
+    ) -> LogitLensViewer:
+        """Runs ``m`` on ``tokens`` (text or ids) capturing only the residual stream it
+        needs (`gemmalens.residual.lens_hook_names`), and builds the viewer.
+
+        Encoder-decoder models (T5Gemma 2) also need ``decoder_tokens``; the lens reads
+        the decoder, whose tokens label the columns."""
         ids = ids_of(m, tokens)
-        _, cache = m.run_with_cache(ids, names=LENS_HOOKS)
+        names = residual.lens_hook_names(m)
+        if residual.find_stack(m.config, None).prefix:  # an encoder-decoder
+            if decoder_tokens is None:
+                raise ValueError(
+                    "This is an encoder-decoder model: pass decoder_tokens as well (the lens "
+                    "reads the decoder, whose output is unembedded)."
+                )
+            decoder_ids = ids_of(m, decoder_tokens)
+            _, cache = m.run_with_cache(ids, decoder_tokens=decoder_ids, names=names)
+            return cls(cache, decoder_ids, **kwargs)
+        _, cache = m.run_with_cache(ids, names=names)
         return cls(cache, ids, **kwargs)
 
     @traitlets.validate("k")
