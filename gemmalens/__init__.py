@@ -17,6 +17,7 @@ from gemmalens import cache, circuits, interventions, patching
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
+from gemmalens.families import registry
 from gemmalens.families.gemma3 import Gemma3Config
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
@@ -55,7 +56,15 @@ def build(
     return surface(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
 
 
+def families() -> dict[str, registry.Family]:
+    """The families gemmalens implements, by name (``"gemma3"``, ``"gemma3n"``, ``"gemma4"``,
+    ``"t5gemma2"``): each `gemmalens.families.registry.Family` says its config class, the
+    checkpoint ``model_type`` values it loads and how its residual stream is written."""
+    return dict(registry.FAMILIES)
+
+
 __all__ = [
+    "families",
     "ActivationCache",
     "CheckpointError",
     "Gemma3Config",

@@ -509,13 +509,9 @@ def lens_hook_names(model: Any, stack: str | None = None) -> list[str]:
 def readout(cache: ActivationCache, stack: str | None = None) -> Readout:
     """The residual algebra of ``stack`` (None: the stack that reaches the logits)."""
     model = cache._need_model("This analysis")
+    from gemmalens.families import registry
+
     chosen = find_stack(model.config, stack)
-    root = model.model
-    if chosen.prefix:
-        root = getattr(root, chosen.name)
-    if isinstance(getattr(root, "altup_collapse", None), AltUpCollapse):
-        return AltUpReadout(cache, chosen, root)
-    family = getattr(model.config, "family", None)
-    if family == "gemma4":
-        return ScaledReadout(cache, chosen, root)
-    return Readout(cache, chosen, root)
+    root = getattr(model.model, chosen.name) if chosen.prefix else model.model
+    kinds = {"Readout": Readout, "ScaledReadout": ScaledReadout, "AltUpReadout": AltUpReadout}
+    return kinds[registry.family(model.config).residual](cache, chosen, root)

@@ -7,21 +7,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens.checkpoints import gemma3, gemma3n, gemma4, t5gemma2
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
+from gemmalens.families import registry
 from gemmalens.lens import Model
 from gemmalens.tokenizer import Tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# config.json model_type -> loader(ckpt, dtype, show_progress) -> (penzai model, config).
+# config.json model_type -> loader(ckpt, dtype, show_progress) -> (penzai model, config),
+# from the family registry.
 LOADERS = {
-    "gemma3_text": gemma3.load_checkpoint,
-    "gemma3": gemma3.load_checkpoint,
-    "gemma3n_text": gemma3n.load_checkpoint,
-    "gemma3n": gemma3n.load_checkpoint,
-    "gemma4_text": gemma4.load_checkpoint,
-    "gemma4": gemma4.load_checkpoint,
-    "t5gemma2": t5gemma2.load_checkpoint,
+    model_type: family.load_checkpoint for model_type, family in registry.by_model_type().items()
 }
 # Families on the roadmap, so that their checkpoints get a precise message.
 _PLANNED: dict[str, str] = {}

@@ -20,36 +20,31 @@ import numpy as np
 from penzai import pz
 from safetensors.numpy import save_file
 
-from gemmalens.checkpoints import gemma3, gemma3n, gemma4, t5gemma2
 from gemmalens.layers.params import ShapeOnly
 
 
-def _in_model(hf_name: Callable[[str], str]) -> Callable[[str], str]:
-    return lambda label: "model." + hf_name(label)
+def _writers() -> dict[str, tuple[Callable[[str], str], Callable[[dict, Any], dict]]]:
+    """``model_type`` -> (label -> tensor name, file-layout fix-ups), from the registry."""
+    from gemmalens.families import registry
+
+    return {
+        model_type: (family.tensor_name, family.to_file_layout)
+        for model_type, family in registry.by_saved_model_type().items()
+    }
 
 
-def _unchanged(tensors: dict, config: Any) -> dict:
-    return tensors
-
-
-# config.json model_type -> (label -> tensor name, file-layout fix-ups).
-_WRITERS: dict[str, tuple[Callable[[str], str], Callable[[dict, Any], dict]]] = {
-    "gemma3_text": (_in_model(gemma3.hf_name), _unchanged),
-    "gemma3n_text": (_in_model(gemma3n.hf_name), gemma3n.to_file_layout),
-    "gemma4_text": (_in_model(gemma4.hf_name), gemma4.to_file_layout),
-    "t5gemma2": (t5gemma2.key_mapper(t5gemma2.ENCODER_PREFIXES[0]), _unchanged),
-}
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict[str, np.ndarray]:
     """Every parameter of ``model`` under its transformers name, as float32 arrays."""
-    if model_type not in _WRITERS:
+    writers = _writers()
+    if model_type not in writers:
         raise ValueError(
-            f"gemmalens writes {sorted(_WRITERS)} checkpoints, not {model_type!r}: use a "
+            f"gemmalens writes {sorted(writers)} checkpoints, not {model_type!r}: use a "
             "text-only model_type (e.g. 'gemma3_text')."
         )
-    key_for, to_file_layout = _WRITERS[model_type]
+    key_for, to_file_layout = writers[model_type]
     shapes = ShapeOnly()
     config.build(shapes)
     _, params = pz.unbind_params(model)

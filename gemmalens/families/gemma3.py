@@ -13,25 +13,28 @@ from penzai import pz
 
 from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
-    Attention,
-    AttentionMask,
     DecoderLM,
-    EmbedTokens,
     GatedMLP,
-    HookPoint,
     ParamBuilder,
     RMSNorm,
-    TanhSoftCap,
-    TiedUnembed,
     residual_block,
 )
-from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
+from gemmalens.layers.builders import (
+    FULL,
+    SLIDING,
+    AttentionSpec,
+    alternating_layer_types,
+    build_attention,
+    check_layer_types,
+    decoder_mask,
+    embedding,
+    final_norm,
+    unembedding,
+)
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.rope import RopeConfig
-from gemmalens.layers.transformer import RESID_AXES
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
+__all__ = ["FULL", "SLIDING", "Gemma3Config", "build_gemma3"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +70,7 @@ class Gemma3Config(CountsParameters):
     family: str = dataclasses.field(default="gemma3", init=False)
 
     def __post_init__(self):
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
-                f"{self.num_hidden_layers}; give one type per layer."
-            )
-        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
-        if unknown:
-            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        check_layer_types(self.layer_types, self.num_hidden_layers)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -84,7 +80,7 @@ class Gemma3Config(CountsParameters):
     @staticmethod
     def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
         """Every ``pattern``-th layer global, the others sliding (5 local : 1 global)."""
-        return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
+        return alternating_layer_types(num_layers, pattern)
 
     def replace(self, **changes: Any) -> Gemma3Config:
         """A copy with some fields changed (``layer_types`` follows a new layer count)."""
@@ -158,55 +154,21 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, RopeConfig]:
     return result
 
 
-def _mask_for(config: Gemma3Config, layer_type: str) -> AttentionMask:
+def attention_spec(config: Gemma3Config, layer_type: str) -> AttentionSpec:
+    """A Gemma 3 attention layer: GQA, ``one_plus`` QK-norm, the RoPE of its layer type,
+    scores scaled by ``query_pre_attn_scalar ** -0.5``."""
     # transformers' bidirectional Gemma 3 keeps |q - k| <= window // 2.
     reach = config.sliding_window // 2 + 1 if config.use_bidirectional_attention else None
-    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window, reach)
-
-
-def build_attention(
-    config: Gemma3Config, params: ParamBuilder, index: int, layer_type: str
-) -> Attention:
-    """One Gemma 3 attention layer: GQA with QK-norm and the RoPE of its layer type."""
-    prefix = f"blocks.{index}.attn."
-    heads = {"heads": config.num_attention_heads, "head_dim": config.head_dim}
-    kv_heads = {"kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
-    embedding = {"embedding": config.hidden_size}
-    rope = config.rope_global if layer_type == FULL else config.rope_local
-
-    def qk_norm(name):
-        return RMSNorm.build(
-            params, name, "head_dim", config.head_dim, config.rms_norm_eps, "one_plus"
-        )
-
-    return Attention(
-        query=pz.nn.Sequential(
-            [
-                params.linear("q_proj", heads, embedding),
-                qk_norm("q_norm"),
-                rope.layer(),
-                HookPoint(prefix + "hook_q", QKV_AXES),
-            ]
-        ),
-        key=pz.nn.Sequential(
-            [
-                params.linear("k_proj", kv_heads, embedding),
-                qk_norm("k_norm"),
-                rope.layer(),
-                HookPoint(prefix + "hook_k", KV_AXES),
-            ]
-        ),
-        value=pz.nn.Sequential(
-            [
-                params.linear("v_proj", kv_heads, embedding),
-                HookPoint(prefix + "hook_v", KV_AXES),
-            ]
-        ),
-        mixer=attention_mixer(
-            prefix, _mask_for(config, layer_type), scale=config.query_pre_attn_scalar**-0.5
-        ),
-        hook_z=HookPoint(prefix + "hook_z", QKV_AXES),
-        output=params.linear("o_proj", embedding, heads),
+    return AttentionSpec(
+        d_model=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rope=config.rope_global if layer_type == FULL else config.rope_local,
+        mask=decoder_mask(layer_type, config.sliding_window, reach),
+        scale=config.query_pre_attn_scalar**-0.5,
+        norm_form="one_plus",
+        eps=config.rms_norm_eps,
     )
 
 
@@ -218,18 +180,18 @@ def build_block(config: Gemma3Config, params: ParamBuilder, index: int) -> pz.nn
     def norm(name):
         return RMSNorm.build(block, name, "embedding", width, eps, "one_plus")
 
+    spec = attention_spec(config, config.layer_types[index])
+    mlp = block.scope("mlp")
     return residual_block(
-        index,
+        block,
         attention_branch=[
             norm("input_layernorm"),
-            build_attention(config, block.scope("attn"), index, config.layer_types[index]),
+            build_attention(block.scope("attn"), spec),
             norm("post_attention_layernorm"),
         ],
         mlp_branch=[
             norm("pre_feedforward_layernorm"),
-            GatedMLP.build(
-                block.scope("mlp"), f"blocks.{index}.mlp.", width, config.intermediate_size
-            ),
+            GatedMLP.build(mlp, mlp.prefix, width, config.intermediate_size),
             norm("post_feedforward_layernorm"),
         ],
     )
@@ -238,35 +200,12 @@ def build_block(config: Gemma3Config, params: ParamBuilder, index: int) -> pz.nn
 def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
     """Builds the Penzai model, taking every parameter from ``source``."""
     params = ParamBuilder(source)
-    table = params(
-        "embed.embeddings", {"vocab": config.vocab_size}, {"embedding": config.hidden_size}
-    )
-    unembed = [TiedUnembed(table)]
-    if config.final_logit_softcapping is not None:
-        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    table, embed = embedding(params, config.vocab_size, config.hidden_size)
     return DecoderLM(
-        embed=pz.nn.Sequential(
-            [
-                EmbedTokens.with_model_width(table, config.hidden_size),
-                HookPoint("hook_embed", RESID_AXES),
-            ]
-        ),
+        embed=pz.nn.Sequential(embed),
         blocks=pz.nn.Sequential(
             [build_block(config, params, i) for i in range(config.num_hidden_layers)]
         ),
-        final_norm=pz.nn.Sequential(
-            [
-                RMSNorm.build(
-                    params,
-                    "ln_final",
-                    "embedding",
-                    config.hidden_size,
-                    config.rms_norm_eps,
-                    "one_plus",
-                    hook_scale=HookPoint("ln_final.hook_scale", RESID_AXES),
-                ),
-                HookPoint("ln_final.hook_normalized", RESID_AXES),
-            ]
-        ),
-        unembed=pz.nn.Sequential(unembed),
+        final_norm=final_norm(params, config.hidden_size, config.rms_norm_eps, "one_plus"),
+        unembed=unembedding(table, config.final_logit_softcapping),
     )

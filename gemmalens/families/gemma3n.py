@@ -60,25 +60,29 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.families.gemma3 import FULL, SLIDING, RopeConfig, _rope_from_hf
+from gemmalens.families.gemma3 import RopeConfig, _rope_from_hf
 from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
-    Attention,
-    AttentionMask,
-    EmbedTokens,
     GatedMLP,
     HookPoint,
     ParamBuilder,
     RMSNorm,
-    TanhSoftCap,
-    TiedUnembed,
 )
 from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
-from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
+from gemmalens.layers.builders import (
+    FULL,
+    SLIDING,
+    AttentionSpec,
+    alternating_layer_types,
+    build_attention,
+    check_layer_types,
+    decoder_mask,
+    embedding,
+    final_norm,
+    unembedding,
+)
 from gemmalens.layers.kv_sharing import (
-    KVProducer,
     KVSharingScope,
-    SharedKVAttention,
     kv_sharing_sources,
 )
 from gemmalens.layers.laurel import Laurel
@@ -144,9 +148,7 @@ class Gemma3nConfig(CountsParameters):
                     f"{name} has {len(value)} entries but num_hidden_layers is {layers}; give "
                     "one value per layer (or a single number for all layers)."
                 )
-        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
-        if unknown:
-            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        check_layer_types(self.layer_types, layers)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -173,7 +175,7 @@ class Gemma3nConfig(CountsParameters):
     @staticmethod
     def default_layer_types(num_layers: int, pattern: int = 5) -> tuple[str, ...]:
         """Every ``pattern``-th layer global, the others sliding (4 local : 1 global)."""
-        return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+        return alternating_layer_types(num_layers, pattern)
 
     @staticmethod
     def default_sparsity(num_layers: int) -> tuple[float, ...]:
@@ -346,83 +348,34 @@ class Gemma3nDecoder(pz.nn.Layer):
 # ---------------------------------------------------------------------------- builders
 
 
-def _mask_for(config: Gemma3nConfig, layer_type: str) -> AttentionMask:
-    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window)
-
-
-def build_attention(
-    config: Gemma3nConfig,
-    params: ParamBuilder,
-    index: int,
-    source: int | None,
-    is_producer: bool,
-) -> Attention | SharedKVAttention:
-    """Scaling 1.0 (the QK-norm replaces 1/sqrt(d)), N2 QK-norm, value norm without weight.
-
-    ``source`` is the layer whose keys and values this one reuses (None: its own);
-    a producer publishes its keys and values for later layers.
-    """
-    prefix = f"blocks.{index}.attn."
+def attention_spec(config: Gemma3nConfig, index: int) -> AttentionSpec:
+    """Scaling 1.0 (the QK-norm replaces 1/sqrt(d)), ``plain`` QK-norm, value norm without
+    weight; the last ``num_kv_shared_layers`` layers read an earlier layer's keys and
+    values (`gemmalens.layers.kv_sharing`)."""
     layer_type = config.layer_types[index]
-    heads = {"heads": config.num_attention_heads, "head_dim": config.head_dim}
-    kv_heads = {"kv_heads": config.num_key_value_heads, "head_dim": config.head_dim}
-    embedding = {"embedding": config.hidden_size}
-    rope = config.rope_global if layer_type == FULL else config.rope_local
-
-    def head_norm(name, form="plain"):
-        return RMSNorm.build(params, name, "head_dim", config.head_dim, config.rms_norm_eps, form)
-
-    query = pz.nn.Sequential(
-        [
-            params.linear("q_proj", heads, embedding),
-            head_norm("q_norm"),
-            rope.layer(),
-            HookPoint(prefix + "hook_q", QKV_AXES),
-        ]
-    )
-    mixer = attention_mixer(prefix, _mask_for(config, layer_type), scale=1.0)
-    hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
-    if source is not None:
-        return SharedKVAttention(
-            query=query,
-            key=pz.nn.Sequential([HookPoint(prefix + "hook_k", KV_AXES)]),
-            value=pz.nn.Sequential([HookPoint(prefix + "hook_v", KV_AXES)]),
-            mixer=mixer,
-            hook_z=hook_z,
-            output=params.linear("o_proj", embedding, heads),
-            source=f"blocks.{source}",
-        )
-    return Attention(
-        query=query,
-        key=pz.nn.Sequential(
-            [
-                params.linear("k_proj", kv_heads, embedding),
-                head_norm("k_norm"),
-                rope.layer(),
-                HookPoint(prefix + "hook_k", KV_AXES),
-            ]
-        ),
-        value=pz.nn.Sequential(
-            [
-                params.linear("v_proj", kv_heads, embedding),
-                head_norm("v_norm", form="none"),
-                HookPoint(prefix + "hook_v", KV_AXES),
-            ]
-        ),
-        mixer=KVProducer(share_as=f"blocks.{index}", mixer=mixer) if is_producer else mixer,
-        hook_z=hook_z,
-        output=params.linear("o_proj", embedding, heads),
+    return AttentionSpec(
+        d_model=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rope=config.rope_global if layer_type == FULL else config.rope_local,
+        mask=decoder_mask(layer_type, config.sliding_window),
+        scale=1.0,
+        norm_form="plain",
+        eps=config.rms_norm_eps,
+        value_norm=True,
+        kv_source=config.kv_sources[index],
+        publishes_kv=index in config.kv_sources,
     )
 
 
 def build_mlp(config: Gemma3nConfig, params: ParamBuilder, index: int) -> GatedMLP:
     """The gated MLP of width ``intermediate_size[index]``, Gaussian top-k on sparse layers."""
-    prefix = f"blocks.{index}.mlp."
-    mlp = GatedMLP.build(params, prefix, config.hidden_size, config.intermediate_size[index])
+    mlp = GatedMLP.build(params, params.prefix, config.hidden_size, config.intermediate_size[index])
     sparsity = config.activation_sparsity_pattern[index]
     if sparsity > 0:
         sparsify = pz.nn.Sequential(
-            [GaussianTopK(sparsity), HookPoint(prefix + "hook_pre_sparse", MLP_AXES)]
+            [GaussianTopK(sparsity), params.hook("hook_pre_sparse", MLP_AXES)]
         )
         mlp = dataclasses.replace(mlp, gate_sparsity=sparsify)
     return mlp
@@ -433,43 +386,40 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
     per-layer input into streams 1..K-1."""
     width, eps = config.hidden_size, config.rms_norm_eps
     block = params.scope(f"blocks.{index}")
-    prefix = f"blocks.{index}."
-    sources = config.kv_sources
+    prefix = block.prefix
 
     def norm(name):
         return RMSNorm.build(block, name, "embedding", width, eps, "plain")
 
-    attention = build_attention(
-        config, block.scope("attn"), index, sources[index], is_producer=index in sources
-    )
+    attention = build_attention(block.scope("attn"), attention_spec(config, index))
     active_layer = pz.nn.Sequential(
         [
-            HookPoint(prefix + "hook_resid_pre", RESID_AXES),
+            block.hook("hook_resid_pre", RESID_AXES),
             AttentionWithLaurel(
                 input_layernorm=norm("input_layernorm"),
                 attention=pz.nn.Sequential(
                     [
                         attention,
                         norm("post_attention_layernorm"),
-                        HookPoint(prefix + "hook_attn_out", RESID_AXES),
+                        block.hook("hook_attn_out", RESID_AXES),
                     ]
                 ),
                 laurel=Laurel.build(
                     block.scope("laurel"), prefix + "laurel.", width, config.laurel_rank, eps
                 ),
             ),
-            HookPoint(prefix + "hook_resid_mid", RESID_AXES),
+            block.hook("hook_resid_mid", RESID_AXES),
             pz.nn.Residual(
                 pz.nn.Sequential(
                     [
                         norm("pre_feedforward_layernorm"),
                         build_mlp(config, block.scope("mlp"), index),
                         norm("post_feedforward_layernorm"),
-                        HookPoint(prefix + "hook_mlp_out", RESID_AXES),
+                        block.hook("hook_mlp_out", RESID_AXES),
                     ]
                 )
             ),
-            HookPoint(prefix + "hook_resid_post", RESID_AXES),
+            block.hook("hook_resid_post", RESID_AXES),
         ]
     )
     altup_params = block.scope("altup")
@@ -494,7 +444,7 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
                 gate=PerLayerInputGate.build(
                     block, prefix, index, width, config.hidden_size_per_layer_input, eps
                 ),
-                hook_out=HookPoint(prefix + "hook_per_layer_out", RESID_AXES),
+                hook_out=block.hook("hook_per_layer_out", RESID_AXES),
             ),
             HookPoint(prefix + "hook_streams_post", STREAM_AXES),
         ],
@@ -505,19 +455,14 @@ def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
     """Builds the Penzai model, taking every parameter from ``source``."""
     params = ParamBuilder(source)
     width, streams = config.hidden_size, config.altup_num_inputs
-    table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
-    unembed = [TiedUnembed(table)]
-    if config.final_logit_softcapping is not None:
-        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    table, embed = embedding(params, config.vocab_size, width)
     blocks: pz.nn.Layer = pz.nn.Sequential(
         [build_block(config, params, i) for i in range(config.num_hidden_layers)]
     )
     if config.num_kv_shared_layers:
         blocks = KVSharingScope(blocks)
     return Gemma3nDecoder(
-        embed=pz.nn.Sequential(
-            [EmbedTokens.with_model_width(table, width), HookPoint("hook_embed", RESID_AXES)]
-        ),
+        embed=pz.nn.Sequential(embed),
         per_layer_inputs=PerLayerInputs.build(
             params.scope("per_layer_inputs"),
             config.num_hidden_layers,
@@ -533,21 +478,8 @@ def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
         altup_collapse=AltUpCollapse.build(
             params.scope("altup_collapse"), "hook_altup_collapsed", streams, width
         ),
-        final_norm=pz.nn.Sequential(
-            [
-                RMSNorm.build(
-                    params,
-                    "ln_final",
-                    "embedding",
-                    width,
-                    config.rms_norm_eps,
-                    "plain",
-                    hook_scale=HookPoint("ln_final.hook_scale", RESID_AXES),
-                ),
-                HookPoint("ln_final.hook_normalized", RESID_AXES),
-            ]
-        ),
-        unembed=pz.nn.Sequential(unembed),
+        final_norm=final_norm(params, width, config.rms_norm_eps, "plain"),
+        unembed=unembedding(table, config.final_logit_softcapping),
     )
 
 

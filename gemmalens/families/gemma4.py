@@ -48,25 +48,27 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.families.gemma3 import FULL, SLIDING
 from gemmalens.families.hf_config import reject_unimplemented
 from gemmalens.layers import (
-    Attention,
-    AttentionMask,
-    EmbedTokens,
     GatedMLP,
-    HookPoint,
     ParamBuilder,
     RMSNorm,
-    TanhSoftCap,
-    TiedUnembed,
     residual_block,
 )
-from gemmalens.layers.attention import KV_AXES, QKV_AXES, attention_mixer
+from gemmalens.layers.builders import (
+    FULL,
+    SLIDING,
+    AttentionSpec,
+    alternating_layer_types,
+    build_attention,
+    check_layer_types,
+    decoder_mask,
+    embedding,
+    final_norm,
+    unembedding,
+)
 from gemmalens.layers.kv_sharing import (
-    KVProducer,
     KVSharingScope,
-    SharedKVAttention,
     kv_sharing_sources,
 )
 from gemmalens.layers.moe import DenseAndExperts
@@ -129,14 +131,7 @@ class Gemma4Config(CountsParameters):
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
-                f"{self.num_hidden_layers}; give one type per layer."
-            )
-        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
-        if unknown:
-            raise ValueError(f"Unknown layer types {unknown}; use {SLIDING!r} or {FULL!r}.")
+        check_layer_types(self.layer_types, self.num_hidden_layers)
         for i in range(self.num_hidden_layers):
             if self.num_attention_heads % self.layer_kv_heads(i):
                 raise ValueError(
@@ -193,9 +188,7 @@ class Gemma4Config(CountsParameters):
     def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
         """``pattern - 1`` sliding layers then a full one, and the last layer always full
         (transformers forces it)."""
-        types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
-        types[-1] = FULL
-        return tuple(types)
+        return alternating_layer_types(num_layers, pattern, last_full=True)
 
     def replace(self, **changes: Any) -> Gemma4Config:
         """A copy with some fields changed (``layer_types`` follows a new layer count)."""
@@ -354,67 +347,26 @@ class Gemma4Decoder(pz.nn.Layer):
 # ---------------------------------------------------------------------------- builders
 
 
-def _mask_for(config: Gemma4Config, layer_type: str) -> AttentionMask:
+def attention_spec(config: Gemma4Config, index: int) -> AttentionSpec:
+    """Layer ``index``'s attention: its head shapes, RoPE and K/V source; scaling 1.0
+    (QK-norm instead of 1/sqrt(d)), ``plain`` QK-norms and a weightless value norm."""
+    layer_type = config.layer_types[index]
     # transformers keeps |q - k| <= window // 2 + 1 (one more than Gemma 3's rule).
     reach = config.sliding_window // 2 + 2 if config.use_bidirectional_attention == "all" else None
-    return AttentionMask.for_layer(layer_type == FULL, config.sliding_window, reach)
-
-
-def build_attention(
-    config: Gemma4Config, params: ParamBuilder, index: int
-) -> Attention | SharedKVAttention:
-    """One attention layer with the head shapes, RoPE and K/V source of layer ``index``."""
-    prefix = f"blocks.{index}.attn."
-    layer_type = config.layer_types[index]
-    head_dim = config.layer_head_dim(index)
-    heads = {"heads": config.num_attention_heads, "head_dim": head_dim}
-    kv_heads = {"kv_heads": config.layer_kv_heads(index), "head_dim": head_dim}
-    embedding = {"embedding": config.hidden_size}
-    rope = config.rope_global if layer_type == FULL else config.rope_local
-    source = config.kv_sources[index]
-
-    def head_norm(name, form="plain"):
-        return RMSNorm.build(params, name, "head_dim", head_dim, config.rms_norm_eps, form)
-
-    query = pz.nn.Sequential(
-        [
-            params.linear("q_proj", heads, embedding),
-            head_norm("q_norm"),
-            rope.layer(),
-            HookPoint(prefix + "hook_q", QKV_AXES),
-        ]
-    )
-    mixer = attention_mixer(prefix, _mask_for(config, layer_type), scale=1.0)
-    hook_z = HookPoint(prefix + "hook_z", QKV_AXES)
-    output = params.linear("o_proj", embedding, heads)
-    if source is not None:
-        return SharedKVAttention(
-            query=query,
-            key=pz.nn.Sequential([HookPoint(prefix + "hook_k", KV_AXES)]),
-            value=pz.nn.Sequential([HookPoint(prefix + "hook_v", KV_AXES)]),
-            mixer=mixer,
-            hook_z=hook_z,
-            output=output,
-            source=f"blocks.{source}",
-        )
-    key_proj = params.linear("k_proj", kv_heads, embedding)
-    # K=V: the value path starts from the same (raw, un-normed) key projection.
-    value_proj = key_proj if config.layer_values_are_keys(index) else None
-    if value_proj is None:
-        value_proj = params.linear("v_proj", kv_heads, embedding)
-    if index in config.kv_sources:
-        mixer = KVProducer(share_as=f"blocks.{index}", mixer=mixer)
-    return Attention(
-        query=query,
-        key=pz.nn.Sequential(
-            [key_proj, head_norm("k_norm"), rope.layer(), HookPoint(prefix + "hook_k", KV_AXES)]
-        ),
-        value=pz.nn.Sequential(
-            [value_proj, head_norm("v_norm", "none"), HookPoint(prefix + "hook_v", KV_AXES)]
-        ),
-        mixer=mixer,
-        hook_z=hook_z,
-        output=output,
+    return AttentionSpec(
+        d_model=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.layer_kv_heads(index),
+        head_dim=config.layer_head_dim(index),
+        rope=config.rope_global if layer_type == FULL else config.rope_local,
+        mask=decoder_mask(layer_type, config.sliding_window, reach),
+        scale=1.0,
+        norm_form="plain",
+        eps=config.rms_norm_eps,
+        value_norm=True,
+        values_are_keys=config.layer_values_are_keys(index),
+        kv_source=config.kv_sources[index],
+        publishes_kv=index in config.kv_sources,
     )
 
 
@@ -422,7 +374,7 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
     """Attention and feed-forward residual branches, the per-layer input, ``layer_scalar``."""
     width, eps = config.hidden_size, config.rms_norm_eps
     block = params.scope(f"blocks.{index}")
-    prefix = f"blocks.{index}."
+    prefix = block.prefix
 
     def norm(name):
         return RMSNorm.build(block, name, "embedding", width, eps, "plain")
@@ -441,17 +393,16 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
             )
         ]
     else:
+        mlp = block.scope("mlp")
         feed_forward = [
             norm("pre_feedforward_layernorm"),
-            GatedMLP.build(
-                block.scope("mlp"), prefix + "mlp.", width, config.layer_intermediate_size(index)
-            ),
+            GatedMLP.build(mlp, mlp.prefix, width, config.layer_intermediate_size(index)),
         ]
     group = residual_block(
-        index,
+        block,
         attention_branch=[
             norm("input_layernorm"),
-            build_attention(config, block.scope("attn"), index),
+            build_attention(block.scope("attn"), attention_spec(config, index)),
             norm("post_attention_layernorm"),
         ],
         mlp_branch=[*feed_forward, norm("post_feedforward_layernorm")],
@@ -463,9 +414,7 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
             block, prefix, index, width, config.hidden_size_per_layer_input, eps
         )
         after.append(
-            pz.nn.Residual(
-                pz.nn.Sequential([gate, HookPoint(prefix + "hook_per_layer_out", RESID_AXES)])
-            )
+            pz.nn.Residual(pz.nn.Sequential([gate, block.hook("hook_per_layer_out", RESID_AXES)]))
         )
     after.append(LayerScalar(block("layer_scalar", {}, init="ones")))
     return dataclasses.replace(group, sublayers=[*body, *after, hook_resid_post])
@@ -475,10 +424,7 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> Gemma4Decoder:
     """Builds the Penzai model, taking every parameter from ``source``."""
     params = ParamBuilder(source)
     width = config.hidden_size
-    table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
-    unembed = [TiedUnembed(table)]
-    if config.final_logit_softcapping is not None:
-        unembed.append(TanhSoftCap(config.final_logit_softcapping))
+    table, embed = embedding(params, config.vocab_size, width)
     blocks: pz.nn.Layer = pz.nn.Sequential(
         [build_block(config, params, i) for i in range(config.num_hidden_layers)]
     )
@@ -496,18 +442,11 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> Gemma4Decoder:
             constants_in_activation_dtype=False,
         )
     return Gemma4Decoder(
-        embed=pz.nn.Sequential(
-            [EmbedTokens.with_model_width(table, width), HookPoint("hook_embed", RESID_AXES)]
-        ),
+        embed=pz.nn.Sequential(embed),
         per_layer_inputs=per_layer_inputs,
         blocks=blocks,
-        final_norm=pz.nn.Sequential(
-            [
-                RMSNorm.build(params, "ln_final", "embedding", width, config.rms_norm_eps, "plain"),
-                HookPoint("ln_final.hook_normalized", RESID_AXES),
-            ]
-        ),
-        unembed=pz.nn.Sequential(unembed),
+        final_norm=final_norm(params, width, config.rms_norm_eps, "plain"),
+        unembed=unembedding(table, config.final_logit_softcapping),
     )
 
 

@@ -39,12 +39,9 @@ from gemmalens.layers import (
     AttentionMask,
     DecoderLM,
     EmbedTokens,
-    HookPoint,
     ParamBuilder,
-    RMSNorm,
-    TanhSoftCap,
-    TiedUnembed,
 )
+from gemmalens.layers.builders import final_norm, unembedding
 from gemmalens.layers.merged_attention import merge_with_encoder
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.transformer import RESID_AXES
@@ -165,79 +162,47 @@ def build_decoder_block(config: Gemma3Config, params: ParamBuilder, index: int) 
     return pz.select(block).at_instances_of(Attention).apply(merge_with_encoder)
 
 
-def _final_norm(config: Gemma3Config, params: ParamBuilder) -> pz.nn.Sequential:
-    return pz.nn.Sequential(
-        [
-            RMSNorm.build(
-                params,
-                "ln_final",
-                "embedding",
-                config.hidden_size,
-                config.rms_norm_eps,
-                "one_plus",
-                hook_scale=HookPoint("ln_final.hook_scale", RESID_AXES),
-            ),
-            HookPoint("ln_final.hook_normalized", RESID_AXES),
-        ]
-    )
-
-
-def _in_stack(layer: Any, stack: str) -> Any:
-    """Prefixes every hook point and block name in ``layer`` with ``{stack}.``."""
-    layer = (
-        pz.select(layer)
-        .at_instances_of(HookPoint)
-        .apply(lambda hook: dataclasses.replace(hook, name=f"{stack}.{hook.name}"))
-    )
-    return (
-        pz.select(layer)
-        .at_instances_of(pz.nn.NamedGroup)
-        .apply(lambda group: dataclasses.replace(group, name=f"{stack}.{group.name}"))
-    )
-
-
 def build_t5gemma2(config: T5Gemma2Config, source: ParamSource) -> EncoderDecoder:
-    """Builds the Penzai model, taking every parameter from ``source``."""
+    """Builds the Penzai model, taking every parameter from ``source``. Hook names and
+    block names carry the stack (``encoder.``, ``decoder.``) from the parameter scopes."""
     params = ParamBuilder(source)
     width = config.hidden_size
     table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
     eoi = params("embed.eoi_embedding", {"embedding": width}, init="zeros")
 
-    def embed() -> pz.nn.Sequential:
+    def embed(stack: ParamBuilder) -> pz.nn.Sequential:
         return pz.nn.Sequential(
             [
                 EmbedTokensWithEOI(
                     EmbedTokens.with_model_width(table, width), eoi, config.eoi_token_index
                 ),
-                HookPoint("hook_embed", RESID_AXES),
+                stack.hook("hook_embed", RESID_AXES),
             ]
         )
 
+    def norm(stack: ParamBuilder, stack_config: Gemma3Config) -> pz.nn.Sequential:
+        return final_norm(stack, width, stack_config.rms_norm_eps, "one_plus")
+
     encoder_params, decoder_params = params.scope("encoder"), params.scope("decoder")
     encoder = Encoder(
-        embed=embed(),
+        embed=embed(encoder_params),
         blocks=pz.nn.Sequential(
             [
                 build_encoder_block(config.encoder, encoder_params, i)
                 for i in range(config.encoder.num_hidden_layers)
             ]
         ),
-        final_norm=_final_norm(config.encoder, encoder_params),
+        final_norm=norm(encoder_params, config.encoder),
     )
-    unembed: list[pz.nn.Layer] = [TiedUnembed(table)]
-    if config.decoder.final_logit_softcapping is not None:
-        unembed.append(TanhSoftCap(config.decoder.final_logit_softcapping))
     decoder = DecoderLM(
-        embed=embed(),
+        embed=embed(decoder_params),
         blocks=pz.nn.Sequential(
             [
                 build_decoder_block(config.decoder, decoder_params, i)
                 for i in range(config.decoder.num_hidden_layers)
             ]
         ),
-        final_norm=_final_norm(config.decoder, decoder_params),
-        unembed=pz.nn.Sequential(unembed),
+        final_norm=norm(decoder_params, config.decoder),
+        unembed=unembedding(table, config.decoder.final_logit_softcapping),
     )
-    return EncoderDecoder(
-        encoder=_in_stack(encoder, "encoder"), decoder=_in_stack(decoder, "decoder")
-    )
+    return EncoderDecoder(encoder=encoder, decoder=decoder)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.layers.hooks import HookPoint
+
 Init = Literal["normal", "zeros", "ones"]
 
 
@@ -156,6 +158,11 @@ class ParamBuilder:
         return self.source(
             ParamRequest(self.prefix + name, dict(out_axes), dict(in_axes or {}), init)
         )
+
+    def hook(self, name: str, axes: tuple[str, ...]) -> HookPoint:
+        """A hook point named in this scope: ``scope("blocks.3").hook("hook_resid_pre")``
+        is ``blocks.3.hook_resid_pre``, beside the parameters ``blocks.3.*``."""
+        return HookPoint(self.prefix + name, axes)
 
     def linear(self, name: str, out_axes: dict[str, int], in_axes: dict[str, int]) -> pz.nn.Linear:
         """A bias-free `pz.nn.Linear` whose weights are labelled ``{name}.weights``."""

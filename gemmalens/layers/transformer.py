@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.layers.hooks import HookPoint
+from gemmalens.layers.params import ParamBuilder
 
 RESID_AXES = ("batch", "seq", "embedding")
 
@@ -43,28 +43,25 @@ def with_positions(tokens: pz.nx.NamedArray, side_inputs: dict[str, Any]) -> dic
 
 
 def residual_block(
-    index: int, attention_branch: list[pz.nn.Layer], mlp_branch: list[pz.nn.Layer]
+    block: ParamBuilder, attention_branch: list[pz.nn.Layer], mlp_branch: list[pz.nn.Layer]
 ) -> pz.nn.NamedGroup:
     """``x + attn(x)`` then ``+ mlp(.)``, with the TransformerLens residual hook points.
 
-    Each branch is the list of layers inside the residual connection (norms included); the
-    branch outputs pass through ``hook_attn_out`` / ``hook_mlp_out`` before the add.
+    ``block`` is the block's parameter scope (``blocks.3``), which also names the group and
+    its hooks. Each branch is the list of layers inside the residual connection (norms
+    included); the branch outputs pass through ``hook_attn_out`` / ``hook_mlp_out`` before
+    the add.
     """
-    prefix = f"blocks.{index}."
     return pz.nn.NamedGroup(
-        name=f"blocks.{index}",
+        name=block.prefix.rstrip("."),
         sublayers=[
-            HookPoint(prefix + "hook_resid_pre", RESID_AXES),
+            block.hook("hook_resid_pre", RESID_AXES),
             pz.nn.Residual(
-                pz.nn.Sequential(
-                    [*attention_branch, HookPoint(prefix + "hook_attn_out", RESID_AXES)]
-                )
+                pz.nn.Sequential([*attention_branch, block.hook("hook_attn_out", RESID_AXES)])
             ),
-            HookPoint(prefix + "hook_resid_mid", RESID_AXES),
-            pz.nn.Residual(
-                pz.nn.Sequential([*mlp_branch, HookPoint(prefix + "hook_mlp_out", RESID_AXES)])
-            ),
-            HookPoint(prefix + "hook_resid_post", RESID_AXES),
+            block.hook("hook_resid_mid", RESID_AXES),
+            pz.nn.Residual(pz.nn.Sequential([*mlp_branch, block.hook("hook_mlp_out", RESID_AXES)])),
+            block.hook("hook_resid_post", RESID_AXES),
         ],
     )
 

@@ -35,15 +35,14 @@ from tqdm.auto import tqdm
 import gemmalens as gl
 from gemmalens.checkpoints.save import save_checkpoint
 from gemmalens.encdec import named_tokens, seq2seq_side_inputs
+from gemmalens.families import registry
 from gemmalens.layers.hooks import capture, hook_points
 from gemmalens.teaching import configs, corpus
 from gemmalens.tokenizer import Tokenizer, train_gemma_tokenizer
 
+# The model_type each family writes -> its config class (from the family registry).
 FAMILY_CONFIGS = {
-    "gemma3_text": gl.Gemma3Config,
-    "gemma3n_text": gl.Gemma3nConfig,
-    "gemma4_text": gl.Gemma4Config,
-    "t5gemma2": gl.T5Gemma2Config,
+    model_type: family.config_class for model_type, family in registry.by_saved_model_type().items()
 }
 # Share of training rows drawn from each source.
 DEFAULT_MIXTURE = {
