@@ -56,7 +56,7 @@ def build(
     return surface(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
 
 
-def families() -> dict[str, registry.Family]:
+def model_families() -> dict[str, registry.Family]:
     """The families gemmalens implements, by name (``"gemma3"``, ``"gemma3n"``, ``"gemma4"``,
     ``"t5gemma2"``): each `gemmalens.families.registry.Family` says its config class, the
     checkpoint ``model_type`` values it loads and how its residual stream is written."""
@@ -64,7 +64,7 @@ def families() -> dict[str, registry.Family]:
 
 
 __all__ = [
-    "families",
+    "model_families",
     "ActivationCache",
     "CheckpointError",
     "Gemma3Config",
