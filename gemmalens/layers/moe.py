@@ -22,12 +22,17 @@ expert and each expert multiplies only its own rows, so the work is ``tokens * k
 expert-MLPs, not ``tokens * experts``. The grouped product is `jax.lax.ragged_dot_general`
 (native on TPU, a masked loop on CPU, which is fine for tiny models) except on Hopper GPUs,
 where XLA would expand it into a dense product over every expert; there JAX's Mosaic GPU
-grouped-matmul kernel runs instead (`grouped_matmul`).
+grouped-matmul kernel runs instead (`grouped_matmul`). Neither has a batching rule for
+`jax.vmap` (which patching sweeps put around whole forward passes), so the grouped
+product brings its own: a vmapped call folds the batch into the rows and runs one product
+(`_grouped_product`, with a custom VJP so that `jax.grad` goes through it too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -45,12 +50,27 @@ RESID_AXES = ("batch", "seq", "embedding")
 
 Implementation = Literal["auto", "xla", "mosaic_gpu"]
 
-# [rows, in] x [expert, out, in] -> [rows, out]: rows are grouped by expert, the weight keeps
-# the checkpoint's [out, in] layout (no transpose of the expert tensors at run time).
-_GROUPED = jax.lax.RaggedDotDimensionNumbers(
+# The grouped products as `jax.lax.ragged_dot_general` spells them. Forward:
+# [rows, in] x [expert, out, in] -> [rows, out], rows grouped by expert; the weight keeps the
+# checkpoint's [out, in] layout (no transpose of the expert tensors at run time).
+_TRANSPOSED = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])),
     lhs_ragged_dimensions=[0],
     rhs_group_dimensions=[0],
+)
+# [rows, in] x [expert, in, out] -> [rows, out]: the same weights read the other way, which
+# is what the gradient with respect to the rows multiplies by.
+_PLAIN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [1]), ([], [])),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0],
+)
+# [rows, a] x [rows, b] -> [expert, a, b]: each group's sum of outer products over its rows
+# (rows past the groups count in none), the gradient with respect to the weights.
+_OUTER = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
 )
 
 
@@ -186,38 +206,158 @@ class Experts(pz.nn.Layer):
 _MOSAIC_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
-def _mosaic_gpu_fits(lhs: jax.Array, rhs: jax.Array) -> bool:
+def _mosaic_gpu_fits(lhs: jax.Array, rhs: jax.Array, transposed: bool) -> bool:
     """Whether the Mosaic GPU kernel applies: a Hopper GPU, 16-bit floats, tile-sized dims."""
     if jax.default_backend() != "gpu" or lhs.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    if lhs.dtype != rhs.dtype or rhs.shape[1] % _MOSAIC_TILES["block_n"]:
+    out_dim, in_dim = rhs.shape[1:] if transposed else rhs.shape[:0:-1]
+    if lhs.dtype != rhs.dtype or out_dim % _MOSAIC_TILES["block_n"]:
         return False
-    if rhs.shape[2] % _MOSAIC_TILES["block_k"]:
+    if in_dim % _MOSAIC_TILES["block_k"]:
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "")
     return str(capability).startswith("9")
+
+
+def _ragged_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    implementation: Implementation,
+    transposed: bool,
+) -> jax.Array:
+    """One grouped product on a 2-D row matrix: what every batched call comes down to."""
+    use_kernel = implementation == "mosaic_gpu" or (
+        implementation == "auto" and _mosaic_gpu_fits(lhs, rhs, transposed)
+    )
+    if use_kernel:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+        return ragged_dot_mgpu.ragged_dot(
+            lhs, rhs, group_sizes=group_sizes, transpose_rhs=transposed, **_MOSAIC_TILES
+        )
+    numbers = _TRANSPOSED if transposed else _PLAIN
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, numbers)
+
+
+def _batched(x: jax.Array, batched: bool, size: int) -> jax.Array:
+    """``x`` with a leading batch axis of ``size`` (a jax array: numpy inputs may come in)."""
+    x = jnp.asarray(x)
+    return x if batched else jnp.broadcast_to(x, (size, *x.shape))
+
+
+def _row_groups(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """``[batch, groups]`` sizes -> ``[batch, rows]`` group of each row (``groups`` for the
+    rows past the last group, which belong to none)."""
+    ends = jnp.cumsum(group_sizes, axis=-1)
+    row = jnp.arange(rows, dtype=ends.dtype)
+    return jax.vmap(lambda e: jnp.searchsorted(e, row, side="right"))(ends)
+
+
+@functools.cache
+def _grouped_product(implementation: Implementation, transposed: bool) -> Callable:
+    """The grouped product as a function of ``(lhs, rhs, group_sizes)`` that `jax.vmap`
+    and `jax.grad` can both go through, one per (implementation, layout).
+
+    ``ragged_dot`` has no batching rule for most batch axes and the Mosaic kernel none at
+    all, but the product is per row: a vmapped call is the same product on more rows. So
+    the batching rule folds the batch axis into the rows (regrouped by group across the
+    batch) and makes one unbatched call, which folds again under an enclosing vmap.
+    `jax.custom_batching.custom_vmap` has no reverse-mode autodiff, hence the custom VJP
+    around it, whose backward products are themselves such vmappable grouped products.
+    """
+
+    def product(lhs, rhs, group_sizes):
+        return _ragged_matmul(lhs, rhs, group_sizes, implementation, transposed)
+
+    batchable = jax.custom_batching.custom_vmap(product)
+
+    @batchable.def_vmap
+    def fold_batch_into_rows(size, in_batched, lhs, rhs, group_sizes):
+        lhs_batched, rhs_batched, sizes_batched = in_batched
+        if rhs_batched:
+            # Weights that differ along the batch (a vmap over parameters): rows of different
+            # entries meet different matrices, so run the entries one after another.
+            def entry(batched_args):
+                args = iter(batched_args)
+                lhs_, rhs_, sizes_ = (
+                    next(args) if b else x for x, b in zip((lhs, rhs, group_sizes), in_batched)
+                )
+                return differentiable(lhs_, rhs_, sizes_)
+
+            args = tuple(x for x, b in zip((lhs, rhs, group_sizes), in_batched) if b)
+            return jax.lax.map(entry, args), True
+        lhs = _batched(lhs, lhs_batched, size)
+        group_sizes = _batched(group_sizes, sizes_batched, size)
+        rows = lhs.shape[1]
+        # Sort the [batch * rows] rows by group (stable: each entry's rows stay in order);
+        # the rows of no group sort last, past the summed sizes, so they come out zero.
+        order = jnp.argsort(_row_groups(group_sizes, rows).reshape(-1), stable=True)
+        flat = lhs.reshape(size * rows, lhs.shape[-1])[order]
+        out = differentiable(flat, rhs, group_sizes.sum(axis=0, dtype=group_sizes.dtype))
+        out = jnp.zeros_like(out).at[order].set(out)
+        return out.reshape(size, rows, out.shape[-1]), True
+
+    differentiable = jax.custom_vjp(batchable)
+
+    def forward(lhs, rhs, group_sizes):
+        return batchable(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+    def backward(residuals, cotangent):
+        lhs, rhs, group_sizes = residuals
+        # d lhs: the same weights read the other way; d rhs: per-group outer products.
+        d_lhs = _grouped_product(implementation, not transposed)(cotangent, rhs, group_sizes)
+        if transposed:  # rhs [group, out, in]
+            d_rhs = _grouped_outer(cotangent, lhs.astype(cotangent.dtype), group_sizes)
+        else:  # rhs [group, in, out]
+            d_rhs = _grouped_outer(lhs.astype(cotangent.dtype), cotangent, group_sizes)
+        return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
+
+    differentiable.defvjp(forward, backward)
+    return differentiable
+
+
+def _outer(a: jax.Array, b: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``[rows, a] x [rows, b] -> [groups, a, b]``: each group's sum of outer products over
+    its rows. Made vmappable below like `_grouped_product`; it has no custom VJP of its own
+    (it is the backward pass of the grouped product), so gradients of gradients with
+    respect to the expert weights are not supported."""
+    return jax.lax.ragged_dot_general(a, b, group_sizes, _OUTER)
+
+
+_grouped_outer = jax.custom_batching.custom_vmap(_outer)
+
+
+@_grouped_outer.def_vmap
+def _grouped_outer_vmap(size, in_batched, a, b, group_sizes):
+    a, b, group_sizes = (_batched(x, f, size) for x, f in zip((a, b, group_sizes), in_batched))
+    rows = a.shape[1]
+    # Flattened [batch * rows] rows keep each entry's groups contiguous, as groups
+    # (entry, group), once the rows past an entry's groups are zeroed and counted into its
+    # last group.
+    used = group_sizes.sum(axis=-1, dtype=group_sizes.dtype)
+    a = jnp.where((jnp.arange(rows) < used[:, None])[..., None], a, jnp.zeros((), a.dtype))
+    group_sizes = group_sizes.at[:, -1].add(rows - used)
+    out = _grouped_outer(
+        a.reshape(size * rows, -1), b.reshape(size * rows, -1), group_sizes.reshape(-1)
+    )
+    return out.reshape(size, -1, *out.shape[1:]), True
 
 
 def grouped_matmul(
     lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, implementation: Implementation = "auto"
 ) -> jax.Array:
     """``[rows, in] x [groups, out, in] -> [rows, out]``: consecutive runs of rows
-    (``group_sizes[g]`` of them) multiply group ``g``'s ``[out, in]`` matrix.
+    (``group_sizes[g]`` of them) multiply group ``g``'s ``[out, in]`` matrix; with XLA,
+    rows past the groups give zeros.
 
     ``implementation``: ``"xla"`` (`jax.lax.ragged_dot_general`), ``"mosaic_gpu"`` (JAX's
     Hopper kernel, `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) or ``"auto"`` (the
-    kernel where it applies, else XLA).
+    kernel where it applies, else XLA). Works under `jax.vmap` over any axis of any
+    argument (batched rows fold into one product; batched weights loop with
+    `jax.lax.map`) and under `jax.grad` (the backward products are grouped too).
     """
-    use_kernel = implementation == "mosaic_gpu" or (
-        implementation == "auto" and _mosaic_gpu_fits(lhs, rhs)
-    )
-    if use_kernel:
-        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
-        return ragged_dot_mgpu.ragged_dot(
-            lhs, rhs, group_sizes=group_sizes, transpose_rhs=True, **_MOSAIC_TILES
-        )
-    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, _GROUPED)
+    return _grouped_product(implementation, True)(lhs, rhs, group_sizes)
 
 
 def grouped_experts(
@@ -243,7 +383,7 @@ def grouped_experts(
     """
     lead, d_model = x.shape[:-1], x.shape[-1]
     top_k, num_experts = indices.shape[-1], gate_up.shape[0]
-    tokens = x.reshape(-1, d_model)
+    tokens = jnp.asarray(x).reshape(-1, d_model)  # numpy x cannot be indexed by tracers
     chosen = indices.reshape(-1)  # [tokens * k], token-major
     picked = jnp.take_along_axis(
         weights.reshape(-1, weights.shape[-1]), indices.reshape(-1, top_k), axis=-1
