@@ -135,11 +135,15 @@ def seq2seq_side_inputs(
     }
 
 
-@jax.jit
-def _run(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+def seq2seq_logits(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+    """Decoder logits ``[batch, dec_seq, vocab]`` of an `EncoderDecoder` tree (not compiled:
+    callable inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep)."""
     side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
     logits = model((named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side)
     return logits.unwrap("batch", "seq", "vocab")
+
+
+_run = jax.jit(seq2seq_logits)
 
 
 @jax.jit
@@ -318,9 +322,13 @@ class EncoderDecoderModel(Model):
         decoder_attention_mask: Any = None,
     ) -> jax.Array:
         """Decoder logits with interventions ``{name or glob: fn(value, name)}`` on either
-        stack (``fn`` returns the replacement, or None to keep the value)."""
-        with self.hooks(hooks):
-            return self(tokens, decoder_tokens, attention_mask, decoder_attention_mask)
+        stack (``fn`` returns the replacement, or None to keep the value). The model itself
+        is left untouched (see `gemmalens.Model.run_with_hooks`)."""
+        tokens, mask, decoder_tokens, decoder_mask = self._both(
+            tokens, decoder_tokens, attention_mask, decoder_attention_mask
+        )
+        hooked = self._install(self._frozen, hooks)
+        return _run(hooked, tokens, mask, decoder_tokens, decoder_mask)
 
     # ----------------------------------------------------------------------------- generation
 

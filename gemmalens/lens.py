@@ -246,6 +246,10 @@ class Model:
 
     def with_hooks(self, hooks: Mapping[str, HookFn]) -> pz.nn.Layer:
         """The Penzai model with ``hooks`` installed (keys are names or glob patterns)."""
+        return self._install(self._model, hooks)
+
+    def _install(self, tree: Any, hooks: Mapping[str, HookFn]) -> Any:
+        """``tree`` (this model, with parameters or frozen) with ``hooks`` installed."""
         fns: dict[str, HookFn] = {}
         for pattern, fn in hooks.items():
             if not callable(fn):
@@ -259,7 +263,7 @@ class Model:
                     )
                 fns[name] = fn
         return (
-            pz.select(self._model)
+            pz.select(tree)
             .at_instances_of(HookPoint)
             .where(lambda hp: hp.name in fns)
             .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
@@ -269,9 +273,15 @@ class Model:
         self, tokens: Any, hooks: Mapping[str, HookFn], attention_mask: Any = None
     ) -> jax.Array:
         """Logits with interventions: ``hooks`` maps a hook name (or glob pattern) to
-        ``fn(value, name)``, which returns the replacement value or None to keep it."""
-        with self.hooks(hooks):
-            return self(tokens, attention_mask)
+        ``fn(value, name)``, which returns the replacement value or None to keep it.
+
+        A pure function of the model and the hooks: the hooked tree is built beside
+        ``m.model`` and run once; the model itself (and what it keeps compiled) is left
+        as it was. Passing the same function objects again reuses the compiled program.
+        """
+        tokens, mask = self._inputs(tokens, attention_mask)
+        leaves, treedef = jax.tree.flatten(self._install(self._frozen, hooks))
+        return _run(treedef, leaves, tokens, mask)
 
     def generate(
         self,
@@ -399,7 +409,10 @@ class Model:
 
     @contextlib.contextmanager
     def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[Model]:
-        """Context manager: inside it, every call of this model runs with ``hooks``."""
+        """Context manager: inside it, every call of this model runs with ``hooks``.
+
+        It sets ``m.model`` to the hooked tree and back (which drops what the model keeps
+        compiled); for one hooked call, `run_with_hooks` leaves the model untouched."""
         original = self._model
         self.model = self.with_hooks(hooks)
         try:

@@ -29,6 +29,21 @@ index, each hook blending clean and corrupted values with a one-hot mask compute
 `attribution_patching` replaces the sweep by its first-order estimate
 ``(clean - corrupted) . d metric / d value`` at the corrupted run, from one forward and
 one backward pass (``jax.grad``).
+
+Encoder-decoder models (T5Gemma 2) use the general form. Their sites name the stack
+(``encoder.resid_pre``: ``[layer, encoder pos]``; ``decoder.resid_pre``: ``[layer, decoder
+pos]``; ``decoder.z``, ``decoder.cross_pattern``: ``[layer, head]``), the tokens are the
+encoder inputs, ``decoder_tokens=`` the decoder's (``corrupted_decoder_tokens=`` corrupts
+the decoder input), and the metric reads the decoder logits. `available_sites` lists a
+model's sites.
+
+Models with per-layer embeddings (Gemma 3n, Gemma 4 E2B / E4B) feed each token's identity
+to every layer through ``blocks.{i}.hook_per_layer_input``, the ``per_layer_input`` site
+(``[layer, pos]``). So patching ``resid_pre`` at layer 0 at a corrupted position does not
+restore the clean run there: the clean token comes back only when that position's
+``resid_pre`` at layer 0 *and* its per-layer input at every layer are patched. (In Gemma 3n
+the other AltUp streams are made from the embedding too: patch ``hook_embed`` there
+instead of ``resid_pre`` at layer 0.)
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.encdec import EncoderDecoderModel, seq2seq_logits
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
 from gemmalens.layers.hooks import HookPoint, InterveneHook
@@ -87,15 +103,107 @@ SITES: dict[str, Site] = {
     "pattern": Site("blocks.{}.attn.hook_pattern", 1, "head"),
 }
 
+# Sites that only some models have: per-layer inputs (models with per-layer embeddings)
+# and the parts of T5Gemma 2's merged self+cross attention (its decoder).
+MODEL_SITES: dict[str, Site] = {
+    "per_layer_input": Site("blocks.{}.hook_per_layer_input", 1, "pos"),
+    "self_pattern": Site("blocks.{}.attn.hook_self_pattern", 1, "head"),
+    "cross_pattern": Site("blocks.{}.attn.hook_cross_pattern", 1, "head"),
+    "cross_k": Site("blocks.{}.attn.hook_cross_k", 2, "kv_head"),
+    "cross_v": Site("blocks.{}.attn.hook_cross_v", 2, "kv_head"),
+}
+
+_MERGED = "the decoder of an encoder-decoder with merged attention (T5Gemma 2: 'decoder.{}')"
+_WHO_HAS = {
+    "per_layer_input": "models with per-layer embeddings (Gemma 3n E2B / E4B, Gemma 4 E2B / E4B)",
+    **{
+        kind: _MERGED.format(kind)
+        for kind in ("self_pattern", "cross_pattern", "cross_k", "cross_v")
+    },
+}
+
+
+def _stacks(m: Model) -> tuple[str, ...]:
+    """The hook-name prefixes of the model's stacks: ``("",)`` for a decoder,
+    ``("encoder.", "decoder.")`` for an encoder-decoder."""
+    return ("encoder.", "decoder.") if isinstance(m, EncoderDecoderModel) else ("",)
+
+
+def _layer_count(m: Model, prefix: str) -> int:
+    count = 0
+    hook_names = set(m.hook_names)
+    while f"{prefix}blocks.{count}.hook_resid_pre" in hook_names:
+        count += 1
+    return count
+
+
+def _names_of(m: Model, prefix: str, spec: Site) -> tuple[str, ...]:
+    return tuple(prefix + spec.hook.format(i) for i in range(_layer_count(m, prefix)))
+
+
+def available_sites(m: Model) -> list[str]:
+    """The patch sites of ``m``: those whose hook point is in every layer of a stack.
+
+    A decoder's sites are bare (``resid_pre``, ``z``, ...); an encoder-decoder's name their
+    stack (``encoder.resid_pre``, ``decoder.z``, ``decoder.cross_pattern``, ...)."""
+    hook_names = set(m.hook_names)
+    return [
+        prefix + kind
+        for prefix in _stacks(m)
+        for kind, spec in {**SITES, **MODEL_SITES}.items()
+        if all(n in hook_names for n in _names_of(m, prefix, spec)) and _layer_count(m, prefix)
+    ]
+
+
+def site_spec(site: str) -> Site:
+    """The `Site` of a site name, stack prefix included (``"decoder.z"``: hooks
+    ``decoder.blocks.{}.attn.hook_z``, heads on axis 2)."""
+    prefix, kind = "", site
+    for stack in ("encoder.", "decoder."):
+        if site.startswith(stack):
+            prefix, kind = stack, site.removeprefix(stack)
+    spec = SITES.get(kind) or MODEL_SITES.get(kind)
+    if spec is None:
+        raise ValueError(
+            f"Unknown patch site {site!r}; sites are {sorted(SITES)}, and where a model has "
+            f"them {sorted(MODEL_SITES)}."
+        )
+    return dataclasses.replace(spec, hook=prefix + spec.hook)
+
 
 def site_names(m: Model, site: str) -> tuple[str, ...]:
-    """The hook names of ``site`` for every layer, in layer order."""
-    if site not in SITES:
-        raise ValueError(f"Unknown patch site {site!r}; choose one of {sorted(SITES)}.")
-    names = tuple(SITES[site].hook.format(i) for i in range(m.config.num_hidden_layers))
-    missing = [n for n in names if n not in m.hook_names]
+    """The hook names of ``site`` for every layer (of its stack), in layer order."""
+    valid = available_sites(m)
+    listing = f"This model's sites: {', '.join(valid)}."
+    kind = site.removeprefix("encoder.").removeprefix("decoder.")
+    if kind not in SITES and kind not in MODEL_SITES:
+        raise ValueError(f"Unknown patch site {site!r}. {listing}")
+    stacks = _stacks(m)
+    if site == kind and stacks != ("",):
+        raise ValueError(
+            f"Patch site {site!r} does not say which stack: this is an encoder-decoder model, "
+            f"so name it 'encoder.{site}' or 'decoder.{site}'. {listing}"
+        )
+    if site != kind and stacks == ("",):
+        raise ValueError(
+            f"Patch site {site!r} names a stack, but this model has one (a decoder): use "
+            f"{kind!r}. {listing}"
+        )
+    prefix = site.removesuffix(kind)
+    names = _names_of(m, prefix, site_spec(kind))
+    hook_names = set(m.hook_names)
+    if kind in _WHO_HAS and not any(n in hook_names for n in names):
+        family = getattr(m.config, "family", type(m.config).__name__)
+        hook = prefix + MODEL_SITES[kind].hook.format("{i}")
+        raise ValueError(
+            f"Patch site {site!r} ({hook}) exists only in {_WHO_HAS[kind]}; this model "
+            f"({family}) has no such hook point. {listing}"
+        )
+    missing = [n for n in names if n not in hook_names]
     if missing:
-        raise ValueError(f"This model has no hook point {missing[0]!r} for site {site!r}.")
+        raise ValueError(
+            f"This model has no hook point {missing[0]!r} for site {site!r}. {listing}"
+        )
     return names
 
 
@@ -577,9 +685,11 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
     return selected.reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("names", "unit_axis", "metric", "chunk_size"))
+@functools.partial(
+    jax.jit, static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward")
+)
 def _sweep_vmapped(
-    model, clean_values, tokens, attention_mask, *, names, unit_axis, metric, chunk_size
+    model, clean_values, inputs, *, names, unit_axis, metric, chunk_size, forward=_forward
 ):
     layers, units = len(names), clean_values[0].shape[unit_axis]
 
@@ -595,7 +705,7 @@ def _sweep_vmapped(
             return fn
 
         hooked = _with_hook_fns(model, {n: blend(i) for i, n in enumerate(names)})
-        return jnp.asarray(metric(_forward(hooked, tokens, attention_mask)))
+        return jnp.asarray(metric(forward(hooked, *inputs)))
 
     sites = jnp.arange(layers * units)
     if chunk_size is None:
@@ -606,17 +716,104 @@ def _sweep_vmapped(
     return scores.reshape(layers, units, *scores.shape[1:])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """The clean and corrupted runs as the model takes them.
+
+    ``clean`` and ``corrupted`` are the arguments of ``forward(model, *inputs)`` after the
+    model: ``(tokens, mask)`` for a decoder, ``(encoder_tokens, encoder_mask,
+    decoder_tokens, decoder_mask)`` for an encoder-decoder (masks None when unpadded)."""
+
+    clean: tuple
+    corrupted: tuple
+    forward: Callable
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.forward is seq2seq_logits
+
+    def capture(self, m: Model, inputs: tuple, names: Sequence[str]) -> list[jax.Array]:
+        """The values at ``names`` in the run of ``inputs``, through ``m.run_with_cache``."""
+
+        def mask(tokens, given):  # explicit, so pad ids inside the prompt stay tokens
+            return jnp.ones_like(tokens) if given is None else given
+
+        if self.encoder_decoder:
+            tokens, tokens_mask, decoder, decoder_mask = inputs
+            _, cache = m.run_with_cache(
+                tokens,
+                names=list(names),
+                attention_mask=mask(tokens, tokens_mask),
+                decoder_tokens=decoder,
+                decoder_attention_mask=mask(decoder, decoder_mask),
+            )
+        else:
+            tokens, tokens_mask = inputs
+            _, cache = m.run_with_cache(
+                tokens, names=list(names), attention_mask=mask(tokens, tokens_mask)
+            )
+        return [cache[n] for n in names]
+
+
+def _same_shape(what: str, clean: jax.Array, corrupted: jax.Array) -> None:
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"Clean {what} {tuple(clean.shape)} and corrupted {what} "
+            f"{tuple(corrupted.shape)} must have the same shape to patch between them."
+        )
+
+
 def _prepare(m: Model, clean_tokens, corrupted_tokens, attention_mask, corrupted_mask):
     clean, clean_mask = m._inputs(clean_tokens, attention_mask)
     corrupted, corrupted_mask_ = m._inputs(
         corrupted_tokens, attention_mask if corrupted_mask is None else corrupted_mask
     )
-    if clean.shape != corrupted.shape:
-        raise ValueError(
-            f"Clean tokens {tuple(clean.shape)} and corrupted tokens "
-            f"{tuple(corrupted.shape)} must have the same shape to patch between them."
-        )
+    _same_shape("tokens", clean, corrupted)
     return clean, clean_mask, corrupted, corrupted_mask_
+
+
+def _prepare_runs(
+    m: Model,
+    clean_tokens,
+    corrupted_tokens,
+    attention_mask,
+    corrupted_mask,
+    decoder: tuple[Any, Any, Any, Any],
+) -> _Runs:
+    """Validated runs. ``decoder``: (decoder_tokens, corrupted_decoder_tokens,
+    decoder_attention_mask, corrupted_decoder_attention_mask), all None for a decoder."""
+    decoder_tokens, corrupted_decoder, decoder_mask, corrupted_decoder_mask = decoder
+    if not isinstance(m, EncoderDecoderModel):
+        if any(x is not None for x in decoder):
+            raise TypeError(
+                "decoder_tokens (and the corrupted / mask variants) are for encoder-decoder "
+                "models; this model is a decoder: pass its tokens as clean_tokens and "
+                "corrupted_tokens."
+            )
+        clean, clean_mask, corrupted, corrupted_mask_ = _prepare(
+            m, clean_tokens, corrupted_tokens, attention_mask, corrupted_mask
+        )
+        return _Runs((clean, clean_mask), (corrupted, corrupted_mask_), _forward)
+    if decoder_tokens is None:
+        raise TypeError(
+            "Patching an encoder-decoder model needs decoder_tokens=...: the decoder input of "
+            "the clean run (and corrupted_decoder_tokens=... when the corrupted run's "
+            "decoder input differs; by default it is the same)."
+        )
+    if corrupted_decoder is None:
+        corrupted_decoder = decoder_tokens
+    if corrupted_decoder_mask is None:
+        corrupted_decoder_mask = decoder_mask
+    clean = m._both(clean_tokens, decoder_tokens, attention_mask, decoder_mask)
+    corrupted = m._both(
+        corrupted_tokens,
+        corrupted_decoder,
+        attention_mask if corrupted_mask is None else corrupted_mask,
+        corrupted_decoder_mask,
+    )
+    _same_shape("encoder tokens", clean[0], corrupted[0])
+    _same_shape("decoder tokens", clean[2], corrupted[2])
+    return _Runs(clean, corrupted, seq2seq_logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -691,18 +888,30 @@ def sweep(
     corrupted_attention_mask: Any = None,
     chunk_size: int | None = None,
     logit_positions: LogitPositions = "auto",
+    *,
+    decoder_tokens: Any = None,
+    corrupted_decoder_tokens: Any = None,
+    decoder_attention_mask: Any = None,
+    corrupted_decoder_attention_mask: Any = None,
 ) -> jax.Array:
     """Activation patching at every site of one kind, in one compiled program.
 
     Args:
-      m: the model.
-      clean_tokens, corrupted_tokens: ``[batch, seq]`` ids of the same shape.
-      metric: a jax function of the patched run's logits ``[batch, seq, vocab]`` that
-        returns a scalar (e.g. a logit difference averaged over the batch). Pass the same
-        function object again to reuse the compiled sweep.
+      m: the model (a decoder, or an encoder-decoder such as T5Gemma 2).
+      clean_tokens, corrupted_tokens: ``[batch, seq]`` ids of the same shape (for an
+        encoder-decoder: the encoder inputs).
+      metric: a jax function of the patched run's logits ``[batch, seq, vocab]`` (an
+        encoder-decoder's decoder logits) that returns a scalar (e.g. a logit difference
+        averaged over the batch). Pass the same function object again to reuse the
+        compiled sweep.
       site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``
         (sites are ``[layer, pos]``); ``z``, ``q`` or ``pattern`` (``[layer, head]``);
-        ``k`` or ``v`` (``[layer, kv_head]``). A head site patches all positions.
+        ``k`` or ``v`` (``[layer, kv_head]``). A head site patches all positions. Models
+        with per-layer embeddings add ``per_layer_input`` (``[layer, pos]``). An
+        encoder-decoder's sites name their stack: ``encoder.resid_pre`` (``[layer,
+        encoder pos]``), ``decoder.resid_pre`` (``[layer, decoder pos]``), ``decoder.z``
+        (the merged self+cross attention's per-head output), ``decoder.cross_pattern``
+        (one head's attention to the encoder), ... `available_sites` lists a model's.
       attention_mask: for padded batches (defaults to ``tokens != pad``); the corrupted
         run uses ``corrupted_attention_mask`` when given.
       chunk_size: patch this many sites at a time, each chunk a ``vmap`` of whole forward
@@ -715,19 +924,48 @@ def sweep(
         others are NaN in the logits the metric gets). With a large vocabulary, a metric
         that reads every position holds ``[sites of a layer, batch, seq, vocab]`` logits
         at once: index the positions statically (``logits[:, -1]``) or declare them.
+        (Used by the shared-runs program; the general form computes every position.)
+      decoder_tokens: an encoder-decoder's decoder input in the clean run (required for
+        one, refused for a decoder).
+      corrupted_decoder_tokens: the decoder input of the corrupted run; defaults to
+        ``decoder_tokens``. Corrupt the encoder input (different ``clean_tokens`` and
+        ``corrupted_tokens``), the decoder input (different decoder tokens), or both.
+      decoder_attention_mask, corrupted_decoder_attention_mask: the decoder masks (the
+        corrupted one defaults to the clean one).
 
     Returns:
       ``[layer, unit]`` metric values: entry ``[l, u]`` is the metric of the corrupted run
       with unit ``u`` (position or head) of layer ``l`` set to its clean value, for every
       batch row at once.
+
+    Example (T5Gemma 2, the encoder input corrupted)::
+
+        scores = patching.sweep(m, clean, corrupted, metric, site="encoder.resid_pre",
+                                decoder_tokens=decoder)      # [encoder layer, encoder pos]
     """
     names = site_names(m, site)
-    spec = SITES[site]
-    clean, clean_mask, corrupted, corrupted_mask = _prepare(
-        m, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask
+    spec = site_spec(site)
+    runs = _prepare_runs(
+        m,
+        clean_tokens,
+        corrupted_tokens,
+        attention_mask,
+        corrupted_attention_mask,
+        (
+            decoder_tokens,
+            corrupted_decoder_tokens,
+            decoder_attention_mask,
+            corrupted_decoder_attention_mask,
+        ),
     )
-    positions = _normalise_positions(logit_positions, clean.shape[1])
-    if chunk_size is None and _model_facts(m._frozen).shares_runs:
+    if (
+        not runs.encoder_decoder
+        and site in SITES
+        and chunk_size is None
+        and _model_facts(m._frozen).shares_runs
+    ):
+        (clean, clean_mask), (corrupted, corrupted_mask) = runs.clean, runs.corrupted
+        positions = _normalise_positions(logit_positions, clean.shape[1])
         plan = _shared_plan(
             m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions
         )
@@ -740,26 +978,24 @@ def sweep(
             plan=plan,
             metric=metric,
         )
-    _, clean_cache = m.run_with_cache(clean, names=list(names), attention_mask=clean_mask)
-    clean_values = [clean_cache[n] for n in names]
     return _sweep_vmapped(
         m._frozen,
-        clean_values,
-        corrupted,
-        corrupted_mask,
+        runs.capture(m, runs.clean, names),
+        runs.corrupted,
         names=names,
         unit_axis=spec.unit_axis,
         metric=metric,
         chunk_size=chunk_size,
+        forward=runs.forward,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("names", "metric"))
-def _metric_and_grads(model, zeros, tokens, attention_mask, *, names, metric):
+@functools.partial(jax.jit, static_argnames=("names", "metric", "forward"))
+def _metric_and_grads(model, zeros, inputs, *, names, metric, forward):
     def run(deltas):
         # Adding a zero offset at each hook makes d metric / d offset = d metric / d value.
         fns = {n: (lambda d: lambda value, name: value + d)(deltas[i]) for i, n in enumerate(names)}
-        return jnp.asarray(metric(_forward(_with_hook_fns(model, fns), tokens, attention_mask)))
+        return jnp.asarray(metric(forward(_with_hook_fns(model, fns), *inputs)))
 
     return jax.value_and_grad(run)(zeros)
 
@@ -772,6 +1008,11 @@ def attribution_patching(
     site: str = "resid_pre",
     attention_mask: Any = None,
     corrupted_attention_mask: Any = None,
+    *,
+    decoder_tokens: Any = None,
+    corrupted_decoder_tokens: Any = None,
+    decoder_attention_mask: Any = None,
+    corrupted_decoder_attention_mask: Any = None,
 ) -> jax.Array:
     """The first-order estimate of `sweep`'s effects, from one forward and backward pass.
 
@@ -781,24 +1022,33 @@ def attribution_patching(
     ``sweep(...)[l, u] - metric(corrupted run)``: note the *difference*, not the metric.
 
     Returns:
-      ``[layer, unit]`` like `sweep` (same arguments, same site names).
+      ``[layer, unit]`` like `sweep` (same arguments, same site names, the same decoder
+      arguments for an encoder-decoder).
     """
     names = site_names(m, site)
-    spec = SITES[site]
-    clean, clean_mask, corrupted, corrupted_mask = _prepare(
-        m, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask
+    spec = site_spec(site)
+    runs = _prepare_runs(
+        m,
+        clean_tokens,
+        corrupted_tokens,
+        attention_mask,
+        corrupted_attention_mask,
+        (
+            decoder_tokens,
+            corrupted_decoder_tokens,
+            decoder_attention_mask,
+            corrupted_decoder_attention_mask,
+        ),
     )
-    _, clean_cache = m.run_with_cache(clean, names=list(names), attention_mask=clean_mask)
-    _, corrupted_cache = m.run_with_cache(
-        corrupted, names=list(names), attention_mask=corrupted_mask
-    )
-    zeros = [jnp.zeros_like(corrupted_cache[n]) for n in names]
+    clean_values = runs.capture(m, runs.clean, names)
+    corrupted_values = runs.capture(m, runs.corrupted, names)
+    zeros = [jnp.zeros_like(v) for v in corrupted_values]
     _, grads = _metric_and_grads(
-        m._frozen, zeros, corrupted, corrupted_mask, names=names, metric=metric
+        m._frozen, zeros, runs.corrupted, names=names, metric=metric, forward=runs.forward
     )
     scores = []
-    for name, grad in zip(names, grads):
-        delta = (clean_cache[name] - corrupted_cache[name]).astype(jnp.float32)
+    for clean, corrupted, grad in zip(clean_values, corrupted_values, grads):
+        delta = (clean - corrupted).astype(jnp.float32)
         product = delta * grad.astype(jnp.float32)
         other_axes = tuple(a for a in range(product.ndim) if a != spec.unit_axis)
         scores.append(product.sum(axis=other_axes))
