@@ -9,6 +9,7 @@ decoder with merged attention). Every weight is perturbed, ``layer_scalar`` incl
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -309,3 +310,84 @@ def test_logit_lens_viewer_on_every_teaching_model(name):
     best = [namer(t) for t in logits[0].argmax(-1)]
     shown = [viewer.top_k(layers, p, 1)[0][0] for p in range(len(best))]
     assert shown == best
+
+
+# --------------------------------------------------------------------------- patching
+
+PATCH_SITES = {"resid_pre": 1, "attn_out": 1, "z": 2}  # site -> the unit axis it patches
+
+
+def _corrupted_tokens() -> np.ndarray:
+    corrupted = TOKENS.copy()
+    corrupted[:, 3] = (corrupted[:, 3] + 7) % 240 + 3
+    return corrupted
+
+
+def _metric(logits):
+    return (logits[:, -1, 17] - logits[:, -1, 23]).mean()
+
+
+def _patched_by_hand(family, site, sites, clean_cache):
+    """The metric of the corrupted run with one site at a time set to its clean value,
+    for each ``(layer, unit)`` of ``sites``, through one `run_with_hooks` call: the
+    corrupted batch is repeated once per site, and each copy is patched at its own site
+    only (the copies are independent runs, so this is a loop in one compilation)."""
+    from gemmalens.patching import SITES
+
+    rows = TOKENS.shape[0]
+    corrupted = np.tile(_corrupted_tokens(), (len(sites), 1))
+    axis = PATCH_SITES[site]
+    hooks = {}
+    for layer in sorted({layer for layer, _ in sites}):
+        name = SITES[site].hook.format(layer)
+        clean_value = np.tile(np.asarray(clean_cache[name]), (len(sites),) + (1,) * (axis + 1))
+        mask = np.zeros(clean_value.shape, bool)
+        for k, (site_layer, unit) in enumerate(sites):
+            if site_layer == layer:
+                index = (slice(k * rows, (k + 1) * rows),) + (slice(None),) * (axis - 1) + (unit,)
+                mask[index] = True
+        hooks[name] = lambda value, _, m=mask, v=clean_value: jnp.where(m, v, value)
+    logits = np.asarray(family.m.run_with_hooks(corrupted, hooks))
+    return [float(_metric(logits[k * rows : (k + 1) * rows])) for k in range(len(sites))]
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_e2b"])
+def test_sweep_equals_a_loop_of_hooked_runs(families, name):
+    """Sampled sites of each kind (every layer, one unit each) against hooked runs; the
+    shared-KV layers (3n: 3, 4; E2B: 4, 5) are among them for the head site."""
+    from gemmalens import patching
+
+    family = families(name)
+    _, clean_cache = family.m.run_with_cache(TOKENS)
+    layers = family.layers(None)
+    for site in PATCH_SITES:
+        scores = np.asarray(patching.sweep(family.m, TOKENS, _corrupted_tokens(), _metric, site))
+        assert scores.shape[0] == layers
+        sites = [(layer, (layer * 3 + 3) % scores.shape[1]) for layer in range(layers)]
+        expected = _patched_by_hand(family, site, sites, clean_cache)
+        for (layer, unit), value in zip(sites, expected):
+            assert abs(scores[layer, unit] - value) <= 1e-4 * max(1.0, abs(value)), (
+                site,
+                layer,
+                unit,
+            )
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_e2b"])
+def test_patching_clean_into_clean_changes_nothing_and_attribution_runs(families, name):
+    from gemmalens import patching
+
+    family = families(name)
+    clean_metric = float(_metric(family.m(TOKENS)))
+    for site in ("resid_pre", "z"):
+        scores = np.asarray(patching.sweep(family.m, TOKENS, TOKENS, _metric, site=site))
+        np.testing.assert_allclose(scores, clean_metric, atol=1e-4 * max(1, abs(clean_metric)))
+    estimate = np.asarray(
+        patching.attribution_patching(family.m, TOKENS, _corrupted_tokens(), _metric)
+    )
+    exact = np.asarray(patching.sweep(family.m, TOKENS, _corrupted_tokens(), _metric))
+    assert estimate.shape == exact.shape and np.isfinite(estimate).all()
+    # Before position 3 nothing differs between the runs: both are exactly zero there.
+    corrupted_metric = float(_metric(family.m(_corrupted_tokens())))
+    np.testing.assert_allclose(exact[:, :3], corrupted_metric, atol=1e-4)
+    np.testing.assert_allclose(estimate[:, :3], 0.0, atol=1e-6)
