@@ -391,3 +391,34 @@ def test_patching_clean_into_clean_changes_nothing_and_attribution_runs(families
     corrupted_metric = float(_metric(family.m(_corrupted_tokens())))
     np.testing.assert_allclose(exact[:, :3], corrupted_metric, atol=1e-4)
     np.testing.assert_allclose(estimate[:, :3], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_patching_and_attention_viewers_on_every_teaching_model(name):
+    from gemmalens import patching
+    from gemmalens.widgets import AttentionViewer, PatchingViewer
+
+    m = gl.teaching_model(name)
+    clean = np.asarray(m.to_tokens("Alice and Bob went out. Bob gave it to")[0])
+    corrupted = clean.copy()
+    corrupted[0, -4] = clean[0, 1]
+
+    def metric(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
+
+    if name == "t5gemma2":
+        decoder = np.asarray(m.to_tokens("Alice")[0])
+        site, seq2seq = "decoder.z", {"decoder_tokens": decoder}
+        with pytest.raises(ValueError, match="decoder_tokens"):
+            PatchingViewer.from_model(m, clean, corrupted, metric, sites=[site])
+    else:
+        site, seq2seq = "resid_pre", {}
+    viewer = PatchingViewer.from_model(
+        m, clean, corrupted, metric, sites=[site], embed_html=False, show="metric", **seq2seq
+    )
+    expected = np.asarray(patching.sweep(m, clean, corrupted, metric, site=site, **seq2seq))
+    np.testing.assert_allclose(viewer.values(site), expected, rtol=1e-5, atol=1e-5)
+    shown = viewer._compute({"site": site, "show": "metric"})
+    assert shown["unit"] == ("head" if site.endswith("z") else "pos")
+    attention = AttentionViewer.from_model(m, clean, embed_html=False, **seq2seq)
+    assert attention.figure() is not None

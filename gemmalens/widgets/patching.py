@@ -10,7 +10,7 @@ import traitlets
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from gemmalens import patching
+from gemmalens import patching, residual
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
     Viewer,
@@ -29,9 +29,10 @@ UNIT_TITLES = {"pos": "position (token)", "head": "head", "kv_head": "KV head"}
 
 
 def _unit_of(site: str, units: int, positions: int) -> str:
-    if site in patching.SITES:
-        return patching.SITES[site].unit
-    return "pos" if units == positions else "head"
+    try:
+        return patching.site_spec(site).unit
+    except ValueError:  # a result under a name of the user's own
+        return "pos" if units == positions else "head"
 
 
 class PatchingViewer(Viewer):
@@ -88,6 +89,8 @@ class PatchingViewer(Viewer):
         *,
         site: str | None = None,
         corrupted_tokens: Any = None,
+        decoder_tokens: Any = None,
+        corrupted_decoder_tokens: Any = None,
         tokenizer: Any = None,
         clean_value: float | None = None,
         corrupted_value: float | None = None,
@@ -104,6 +107,9 @@ class PatchingViewer(Viewer):
           site: the site shown first (default: the first of ``results``).
           corrupted_tokens: the corrupted ids; positions where they differ are labelled
             ``clean/corrupted``.
+          decoder_tokens, corrupted_decoder_tokens: encoder-decoder models: the decoder's
+            ids, which label the positions of ``decoder.*`` sites (``tokens`` label the
+            ``encoder.*`` ones).
           tokenizer: decodes the ids.
           clean_value, corrupted_value: the metric of the clean and corrupted runs
             (enable ``show="change"`` / ``"restored"``).
@@ -136,6 +142,12 @@ class PatchingViewer(Viewer):
                 self._shows.append("restored")
         self.metric_name = metric_name
         self._labels = self._position_labels(tokens, corrupted_tokens, tokenizer, batch)
+        self._decoder_labels = self._position_labels(
+            decoder_tokens,
+            decoder_tokens if corrupted_decoder_tokens is None else corrupted_decoder_tokens,
+            tokenizer,
+            batch,
+        )
         super().__init__(
             embed_html=embed_html,
             view="patching",
@@ -173,21 +185,50 @@ class PatchingViewer(Viewer):
         clean_tokens: Any,
         corrupted_tokens: Any,
         metric: Callable[[Any], Any],
-        sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
+        sites: Sequence[str] | None = None,
         metric_name: str = "metric",
+        decoder_tokens: Any = None,
+        corrupted_decoder_tokens: Any = None,
         **kwargs: Any,
     ) -> PatchingViewer:
         """Runs `patching.sweep` for each of ``sites`` (and the two baseline runs) and
-        builds the viewer. ``kwargs`` go to the viewer (``site``, ``show``, ...)."""
+        builds the viewer. ``kwargs`` go to the viewer (``site``, ``show``, ...).
+
+        Default sites: ``resid_pre``, ``attn_out``, ``mlp_out`` and ``z``; on an
+        encoder-decoder (which also needs ``decoder_tokens``; ``corrupted_decoder_tokens``
+        defaults to them) ``encoder.resid_pre``, ``decoder.resid_pre`` and ``decoder.z``."""
         clean, corrupted = ids_of(m, clean_tokens), ids_of(m, corrupted_tokens)
-        results = {site: patching.sweep(m, clean, corrupted, metric, site=site) for site in sites}
+        seq2seq = {}
+        if any(stack.prefix for stack in residual.stacks(m.config)):
+            if decoder_tokens is None:
+                raise ValueError(
+                    "This is an encoder-decoder model: pass decoder_tokens (and, to corrupt the "
+                    "decoder's input, corrupted_decoder_tokens)."
+                )
+            decoder = ids_of(m, decoder_tokens)
+            other = (
+                decoder if corrupted_decoder_tokens is None else ids_of(m, corrupted_decoder_tokens)
+            )
+            seq2seq = {"decoder_tokens": decoder, "corrupted_decoder_tokens": other}
+            sites = sites or ("encoder.resid_pre", "decoder.resid_pre", "decoder.z")
+            clean_logits = m(clean, decoder_tokens=decoder)
+            corrupted_logits = m(corrupted, decoder_tokens=other)
+        else:
+            sites = sites or ("resid_pre", "attn_out", "mlp_out", "z")
+            clean_logits, corrupted_logits = m(clean), m(corrupted)
+        results = {
+            site: patching.sweep(m, clean, corrupted, metric, site=site, **seq2seq)
+            for site in sites
+        }
         return cls(
             results,
             clean,
             corrupted_tokens=corrupted,
+            decoder_tokens=seq2seq.get("decoder_tokens"),
+            corrupted_decoder_tokens=seq2seq.get("corrupted_decoder_tokens"),
             tokenizer=kwargs.pop("tokenizer", m.tokenizer),
-            clean_value=float(metric(m(clean))),
-            corrupted_value=float(metric(m(corrupted))),
+            clean_value=float(metric(clean_logits)),
+            corrupted_value=float(metric(corrupted_logits)),
             metric_name=metric_name,
             **kwargs,
         )
@@ -236,9 +277,10 @@ class PatchingViewer(Viewer):
         site, show = controls["site"], controls["show"]
         values = self.values(site, show)
         layers, units = values.shape
-        unit = _unit_of(site, units, len(self._labels or []))
-        if unit == "pos" and self._labels is not None and len(self._labels) == units:
-            columns = list(self._labels)
+        labels = self._decoder_labels if site.startswith("decoder.") else self._labels
+        unit = _unit_of(site, units, len(labels or []))
+        if unit == "pos" and labels is not None and len(labels) == units:
+            columns = list(labels)
         else:
             prefix = {"pos": "", "head": "H", "kv_head": "KV"}[unit]
             columns = [f"{prefix}{u}" for u in range(units)]
