@@ -94,7 +94,11 @@ def warn_if_patterns_are_large(
     squares = [name for name in names if name.endswith(_SQUARE_HOOKS)]
     if not squares:
         return
-    heads = model.config.num_attention_heads
+    config = model.config
+    stack_configs = [
+        getattr(config, name) for name in ("encoder", "decoder") if hasattr(config, name)
+    ]
+    heads = max(c.num_attention_heads for c in stack_configs or [config])
     floats = [leaf.dtype for leaf in model._leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
     itemsize = max((jnp.dtype(d).itemsize for d in floats), default=4)
     needed = pattern_memory(squares, batch, seq, heads, itemsize)

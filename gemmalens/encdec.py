@@ -143,11 +143,8 @@ def seq2seq_logits(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_
     return logits.unwrap("batch", "seq", "vocab")
 
 
-_run = jax.jit(seq2seq_logits)
-
-
-@jax.jit
-def _run_stateful(model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+def seq2seq_stateful(model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+    """``model.stateless_call`` of an `EncoderDecoder` tree: ``(logits, new state)``."""
     side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
     return model.stateless_call(
         state, (named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side
@@ -189,6 +186,9 @@ class EncoderDecoderModel(Model):
     text, with a tokenizer); masks default to ``tokens != pad_token_id``.
     """
 
+    logits_of = staticmethod(seq2seq_logits)
+    captured_run = staticmethod(seq2seq_stateful)
+
     def __repr__(self) -> str:
         config = self.config
         return (
@@ -220,6 +220,18 @@ class EncoderDecoderModel(Model):
             )
         return tokens, mask, decoder_tokens, decoder_mask
 
+    def _prepare(self, tokens: Any, attention_mask: Any, streams: dict[str, Any]) -> tuple:
+        """``(tokens, mask, decoder_tokens, decoder_mask)``, as `seq2seq_logits` takes them."""
+        streams = dict(streams)
+        decoder_tokens = streams.pop("decoder_tokens", None)
+        decoder_mask = streams.pop("decoder_attention_mask", None)
+        if streams:
+            raise TypeError(
+                f"Unknown inputs {sorted(streams)}: an encoder-decoder model takes tokens, "
+                "attention_mask, decoder_tokens and decoder_attention_mask."
+            )
+        return self._both(tokens, decoder_tokens, attention_mask, decoder_mask)
+
     # ----------------------------------------------------------------------------- running
 
     def __call__(
@@ -245,10 +257,12 @@ class EncoderDecoderModel(Model):
             if tokens is not None:
                 raise TypeError("Pass either tokens or encoder_output, not both.")
             return self.decode(decoder_tokens, encoder_output, decoder_attention_mask)
-        tokens, mask, decoder_tokens, decoder_mask = self._both(
-            tokens, decoder_tokens, attention_mask, decoder_attention_mask
+        return super().__call__(
+            tokens,
+            attention_mask,
+            decoder_tokens=decoder_tokens,
+            decoder_attention_mask=decoder_attention_mask,
         )
-        return _run(self._frozen, tokens, mask, decoder_tokens, decoder_mask)
 
     def encode(self, tokens: Any, attention_mask: Any = None) -> EncoderOutput:
         """Runs the encoder alone: its output, to decode from any number of times."""
@@ -282,53 +296,6 @@ class EncoderDecoderModel(Model):
             hidden,
             encoder_output.attention_mask,
         )
-
-    def run_with_cache(
-        self,
-        tokens: Any,
-        names: NameSelector = None,
-        attention_mask: Any = None,
-        *,
-        decoder_tokens: Any = None,
-        decoder_attention_mask: Any = None,
-    ) -> tuple[jax.Array, ActivationCache]:
-        """Decoder logits and the values at the chosen hook points of both stacks.
-
-        ``names``: None (all), a name, a glob pattern (``"decoder.blocks.*.attn.hook_cross_pattern"``),
-        a list of either, or a predicate on the name. ``decoder_tokens`` is required (by
-        keyword).
-        """
-        if isinstance(names, (np.ndarray, jax.Array)):
-            raise TypeError(
-                "The second argument of run_with_cache is names; pass the decoder tokens by "
-                "keyword: m.run_with_cache(tokens, decoder_tokens=...)."
-            )
-        tokens, mask, decoder_tokens, decoder_mask = self._both(
-            tokens, decoder_tokens, attention_mask, decoder_attention_mask
-        )
-        unbound, state = self._capture_plan(names)
-        logits, values = _run_stateful(unbound, state, tokens, mask, decoder_tokens, decoder_mask)
-        by_name = _cache_values(values)
-        ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
-        return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
-
-    def run_with_hooks(
-        self,
-        tokens: Any,
-        hooks: Mapping[str, HookFn],
-        attention_mask: Any = None,
-        *,
-        decoder_tokens: Any = None,
-        decoder_attention_mask: Any = None,
-    ) -> jax.Array:
-        """Decoder logits with interventions ``{name or glob: fn(value, name)}`` on either
-        stack (``fn`` returns the replacement, or None to keep the value). The model itself
-        is left untouched (see `gemmalens.Model.run_with_hooks`)."""
-        tokens, mask, decoder_tokens, decoder_mask = self._both(
-            tokens, decoder_tokens, attention_mask, decoder_attention_mask
-        )
-        hooked = self._install(self._frozen, hooks)
-        return _run(hooked, tokens, mask, decoder_tokens, decoder_mask)
 
     # ----------------------------------------------------------------------------- generation
 

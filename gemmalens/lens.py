@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens import sampling
+from gemmalens import residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
 from gemmalens.layers.hooks import HookFn, HookPoint, InterveneHook, hook_points
 from gemmalens.layers.hooks import capture as capture_hooks
@@ -47,21 +47,31 @@ def _side_inputs(attention_mask: jax.Array | None) -> dict[str, Any]:
     return {"attention_mask": pz.nx.wrap(attention_mask).tag("batch", "seq")}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run(treedef, leaves, tokens, attention_mask):
-    # The model comes as its leaves (flattened once per model): flattening a Penzai tree
-    # on every call costs about a millisecond, a tenth of a small model's forward pass.
-    model = jax.tree.unflatten(treedef, leaves)
+def decoder_logits(model: Any, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """Logits ``[batch, seq, vocab]`` of a decoder-only Penzai tree (not compiled: callable
+    inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep)."""
     logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask))
     return logits.unwrap("batch", "seq", "vocab")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_stateful(treedef, leaves, tokens, attention_mask):
-    model, state = jax.tree.unflatten(treedef, leaves)
+def decoder_stateful(model: Any, state: list, tokens: jax.Array, attention_mask: Any) -> Any:
+    """``model.stateless_call`` on token ids: ``(logits, new state)`` of a capturing tree."""
     return model.stateless_call(
         state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask)
     )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(forward, treedef, leaves, inputs):
+    # The model comes as its leaves (flattened once per model): flattening a Penzai tree
+    # on every call costs about a millisecond, a tenth of a small model's forward pass.
+    return forward(jax.tree.unflatten(treedef, leaves), *inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_stateful(forward_stateful, treedef, leaves, inputs):
+    model, state = jax.tree.unflatten(treedef, leaves)
+    return forward_stateful(model, state, *inputs)
 
 
 def _until_eos(tokens: np.ndarray, eos_ids: tuple[int, ...]) -> list[list[int]]:
@@ -80,6 +90,11 @@ class Model:
       config: the architecture config (e.g. `gemmalens.families.gemma3.Gemma3Config`).
       tokenizer: a `gemmalens.tokenizer.Tokenizer`, or None when the checkpoint had none.
     """
+
+    # How the Penzai tree is called on the prepared inputs (`_prepare`): plain logits, and
+    # logits with the captured values. An encoder-decoder surface swaps both.
+    logits_of = staticmethod(decoder_logits)
+    captured_run = staticmethod(decoder_stateful)
 
     def __init__(self, model: pz.nn.Layer, config: Any, tokenizer: Any = None):
         self.model = model
@@ -114,6 +129,20 @@ class Model:
     def hook_names(self) -> list[str]:
         """Every hook point name, in forward order."""
         return list(self._hook_names)
+
+    @property
+    def stacks(self) -> tuple[residual.Stack, ...]:
+        """The model's stacks of blocks, in the order they run: each with its hook prefix,
+        block count, the input stream it reads and whether its output reaches the logits
+        (one ``decoder`` for decoder-only models; ``encoder`` and ``decoder`` for T5Gemma 2).
+        The analyses and patching read this instead of assuming one stack."""
+        return residual.stacks(self.config)
+
+    @property
+    def input_streams(self) -> tuple[str, ...]:
+        """The token inputs a call takes: ``("tokens",)``, or ``("tokens",
+        "decoder_tokens")`` for an encoder-decoder."""
+        return tuple(dict.fromkeys(stack.reads for stack in self.stacks))
 
     def to_tokens(self, text: str | list[str]) -> tuple[jax.Array, jax.Array]:
         """Encodes text (with BOS) into ``(tokens, attention_mask)``, right-padded, [batch, seq]."""
@@ -186,28 +215,48 @@ class Model:
 
     # ----------------------------------------------------------------------------- running
 
-    def __call__(self, tokens: Any, attention_mask: Any = None) -> jax.Array:
+    def _prepare(self, tokens: Any, attention_mask: Any, streams: dict[str, Any]) -> tuple:
+        """The validated inputs of one call, as `logits_of` takes them after the model:
+        ``(tokens, mask)`` here (mask None when nothing is padded). ``streams`` holds
+        the keyword inputs beyond ``tokens`` (a decoder-only model takes none)."""
+        if streams:
+            raise TypeError(
+                f"This model reads one input stream (tokens); it got {sorted(streams)} too. "
+                "decoder_tokens and decoder_attention_mask are for encoder-decoder models."
+            )
+        return self._inputs(tokens, attention_mask)
+
+    def __call__(self, tokens: Any, attention_mask: Any = None, **streams: Any) -> jax.Array:
         """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]`` (or text).
 
         ``attention_mask`` ([batch, seq], 1 = keep) defaults to ``tokens != pad_token_id``.
         Padded sequences give the same logits at their real tokens as when run alone.
+        Encoder-decoder models also take ``decoder_tokens`` (and
+        ``decoder_attention_mask``): see `input_streams`.
         """
-        tokens, mask = self._inputs(tokens, attention_mask)
-        return _run(self._treedef, self._leaves, tokens, mask)
+        inputs = self._prepare(tokens, attention_mask, streams)
+        return _run(self.logits_of, self._treedef, self._leaves, inputs)
 
     def run_with_cache(
-        self, tokens: Any, names: NameSelector = None, attention_mask: Any = None
+        self, tokens: Any, names: NameSelector = None, attention_mask: Any = None, **streams: Any
     ) -> tuple[jax.Array, ActivationCache]:
         """Logits and the values at the chosen hook points (all of them by default).
 
         ``names``: None (all), a name, a glob pattern, a list of either, or a predicate on
-        the name. Only the chosen values are kept.
+        the name. Only the chosen values are kept. Further input streams
+        (``decoder_tokens=...``) by keyword.
         """
-        tokens, mask = self._inputs(tokens, attention_mask)
+        if isinstance(names, (np.ndarray, jax.Array)):
+            raise TypeError(
+                "The second argument of run_with_cache is names (hook names or patterns); "
+                "pass further inputs by keyword, e.g. m.run_with_cache(tokens, decoder_tokens=...)."
+            )
+        inputs = self._prepare(tokens, attention_mask, streams)
         unbound, state = self._capture_plan(names)
         captured = [v.label[len(_CACHE_LABEL) :] for v in state]
-        warn_if_patterns_are_large(self, captured, *tokens.shape)
-        logits, values = _run_stateful(*self._flat_plan(unbound, state), tokens, mask)
+        warn_if_patterns_are_large(self, captured, *inputs[0].shape)
+        treedef, leaves = self._flat_plan(unbound, state)
+        logits, values = _run_stateful(self.captured_run, treedef, leaves, inputs)
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
         return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
@@ -270,7 +319,7 @@ class Model:
         )
 
     def run_with_hooks(
-        self, tokens: Any, hooks: Mapping[str, HookFn], attention_mask: Any = None
+        self, tokens: Any, hooks: Mapping[str, HookFn], attention_mask: Any = None, **streams: Any
     ) -> jax.Array:
         """Logits with interventions: ``hooks`` maps a hook name (or glob pattern) to
         ``fn(value, name)``, which returns the replacement value or None to keep it.
@@ -279,9 +328,9 @@ class Model:
         ``m.model`` and run once; the model itself (and what it keeps compiled) is left
         as it was. Passing the same function objects again reuses the compiled program.
         """
-        tokens, mask = self._inputs(tokens, attention_mask)
+        inputs = self._prepare(tokens, attention_mask, streams)
         leaves, treedef = jax.tree.flatten(self._install(self._frozen, hooks))
-        return _run(treedef, leaves, tokens, mask)
+        return _run(self.logits_of, treedef, leaves, inputs)
 
     def generate(
         self,

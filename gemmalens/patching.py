@@ -66,6 +66,7 @@ from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.rope import ApplyRoPE
 from gemmalens.layers.transformer import DecoderLM, positions_from_mask
+from gemmalens.lens import decoder_logits
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
@@ -124,17 +125,13 @@ _WHO_HAS = {
 
 
 def _stacks(m: Model) -> tuple[str, ...]:
-    """The hook-name prefixes of the model's stacks: ``("",)`` for a decoder,
-    ``("encoder.", "decoder.")`` for an encoder-decoder."""
-    return ("encoder.", "decoder.") if isinstance(m, EncoderDecoderModel) else ("",)
+    """The hook-name prefixes of the model's stacks (`Model.stacks`): ``("",)`` for a
+    decoder, ``("encoder.", "decoder.")`` for an encoder-decoder."""
+    return tuple(stack.prefix for stack in m.stacks)
 
 
 def _layer_count(m: Model, prefix: str) -> int:
-    count = 0
-    hook_names = set(m.hook_names)
-    while f"{prefix}blocks.{count}.hook_resid_pre" in hook_names:
-        count += 1
-    return count
+    return next(stack.num_layers for stack in m.stacks if stack.prefix == prefix)
 
 
 def _names_of(m: Model, prefix: str, spec: Site) -> tuple[str, ...]:
@@ -670,12 +667,7 @@ def _with_hook_fns(model: Any, fns: dict[str, Callable]) -> Any:
     )
 
 
-def _forward(model: Any, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    side = {}
-    if attention_mask is not None:
-        side["attention_mask"] = pz.nx.wrap(attention_mask).tag("batch", "seq")
-    logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **side)
-    return logits.unwrap("batch", "seq", "vocab")
+_forward = decoder_logits
 
 
 def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:

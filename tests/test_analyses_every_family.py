@@ -422,3 +422,36 @@ def test_patching_and_attention_viewers_on_every_teaching_model(name):
     assert shown["unit"] == ("head" if site.endswith("z") else "pos")
     attention = AttentionViewer.from_model(m, clean, embed_html=False, **seq2seq)
     assert attention.figure() is not None
+
+
+# --------------------------------------------------------------------------- one surface
+
+
+def test_models_say_what_stacks_and_inputs_they_have():
+    t5 = gl.teaching_model("t5gemma2")
+    assert [(s.name, s.prefix, s.reads, s.reaches_logits) for s in t5.stacks] == [
+        ("encoder", "encoder.", "tokens", False),
+        ("decoder", "decoder.", "decoder_tokens", True),
+    ]
+    assert t5.input_streams == ("tokens", "decoder_tokens")
+    assert [s.num_layers for s in t5.stacks] == [
+        t5.config.encoder.num_hidden_layers,
+        t5.config.decoder.num_hidden_layers,
+    ]
+    m = gl.teaching_model("gemma3n")
+    assert [(s.name, s.prefix, s.num_layers) for s in m.stacks] == [
+        ("decoder", "", m.config.num_hidden_layers)
+    ]
+    assert m.input_streams == ("tokens",)
+    tokens = np.asarray(m.to_tokens("one two three")[0])
+    with pytest.raises(TypeError, match="one input stream"):
+        m(tokens, decoder_tokens=tokens)
+    with pytest.raises(TypeError, match="by keyword"):
+        t5.run_with_cache(tokens, tokens)
+    # One surface: the encoder-decoder's capture and hooked runs are the base class's.
+    assert type(t5).run_with_cache is gl.Model.run_with_cache
+    assert type(t5).run_with_hooks is gl.Model.run_with_hooks
+    logits, cache = t5.run_with_cache(tokens, decoder_tokens=tokens[:, :2])
+    hooked = t5.run_with_hooks(tokens, {}, decoder_tokens=tokens[:, :2])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(hooked), atol=1e-4)
+    assert "encoder.blocks.0.hook_resid_post" in cache
