@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens import cache, circuits, interventions, patching
+from gemmalens import cache, circuits, compilation_cache, interventions, patching
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -27,6 +27,9 @@ from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
 from gemmalens.teaching import teaching_model, teaching_model_path, teaching_models
 from gemmalens.tokenizer import Tokenizer
+
+# A restarted kernel loads compiled programs from disk (docs/compilation-cache.md).
+compilation_cache.setup_from_environment()
 
 __version__ = "0.1.0"
 
@@ -77,6 +80,7 @@ __all__ = [
     "build",
     "cache",
     "circuits",
+    "compilation_cache",
     "widgets",
     "interventions",
     "load",

@@ -1,0 +1,182 @@
+"""The persistent compilation cache: a second process loads what the first compiled, it
+turns off, leaves a user's own JAX directory alone, and never fails the import.
+
+Each test runs fresh Python processes: the cache is set up at ``import gemmalens`` and
+JAX opens it once per process, so the test process itself cannot show either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_RESULT = "RESULT:"
+
+# Child prelude: count JAX's persistent-cache hits (a public monitoring event) and report
+# the cache's state as JSON on the last line.
+_PRELUDE = """
+import dataclasses, json, time, warnings
+import jax, numpy as np
+HITS = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: HITS.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+)
+def report(**values):
+    import gemmalens as gl
+    values["info"] = dataclasses.asdict(gl.compilation_cache.info())
+    values["jax_dir"] = jax.config.jax_compilation_cache_dir
+    print("RESULT:" + json.dumps(values))
+"""
+
+
+def _child(code: str, **env: str) -> dict:
+    """Runs ``code`` after the prelude in a new interpreter with ``env`` (and none of the
+    caller's cache settings); returns what it reported."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GEMMALENS_COMPILATION_CACHE", "JAX_COMPILATION_CACHE"))
+        and not k.startswith("JAX_PERSISTENT_CACHE")
+    }
+    clean.update(env, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]
+    assert lines, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(lines[-1][len(_RESULT) :])
+
+
+def _files(directory: pathlib.Path) -> set[str]:
+    return {p.name for p in directory.rglob("*") if p.is_file()} if directory.exists() else set()
+
+
+_FORWARD = """
+import gemmalens as gl
+m = gl.teaching_model("gemma3")
+tokens = np.array([[2, 10, 20, 30, 40, 50, 60, 70]])
+before = len(HITS)
+start = time.perf_counter()
+jax.block_until_ready(m(tokens))
+report(forward_hits=len(HITS) - before, seconds=time.perf_counter() - start)
+"""
+
+
+def test_a_second_process_loads_the_forward_the_first_compiled(tmp_path):
+    cache = tmp_path / "cache"
+    # JAX's own threshold variable, at 0 so every program is written: it also checks that
+    # gemmalens keeps a threshold the user chose.
+    env = {
+        "GEMMALENS_COMPILATION_CACHE": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+    first = _child(_FORWARD, **env)
+    assert first["jax_dir"] == str(cache)
+    assert first["info"]["enabled"] and first["info"]["managed_by"] == "gemmalens"
+    assert first["info"]["min_compile_time_secs"] == 0.0
+    assert first["forward_hits"] == 0  # an empty directory cannot hit
+    written = _files(cache)
+    assert any(name.startswith("jit__run-") for name in written), written
+    assert first["info"]["entries"] == len([n for n in written if n.endswith("-cache")])
+    assert first["info"]["size_bytes"] == sum(p.stat().st_size for p in cache.iterdir())
+
+    second = _child(_FORWARD, **env)
+    assert second["forward_hits"] >= 1
+    # Every program is written when it misses (threshold 0): no new file means the forward
+    # was loaded, not compiled again.
+    assert _files(cache) == written
+
+
+def test_off_leaves_jax_unset_and_writes_nothing(tmp_path):
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    for value in ("off", ""):
+        result = _child(
+            "jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(4.0)))\nreport()",
+            GEMMALENS_COMPILATION_CACHE=value,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            HOME=str(home),
+            XDG_CACHE_HOME=str(xdg),
+        )
+        assert result["jax_dir"] is None
+        assert not result["info"]["enabled"] and result["info"]["path"] is None
+        assert "turned off" in result["info"]["note"]
+    assert _files(home) == set() and _files(xdg) == set()
+
+
+def test_a_directory_the_user_gave_jax_is_kept(tmp_path):
+    mine, ours = tmp_path / "mine", tmp_path / "ours"
+    result = _child(
+        f"""
+        jax.config.update("jax_compilation_cache_dir", {str(mine)!r})
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        import gemmalens as gl
+        jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(4.0)))
+        report()
+        """,
+        GEMMALENS_COMPILATION_CACHE=str(ours),
+    )
+    assert result["jax_dir"] == str(mine)
+    assert result["info"]["managed_by"] == "user" and "leaves it alone" in result["info"]["note"]
+    assert result["info"]["min_compile_time_secs"] == 0.0
+    assert result["info"]["entries"] >= 1 and _files(mine)
+    assert not ours.exists()
+
+
+def test_an_unwritable_directory_warns_and_stays_off(tmp_path):
+    # A path under a regular file cannot be created even by root (these tests may run as
+    # root, for whom permission bits do not stop writes).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import gemmalens as gl
+        jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(4.0)))
+        report(warnings=[str(w.message) for w in caught if "compilation cache" in str(w.message)])
+        """
+    for env in (
+        {"GEMMALENS_COMPILATION_CACHE": str(blocker / "jax")},  # a directory they chose
+        {"XDG_CACHE_HOME": str(blocker)},  # the default location, as under a read-only home
+    ):
+        result = _child(code, **env)
+        assert len(result["warnings"]) == 1 and str(blocker) in result["warnings"][0]
+        assert result["jax_dir"] is None and not result["info"]["enabled"]
+        assert "cannot be written" in result["info"]["note"]
+
+
+def test_default_location_and_configure_at_run_time(tmp_path):
+    xdg, elsewhere = tmp_path / "xdg", tmp_path / "elsewhere"
+    default = xdg / "gemmalens" / "jax"
+    result = _child(
+        f"""
+        import gemmalens as gl
+        at_import = dataclasses.asdict(gl.compilation_cache.info())
+        gl.compilation_cache.configure(min_compile_time_secs=0)
+        jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(4.0)))
+        gl.compilation_cache.configure({str(elsewhere)!r})
+        jax.block_until_ready(jax.jit(lambda x: x * 5 + 2)(np.arange(4.0)))
+        gl.compilation_cache.configure(False)
+        jax.block_until_ready(jax.jit(lambda x: x * 7 + 3)(np.arange(4.0)))
+        report(at_import=at_import)
+        """,
+        XDG_CACHE_HOME=str(xdg),
+    )
+    at_import = result["at_import"]
+    assert at_import["path"] == str(default) and at_import["managed_by"] == "gemmalens"
+    assert at_import["min_compile_time_secs"] == 0.5 and at_import["entries"] == 0
+    # One program in each directory: the move took effect at once, and off wrote nothing.
+    assert len([n for n in _files(default) if n.endswith("-cache")]) == 1
+    assert len([n for n in _files(elsewhere) if n.endswith("-cache")]) == 1
+    assert result["jax_dir"] is None and not result["info"]["enabled"]
