@@ -11,7 +11,7 @@ from typing import Any
 
 from penzai import pz
 
-from gemmalens.families.hf_config import reject_unimplemented
+from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
     DecoderLM,
     GatedMLP,
@@ -106,7 +106,6 @@ class Gemma3Config(CountsParameters):
             pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
             layer_types = cls.default_layer_types(num_layers, pattern)
         rope = _rope_from_hf(hf)
-        eos = hf.get("eos_token_id", 1)
         return cls(
             vocab_size=hf.get("vocab_size", 262_208),
             hidden_size=hf.get("hidden_size", 2304),
@@ -125,9 +124,7 @@ class Gemma3Config(CountsParameters):
             attn_logit_softcapping=hf.get("attn_logit_softcapping"),
             use_bidirectional_attention=bool(hf.get("use_bidirectional_attention") or False),
             max_position_embeddings=hf.get("max_position_embeddings", 131_072),
-            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
-            bos_token_id=hf.get("bos_token_id", 2),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            **special_token_ids(hf),
         )
 
 

@@ -61,7 +61,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.families.gemma3 import RopeConfig, _rope_from_hf
-from gemmalens.families.hf_config import reject_unimplemented
+from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
     GatedMLP,
     HookPoint,
@@ -211,8 +211,6 @@ class Gemma3nConfig(CountsParameters):
         layers = hf.get("num_hidden_layers", 35)
         sparsity = hf.get("activation_sparsity_pattern")
         rope = _rope_from_hf(hf)
-        eos = hf.get("eos_token_id", 1)
-        pad = hf.get("pad_token_id", 0)
         return cls(
             vocab_size=hf.get("vocab_size", 262_400),
             hidden_size=hf.get("hidden_size", 2048),
@@ -239,9 +237,7 @@ class Gemma3nConfig(CountsParameters):
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             final_logit_softcapping=hf.get("final_logit_softcapping", 30.0),
             max_position_embeddings=hf.get("max_position_embeddings", 32_768),
-            pad_token_id=0 if pad is None else pad,
-            bos_token_id=hf.get("bos_token_id", 2),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            **special_token_ids(hf),
         )
 
 

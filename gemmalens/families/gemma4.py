@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.families.hf_config import reject_unimplemented
+from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
     GatedMLP,
     ParamBuilder,
@@ -219,8 +219,6 @@ class Gemma4Config(CountsParameters):
         k_eq_v = bool(hf.get("attention_k_eq_v", False))
         global_head_dim, global_kv_heads = _global_shapes(hf, layer_types, k_eq_v)
         rope = _rope_from_hf(hf)
-        eos = hf.get("eos_token_id", 1)
-        pad = hf.get("pad_token_id", 0)
         return cls(
             vocab_size=hf.get("vocab_size", 262_144),
             hidden_size=hf.get("hidden_size", 2304),
@@ -248,9 +246,7 @@ class Gemma4Config(CountsParameters):
             final_logit_softcapping=hf.get("final_logit_softcapping"),
             use_bidirectional_attention=hf.get("use_bidirectional_attention"),
             max_position_embeddings=hf.get("max_position_embeddings", 131_072),
-            pad_token_id=0 if pad is None else pad,
-            bos_token_id=hf.get("bos_token_id", 2),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            **special_token_ids(hf),
         )
 
 

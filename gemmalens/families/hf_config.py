@@ -20,3 +20,15 @@ def reject_unimplemented(hf: dict[str, Any], family: str) -> None:
             f"This {family} config uses hidden_activation={activation!r}; gemmalens "
             "implements 'gelu_pytorch_tanh' (GELU, tanh approximation) only."
         )
+
+
+def special_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """``pad_token_id``, ``bos_token_id`` and ``eos_token_id`` as the configs take them: a
+    missing or null pad id is 0 (Gemma's pad), a list of end ids becomes a tuple."""
+    pad = hf.get("pad_token_id")
+    eos = hf.get("eos_token_id", 1)
+    return {
+        "pad_token_id": 0 if pad is None else pad,
+        "bos_token_id": hf.get("bos_token_id", 2),
+        "eos_token_id": tuple(eos) if isinstance(eos, list) else eos,
+    }
