@@ -455,3 +455,41 @@ def test_models_say_what_stacks_and_inputs_they_have():
     hooked = t5.run_with_hooks(tokens, {}, decoder_tokens=tokens[:, :2])
     np.testing.assert_allclose(np.asarray(logits), np.asarray(hooked), atol=1e-4)
     assert "encoder.blocks.0.hook_resid_post" in cache
+
+
+@pytest.mark.parametrize("name", ["gemma3n", "gemma4_moe", "t5gemma2"])
+def test_attribution_patching_is_the_directional_derivative(name):
+    """Each attribution score is d metric / d epsilon of the corrupted run with the site's
+    value moved by epsilon * (clean - corrupted): checked by central differences on the
+    teaching models (Gemma 3n's AltUp, Gemma 4's experts, T5Gemma 2's encoder)."""
+    from gemmalens import patching
+
+    m = gl.teaching_model(name)
+    clean = np.asarray(m.to_tokens("When Mary and John went out, John gave a drink to")[0])
+    corrupted = clean.copy()
+    corrupted[0, 7] = clean[0, 2]
+    seq2seq, site = {}, "resid_pre"
+    if name == "t5gemma2":
+        seq2seq, site = {"decoder_tokens": np.asarray(m.to_tokens("Mary")[0])}, "encoder.resid_pre"
+
+    def metric(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
+
+    scores = np.asarray(patching.attribution_patching(m, clean, corrupted, metric, site, **seq2seq))
+    layer, position = np.unravel_index(np.abs(scores).argmax(), scores.shape)
+    name_ = patching.site_names(m, site)[layer]
+    run = {"decoder_tokens": seq2seq["decoder_tokens"]} if seq2seq else {}
+    _, clean_cache = m.run_with_cache(clean, names=[name_], **run)
+    _, corrupted_cache = m.run_with_cache(corrupted, names=[name_], **run)
+    delta = np.asarray(clean_cache[name_] - corrupted_cache[name_])[:, position]
+
+    def moved(epsilon):
+        def shift(value, _):
+            return value.at[:, position].add(epsilon * delta)
+
+        return float(metric(m.run_with_hooks(corrupted, {name_: shift}, **run)))
+
+    step = 1e-2
+    derivative = (moved(step) - moved(-step)) / (2 * step)
+    assert abs(derivative) > 1e-3  # the check has something to compare
+    assert abs(scores[layer, position] - derivative) <= 2e-2 * abs(derivative) + 1e-3
