@@ -493,3 +493,20 @@ def test_attribution_patching_is_the_directional_derivative(name):
     derivative = (moved(step) - moved(-step)) / (2 * step)
     assert abs(derivative) > 1e-3  # the check has something to compare
     assert abs(scores[layer, position] - derivative) <= 2e-2 * abs(derivative) + 1e-3
+
+
+def test_the_registry_is_where_families_are_declared():
+    from gemmalens.checkpoints import load as loading
+    from gemmalens.checkpoints import save
+    from gemmalens.families import registry
+
+    families = gl.model_families()
+    assert sorted(families) == ["gemma3", "gemma3n", "gemma4", "t5gemma2"]
+    assert set(loading.LOADERS) == {t for f in families.values() for t in f.model_types}
+    assert set(save._writers()) == {f.saved_model_type for f in families.values()}
+    for preset in gl.presets():
+        config = gl.preset(preset)
+        family = registry.family(config)
+        assert isinstance(config, family.config_class), preset
+    with pytest.raises(ValueError, match="Unknown family"):
+        registry.family("gemma2")
