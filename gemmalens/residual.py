@@ -29,6 +29,7 @@ has. Everything here is float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -324,18 +325,21 @@ class ScaledReadout(Readout):
     """Gemma 4: per-layer-input term and ``layer_scalar`` at the end of every block, and
     MoE layers whose post-norm normalises the sum of the dense and routed branches."""
 
-    def scalar(self, i: int) -> jnp.ndarray:
+    @functools.cached_property
+    def scalars(self) -> list[jnp.ndarray]:
+        """Each block's ``layer_scalar`` (1 where a block has none)."""
         from gemmalens.families.gemma4 import LayerScalar
 
-        found = pz.select(self.block(i)).at_instances_of(LayerScalar).get_sequence()
-        if not found:
-            return jnp.ones((), F32)
-        return found[0].scalar.value.unwrap().astype(F32)
+        result = []
+        for i in range(self.stack.num_layers):
+            found = pz.select(self.block(i)).at_instances_of(LayerScalar).get_sequence()
+            result.append(found[0].scalar.value.unwrap().astype(F32) if found else 1.0)
+        return result
 
     def transport(self, i: int, values: jnp.ndarray, depth: int, kind: str) -> jnp.ndarray:
         factor = jnp.ones((), F32)
         for k in range(max(i, 0), depth):
-            factor = factor * self.scalar(k)
+            factor = factor * self.scalars[k]
         return values.astype(F32) * factor
 
     def mlp_writes(self, i: int, detail: bool) -> list[tuple[str, str, jnp.ndarray]]:
@@ -382,6 +386,10 @@ class AltUpReadout(Readout):
     ``[..., batch, pos, stream, d_model]`` and collapsed at the end.
     """
 
+    def __init__(self, cache: ActivationCache, stack: Stack, root: pz.nn.Layer):
+        super().__init__(cache, stack, root)
+        self._factors: dict[int, list[jnp.ndarray]] = {}  # the collapse's, per depth
+
     def collapse_layer(self) -> AltUpCollapse:
         return self.root.altup_collapse
 
@@ -418,7 +426,9 @@ class AltUpReadout(Readout):
     def collapse(self, parts: jnp.ndarray, depth: int) -> jnp.ndarray:
         """Stream-space ``parts`` ``[..., b, p, K, d]`` through the collapse with the
         factors of the actual streams at ``depth`` frozen."""
-        factors = self._collapse_factors(self.streams(depth))
+        if depth not in self._factors:
+            self._factors[depth] = self._collapse_factors(self.streams(depth))
+        factors = self._factors[depth]
         collapse = self.collapse_layer()
         out = parts[..., 0, :] * factors[0]
         for j, proj in enumerate(collapse.projections):
@@ -427,7 +437,7 @@ class AltUpReadout(Readout):
 
     def resid(self, depth: int) -> jnp.ndarray:
         if depth == self.stack.num_layers and self.has("hook_altup_collapsed"):
-            return self.need("hook_altup_collapsed", purpose="").astype(F32)
+            return self.need("hook_altup_collapsed", purpose="The AltUp read-out").astype(F32)
         streams = self.streams(depth)
         return self.collapse(streams, depth)
 
@@ -477,20 +487,21 @@ class AltUpReadout(Readout):
     def initial_state(self) -> jnp.ndarray:
         return self.streams(0)
 
+    # What a block writes, in forward order: (hook, kind, the modes that include it).
+    # LAuReL and the per-layer input belong to neither "attn" nor "mlp".
+    WRITES = (
+        ("hook_attn_out", "attn", ("all", "attn")),
+        ("laurel.hook_out", "laurel", ("all",)),
+        ("hook_mlp_out", "mlp", ("all", "mlp")),
+        ("hook_per_layer_out", "extra", ("all",)),
+    )
+
     def block_writes(self, i: int, mode: str, detail: bool) -> list[tuple[str, str, jnp.ndarray]]:
         writes = []
-        if mode in ("all", "attn"):
-            name = f"blocks.{i}.hook_attn_out"
-            writes.append((self.p + name, "attn", self.need(name, purpose="decompose_resid")))
-        if mode == "all":
-            name = f"blocks.{i}.laurel.hook_out"
-            writes.append((self.p + name, "laurel", self.need(name, purpose="decompose_resid")))
-        if mode in ("all", "mlp"):
-            name = f"blocks.{i}.hook_mlp_out"
-            writes.append((self.p + name, "mlp", self.need(name, purpose="decompose_resid")))
-        if mode == "all":
-            name = f"blocks.{i}.hook_per_layer_out"
-            writes.append((self.p + name, "extra", self.need(name, purpose="decompose_resid")))
+        for hook, kind, modes in self.WRITES:
+            if mode in modes:
+                name = f"blocks.{i}.{hook}"
+                writes.append((self.p + name, kind, self.need(name, purpose="decompose_resid")))
         return writes
 
 
