@@ -505,5 +505,7 @@ def test_the_registry_is_where_families_are_declared():
         config = gl.preset(preset)
         family = registry.family(config)
         assert isinstance(config, family.config_class), preset
+        assert preset in family.presets()
+    assert sum(len(f.presets()) for f in families.values()) == len(gl.presets())
     with pytest.raises(ValueError, match="Unknown family"):
         registry.family("gemma2")

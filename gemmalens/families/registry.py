@@ -63,6 +63,12 @@ class Family:
     has_per_layer_inputs: Callable[[Any], bool]
     notes: str
 
+    def presets(self) -> list[str]:
+        """The names of this family's architecture presets (`gemmalens.presets`)."""
+        from gemmalens.presets import PRESETS
+
+        return sorted(name for name, config in PRESETS.items() if config.family == self.name)
+
 
 FAMILIES: dict[str, Family] = {
     family.name: family

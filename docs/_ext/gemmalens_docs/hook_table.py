@@ -147,7 +147,13 @@ class Family:
     title: str
     preset: str  # the preset the tiny model is shrunk from
     config: Callable[[], Any]
-    encoder_decoder: bool = False
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the model has two stacks (read off the config, as the analyses do)."""
+        from gemmalens import residual
+
+        return len(residual.stacks(self.config())) > 1
 
 
 FAMILIES = {
@@ -155,7 +161,7 @@ FAMILIES = {
     "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
-    "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2, encoder_decoder=True),
+    "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2),
 }
 
 # What each hook point holds, by template (``blocks.{i}.``; T5Gemma 2's ``encoder.`` and
