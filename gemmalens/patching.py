@@ -306,6 +306,8 @@ def shares_runs(model: Any) -> bool:
     with one attention layer, and whose hook points are all bare (no hooks installed)."""
     if not isinstance(model, DecoderLM) or not isinstance(model.blocks, _CONTAINERS):
         return False
+    if any(part is not None for part in (model.per_layer_inputs, model.expand, model.collapse)):
+        return False  # per-layer inputs and several residual streams: the general path
     hooks = pz.select(model).at_instances_of(HookPoint).get_sequence()
     if any(type(hp) is not HookPoint for hp in hooks):
         return False

@@ -10,7 +10,7 @@ stream, but the newer families do not:
 * **Gemma 3n** keeps K AltUp streams. A block mixes them (prediction coefficients), runs the
   layer on one of them, spreads the layer's innovation to all (correction coefficients) and
   adds the per-layer input to streams 1..K-1; the model reads out the magnitude-matched mean
-  of the streams (``altup_collapse``).
+  of the streams (the model's ``collapse``).
 * **T5Gemma 2**'s decoder attention reads its own tokens and the encoder's in one softmax.
 
 Every step that is not linear is made linear by holding a quantity of this run fixed, the
@@ -391,7 +391,7 @@ class AltUpReadout(Readout):
         self._factors: dict[int, list[jnp.ndarray]] = {}  # the collapse's, per depth
 
     def collapse_layer(self) -> AltUpCollapse:
-        return self.root.altup_collapse
+        return self.root.collapse
 
     @property
     def active_index(self) -> int:
@@ -512,7 +512,7 @@ def lens_hook_names(model: Any, stack: str | None = None) -> list[str]:
     chosen = find_stack(model.config, stack)
     root = getattr(model.model, chosen.name) if chosen.prefix else model.model
     p = chosen.prefix
-    if isinstance(getattr(root, "altup_collapse", None), AltUpCollapse):
+    if isinstance(getattr(root, "collapse", None), AltUpCollapse):
         return [f"{p}hook_altup_expanded", f"{p}blocks.*.hook_streams_post"]
     return [f"{p}hook_embed", f"{p}blocks.*.hook_resid_post"]
 

@@ -88,11 +88,10 @@ from gemmalens.layers.kv_sharing import (
 from gemmalens.layers.laurel import Laurel
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.per_layer_embeddings import (
-    PER_LAYER_INPUTS,
     PerLayerInputGate,
     PerLayerInputs,
 )
-from gemmalens.layers.transformer import RESID_AXES, with_positions
+from gemmalens.layers.transformer import RESID_AXES, DecoderLM
 from gemmalens.lens import Model
 
 MLP_AXES = ("batch", "seq", "neurons")
@@ -200,7 +199,7 @@ class Gemma3nConfig(CountsParameters):
                 changes["intermediate_size"] = self.intermediate_size[0]
         return dataclasses.replace(self, **changes)
 
-    def build(self, source: ParamSource) -> Gemma3nDecoder:
+    def build(self, source: ParamSource) -> DecoderLM:
         """The Penzai model, every parameter taken from ``source``."""
         return build_gemma3n(self, source)
 
@@ -310,37 +309,6 @@ class PerLayerInputIntoStreams(pz.nn.Layer):
         )
 
 
-@pz.pytree_dataclass
-class Gemma3nDecoder(pz.nn.Layer):
-    """The Gemma 3n text model: token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab]``.
-
-    embed -> per-layer inputs (side input of every block) -> AltUp expand to K streams ->
-    blocks -> AltUp collapse -> final norm -> tied unembedding, soft-capped.
-
-    Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep) and/or
-    ``token_positions``; positions are derived from the mask when not given (without
-    either, positions are ``0..seq-1`` and attention may use banded kernels).
-    """
-
-    embed: pz.nn.Sequential
-    per_layer_inputs: PerLayerInputs
-    altup_expand: AltUpExpand
-    blocks: pz.nn.Layer
-    altup_collapse: AltUpCollapse
-    final_norm: pz.nn.Sequential
-    unembed: pz.nn.Sequential
-
-    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        side_inputs = with_positions(tokens, side_inputs)
-        embedded = self.embed(tokens, **side_inputs)
-        per_layer = self.per_layer_inputs((tokens, embedded), **side_inputs)
-        streams = self.altup_expand(embedded, **side_inputs)
-        streams = self.blocks(streams, **{**side_inputs, PER_LAYER_INPUTS: per_layer})
-        h = self.altup_collapse(streams, **side_inputs)
-        h = self.final_norm(h, **side_inputs)
-        return self.unembed(h, **side_inputs)
-
-
 # ---------------------------------------------------------------------------- builders
 
 
@@ -447,7 +415,7 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
     )
 
 
-def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
+def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> DecoderLM:
     """Builds the Penzai model, taking every parameter from ``source``."""
     params = ParamBuilder(source)
     width, streams = config.hidden_size, config.altup_num_inputs
@@ -457,7 +425,7 @@ def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
     )
     if config.num_kv_shared_layers:
         blocks = KVSharingScope(blocks)
-    return Gemma3nDecoder(
+    return DecoderLM(
         embed=pz.nn.Sequential(embed),
         per_layer_inputs=PerLayerInputs.build(
             params.scope("per_layer_inputs"),
@@ -467,11 +435,11 @@ def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> Gemma3nDecoder:
             config.vocab_size_per_layer_input,
             config.rms_norm_eps,
         ),
-        altup_expand=AltUpExpand.build(
+        expand=AltUpExpand.build(
             params.scope("altup_expand"), "hook_altup_expanded", streams, width
         ),
         blocks=blocks,
-        altup_collapse=AltUpCollapse.build(
+        collapse=AltUpCollapse.build(
             params.scope("altup_collapse"), "hook_altup_collapsed", streams, width
         ),
         final_norm=final_norm(params, width, config.rms_norm_eps, "plain"),

@@ -74,12 +74,11 @@ from gemmalens.layers.kv_sharing import (
 from gemmalens.layers.moe import DenseAndExperts
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.per_layer_embeddings import (
-    PER_LAYER_INPUTS,
     PerLayerInputGate,
     PerLayerInputs,
 )
 from gemmalens.layers.rope import RopeConfig
-from gemmalens.layers.transformer import RESID_AXES, with_positions
+from gemmalens.layers.transformer import RESID_AXES, DecoderLM
 
 BIDIRECTIONAL_MODES = (None, "vision", "all")
 
@@ -196,7 +195,7 @@ class Gemma4Config(CountsParameters):
             changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
         return dataclasses.replace(self, **changes)
 
-    def build(self, source: ParamSource) -> Gemma4Decoder:
+    def build(self, source: ParamSource) -> DecoderLM:
         """The Penzai model, every parameter taken from ``source``."""
         return build_gemma4(self, source)
 
@@ -312,34 +311,6 @@ class LayerScalar(pz.nn.Layer):
         return x * self.scalar.value.astype(x.dtype)
 
 
-@pz.pytree_dataclass
-class Gemma4Decoder(pz.nn.Layer):
-    """The Gemma 4 text model: token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab]``.
-
-    embed -> per-layer inputs (if any; side input of every block) -> blocks -> final norm
-    -> tied unembedding, soft-capped.
-
-    Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep) and/or
-    ``token_positions``; positions are derived from the mask when not given.
-    """
-
-    embed: pz.nn.Sequential
-    per_layer_inputs: PerLayerInputs | None
-    blocks: pz.nn.Layer
-    final_norm: pz.nn.Sequential
-    unembed: pz.nn.Sequential
-
-    def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        side_inputs = with_positions(tokens, side_inputs)
-        h = self.embed(tokens, **side_inputs)
-        if self.per_layer_inputs is not None:
-            per_layer = self.per_layer_inputs((tokens, h), **side_inputs)
-            side_inputs = {**side_inputs, PER_LAYER_INPUTS: per_layer}
-        h = self.blocks(h, **side_inputs)
-        h = self.final_norm(h, **side_inputs)
-        return self.unembed(h, **side_inputs)
-
-
 # ---------------------------------------------------------------------------- builders
 
 
@@ -416,7 +387,7 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
     return dataclasses.replace(group, sublayers=[*body, *after, hook_resid_post])
 
 
-def build_gemma4(config: Gemma4Config, source: ParamSource) -> Gemma4Decoder:
+def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
     """Builds the Penzai model, taking every parameter from ``source``."""
     params = ParamBuilder(source)
     width = config.hidden_size
@@ -437,7 +408,7 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> Gemma4Decoder:
             config.rms_norm_eps,
             constants_in_activation_dtype=False,
         )
-    return Gemma4Decoder(
+    return DecoderLM(
         embed=pz.nn.Sequential(embed),
         per_layer_inputs=per_layer_inputs,
         blocks=blocks,

@@ -32,8 +32,10 @@ from penzai import pz
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
+from gemmalens.layers.transformer import PER_LAYER_INPUTS
 
-PER_LAYER_INPUTS = "per_layer_inputs"
+__all__ = ["PER_LAYER_INPUTS", "PerLayerInputGate", "PerLayerInputs"]
+
 PER_LAYER_AXES = ("batch", "seq", "per_layer")
 
 

@@ -10,6 +10,8 @@ from penzai import pz
 from gemmalens.layers.params import ParamBuilder
 
 RESID_AXES = ("batch", "seq", "embedding")
+# The side input that carries every block's per-layer input (Gemma 3n, Gemma 4 E2B/E4B).
+PER_LAYER_INPUTS = "per_layer_inputs"
 
 
 def positions_from_mask(attention_mask: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -66,9 +68,17 @@ def residual_block(
     )
 
 
-@pz.pytree_dataclass
+@pz.pytree_dataclass(kw_only=True)
 class DecoderLM(pz.nn.Layer):
-    """A decoder-only language model: embed, blocks, final norm, unembed.
+    """A decoder-only language model, the outer layer of every Gemma decoder::
+
+        embed -> [per_layer_inputs] -> [expand] -> blocks -> [collapse] -> final_norm -> unembed
+
+    The bracketed parts are what some families add: ``per_layer_inputs`` (Gemma 3n, Gemma 4
+    E2B/E4B) computes every block's per-layer input from the tokens and the embedding and
+    hands it to the blocks as the side input ``per_layer_inputs``; ``expand`` and
+    ``collapse`` (Gemma 3n's AltUp) turn the embedding into several residual streams and
+    the streams back into one before the final norm. None where a family has no such part.
 
     Called with token ids (named axes ``batch``, ``seq``); returns logits (``batch``,
     ``seq``, ``vocab``). Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep)
@@ -77,13 +87,23 @@ class DecoderLM(pz.nn.Layer):
     """
 
     embed: pz.nn.Sequential
-    blocks: pz.nn.Sequential
+    per_layer_inputs: pz.nn.Layer | None = None
+    expand: pz.nn.Layer | None = None
+    blocks: pz.nn.Layer
+    collapse: pz.nn.Layer | None = None
     final_norm: pz.nn.Sequential
     unembed: pz.nn.Sequential
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         side_inputs = with_positions(tokens, side_inputs)
         h = self.embed(tokens, **side_inputs)
+        if self.per_layer_inputs is not None:
+            per_layer = self.per_layer_inputs((tokens, h), **side_inputs)
+            side_inputs = {**side_inputs, PER_LAYER_INPUTS: per_layer}
+        if self.expand is not None:
+            h = self.expand(h, **side_inputs)
         h = self.blocks(h, **side_inputs)
+        if self.collapse is not None:
+            h = self.collapse(h, **side_inputs)
         h = self.final_norm(h, **side_inputs)
         return self.unembed(h, **side_inputs)
