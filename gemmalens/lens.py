@@ -26,7 +26,7 @@ from penzai import pz
 
 from gemmalens import residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
-from gemmalens.layers.hooks import HookFn, HookPoint, InterveneHook, hook_points
+from gemmalens.layers.hooks import HookFn, hook_points, intervene
 from gemmalens.layers.hooks import capture as capture_hooks
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
@@ -251,7 +251,12 @@ class Model:
                 "The second argument of run_with_cache is names (hook names or patterns); "
                 "pass further inputs by keyword, e.g. m.run_with_cache(tokens, decoder_tokens=...)."
             )
-        inputs = self._prepare(tokens, attention_mask, streams)
+        logits, values = self._captured(self._prepare(tokens, attention_mask, streams), names)
+        return logits, ActivationCache(values, self)
+
+    def _captured(self, inputs: tuple, names: NameSelector) -> tuple[jax.Array, dict]:
+        """Logits and ``{name: value}`` (forward order) of one run of prepared ``inputs``
+        (`_prepare`) capturing ``names``."""
         unbound, state = self._capture_plan(names)
         captured = [v.label[len(_CACHE_LABEL) :] for v in state]
         warn_if_patterns_are_large(self, captured, *inputs[0].shape)
@@ -259,7 +264,7 @@ class Model:
         logits, values = _run_stateful(self.captured_run, treedef, leaves, inputs)
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
-        return logits.unwrap("batch", "seq", "vocab"), ActivationCache(ordered, self)
+        return logits.unwrap("batch", "seq", "vocab"), ordered
 
     def _capture_plan(self, names: NameSelector) -> tuple[pz.nn.Layer, list]:
         """The model rewritten to capture ``names``, split from its (empty) state.
@@ -311,12 +316,7 @@ class Model:
                         f"Hook point {name!r} is matched by two hook patterns; give it one."
                     )
                 fns[name] = fn
-        return (
-            pz.select(tree)
-            .at_instances_of(HookPoint)
-            .where(lambda hp: hp.name in fns)
-            .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
-        )
+        return intervene(tree, fns)
 
     def run_with_hooks(
         self, tokens: Any, hooks: Mapping[str, HookFn], attention_mask: Any = None, **streams: Any

@@ -58,15 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.encdec import EncoderDecoderModel, seq2seq_logits
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
-from gemmalens.layers.hooks import HookPoint, InterveneHook
+from gemmalens.layers.hooks import HookPoint, InterveneHook, intervene
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.rope import ApplyRoPE
 from gemmalens.layers.transformer import DecoderLM, positions_from_mask
-from gemmalens.lens import decoder_logits
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
@@ -661,15 +659,7 @@ def _sweep_shared(model, clean, corrupted, clean_mask, corrupted_mask, *, plan, 
 def _with_hook_fns(model: Any, fns: dict[str, Callable]) -> Any:
     # Called inside a traced function, so the fns may close over tracers: the rewritten
     # tree never crosses a jit boundary, so its static fields are never hashed.
-    return (
-        pz.select(model)
-        .at_instances_of(HookPoint)
-        .where(lambda hp: hp.name in fns)
-        .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
-    )
-
-
-_forward = decoder_logits
+    return intervene(model, fns)
 
 
 def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
@@ -682,9 +672,7 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
 @functools.partial(
     jax.jit, static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward")
 )
-def _sweep_vmapped(
-    model, clean_values, inputs, *, names, unit_axis, metric, chunk_size, forward=_forward
-):
+def _sweep_vmapped(model, clean_values, inputs, *, names, unit_axis, metric, chunk_size, forward):
     layers, units = len(names), clean_values[0].shape[unit_axis]
 
     def patched_metric(site: jax.Array) -> jax.Array:
@@ -712,41 +700,20 @@ def _sweep_vmapped(
 
 @dataclasses.dataclass(frozen=True)
 class _Runs:
-    """The clean and corrupted runs as the model takes them.
-
-    ``clean`` and ``corrupted`` are the arguments of ``forward(model, *inputs)`` after the
-    model: ``(tokens, mask)`` for a decoder, ``(encoder_tokens, encoder_mask,
-    decoder_tokens, decoder_mask)`` for an encoder-decoder (masks None when unpadded)."""
+    """The clean and corrupted runs as the model takes them (`Model._prepare`):
+    ``(tokens, mask)`` for a decoder, ``(encoder_tokens, encoder_mask, decoder_tokens,
+    decoder_mask)`` for an encoder-decoder (masks None when unpadded); ``forward`` is the
+    model's ``logits_of``."""
 
     clean: tuple
     corrupted: tuple
     forward: Callable
-
-    @property
-    def encoder_decoder(self) -> bool:
-        return self.forward is seq2seq_logits
+    encoder_decoder: bool
 
     def capture(self, m: Model, inputs: tuple, names: Sequence[str]) -> list[jax.Array]:
-        """The values at ``names`` in the run of ``inputs``, through ``m.run_with_cache``."""
-
-        def mask(tokens, given):  # explicit, so pad ids inside the prompt stay tokens
-            return jnp.ones_like(tokens) if given is None else given
-
-        if self.encoder_decoder:
-            tokens, tokens_mask, decoder, decoder_mask = inputs
-            _, cache = m.run_with_cache(
-                tokens,
-                names=list(names),
-                attention_mask=mask(tokens, tokens_mask),
-                decoder_tokens=decoder,
-                decoder_attention_mask=mask(decoder, decoder_mask),
-            )
-        else:
-            tokens, tokens_mask = inputs
-            _, cache = m.run_with_cache(
-                tokens, names=list(names), attention_mask=mask(tokens, tokens_mask)
-            )
-        return [cache[n] for n in names]
+        """The values at ``names`` in the run of ``inputs``."""
+        _, values = m._captured(inputs, list(names))
+        return [values[n] for n in names]
 
 
 def _same_shape(what: str, clean: jax.Array, corrupted: jax.Array) -> None:
@@ -757,57 +724,57 @@ def _same_shape(what: str, clean: jax.Array, corrupted: jax.Array) -> None:
         )
 
 
-def _prepare(m: Model, clean_tokens, corrupted_tokens, attention_mask, corrupted_mask):
-    clean, clean_mask = m._inputs(clean_tokens, attention_mask)
-    corrupted, corrupted_mask_ = m._inputs(
-        corrupted_tokens, attention_mask if corrupted_mask is None else corrupted_mask
-    )
-    _same_shape("tokens", clean, corrupted)
-    return clean, clean_mask, corrupted, corrupted_mask_
-
-
 def _prepare_runs(
     m: Model,
     clean_tokens,
     corrupted_tokens,
     attention_mask,
     corrupted_mask,
-    decoder: tuple[Any, Any, Any, Any],
+    decoder: dict[str, Any],
 ) -> _Runs:
-    """Validated runs. ``decoder``: (decoder_tokens, corrupted_decoder_tokens,
-    decoder_attention_mask, corrupted_decoder_attention_mask), all None for a decoder."""
-    decoder_tokens, corrupted_decoder, decoder_mask, corrupted_decoder_mask = decoder
-    if not isinstance(m, EncoderDecoderModel):
-        if any(x is not None for x in decoder):
+    """Validated runs. ``decoder``: the decoder keywords of `sweep` (``decoder_tokens``,
+    ``corrupted_decoder_tokens``, ``decoder_attention_mask``,
+    ``corrupted_decoder_attention_mask``), each None where not given."""
+    encoder_decoder = "decoder_tokens" in m.input_streams
+    clean_streams, corrupted_streams = {}, {}
+    if not encoder_decoder:
+        if any(x is not None for x in decoder.values()):
             raise TypeError(
                 "decoder_tokens (and the corrupted / mask variants) are for encoder-decoder "
                 "models; this model is a decoder: pass its tokens as clean_tokens and "
                 "corrupted_tokens."
             )
-        clean, clean_mask, corrupted, corrupted_mask_ = _prepare(
-            m, clean_tokens, corrupted_tokens, attention_mask, corrupted_mask
-        )
-        return _Runs((clean, clean_mask), (corrupted, corrupted_mask_), _forward)
-    if decoder_tokens is None:
+    elif decoder["decoder_tokens"] is None:
         raise TypeError(
             "Patching an encoder-decoder model needs decoder_tokens=...: the decoder input of "
             "the clean run (and corrupted_decoder_tokens=... when the corrupted run's "
             "decoder input differs; by default it is the same)."
         )
-    if corrupted_decoder is None:
-        corrupted_decoder = decoder_tokens
-    if corrupted_decoder_mask is None:
-        corrupted_decoder_mask = decoder_mask
-    clean = m._both(clean_tokens, decoder_tokens, attention_mask, decoder_mask)
-    corrupted = m._both(
-        corrupted_tokens,
-        corrupted_decoder,
-        attention_mask if corrupted_mask is None else corrupted_mask,
-        corrupted_decoder_mask,
+    else:
+        clean_streams = {
+            "decoder_tokens": decoder["decoder_tokens"],
+            "decoder_attention_mask": decoder["decoder_attention_mask"],
+        }
+        corrupted_streams = {
+            "decoder_tokens": _given(
+                decoder["corrupted_decoder_tokens"], decoder["decoder_tokens"]
+            ),
+            "decoder_attention_mask": _given(
+                decoder["corrupted_decoder_attention_mask"], decoder["decoder_attention_mask"]
+            ),
+        }
+    clean = m._prepare(clean_tokens, attention_mask, clean_streams)
+    corrupted = m._prepare(
+        corrupted_tokens, _given(corrupted_mask, attention_mask), corrupted_streams
     )
-    _same_shape("encoder tokens", clean[0], corrupted[0])
-    _same_shape("decoder tokens", clean[2], corrupted[2])
-    return _Runs(clean, corrupted, seq2seq_logits)
+    what = ("encoder tokens", "decoder tokens") if encoder_decoder else ("tokens",)
+    for name, clean_part, corrupted_part in zip(what, clean[::2], corrupted[::2]):
+        _same_shape(name, clean_part, corrupted_part)
+    return _Runs(clean, corrupted, m.logits_of, encoder_decoder)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -945,11 +912,11 @@ def sweep(
         corrupted_tokens,
         attention_mask,
         corrupted_attention_mask,
-        (
-            decoder_tokens,
-            corrupted_decoder_tokens,
-            decoder_attention_mask,
-            corrupted_decoder_attention_mask,
+        dict(
+            decoder_tokens=decoder_tokens,
+            corrupted_decoder_tokens=corrupted_decoder_tokens,
+            decoder_attention_mask=decoder_attention_mask,
+            corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
     )
     if (
@@ -1027,11 +994,11 @@ def attribution_patching(
         corrupted_tokens,
         attention_mask,
         corrupted_attention_mask,
-        (
-            decoder_tokens,
-            corrupted_decoder_tokens,
-            decoder_attention_mask,
-            corrupted_decoder_attention_mask,
+        dict(
+            decoder_tokens=decoder_tokens,
+            corrupted_decoder_tokens=corrupted_decoder_tokens,
+            decoder_attention_mask=decoder_attention_mask,
+            corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
     )
     clean_values = runs.capture(m, runs.clean, names)

@@ -111,6 +111,16 @@ def hook_points(model: Any) -> list[HookPoint]:
     return list(pz.select(model).at_instances_of(HookPoint).get_sequence())
 
 
+def intervene(model: Any, fns: dict[str, HookFn]) -> Any:
+    """Swaps the hook points named in ``fns`` for `InterveneHook`s running ``fns[name]``."""
+    return (
+        pz.select(model)
+        .at_instances_of(HookPoint)
+        .where(lambda hp: hp.name in fns)
+        .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
+    )
+
+
 def capture(model: Any, names: set[str], label_prefix: str) -> Any:
     """Swaps the named hook points for `CaptureHook`s whose state variables are labelled
     ``label_prefix + name``."""
