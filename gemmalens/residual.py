@@ -343,27 +343,25 @@ class ScaledReadout(Readout):
         return values.astype(F32) * factor
 
     def mlp_writes(self, i: int, detail: bool) -> list[tuple[str, str, jnp.ndarray]]:
-        writes = []
         moe, post_norm = _following(self.block(i), DenseAndExperts)
-        if detail and moe is not None:
-            dense = self.need(f"blocks.{i}.hook_dense_mlp_out", purpose="The MoE split")
-            routed = self.need(f"blocks.{i}.moe.hook_out", purpose="The MoE split")
-            # post_norm(dense + routed) with this run's divisor held fixed.
-            divisor = rms(dense + routed, post_norm.eps)
-            gain = norm_gain(post_norm)
-            writes.append((f"{self.p}blocks.{i}.hook_dense_mlp_out", "mlp", dense / divisor * gain))
-            writes.append((f"{self.p}blocks.{i}.moe.hook_out", "mlp", routed / divisor * gain))
-        else:
-            writes.extend(super().mlp_writes(i, detail))
-        name = f"blocks.{i}.hook_per_layer_out"
-        if any(hp_name == self.p + name for hp_name in self.cache.model.hook_names):
-            writes.append((self.p + name, "extra", self.need(name, purpose="decompose_resid")))
-        return writes
+        if not detail or moe is None:
+            return super().mlp_writes(i, detail)
+        dense = self.need(f"blocks.{i}.hook_dense_mlp_out", purpose="The MoE split")
+        routed = self.need(f"blocks.{i}.moe.hook_out", purpose="The MoE split")
+        # post_norm(dense + routed) with this run's divisor held fixed.
+        divisor = rms(dense + routed, post_norm.eps)
+        gain = norm_gain(post_norm)
+        return [
+            (f"{self.p}blocks.{i}.hook_dense_mlp_out", "mlp", dense / divisor * gain),
+            (f"{self.p}blocks.{i}.moe.hook_out", "mlp", routed / divisor * gain),
+        ]
 
     def block_writes(self, i: int, mode: str, detail: bool) -> list[tuple[str, str, jnp.ndarray]]:
         writes = super().block_writes(i, mode, detail)
-        if mode != "all":  # the per-layer input belongs to neither the attention nor the MLP
-            writes = [w for w in writes if w[1] != "extra"]
+        # The per-layer input (E2B/E4B) belongs to neither the attention nor the MLP.
+        if mode == "all" and self.root.per_layer_inputs is not None:
+            name = f"blocks.{i}.hook_per_layer_out"
+            writes.append((self.p + name, "extra", self.need(name, purpose="decompose_resid")))
         return writes
 
 
@@ -505,14 +503,25 @@ class AltUpReadout(Readout):
         return writes
 
 
+def _stack_root(model: Any, stack: Stack) -> pz.nn.Layer:
+    """The Penzai subtree of ``stack`` (the whole model for a decoder-only one)."""
+    return getattr(model.model, stack.name) if stack.prefix else model.model
+
+
+def _readout_class(config: Any) -> type[Readout]:
+    """The `Readout` class of a config's family, as the family registry names it."""
+    from gemmalens.families import registry
+
+    kinds = {"Readout": Readout, "ScaledReadout": ScaledReadout, "AltUpReadout": AltUpReadout}
+    return kinds[registry.family(config).residual]
+
+
 def lens_hook_names(model: Any, stack: str | None = None) -> list[str]:
     """The hook names (glob patterns) the logit lens and `accumulated_resid` read on the
     `gemmalens.Model` ``model``: the residual stream after the embedding and after every
     block, or, for Gemma 3n, every AltUp stream there."""
-    chosen = find_stack(model.config, stack)
-    root = getattr(model.model, chosen.name) if chosen.prefix else model.model
-    p = chosen.prefix
-    if isinstance(getattr(root, "collapse", None), AltUpCollapse):
+    p = find_stack(model.config, stack).prefix
+    if issubclass(_readout_class(model.config), AltUpReadout):
         return [f"{p}hook_altup_expanded", f"{p}blocks.*.hook_streams_post"]
     return [f"{p}hook_embed", f"{p}blocks.*.hook_resid_post"]
 
@@ -520,9 +529,5 @@ def lens_hook_names(model: Any, stack: str | None = None) -> list[str]:
 def readout(cache: ActivationCache, stack: str | None = None) -> Readout:
     """The residual algebra of ``stack`` (None: the stack that reaches the logits)."""
     model = cache._need_model("This analysis")
-    from gemmalens.families import registry
-
     chosen = find_stack(model.config, stack)
-    root = getattr(model.model, chosen.name) if chosen.prefix else model.model
-    kinds = {"Readout": Readout, "ScaledReadout": ScaledReadout, "AltUpReadout": AltUpReadout}
-    return kinds[registry.family(model.config).residual](cache, chosen, root)
+    return _readout_class(model.config)(cache, chosen, _stack_root(model, chosen))

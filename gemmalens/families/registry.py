@@ -46,8 +46,6 @@ class Family:
       to_file_layout: ``(tensors, config) -> tensors``, file-layout fix-ups when writing.
       residual: how its residual stream is written (a `gemmalens.residual.Readout`
         class name: ``"Readout"``, ``"ScaledReadout"`` or ``"AltUpReadout"``).
-      has_per_layer_inputs: a predicate on the config: whether per-layer embeddings feed
-        every block (so a token's identity enters each layer, not only the embedding).
       notes: what is special to show (one line, for tables).
     """
 
@@ -60,7 +58,6 @@ class Family:
     tensor_name: Callable[[str], str]
     to_file_layout: Callable[[dict, Any], dict]
     residual: str
-    has_per_layer_inputs: Callable[[Any], bool]
     notes: str
 
     def presets(self) -> list[str]:
@@ -83,7 +80,6 @@ FAMILIES: dict[str, Family] = {
             tensor_name=_in_model(gemma3_names.hf_name),
             to_file_layout=_unchanged,
             residual="Readout",
-            has_per_layer_inputs=lambda config: False,
             notes="5 local : 1 global attention, QK-norm, pre- and post-norms",
         ),
         Family(
@@ -96,7 +92,6 @@ FAMILIES: dict[str, Family] = {
             tensor_name=_in_model(gemma3n_names.hf_name),
             to_file_layout=gemma3n_names.to_file_layout,
             residual="AltUpReadout",
-            has_per_layer_inputs=lambda config: True,
             notes="AltUp streams, LAuReL, per-layer embeddings, sparse gates, KV sharing",
         ),
         Family(
@@ -109,7 +104,6 @@ FAMILIES: dict[str, Family] = {
             tensor_name=_in_model(gemma4_names.hf_name),
             to_file_layout=gemma4_names.to_file_layout,
             residual="ScaledReadout",
-            has_per_layer_inputs=lambda config: bool(config.hidden_size_per_layer_input),
             notes="layer scalars, K=V global attention, per-layer embeddings, experts",
         ),
         Family(
@@ -122,7 +116,6 @@ FAMILIES: dict[str, Family] = {
             tensor_name=t5gemma2_names.key_mapper(t5gemma2_names.ENCODER_PREFIXES[0]),
             to_file_layout=_unchanged,
             residual="Readout",
-            has_per_layer_inputs=lambda config: False,
             notes="encoder and decoder; the decoder's attention merges self and cross",
         ),
     )
