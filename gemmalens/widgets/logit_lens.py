@@ -223,7 +223,7 @@ class LogitLensViewer(Viewer):
         the decoder, whose tokens label the columns."""
         ids = ids_of(m, tokens)
         names = residual.lens_hook_names(m)
-        if residual.find_stack(m.config, None).prefix:  # an encoder-decoder
+        if "decoder_tokens" in m.input_streams:
             if decoder_tokens is None:
                 raise ValueError(
                     "This is an encoder-decoder model: pass decoder_tokens as well (the lens "

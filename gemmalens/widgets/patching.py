@@ -10,7 +10,7 @@ import traitlets
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from gemmalens import patching, residual
+from gemmalens import patching
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
     Viewer,
@@ -199,7 +199,7 @@ class PatchingViewer(Viewer):
         defaults to them) ``encoder.resid_pre``, ``decoder.resid_pre`` and ``decoder.z``."""
         clean, corrupted = ids_of(m, clean_tokens), ids_of(m, corrupted_tokens)
         seq2seq = {}
-        if any(stack.prefix for stack in residual.stacks(m.config)):
+        if "decoder_tokens" in m.input_streams:
             if decoder_tokens is None:
                 raise ValueError(
                     "This is an encoder-decoder model: pass decoder_tokens (and, to corrupt the "
