@@ -187,6 +187,7 @@ class ActivationCache(Mapping):
     def __init__(self, values: dict[str, jax.Array], model: Model | None = None):
         self._values = values
         self.model = model
+        self._readouts: dict[str | None, tuple[Any, residual.Readout]] = {}
 
     # ------------------------------------------------------------------------ mapping
 
@@ -238,7 +239,11 @@ class ActivationCache(Mapping):
         """The residual algebra of ``stack`` for this run (see `gemmalens.residual`):
         ``"encoder"`` or ``"decoder"`` on encoder-decoder models, None for the stack whose
         output reaches the logits."""
-        return residual.readout(self, stack)
+        # Made once per stack (and model): finding a model's blocks walks its whole tree.
+        made = self._readouts.get(stack)
+        if made is None or made[0] is not self.model:
+            made = self._readouts[stack] = (self.model, residual.readout(self, stack))
+        return made[1]
 
     def num_layers_of(self, stack: str | None = None) -> int:
         """The block count of ``stack`` (None: the stack that reaches the logits)."""
