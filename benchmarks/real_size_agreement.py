@@ -51,6 +51,7 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gemmalens as gl  # noqa: E402
+from gemmalens.families.hf_config import to_hf  # noqa: E402
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -123,106 +124,36 @@ def tiny_config(name: str) -> Any:
     raise ValueError(f"No tiny config for family {family!r}.")
 
 
-def _rope(rope) -> dict[str, Any]:
-    entry = {"rope_type": rope.rope_type, "rope_theta": float(rope.theta)}
-    if rope.rope_type == "linear":
-        entry["factor"] = float(rope.factor)
-    if getattr(rope, "partial_rotary_factor", 1.0) != 1.0:
-        entry["partial_rotary_factor"] = float(rope.partial_rotary_factor)
-    return entry
-
-
-def _common(config) -> dict[str, Any]:
-    """The keys every Gemma text config spells the same way in transformers."""
-    eos = config.eos_token_id
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        sliding_window=config.sliding_window,
-        layer_types=list(config.layer_types),
-        rope_parameters={SLIDING: _rope(config.rope_local), FULL: _rope(config.rope_global)},
-        rms_norm_eps=config.rms_norm_eps,
-        final_logit_softcapping=config.final_logit_softcapping,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_activation="gelu_pytorch_tanh",
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
-        tie_word_embeddings=True,
-    )
-
-
 def hf_config_dict(config) -> dict[str, Any]:
-    """The transformers config (as keyword arguments of its config class) for a gemmalens
-    config, in the spelling of the released ``config.json`` files."""
-    family = config.family
-    if family == "gemma3":
-        return dict(
-            **_common(config),
-            intermediate_size=config.intermediate_size,
-            query_pre_attn_scalar=config.query_pre_attn_scalar,
-            attn_logit_softcapping=config.attn_logit_softcapping,
-            use_bidirectional_attention=config.use_bidirectional_attention,
-        )
-    if family == "gemma3n":
-        return dict(
-            **_common(config),
-            intermediate_size=list(config.intermediate_size),
-            activation_sparsity_pattern=list(config.activation_sparsity_pattern),
-            num_kv_shared_layers=config.num_kv_shared_layers,
-            vocab_size_per_layer_input=config.vocab_size_per_layer_input,
-            hidden_size_per_layer_input=config.hidden_size_per_layer_input,
-            altup_num_inputs=config.altup_num_inputs,
-            altup_active_idx=config.altup_active_idx,
-            altup_correct_scale=config.altup_correct_scale,
-            altup_coef_clip=config.altup_coef_clip,
-            laurel_rank=config.laurel_rank,
-        )
-    if family == "gemma4":
-        return dict(
-            **_common(config),
-            intermediate_size=config.intermediate_size,
-            global_head_dim=config.global_head_dim,
-            num_global_key_value_heads=config.num_global_key_value_heads,
-            attention_k_eq_v=config.attention_k_eq_v,
-            num_kv_shared_layers=config.num_kv_shared_layers,
-            use_double_wide_mlp=config.use_double_wide_mlp,
-            hidden_size_per_layer_input=config.hidden_size_per_layer_input,
-            vocab_size_per_layer_input=config.vocab_size_per_layer_input,
-            enable_moe_block=config.enable_moe_block,
-            num_experts=config.num_experts,
-            top_k_experts=config.top_k_experts,
-            moe_intermediate_size=config.moe_intermediate_size,
-            use_bidirectional_attention=config.use_bidirectional_attention,
-        )
-    if family == "t5gemma2":
+    """The transformers config (keyword arguments of its config class) for a gemmalens
+    config: `gl.families.hf_config.to_hf` for the text families, with a tiny SigLIP tower
+    for T5Gemma 2 (transformers cannot build one without it)."""
+    if config.family != "t5gemma2":
+        d = to_hf(config)
+        d.pop("model_type")
+        return d
 
-        def stack(c):
-            d = hf_config_dict(c)
-            d.pop("use_bidirectional_attention")
-            return d
+    def stack(c):
+        d = hf_config_dict(c)
+        d.pop("use_bidirectional_attention")
+        return d
 
-        special = dict(
-            boi_token_index=config.boi_token_index,
-            eoi_token_index=config.eoi_token_index,
-            image_token_index=config.image_token_index,
-        )
-        return dict(
-            encoder=dict(
-                text_config=stack(config.encoder),
-                vision_config=TINY_SIGLIP,
-                mm_tokens_per_image=1,
-                **special,
-            ),
-            decoder=stack(config.decoder),
-            image_token_index=config.image_token_index,
-            eoi_token_index=config.eoi_token_index,
-        )
-    raise ValueError(f"Unknown family {family!r}.")
+    special = dict(
+        boi_token_index=config.boi_token_index,
+        eoi_token_index=config.eoi_token_index,
+        image_token_index=config.image_token_index,
+    )
+    return dict(
+        encoder=dict(
+            text_config=stack(config.encoder),
+            vision_config=TINY_SIGLIP,
+            mm_tokens_per_image=1,
+            **special,
+        ),
+        decoder=stack(config.decoder),
+        image_token_index=config.image_token_index,
+        eoi_token_index=config.eoi_token_index,
+    )
 
 
 def config_differences(ours, theirs, prefix: str = "") -> list[str]:

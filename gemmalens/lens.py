@@ -89,7 +89,11 @@ class Model:
       model: the Penzai model (renders in Treescope; edit it with ``pz.select``).
       config: the architecture config (e.g. `gemmalens.families.gemma3.Gemma3Config`).
       tokenizer: a `gemmalens.tokenizer.Tokenizer`, or None when the checkpoint had none.
+      checkpoint_format: the format `gemmalens.load` read (``"Hugging Face checkpoint"``,
+        ``"KerasHub preset"``, ``"gemma-library checkpoint"``); None for built models.
     """
+
+    checkpoint_format: str | None = None
 
     # How the Penzai tree is called on the prepared inputs (`_prepare`): plain logits, and
     # logits with the captured values. An encoder-decoder surface swaps both.

@@ -70,6 +70,9 @@ class ExpertsAsMatrices:
             return (shape[0] * shape[1], shape[2])
         return shape
 
+    def dtype(self, key: str) -> np.dtype:
+        return self._ckpt.dtype(key)
+
     def array(self, key: str) -> np.ndarray:
         return self._ckpt.array(key).reshape(self.shape(key))
 

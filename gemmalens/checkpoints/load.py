@@ -1,8 +1,13 @@
-"""`gemmalens.load`: a Hugging Face checkpoint directory -> `gemmalens.Model`."""
+"""`gemmalens.load`: a checkpoint directory (Hugging Face, KerasHub, gemma library) ->
+`gemmalens.Model`."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,8 +23,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOADERS = {
     model_type: family.load_checkpoint for model_type, family in registry.by_model_type().items()
 }
-# Families on the roadmap, so that their checkpoints get a precise message.
-_PLANNED: dict[str, str] = {}
 
 
 def _dtype(dtype: Any) -> jnp.dtype:
@@ -29,33 +32,116 @@ def _dtype(dtype: Any) -> jnp.dtype:
     return _DTYPES[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint format `load` reads.
+
+    Attributes:
+      name: what users call it, e.g. ``"KerasHub preset"``.
+      needs: what a directory of this format holds, for the error on an unknown directory.
+      detect: whether a directory is of this format (cheap: looks at file names and JSON).
+      open: ``open(path, preset)`` -> the checkpoint under Hugging Face names
+        (`CheckpointDir` or `MappedCheckpoint`).
+    """
+
+    name: str
+    needs: str
+    detect: Callable[[pathlib.Path], bool]
+    open: Callable[[pathlib.Path, str | None], Any]
+
+
+def _is_hugging_face(path: pathlib.Path) -> bool:
+    """config.json that is not KerasHub's (CheckpointDir reports a broken one precisely)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "class_name" not in json.loads(config.read_text())
+    except (ValueError, OSError, TypeError):
+        return True
+
+
+def _open_hugging_face(path: pathlib.Path, preset: str | None) -> CheckpointDir:
+    if preset is not None:
+        raise CheckpointError(
+            f"{path} is a Hugging Face checkpoint: its config.json says what it is, so leave "
+            f"preset={preset!r} out."
+        )
+    return CheckpointDir(path)
+
+
+def _formats() -> list[CheckpointFormat]:
+    from gemmalens.checkpoints import gemma_library, keras_hub
+
+    return [
+        CheckpointFormat(
+            "Hugging Face checkpoint",
+            "config.json with a model_type, and model.safetensors (or model-*-of-*.safetensors "
+            "with model.safetensors.index.json)",
+            _is_hugging_face,
+            _open_hugging_face,
+        ),
+        keras_hub.FORMAT,
+        gemma_library.FORMAT,
+    ]
+
+
+def detect_format(path: str | os.PathLike) -> CheckpointFormat:
+    """The format of a checkpoint directory, or an error listing what each format needs."""
+    path = pathlib.Path(path).expanduser()
+    formats = _formats()
+    if path.is_dir():
+        for fmt in formats:
+            if fmt.detect(path):
+                return fmt
+        found = sorted(p.name for p in path.iterdir())[:12]
+        nested = sorted(path.glob("*/config.json")) + sorted(path.glob("snapshots/*/config.json"))
+        raise CheckpointError(
+            f"{path} is not a checkpoint gemmalens can read (it holds "
+            f"{', '.join(found) if found else 'nothing'})."
+            + (f" Did you mean {nested[0].parent}?" if nested else "")
+            + " gemmalens reads:\n"
+            + "\n".join(f"  - a {fmt.name}: {fmt.needs}" for fmt in formats)
+        )
+    # A missing directory or a file: CheckpointDir says precisely what is wrong.
+    return formats[0]
+
+
 def load(
     path: str | os.PathLike,
     dtype: Any = "float32",
     show_progress: bool | None = None,
+    *,
+    preset: str | None = None,
 ) -> Model:
-    """Loads a Hugging Face Gemma checkpoint directory; nothing is ever downloaded.
+    """Loads a local Gemma checkpoint directory; nothing is ever downloaded.
+
+    Three formats are recognised (`detect_format`; ``m.checkpoint_format`` says which):
+
+    - a Hugging Face directory: ``config.json`` and ``model.safetensors`` (or sharded
+      ``model-*.safetensors`` with ``model.safetensors.index.json``), optionally
+      ``tokenizer.model``; the family is read from ``config.json``;
+    - a KerasHub preset (``backbone.save_to_preset(dir)``): ``config.json``,
+      ``metadata.json`` and ``model.weights.h5``, the tokenizer asset when present;
+    - a gemma-library (Orbax) checkpoint, such as the Kaggle releases: parameters only, so
+      the architecture is inferred from the parameter tree or named by ``preset``.
 
     Args:
-      path: a local directory with ``config.json`` and ``model.safetensors`` (or sharded
-        ``model-*.safetensors`` with ``model.safetensors.index.json``), and optionally
-        ``tokenizer.model``. The family is read from ``config.json``.
+      path: the local directory.
       dtype: ``"float32"`` or ``"bfloat16"`` for parameters and activations.
       show_progress: progress bar while reading; by default only for large checkpoints.
+      preset: a gemmalens preset name (``gl.presets()``) for a gemma-library checkpoint whose
+        architecture the parameter tree does not settle.
 
     Returns:
       a `gemmalens.Model`.
     """
     dtype = _dtype(dtype)
-    ckpt = CheckpointDir(path)
+    fmt = detect_format(path)
+    ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")
     if model_type in LOADERS:
         model, config = LOADERS[model_type](ckpt, dtype, show_progress)
-    elif model_type in _PLANNED:
-        raise CheckpointError(
-            f"{ckpt.path} holds a {_PLANNED[model_type]} checkpoint (model_type {model_type!r}); "
-            f"this version of gemmalens loads {', '.join(map(repr, sorted(LOADERS)))}."
-        )
     else:
         raise CheckpointError(
             f"{ckpt.path}/config.json has model_type {model_type!r} "
@@ -64,4 +150,6 @@ def load(
         )
     tokenizer = Tokenizer.from_file(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
     # A config may name its own surface (encoder-decoders: EncoderDecoderModel).
-    return getattr(config, "surface_class", Model)(model, config, tokenizer)
+    m = getattr(config, "surface_class", Model)(model, config, tokenizer)
+    m.checkpoint_format = fmt.name
+    return m

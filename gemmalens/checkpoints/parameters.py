@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
@@ -120,7 +122,7 @@ def build_from_checkpoint(
     build(shapes)
     expected = {key_for(r.label): r.linear_shape for r in shapes.requests}
     check_tensor_set(ckpt, expected, ignore=ignore)
-    total = sum(ckpt.array(k).nbytes for k in expected)
+    total = sum(math.prod(ckpt.shape(k)) * np.dtype(ckpt.dtype(k)).itemsize for k in expected)
     source = CheckpointParams(ckpt, key_for, dtype, show_progress, total)
     try:
         return build(source)
