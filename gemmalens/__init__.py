@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens import cache, circuits, compilation_cache, interventions, patching
+from gemmalens import cache, circuits, compilation_cache, interventions, lora, patching
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -84,6 +84,7 @@ __all__ = [
     "widgets",
     "interventions",
     "load",
+    "lora",
     "teaching_model",
     "teaching_model_path",
     "teaching_models",

@@ -94,6 +94,8 @@ class Model:
     """
 
     checkpoint_format: str | None = None
+    # The LoRA settings of attached adapters (`gemmalens.lora`), else None.
+    adapter_config: dict[str, Any] | None = None
 
     # How the Penzai tree is called on the prepared inputs (`_prepare`): plain logits, and
     # logits with the captured values. An encoder-decoder surface swaps both.
