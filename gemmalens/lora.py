@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters as visible, hookable Penzai layers.
 
-A LoRA adapter (Hu et al., 2021) adds a low-rank update to a frozen projection ``W``:
+A LoRA adapter (Hu et al., 2021) adds a low-rank update to a frozen projection ``W``::
 
     y = W x + scale * B (A x),    A: [rank, in],  B: [out, rank],  scale = alpha / rank
 
@@ -8,7 +8,7 @@ A LoRA adapter (Hu et al., 2021) adds a low-rank update to a frozen projection `
 `LoRALinear` holding the untouched base `pz.nn.Linear` beside a `LowRankAdapter`, whose
 contribution ``scale * B A x`` passes a hook point ``<projection>.lora.hook_delta`` (e.g.
 ``blocks.3.attn.q_proj.lora.hook_delta``), so what a fine-tune adds can be captured,
-ablated or patched like any other value.
+ablated or patched like any other value::
 
     m = gl.teaching_model("gemma3")
     tuned = gl.lora.attach(m, rank=4, targets=("q_proj", "v_proj"))
