@@ -13,7 +13,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemmalens import cache, circuits, compilation_cache, interventions, lora, patching
+from gemmalens import (
+    cache,
+    circuits,
+    compilation_cache,
+    interventions,
+    lora,
+    patching,
+    sharding,
+)
 from gemmalens.checkpoints.load import load
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.encdec import EncoderDecoderModel
@@ -48,15 +56,28 @@ def build(
     seed: int = 0,
     dtype: Any = jnp.float32,
     tokenizer: Tokenizer | None = None,
+    *,
+    mesh: Any = None,
+    rules: dict[str, Any] | None = None,
 ) -> Model:
     """A randomly initialised model of ``config`` (a config or a preset name).
 
-    Matrices are normal(0, 0.02), norm weights at their identity value.
+    Matrices are normal(0, 0.02), norm weights at their identity value. With ``mesh``
+    (and ``rules``), each parameter is made directly in its sharding (`gemmalens.sharding`).
     """
     if isinstance(config, str):
         config = preset(config)
     surface = getattr(config, "surface_class", Model)  # e.g. EncoderDecoderModel
-    return surface(config.build(RandomInit(seed=seed, dtype=jnp.dtype(dtype))), config, tokenizer)
+    source = RandomInit(seed=seed, dtype=jnp.dtype(dtype))
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
+        return surface(config.build(source), config, tokenizer)
+    placement = sharding.fit_for_build(config.build, config.family, mesh, rules)
+    with sharding.placing(placement):
+        m = surface(config.build(source), config, tokenizer)
+    m.placement = placement
+    return m
 
 
 def model_families() -> dict[str, registry.Family]:
@@ -85,6 +106,7 @@ __all__ = [
     "interventions",
     "load",
     "lora",
+    "sharding",
     "teaching_model",
     "teaching_model_path",
     "teaching_models",

@@ -189,6 +189,19 @@ class ActivationCache(Mapping):
         self.model = model
         self._readouts: dict[str | None, tuple[Any, residual.Readout]] = {}
 
+    def gather(self) -> ActivationCache:
+        """The same cache with every value whole on this host (NumPy arrays).
+
+        On a mesh (`gemmalens.sharding`) captured values stay sharded across the devices;
+        this collects them, across hosts too in a multi-host job."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            gather = lambda v: np.asarray(multihost_utils.process_allgather(v, tiled=True))  # noqa: E731
+        else:
+            gather = np.asarray
+        return ActivationCache({k: gather(v) for k, v in self._values.items()}, self.model)
+
     # ------------------------------------------------------------------------ mapping
 
     def __getitem__(self, name: str | tuple[str, int]) -> jax.Array:

@@ -94,6 +94,8 @@ class Model:
     """
 
     checkpoint_format: str | None = None
+    # Where the parameters live when the model is on a mesh (`gemmalens.sharding`).
+    placement: Any = None
     # The LoRA settings of attached adapters (`gemmalens.lora`), else None.
     adapter_config: dict[str, Any] | None = None
 
@@ -200,8 +202,28 @@ class Model:
                     f"{tokens_np.shape}; they must match (1 = real token, 0 = padding)."
                 )
         if mask_np.all():
-            return jnp.asarray(tokens_np, jnp.int32), None
-        return jnp.asarray(tokens_np, jnp.int32), jnp.asarray(mask_np)
+            return self._on_mesh(tokens_np.astype(np.int32)), None
+        return self._on_mesh(tokens_np.astype(np.int32)), self._on_mesh(mask_np)
+
+    def _on_mesh(self, array: np.ndarray) -> jax.Array:
+        """An input ``[batch, ...]``: split over the mesh's ``data`` axis when the model is on
+        a mesh whose data axis divides the batch, else an ordinary array."""
+        batch = (
+            None
+            if self.placement is None
+            else self.placement.batch_sharding(*array.shape[:1], array.ndim)
+        )
+        return jnp.asarray(array) if batch is None else jax.device_put(array, batch)
+
+    @property
+    def mesh(self) -> Any:
+        """The `jax.sharding.Mesh` the parameters live on, or None (`gemmalens.sharding`)."""
+        return None if self.placement is None else self.placement.mesh
+
+    @property
+    def sharding_rules(self) -> dict[str, Any] | None:
+        """Parameter axis -> mesh axis, as in force on this model's mesh (None off a mesh)."""
+        return None if self.placement is None else dict(self.placement.rules)
 
     def select_hooks(self, names: NameSelector) -> list[str]:
         """Resolves names, glob patterns (``"blocks.*.attn.hook_pattern"``) or a predicate

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from gemmalens import sharding
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families import registry
 from gemmalens.lens import Model
@@ -112,7 +113,9 @@ def load(
     dtype: Any = "float32",
     show_progress: bool | None = None,
     *,
-    preset: str | None = None,
+    preset: str | Any = None,
+    mesh: Any = None,
+    rules: dict[str, Any] | None = None,
 ) -> Model:
     """Loads a local Gemma checkpoint directory; nothing is ever downloaded.
 
@@ -130,8 +133,12 @@ def load(
       path: the local directory.
       dtype: ``"float32"`` or ``"bfloat16"`` for parameters and activations.
       show_progress: progress bar while reading; by default only for large checkpoints.
-      preset: a gemmalens preset name (``gl.presets()``) for a gemma-library checkpoint whose
-        architecture the parameter tree does not settle.
+      preset: for a gemma-library checkpoint whose architecture the parameter tree does not
+        settle (it recognises the released ones): a gemmalens preset name (``gl.presets()``)
+        or config (``gl.Gemma3Config(...)``).
+      mesh: a `jax.sharding.Mesh` (`gemmalens.sharding.make_mesh`) to place the parameters
+        on: each device reads only its slice of each tensor.
+      rules: entries over the family's sharding rule table (`gemmalens.sharding`).
 
     Returns:
       a `gemmalens.Model`.
@@ -141,7 +148,14 @@ def load(
     ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")
     if model_type in LOADERS:
-        model, config = LOADERS[model_type](ckpt, dtype, show_progress)
+        request = None
+        if mesh is not None:
+            family = registry.by_model_type()[model_type].name
+            request = sharding.PlacementRequest(mesh, family, rules)
+        elif rules is not None:
+            raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
+        with sharding.requesting(request):
+            model, config = LOADERS[model_type](ckpt, dtype, show_progress)
     else:
         raise CheckpointError(
             f"{ckpt.path}/config.json has model_type {model_type!r} "
@@ -152,4 +166,5 @@ def load(
     # A config may name its own surface (encoder-decoders: EncoderDecoderModel).
     m = getattr(config, "surface_class", Model)(model, config, tokenizer)
     m.checkpoint_format = fmt.name
+    m.placement = request.placement if request is not None else None
     return m

@@ -11,6 +11,7 @@ import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
+from gemmalens import sharding
 from gemmalens.checkpoints.safetensors_files import (
     CheckpointDir,
     CheckpointError,
@@ -125,6 +126,7 @@ def build_from_checkpoint(
     total = sum(math.prod(ckpt.shape(k)) * np.dtype(ckpt.dtype(k)).itemsize for k in expected)
     source = CheckpointParams(ckpt, key_for, dtype, show_progress, total)
     try:
-        return build(source)
+        with sharding.placing_requested((r.label, r.axes) for r in shapes.requests):
+            return build(source)
     finally:
         source.close()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens import sharding
 from gemmalens.layers.hooks import HookPoint
 
 Init = Literal["normal", "zeros", "ones"]
@@ -85,16 +86,20 @@ class RandomInit:
     std: float = 0.02
 
     def __call__(self, request: ParamRequest) -> pz.Parameter:
-        if request.init == "zeros":
-            value = jnp.zeros(request.shape, self.dtype)
-        elif request.init == "ones":
-            value = jnp.ones(request.shape, self.dtype)
-        else:
+        def make() -> jax.Array:
+            if request.init == "zeros":
+                return jnp.zeros(request.shape, self.dtype)
+            if request.init == "ones":
+                return jnp.ones(request.shape, self.dtype)
             key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
-            value = (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(
+            return (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(
                 self.dtype
             )
-        return _wrap(request, value)
+
+        placement = sharding.active()
+        if placement is None:
+            return _wrap(request, make())
+        return _wrap(request, placement.make(tuple(request.axes), make))
 
 
 @dataclasses.dataclass
@@ -130,8 +135,11 @@ class CountsParameters:
 
 def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz.Parameter:
     """Wraps a checkpoint array (already in ``linear_shape`` layout) as a parameter."""
-    value = jnp.asarray(np.asarray(array).reshape(request.shape), dtype=dtype)
-    return _wrap(request, value)
+    host = np.asarray(array).reshape(request.shape)  # a view of the memory map
+    placement = sharding.active()
+    if placement is None:
+        return _wrap(request, jnp.asarray(host, dtype=dtype))
+    return _wrap(request, placement.put(tuple(request.axes), host, dtype))
 
 
 class ParamBuilder:

@@ -1,0 +1,358 @@
+"""Models on several devices: parameters placed by their named axes with JAX's own sharding.
+
+A gemmalens parameter carries Penzai axis names (``heads``, ``kv_heads``, ``neurons``,
+``expert``, ``vocab``, ``embedding`` ...). Sharding maps those names onto the axes of a
+`jax.sharding.Mesh` (a *rule table*), and each parameter becomes a global `jax.Array` laid
+out by a `jax.sharding.NamedSharding`. Every compiled program (forward, captures,
+interventions, patching sweeps, generation) then runs through XLA's SPMD partitioner:
+nothing in the analyses changes, and values come back as global arrays (sharded as XLA
+chose; ``np.asarray`` gathers one).
+
+The default table is Megatron-style tensor parallelism on a ``"model"`` mesh axis (query
+heads, MLP neurons, experts and the vocabulary split across devices) and data parallelism
+on a ``"data"`` axis (the batch of the inputs)::
+
+    mesh = gl.sharding.make_mesh(model=4, data=2)      # 8 devices
+    m = gl.load("gemma-3-27b", dtype="bfloat16", mesh=mesh)
+    m.sharding_rules                                   # what went where
+    logits, cache = m.run_with_cache(tokens)           # as on one device
+
+Loading streams each device's slice of each tensor from the memory-mapped checkpoint, so
+no host or device ever holds the whole model. Several hosts: see `initialize_distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from penzai import pz
+
+__all__ = [
+    "DATA",
+    "MODEL",
+    "DEFAULT_RULES",
+    "Placement",
+    "device_shapes",
+    "initialize_distributed",
+    "make_mesh",
+    "shard",
+]
+
+MODEL = "model"
+DATA = "data"
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Parameter axis -> mesh axis. Axes not named stay whole on every device.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "heads": MODEL,
+    "kv_heads": MODEL,
+    "neurons": MODEL,
+    "expert": MODEL,  # expert parallelism: each device holds a slice of the experts
+    "vocab": MODEL,
+}
+# The families share the table: their parameters use the same axis names. A family that
+# needs another entry adds it here (e.g. a new projection axis).
+FAMILY_RULES: dict[str, dict[str, MeshAxes]] = {
+    "gemma3": {},
+    "gemma3n": {},
+    "gemma4": {},
+    "t5gemma2": {},
+}
+
+
+def make_mesh(model: int | None = None, data: int = 1, devices: Any = None) -> Mesh:
+    """A ``(data, model)`` mesh over ``devices`` (all of them by default).
+
+    Args:
+      model: devices per model replica (tensor / expert parallelism); by default all the
+        devices not used by ``data``.
+      data: model replicas the batch is split across.
+      devices: the devices, e.g. ``jax.devices()[:4]``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model is None:
+        if len(devices) % data:
+            raise ValueError(f"data={data} does not divide the {len(devices)} devices.")
+        model = len(devices) // data
+    if model * data != len(devices):
+        raise ValueError(
+            f"A mesh of data={data} x model={model} needs {model * data} devices; there are "
+            f"{len(devices)} (pass devices=jax.devices()[:{model * data}] to use fewer)."
+        )
+    grid = np.array(devices, dtype=object).reshape(data, model)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def _mesh_names(spec: MeshAxes) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def _mesh_size(mesh: Mesh, spec: MeshAxes) -> int:
+    return math.prod(mesh.shape[name] for name in _mesh_names(spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where each parameter goes: a mesh and a rule table fitted to one model's parameters.
+
+    Build it with `Placement.fit`; `sharding` gives a parameter's `NamedSharding`.
+
+    Attributes:
+      mesh: the device mesh.
+      rules: parameter axis -> mesh axis (or axes), the ones in force.
+      replicated: axes the default table would shard but that the mesh does not divide for
+        some parameter (e.g. one KV head on a 4-way model axis), kept whole instead.
+    """
+
+    mesh: Mesh
+    rules: dict[str, MeshAxes]
+    replicated: tuple[str, ...] = ()
+
+    @classmethod
+    def fit(
+        cls,
+        mesh: Mesh,
+        family: str,
+        shapes: Iterable[tuple[str, Mapping[str, int]]],
+        rules: Mapping[str, MeshAxes] | None = None,
+    ) -> Placement:
+        """The placement of a model's parameters on ``mesh``.
+
+        Args:
+          mesh: the mesh.
+          family: the model family (its rule table starts from `DEFAULT_RULES`).
+          shapes: ``(label, {axis: size})`` of every parameter.
+          rules: the user's entries, over the family's table (``{"kv_heads": None}`` keeps
+            an axis whole). A user's entry that the mesh cannot honour is an error; a
+            default one is dropped for the axis (listed in ``replicated``).
+
+        Raises:
+          ValueError: an unknown mesh axis, or a parameter whose axis the mesh does not
+            divide, or one mesh axis asked for twice by one parameter; the message names the
+            parameter and the fix.
+        """
+        shapes = list(shapes)
+        table = {**DEFAULT_RULES, **FAMILY_RULES.get(family, {})}
+        user = dict(rules or {})
+        for axis, spec in user.items():
+            unknown = [n for n in _mesh_names(spec) if n not in mesh.shape]
+            if unknown:
+                raise ValueError(
+                    f"rules[{axis!r}] = {spec!r} names mesh axis {unknown[0]!r}, but the mesh "
+                    f"has axes {tuple(mesh.axis_names)}."
+                )
+        # Default entries for mesh axes this mesh lacks simply do not apply.
+        table = {a: s for a, s in table.items() if all(n in mesh.shape for n in _mesh_names(s))}
+        table.update(user)
+        replicated = []
+        for axis, spec in list(table.items()):
+            size = _mesh_size(mesh, spec)
+            if spec is None or size == 1:
+                continue
+            for label, named_shape in shapes:
+                if axis in named_shape and named_shape[axis] % size:
+                    if axis in user:
+                        raise ValueError(
+                            f"Parameter {label} has {axis}={named_shape[axis]}, which the mesh "
+                            f"axis {spec!r} (size {size}) does not divide. Use a mesh whose "
+                            f"{spec!r} size divides {named_shape[axis]}, or keep the axis whole "
+                            f"with rules={{{axis!r}: None}}."
+                        )
+                    table[axis] = None
+                    replicated.append(axis)
+                    break
+        table = {a: s for a, s in table.items() if s is not None}
+        for label, named_shape in shapes:
+            used = [n for a in named_shape if a in table for n in _mesh_names(table[a])]
+            twice = {n for n in used if used.count(n) > 1}
+            if twice:
+                axes = [a for a in named_shape if a in table and set(_mesh_names(table[a])) & twice]
+                raise ValueError(
+                    f"Parameter {label} would split its axes {axes} over the same mesh axis "
+                    f"{sorted(twice)}; map one of them elsewhere or to None in rules."
+                )
+        return cls(mesh, table, tuple(replicated))
+
+    def spec(self, axes: Iterable[str]) -> PartitionSpec:
+        return PartitionSpec(*(self.rules.get(a) for a in axes))
+
+    def sharding(self, axes: Iterable[str]) -> NamedSharding:
+        """The sharding of an array whose dimensions are the named ``axes``, in order."""
+        return NamedSharding(self.mesh, self.spec(axes))
+
+    def put(self, axes: tuple[str, ...], host: np.ndarray, dtype: Any) -> jax.Array:
+        """A global array from host data (e.g. a memory-mapped tensor): each device reads
+        and converts only its own slice."""
+        dtype = np.dtype(dtype)
+        return jax.make_array_from_callback(
+            host.shape, self.sharding(axes), lambda index: np.asarray(host[index], dtype)
+        )
+
+    def make(self, axes: tuple[str, ...], make: Callable[[], jax.Array]) -> jax.Array:
+        """A global array computed by ``make`` straight into its sharding."""
+        return jax.jit(make, out_shardings=self.sharding(axes))()
+
+    def batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
+        """Inputs ``[batch, ...]`` split over the ``data`` axis when it divides the batch."""
+        if DATA not in self.mesh.shape or self.mesh.shape[DATA] == 1:
+            return None
+        if batch % self.mesh.shape[DATA]:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec(DATA, *([None] * (ndim - 1))))
+
+
+# While a model is built for a mesh, parameter sources place each parameter as they make it.
+_ACTIVE: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+    "gemmalens_placement", default=None
+)
+
+
+def active() -> Placement | None:
+    """The placement parameters are being built for, if any."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def placing(placement: Placement | None) -> Iterator[None]:
+    """Parameters made inside (checkpoint reads, random initialisation) go to ``placement``."""
+    token = _ACTIVE.set(placement)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@dataclasses.dataclass
+class PlacementRequest:
+    """A mesh asked for before the model's parameter shapes are known (`gemmalens.load`):
+    the builder fits it once it has them, and leaves the result in ``placement``."""
+
+    mesh: Mesh
+    family: str
+    rules: Mapping[str, MeshAxes] | None = None
+    placement: Placement | None = None
+
+
+_REQUESTED: contextvars.ContextVar[PlacementRequest | None] = contextvars.ContextVar(
+    "gemmalens_placement_request", default=None
+)
+
+
+@contextlib.contextmanager
+def requesting(request: PlacementRequest | None) -> Iterator[PlacementRequest | None]:
+    """Models built inside fit ``request`` to their parameters and are placed by it."""
+    token = _REQUESTED.set(request)
+    try:
+        yield request
+    finally:
+        _REQUESTED.reset(token)
+
+
+@contextlib.contextmanager
+def placing_requested(shapes: Iterable[tuple[str, Mapping[str, int]]]) -> Iterator[None]:
+    """Inside a builder: fits the pending request (if any) to ``shapes`` and places what is
+    made inside by it."""
+    request = _REQUESTED.get()
+    if request is None:
+        yield
+        return
+    request.placement = Placement.fit(request.mesh, request.family, shapes, request.rules)
+    with placing(request.placement):
+        yield
+
+
+def fit_for_build(
+    build: Callable[[Any], Any], family: str, mesh: Mesh, rules: Mapping[str, MeshAxes] | None
+) -> Placement:
+    """The placement of the model ``build`` makes, from a shape-only pass of the builder."""
+    from gemmalens.layers.params import ShapeOnly
+
+    shapes = ShapeOnly()
+    build(shapes)
+    return Placement.fit(mesh, family, ((r.label, r.axes) for r in shapes.requests), rules)
+
+
+def _param_shapes(tree: Any) -> list[tuple[str, dict[str, int]]]:
+    _, params = pz.unbind_params(tree)
+    return [(p.label, dict(p.value.named_shape)) for p in params]
+
+
+def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
+    """A copy of model ``m`` with its parameters placed on ``mesh`` (``m`` is unchanged).
+
+    Args:
+      m: a `gemmalens.Model` (any family, adapters included).
+      mesh: e.g. `make_mesh`.
+      rules: entries over the family's rule table (see `Placement.fit`).
+
+    Returns:
+      the model on the mesh; ``.mesh`` and ``.sharding_rules`` say how.
+    """
+    placement = Placement.fit(mesh, m.config.family, _param_shapes(m.model), rules)
+
+    placed: dict[str, pz.Parameter] = {}  # a parameter used twice stays one parameter
+
+    def place(param: pz.Parameter) -> pz.Parameter:
+        if param.label not in placed:
+            value = param.value.as_namedarrayview()
+            order = sorted(value.data_axis_for_name, key=value.data_axis_for_name.get)
+            array = jax.device_put(value.data_array, placement.sharding(order))
+            placed[param.label] = pz.Parameter(
+                value=pz.nx.wrap(array).tag(*order), label=param.label
+            )
+        return placed[param.label]
+
+    tree = pz.select(m.model).at_instances_of(pz.Parameter).apply(place)
+    out = type(m)(tree, m.config, m.tokenizer)
+    for attribute in ("checkpoint_format", "adapter_config"):
+        setattr(out, attribute, getattr(m, attribute))
+    out.placement = placement
+    return out
+
+
+def device_shapes(m: Any) -> dict[str, dict[Any, tuple[int, ...]]]:
+    """Each parameter's shard shape on each device: ``{label: {device: shape}}``."""
+    _, params = pz.unbind_params(m.model)
+    out = {}
+    for p in params:
+        array = p.value.as_namedarrayview().data_array
+        out[p.label] = {s.device: tuple(s.data.shape) for s in array.addressable_shards}
+    return out
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    **kwargs: Any,
+) -> None:
+    """Joins this process to a multi-host JAX job (`jax.distributed.initialize`).
+
+    Run the same script on every host (one process per host), each with its
+    ``process_id``; on managed clusters (Slurm, TPU pods, Kubernetes with JAX's cluster
+    detection) all three arguments may be left out. Afterwards ``jax.devices()`` lists the
+    devices of every host, `make_mesh` spans them, and `gemmalens.load` reads on each host
+    only the slices its own devices hold (every host needs the checkpoint on a local or
+    shared disk).
+
+    Limits: values a host prints or turns into NumPy must be fully addressable on it
+    (``jax.experimental.multihost_utils.process_allgather`` gathers them); widgets and
+    plots belong on process 0.
+    """
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )

@@ -1,0 +1,145 @@
+"""Sharded against unsharded runs of every teaching model, on simulated CPU devices.
+
+Run in a subprocess by tests/test_sharding.py (the device count is fixed when JAX starts):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_check OUT.json
+
+Writes, per family, the largest differences between the model on one device and the same
+model on a (data=2, model=4) mesh, in float32: logits, every captured hook, an
+intervention, a patching sweep, attribution patching and greedy generation; plus each parameter's shard shape on each device and the messages of bad meshes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+from penzai import pz
+
+import gemmalens as gl
+from gemmalens import patching
+
+FAMILIES = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
+RS = np.random.RandomState(0)
+TOKENS = RS.randint(3, 400, (2, 9))
+CORRUPTED = TOKENS.copy()
+CORRUPTED[:, 4] = (CORRUPTED[:, 4] + 100) % 400 + 3
+DECODER = RS.randint(3, 400, (2, 5))
+DECODER[:, 0] = 2
+
+
+def scale(a) -> float:
+    a = np.abs(np.asarray(a, np.float64))
+    return max(1.0, float(a[a < 1e30].max(initial=0.0)))
+
+
+def biggest(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def compare(name: str, mesh) -> dict:
+    one = gl.teaching_model(name)
+    sharded = gl.load(gl.teaching_model_path(name), mesh=mesh)
+    streams = {"decoder_tokens": DECODER} if name == "t5gemma2" else {}
+    out = {"rules": sharded.sharding_rules, "replicated": list(sharded.placement.replicated)}
+
+    logits_one, cache_one = one.run_with_cache(TOKENS, **streams)
+    logits_sharded, cache_sharded = sharded.run_with_cache(TOKENS, **streams)
+    out["logits"] = biggest(logits_one, logits_sharded)
+    out["logit_scale"] = float(np.abs(np.asarray(logits_one)).max())
+    gathered = cache_sharded.gather()
+    # Relative to each value's scale (attention scores hold the dtype's most negative
+    # number at masked positions).
+    relative = {k: biggest(cache_one[k], gathered[k]) / scale(cache_one[k]) for k in cache_one}
+    out["captures"] = max(relative.values())
+    out["worst_capture"] = max(relative, key=relative.get)
+    out["captures_count"] = len(cache_one)
+    out["captures_are_numpy"] = all(isinstance(gathered[k], np.ndarray) for k in gathered)
+
+    z = "decoder.blocks.0.attn.hook_z" if name == "t5gemma2" else "blocks.0.attn.hook_z"
+    hooks = {z: lambda v, hook: v.at[:, :, 1].set(0.0)}
+    out["intervention"] = biggest(
+        one.run_with_hooks(TOKENS, hooks, **streams),
+        sharded.run_with_hooks(TOKENS, hooks, **streams),
+    )
+
+    def metric(logits):
+        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
+
+    prefix = "decoder." if name == "t5gemma2" else ""
+    kwargs = (
+        {"decoder_tokens": DECODER, "corrupted_decoder_tokens": DECODER}
+        if name == "t5gemma2"
+        else {}
+    )
+    args = (TOKENS, CORRUPTED, metric)  # T5Gemma 2: the encoder input is corrupted
+    site = prefix + "resid_pre"
+    out["sweep"] = biggest(
+        patching.sweep(one, *args, site=site, **kwargs),
+        patching.sweep(sharded, *args, site=site, **kwargs),
+    )
+    out["attribution"] = biggest(
+        patching.attribution_patching(one, *args, site=site, **kwargs),
+        patching.attribution_patching(sharded, *args, site=site, **kwargs),
+    )
+
+    # Ragged prompts (padded inside generate) for decoders; the encoder input for T5Gemma 2.
+    prompts = TOKENS if name == "t5gemma2" else [list(TOKENS[0, :6]), list(TOKENS[1, :4])]
+    a = one.generate(prompts, max_new_tokens=6, stop_at_eos=False)
+    b = sharded.generate(prompts, max_new_tokens=6, stop_at_eos=False)
+    out["greedy_equal"] = bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)))
+    out["greedy_tokens"] = np.asarray(a.tokens).tolist()
+
+    shapes = gl.sharding.device_shapes(sharded)
+    out["devices_holding_params"] = len({d for per in shapes.values() for d in per})
+    out["shards"] = {
+        label: sorted({tuple(s) for s in per.values()})
+        for label, per in shapes.items()
+        if any(part in label for part in ("blocks.0.attn.q_proj", "blocks.0.mlp", "embed."))
+        or label.startswith(("blocks.0.moe", "decoder.blocks.0.mlp"))
+    }
+    _, params = pz.unbind_params(one.model)
+    out["full"] = {p.label: dict(p.value.named_shape) for p in params if p.label in out["shards"]}
+    return out
+
+
+def bad_meshes() -> dict:
+    messages = {}
+    m = gl.teaching_model("gemma3")
+    try:
+        gl.sharding.shard(m, gl.sharding.make_mesh(model=8), rules={"heads": "model"})
+    except ValueError as error:
+        messages["heads_not_divisible"] = str(error)
+    try:
+        gl.sharding.shard(m, gl.sharding.make_mesh(model=4, data=2), rules={"neurons": "tensor"})
+    except ValueError as error:
+        messages["unknown_axis"] = str(error)
+    try:
+        gl.sharding.shard(
+            m,
+            gl.sharding.make_mesh(model=4, data=2),
+            rules={"embedding": "model", "heads": "model"},
+        )
+    except ValueError as error:
+        messages["axis_twice"] = str(error)
+    return messages
+
+
+def main(path: str, model: int = 2, data: int = 2) -> None:
+    mesh = gl.sharding.make_mesh(model=model, data=data)
+    results = {"devices": len(jax.devices())}
+    for name in FAMILIES:
+        start = time.perf_counter()
+        results[name] = compare(name, mesh)
+        results[name]["seconds"] = time.perf_counter() - start
+        jax.clear_caches()
+    results["bad"] = bad_meshes()
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *map(int, sys.argv[2:]))
