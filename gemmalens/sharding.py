@@ -43,6 +43,8 @@ __all__ = [
     "device_shapes",
     "initialize_distributed",
     "make_mesh",
+    "memory_estimate",
+    "memory_table",
     "shard",
 ]
 
@@ -111,8 +113,9 @@ class Placement:
     Attributes:
       mesh: the device mesh.
       rules: parameter axis -> mesh axis (or axes), the ones in force.
-      replicated: axes the default table would shard but that the mesh does not divide for
-        some parameter (e.g. one KV head on a 4-way model axis), kept whole instead.
+      replicated: axes the default table shards but that the mesh does not divide for some
+        parameters (e.g. one KV head on a 4-way model axis): those parameters keep the axis
+        whole, the others are split.
     """
 
     mesh: Mesh
@@ -135,7 +138,8 @@ class Placement:
           shapes: ``(label, {axis: size})`` of every parameter.
           rules: the user's entries, over the family's table (``{"kv_heads": None}`` keeps
             an axis whole). A user's entry that the mesh cannot honour is an error; a
-            default one is dropped for the axis (listed in ``replicated``).
+            default one is left out for the parameters it does not divide (their axis is listed in
+            ``replicated``).
 
         Raises:
           ValueError: an unknown mesh axis, or a parameter whose axis the mesh does not
@@ -169,7 +173,7 @@ class Placement:
                             f"{spec!r} size divides {named_shape[axis]}, or keep the axis whole "
                             f"with rules={{{axis!r}: None}}."
                         )
-                    table[axis] = None
+                    # A default entry: this parameter keeps the axis whole (see `spec`).
                     replicated.append(axis)
                     break
         table = {a: s for a, s in table.items() if s is not None}
@@ -184,24 +188,36 @@ class Placement:
                 )
         return cls(mesh, table, tuple(replicated))
 
-    def spec(self, axes: Iterable[str]) -> PartitionSpec:
-        return PartitionSpec(*(self.rules.get(a) for a in axes))
+    def spec(self, named_shape: Mapping[str, int]) -> PartitionSpec:
+        """The partition of an array with these named axes (in data order): each axis by its
+        rule, where the mesh divides it."""
+        entries = []
+        for axis, size in named_shape.items():
+            spec = self.rules.get(axis)
+            divides = spec is not None and size % _mesh_size(self.mesh, spec) == 0
+            entries.append(spec if divides else None)
+        return PartitionSpec(*entries)
 
-    def sharding(self, axes: Iterable[str]) -> NamedSharding:
-        """The sharding of an array whose dimensions are the named ``axes``, in order."""
-        return NamedSharding(self.mesh, self.spec(axes))
+    def sharding(self, named_shape: Mapping[str, int]) -> NamedSharding:
+        """The sharding of an array with these named axes, in data order."""
+        return NamedSharding(self.mesh, self.spec(named_shape))
 
-    def put(self, axes: tuple[str, ...], host: np.ndarray, dtype: Any) -> jax.Array:
+    def per_device(self, named_shape: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape of one device's slice."""
+        spec = self.spec(named_shape)
+        return tuple(n // _mesh_size(self.mesh, p) for n, p in zip(named_shape.values(), spec))
+
+    def put(self, named_shape: Mapping[str, int], host: np.ndarray, dtype: Any) -> jax.Array:
         """A global array from host data (e.g. a memory-mapped tensor): each device reads
         and converts only its own slice."""
         dtype = np.dtype(dtype)
         return jax.make_array_from_callback(
-            host.shape, self.sharding(axes), lambda index: np.asarray(host[index], dtype)
+            host.shape, self.sharding(named_shape), lambda index: np.asarray(host[index], dtype)
         )
 
-    def make(self, axes: tuple[str, ...], make: Callable[[], jax.Array]) -> jax.Array:
+    def make(self, named_shape: Mapping[str, int], make: Callable[[], jax.Array]) -> jax.Array:
         """A global array computed by ``make`` straight into its sharding."""
-        return jax.jit(make, out_shardings=self.sharding(axes))()
+        return jax.jit(make, out_shardings=self.sharding(named_shape))()
 
     def batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
         """Inputs ``[batch, ...]`` split over the ``data`` axis when it divides the batch."""
@@ -307,7 +323,8 @@ def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> An
         if param.label not in placed:
             value = param.value.as_namedarrayview()
             order = sorted(value.data_axis_for_name, key=value.data_axis_for_name.get)
-            array = jax.device_put(value.data_array, placement.sharding(order))
+            shape = {a: value.data_shape[value.data_axis_for_name[a]] for a in order}
+            array = jax.device_put(value.data_array, placement.sharding(shape))
             placed[param.label] = pz.Parameter(
                 value=pz.nx.wrap(array).tag(*order), label=param.label
             )
@@ -329,6 +346,85 @@ def device_shapes(m: Any) -> dict[str, dict[Any, tuple[int, ...]]]:
         array = p.value.as_namedarrayview().data_array
         out[p.label] = {s.device: tuple(s.data.shape) for s in array.addressable_shards}
     return out
+
+
+def memory_estimate(
+    config: Any,
+    tokens: int = 4096,
+    batch: int = 1,
+    dtype: Any = "bfloat16",
+    devices: int = 1,
+    rules: Mapping[str, MeshAxes] | None = None,
+) -> dict[str, float]:
+    """Memory in GiB a model needs, in total and per device on a ``(data=1, model=devices)``
+    mesh with the family's rules: parameters, the generation KV cache for ``batch`` rows of
+    ``tokens`` tokens (sliding-window layers keep their window, KV-sharing layers nothing),
+    and every attention pattern captured at ``batch x tokens`` (each attention layer's
+    ``[batch, heads, tokens, tokens]``; an encoder-decoder counts each stack at ``tokens``).
+
+    Activations of the forward pass itself are not included. Computed from the model's
+    shapes only: nothing is allocated.
+    """
+    from gemmalens.layers.attention import Attention
+    from gemmalens.layers.params import ShapeOnly
+    from gemmalens.sampling import cache_length
+
+    itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
+    shapes = ShapeOnly()
+    tree = config.build(shapes)
+    mesh = jax.sharding.AbstractMesh((1, devices), (DATA, MODEL))
+    placement = Placement.fit(
+        mesh, config.family, ((r.label, r.axes) for r in shapes.requests), rules
+    )
+    counted = [r for r in shapes.requests if config.counts_as_parameter(r.label)]
+    params = sum(r.size for r in counted)
+    params_device = sum(math.prod(placement.per_device(r.axes)) for r in counted)
+    kv = kv_device = patterns = patterns_device = 0
+    for attention in pz.select(tree).at_instances_of(Attention).get_sequence():
+        axes = attention.key.sublayers[0].output_axes  # {kv_heads, head_dim}
+        per_token = 2 * math.prod(axes.values())
+        length = cache_length(attention, tokens)
+        kv += batch * length * per_token
+        kv_device += batch * length * 2 * math.prod(placement.per_device(axes))
+    for layer in pz.select(tree).at_instances_of(pz.nn.Linear).get_sequence():
+        heads = layer.weights.value.named_shape.get("heads")
+        if heads is None or not layer.weights.label.endswith("q_proj.weights"):
+            continue
+        patterns += batch * heads * tokens * tokens
+        patterns_device += batch * placement.per_device({"heads": heads})[0] * tokens * tokens
+    gib = itemsize / 2**30
+    return {
+        "parameters": params / 1e9,
+        "parameters_gib": params * gib,
+        "parameters_gib_per_device": params_device * gib,
+        "kv_cache_gib": kv * gib,
+        "kv_cache_gib_per_device": kv_device * gib,
+        "patterns_gib": patterns * gib,
+        "patterns_gib_per_device": patterns_device * gib,
+    }
+
+
+def memory_table(presets: Iterable[str] | None = None, devices: int = 8, tokens: int = 4096) -> str:
+    """The docs' memory table (markdown): `memory_estimate` of each preset in bfloat16 on one
+    device and on ``devices``."""
+    from gemmalens.presets import preset
+    from gemmalens.presets import presets as all_presets
+
+    rows = [
+        "| preset | parameters | weights (bf16) | per device on "
+        f"{devices} | KV cache, 1 x {tokens} | per device | every pattern, 1 x {tokens} "
+        "| per device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in presets or all_presets():
+        e = memory_estimate(preset(name), tokens=tokens, devices=devices)
+        rows.append(
+            f"| {name} | {e['parameters']:.2f} B | {e['parameters_gib']:.1f} GiB "
+            f"| {e['parameters_gib_per_device']:.1f} GiB | {e['kv_cache_gib']:.2f} GiB "
+            f"| {e['kv_cache_gib_per_device']:.2f} GiB | {e['patterns_gib']:.1f} GiB "
+            f"| {e['patterns_gib_per_device']:.1f} GiB |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def initialize_distributed(

@@ -49,6 +49,11 @@ PAGES = [
     "api/tokenizer",
     "api/widgets",
     "api/families",
+    "api/lora",
+    "api/sharding",
+    "api/checkpoints",
+    "sharding",
+    "checkpoint-formats",
 ]
 # Objects whose API entries must exist: (page, the id Sphinx gives the entry).
 API_OBJECTS = [

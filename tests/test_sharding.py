@@ -73,12 +73,14 @@ def test_parameters_really_are_distributed(results, family):
     assert r["devices_holding_params"] == 8
     rules = r["rules"]
     assert rules["heads"] == rules["neurons"] == rules["vocab"] == "model"
-    # The teaching models have one KV head: the 4-way model axis cannot split it.
-    assert r["replicated"] == ["kv_heads"] and "kv_heads" not in rules
+    # The teaching models have one KV head: the 4-way model axis cannot split it, so the
+    # K/V projections keep it whole while everything else the rules name is split.
+    assert r["replicated"] == ["kv_heads"] and rules["kv_heads"] == "model"
     for label, shards in r["shards"].items():
         full = r["full"][label]
         expected = [
-            size // (MESH[rules[axis]] if axis in rules else 1) for axis, size in full.items()
+            size // MESH[rules[axis]] if axis in rules and size % MESH[rules[axis]] == 0 else size
+            for axis, size in full.items()
         ]
         assert shards == [expected], (label, full, shards)
     split = [
@@ -162,3 +164,24 @@ def test_make_mesh_and_rules_errors():
         Placement.fit(mesh, "gemma3", shapes, {"heads": "experts"})
     placement = Placement.fit(mesh, "gemma3", shapes, {"vocab": None})
     assert "vocab" not in placement.rules and math.prod(mesh.shape.values()) == 1
+
+
+def test_memory_estimate_against_a_count_by_hand():
+    config = gl.teaching_model("gemma3").config
+    tokens = 300
+    e = gl.sharding.memory_estimate(config, tokens=tokens, dtype="float32")
+    assert e["parameters"] * 1e9 == pytest.approx(config.num_params())
+    kv = sum(
+        2 * config.num_key_value_heads * config.head_dim
+        * (min(config.sliding_window, tokens) if kind == "sliding_attention" else tokens)
+        for kind in config.layer_types
+    )  # fmt: skip
+    assert e["kv_cache_gib"] * 2**30 == pytest.approx(4 * kv)
+    patterns = config.num_hidden_layers * config.num_attention_heads * tokens**2
+    assert e["patterns_gib"] * 2**30 == pytest.approx(4 * patterns)
+    assert e["parameters_gib_per_device"] == e["parameters_gib"]  # one device
+
+
+def test_docs_memory_table_is_the_computed_one():
+    page = (open(os.path.join(ROOT, "docs", "sharding.md"))).read()
+    assert gl.sharding.memory_table() in page

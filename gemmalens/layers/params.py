@@ -99,7 +99,7 @@ class RandomInit:
         placement = sharding.active()
         if placement is None:
             return _wrap(request, make())
-        return _wrap(request, placement.make(tuple(request.axes), make))
+        return _wrap(request, placement.make(request.axes, make))
 
 
 @dataclasses.dataclass
@@ -139,7 +139,7 @@ def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz
     placement = sharding.active()
     if placement is None:
         return _wrap(request, jnp.asarray(host, dtype=dtype))
-    return _wrap(request, placement.put(tuple(request.axes), host, dtype))
+    return _wrap(request, placement.put(request.axes, host, dtype))
 
 
 class ParamBuilder:
