@@ -19,7 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from gemmalens.checkpoints.safetensors_files import CheckpointError, MissingTensorError
+from gemmalens.checkpoints.safetensors_files import (
+    CheckpointError,
+    MissingTensorError,
+    TensorIndex,
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class MappedTensor:
     source: str = ""
 
 
-class MappedCheckpoint:
+class MappedCheckpoint(TensorIndex):
     """A checkpoint of another format under Hugging Face names: what every family loader reads.
 
     Args:
@@ -74,21 +78,6 @@ class MappedCheckpoint:
             key=str(key),
             suggestions=close,
         )
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._info(key).shape
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._info(key).dtype
 
     def nbytes(self) -> int:
         return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in self._tensors.values())

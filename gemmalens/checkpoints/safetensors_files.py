@@ -242,7 +242,35 @@ def _closest(key: str, names: Iterable[str], n: int) -> list[str]:
     return difflib.get_close_matches(key, list(names), n=n, cutoff=0.5)
 
 
-class CheckpointDir:
+class TensorIndex:
+    """The lookups every checkpoint gives its loader, over ``_tensors`` (name -> an entry
+    with ``shape`` and ``dtype``) and ``_info(name)`` (the entry, or a precise error)."""
+
+    _tensors: Mapping[str, Any]
+
+    def _info(self, key: str) -> Any:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        """All tensor names, sorted."""
+        return list(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor ``key``, without reading it."""
+        return self._info(key).shape
+
+    def dtype(self, key: str) -> np.dtype:
+        """NumPy dtype of tensor ``key`` (``ml_dtypes.bfloat16`` for BF16)."""
+        return self._info(key).dtype
+
+
+class CheckpointDir(TensorIndex):
     """A Hugging Face checkpoint directory: config.json + model.safetensors or sharded
     model-0000x-of-0000y.safetensors with model.safetensors.index.json (+ optional
     tokenizer.model).
@@ -458,24 +486,6 @@ class CheckpointDir:
             key=str(key),
             suggestions=close,
         )
-
-    def keys(self) -> list[str]:
-        """All tensor names across all files, sorted."""
-        return list(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of tensor ``key``, from the header only."""
-        return self._info(key).shape
-
-    def dtype(self, key: str) -> np.dtype:
-        """NumPy dtype of tensor ``key`` (``ml_dtypes.bfloat16`` for BF16)."""
-        return self._info(key).dtype
 
     def nbytes(self) -> int:
         """Total size of all tensor data in bytes, e.g. for a progress bar."""
