@@ -20,6 +20,7 @@ from gemmalens import (
     interventions,
     lora,
     patching,
+    sae,
     sharding,
 )
 from gemmalens.checkpoints.load import load
@@ -106,6 +107,7 @@ __all__ = [
     "interventions",
     "load",
     "lora",
+    "sae",
     "sharding",
     "teaching_model",
     "teaching_model_path",

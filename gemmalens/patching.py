@@ -112,6 +112,26 @@ MODEL_SITES: dict[str, Site] = {
     "cross_v": Site("blocks.{}.attn.hook_cross_v", 2, "kv_head"),
 }
 
+# The features of spliced sparse autoencoders and transcoders (`gemmalens.sae.splice`):
+# one row per spliced dictionary (in forward order) rather than per layer, and the units
+# are features, axis 2 of ``[batch, seq, features]``. All must have the same width.
+FEATURES_SITE = "features"
+_FEATURES = Site("{}.sae.hook_features", 2, "feature")
+
+
+def _feature_hooks(m: Model) -> tuple[str, ...]:
+    return tuple(n for n in m.hook_names if n.endswith(".sae.hook_features"))
+
+
+def _check_feature_widths(names: Sequence[str], values: Sequence[jax.Array]) -> None:
+    widths = {name: int(v.shape[-1]) for name, v in zip(names, values)}
+    if len(set(widths.values())) > 1:
+        raise ValueError(
+            f"Site 'features' patches every spliced SAE, and their widths differ ({widths}): "
+            "splice dictionaries of one width, or one at a time."
+        )
+
+
 _MERGED = "the decoder of an encoder-decoder with merged attention (T5Gemma 2: 'decoder.{}')"
 _WHO_HAS = {
     "per_layer_input": "models with per-layer embeddings (Gemma 3n E2B / E4B, Gemma 4 E2B / E4B)",
@@ -142,7 +162,8 @@ def available_sites(m: Model) -> list[str]:
     A decoder's sites are bare (``resid_pre``, ``z``, ...); an encoder-decoder's name their
     stack (``encoder.resid_pre``, ``decoder.z``, ``decoder.cross_pattern``, ...)."""
     hook_names = set(m.hook_names)
-    return [
+    features = [FEATURES_SITE] if _feature_hooks(m) else []
+    return features + [
         prefix + kind
         for prefix in _stacks(m)
         for kind, spec in {**SITES, **MODEL_SITES}.items()
@@ -153,6 +174,8 @@ def available_sites(m: Model) -> list[str]:
 def site_spec(site: str) -> Site:
     """The `Site` of a site name, stack prefix included (``"decoder.z"``: hooks
     ``decoder.blocks.{}.attn.hook_z``, heads on axis 2)."""
+    if site == FEATURES_SITE:
+        return _FEATURES
     prefix, kind = "", site
     for stack in ("encoder.", "decoder."):
         if site.startswith(stack):
@@ -170,6 +193,13 @@ def site_names(m: Model, site: str) -> tuple[str, ...]:
     """The hook names of ``site`` for every layer (of its stack), in layer order."""
     valid = available_sites(m)
     listing = f"This model's sites: {', '.join(valid)}."
+    if site == FEATURES_SITE:
+        if not _feature_hooks(m):
+            raise ValueError(
+                "Patch site 'features' needs spliced sparse autoencoders "
+                f"(gemmalens.sae.splice); this model has none. {listing}"
+            )
+        return _feature_hooks(m)
     kind = site.removeprefix("encoder.").removeprefix("decoder.")
     if kind not in SITES and kind not in MODEL_SITES:
         raise ValueError(f"Unknown patch site {site!r}. {listing}")
@@ -868,7 +898,9 @@ def sweep(
       site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``
         (sites are ``[layer, pos]``); ``z``, ``q`` or ``pattern`` (``[layer, head]``);
         ``k`` or ``v`` (``[layer, kv_head]``). A head site patches all positions. Models
-        with per-layer embeddings add ``per_layer_input`` (``[layer, pos]``). An
+        with per-layer embeddings add ``per_layer_input`` (``[layer, pos]``); models with
+        spliced SAEs (`gemmalens.sae.splice`) add ``features`` (``[sae, feature]``, all
+        positions). An
         encoder-decoder's sites name their stack: ``encoder.resid_pre`` (``[layer,
         encoder pos]``), ``decoder.resid_pre`` (``[layer, decoder pos]``), ``decoder.z``
         (the merged self+cross attention's per-head output), ``decoder.cross_pattern``
@@ -939,9 +971,12 @@ def sweep(
             plan=plan,
             metric=metric,
         )
+    clean_values = runs.capture(m, runs.clean, names)
+    if site == FEATURES_SITE:
+        _check_feature_widths(names, clean_values)
     return _sweep_vmapped(
         m._frozen,
-        runs.capture(m, runs.clean, names),
+        clean_values,
         runs.corrupted,
         names=names,
         unit_axis=spec.unit_axis,
@@ -1003,6 +1038,8 @@ def attribution_patching(
     )
     clean_values = runs.capture(m, runs.clean, names)
     corrupted_values = runs.capture(m, runs.corrupted, names)
+    if site == FEATURES_SITE:
+        _check_feature_widths(names, clean_values)
     zeros = [jnp.zeros_like(v) for v in corrupted_values]
     _, grads = _metric_and_grads(
         m._frozen, zeros, runs.corrupted, names=names, metric=metric, forward=runs.forward

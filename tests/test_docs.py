@@ -51,6 +51,7 @@ PAGES = [
     "api/families",
     "api/lora",
     "api/sharding",
+    "api/sae",
     "api/checkpoints",
     "sharding",
     "checkpoint-formats",
