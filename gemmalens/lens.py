@@ -447,7 +447,7 @@ class Model:
         kept until the model changes (hook functions may change between calls: not kept)."""
         if hooks:
             model = capture_hooks(self.with_hooks(hooks), captured, _CACHE_LABEL)
-            return sampling.prepare(pz.freeze_params(model), batch, length)
+            return sampling.prepare(pz.freeze_params(model), batch, length, self.placement)
         # Kernel settings are read while preparing: a program made under others is stale.
         kernels = (sampling.DECODE_ATTENTION_KERNEL, sampling.DECODE_MLP_KERNEL)
         key = (frozenset(captured), batch, length, kernels)
@@ -456,7 +456,8 @@ class Model:
             if len(self._generation_programs) >= 16:
                 self._generation_programs.clear()
             model = capture_hooks(self._frozen, captured, _CACHE_LABEL)
-            program = self._generation_programs[key] = sampling.prepare(model, batch, length)
+            program = sampling.prepare(model, batch, length, self.placement)
+            self._generation_programs[key] = program
         return program
 
     def _prompt_rows(self, prompts: Any, attention_mask: Any) -> list[list[int]]:

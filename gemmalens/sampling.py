@@ -373,9 +373,17 @@ class _EmptyCaches:
 
     treedef: Any
     leaves: tuple[tuple[tuple[int, ...], str, int], ...]  # (shape, dtype, fill)
+    # On a mesh: each cache's sharding (KV heads over the model axis, rows over the data
+    # axis, where they divide), so that no device holds the whole cache.
+    shardings: tuple[Any, ...] | None = None
 
     def make(self) -> list:
         arrays = [jnp.full(shape, fill, dtype) for shape, dtype, fill in self.leaves]
+        if self.shardings is not None:
+            arrays = [
+                a if s is None else jax.lax.with_sharding_constraint(a, s)
+                for a, s in zip(arrays, self.shardings)
+            ]
         return jax.tree.unflatten(self.treedef, arrays)
 
 
@@ -397,9 +405,12 @@ class GenerationProgram:
     caches: _EmptyCaches
 
 
-def prepare(model: pz.nn.Layer, batch_size: int, max_length: int) -> GenerationProgram:
+def prepare(
+    model: pz.nn.Layer, batch_size: int, max_length: int, placement: Any = None
+) -> GenerationProgram:
     """The `GenerationProgram` of ``model`` (parameters frozen, captures installed) for
-    ``batch_size`` rows of up to ``max_length`` tokens (prompt and new tokens)."""
+    ``batch_size`` rows of up to ``max_length`` tokens (prompt and new tokens). With the
+    model's `gemmalens.sharding.Placement`, the KV caches are split like the keys."""
     # The empty caches made here are only read for their shapes (once per program).
     cached = with_kv_cache(
         model, batch_size, max_length, DECODE_ATTENTION_KERNEL, DECODE_MLP_KERNEL
@@ -412,7 +423,11 @@ def prepare(model: pz.nn.Layer, batch_size: int, max_length: int) -> GenerationP
         (tuple(leaf.shape), jnp.dtype(leaf.dtype).name, -1 if _is_positions_leaf(path) else 0)
         for path, leaf in with_paths
     )
-    return GenerationProgram(treedef, leaves, _EmptyCaches(caches_treedef, shapes))
+    shardings = None
+    if placement is not None:
+        named = jax.tree.leaves(caches, is_leaf=pz.nx.is_namedarray)
+        shardings = tuple(placement.activation_sharding(a.named_shape) for a in named)
+    return GenerationProgram(treedef, leaves, _EmptyCaches(caches_treedef, shapes, shardings))
 
 
 def generate_tokens(

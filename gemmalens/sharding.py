@@ -219,6 +219,15 @@ class Placement:
         """A global array computed by ``make`` straight into its sharding."""
         return jax.jit(make, out_shardings=self.sharding(named_shape))()
 
+    def activation_sharding(self, named_shape: Mapping[str, int]) -> NamedSharding:
+        """The sharding of an activation or cache with these named axes (data order): the
+        parameter rules (``kv_heads``, ``heads`` ...) and ``batch`` over the data axis,
+        each where the mesh divides it."""
+        with_batch = dataclasses.replace(self, rules={**self.rules, "batch": DATA})
+        if DATA not in self.mesh.shape:
+            with_batch = self
+        return with_batch.sharding(named_shape)
+
     def batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
         """Inputs ``[batch, ...]`` split over the ``data`` axis when it divides the batch."""
         if DATA not in self.mesh.shape or self.mesh.shape[DATA] == 1:

@@ -92,6 +92,14 @@ def test_parameters_really_are_distributed(results, family):
         assert r["shards"]["blocks.0.moe.experts.down_proj"] == [[2, 256, 96]]
 
 
+def test_generation_kv_caches_are_split_by_kv_heads(results):
+    kv = results["kv_cache"]
+    # k and v: [batch, seq, kv_heads, head_dim]; positions: [batch, seq].
+    assert "P('data', None, 'model', None)" in kv["specs"]
+    assert "P('data', None)" in kv["specs"]
+    assert kv["greedy_equal"]
+
+
 def test_bad_meshes_get_clear_errors(results):
     bad = results["bad"]
     assert "blocks.0.attn.q_proj.weights has heads=4" in bad["heads_not_divisible"]
