@@ -98,6 +98,10 @@ class Model:
     placement: Any = None
     # The LoRA settings of attached adapters (`gemmalens.lora`), else None.
     adapter_config: dict[str, Any] | None = None
+    # The sparse autoencoders spliced in (`gemmalens.sae.splice`), by site, else None.
+    saes: dict[str, Any] | None = None
+    # What a model says of its source and its additions: `with_tree` carries these over.
+    _CARRIED = ("checkpoint_format", "placement", "adapter_config", "saes")
 
     # How the Penzai tree is called on the prepared inputs (`_prepare`): plain logits, and
     # logits with the captured values. An encoder-decoder surface swaps both.
@@ -108,6 +112,19 @@ class Model:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
+
+    def with_tree(self, tree: pz.nn.Layer, **changes: Any) -> Model:
+        """A model of the same kind, config and tokenizer around ``tree`` (an edited copy of
+        ``self.model``), ``self`` unchanged. What ``self`` says of its source and additions
+        (``checkpoint_format``, ``placement``, ``adapter_config``, ``saes``) carries over,
+        except where ``changes`` gives new values."""
+        unknown = set(changes) - set(self._CARRIED)
+        if unknown:
+            raise TypeError(f"with_tree sets {list(self._CARRIED)}, not {sorted(unknown)}.")
+        out = type(self)(tree, self.config, self.tokenizer)
+        for name in self._CARRIED:
+            setattr(out, name, changes.get(name, getattr(self, name)))
+        return out
 
     @property
     def model(self) -> pz.nn.Layer:
@@ -211,7 +228,7 @@ class Model:
         batch = (
             None
             if self.placement is None
-            else self.placement.batch_sharding(*array.shape[:1], array.ndim)
+            else self.placement.batch_sharding(array.shape[0], array.ndim)
         )
         return jnp.asarray(array) if batch is None else jax.device_put(array, batch)
 

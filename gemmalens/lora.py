@@ -8,7 +8,10 @@ A LoRA adapter (Hu et al., 2021) adds a low-rank update to a frozen projection `
 `LoRALinear` holding the untouched base `pz.nn.Linear` beside a `LowRankAdapter`, whose
 contribution ``scale * B A x`` passes a hook point ``<projection>.lora.hook_delta`` (e.g.
 ``blocks.3.attn.q_proj.lora.hook_delta``), so what a fine-tune adds can be captured,
-ablated or patched like any other value::
+ablated or patched like any other value. A projection used at several places (Gemma 4's
+K=V layers read values through ``k_proj``; T5Gemma 2's decoder reads cross-attention keys
+through it) has one adapter, shared, and one hook per use: ``hook_delta``, then
+``hook_delta_1``, ... in forward order::
 
     m = gl.teaching_model("gemma3")
     tuned = gl.lora.attach(m, rank=4, targets=("q_proj", "v_proj"))
@@ -43,6 +46,7 @@ from penzai import pz
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.kv_sharing import SharedKVAttention
+from gemmalens.layers.params import apply_once
 from gemmalens.lens import Model
 
 __all__ = [
@@ -186,19 +190,31 @@ def _adapter_for(
     )
 
 
+def _adapted(tree: pz.nn.Layer, make: Callable[[pz.nn.Linear], pz.nn.Layer]) -> pz.nn.Layer:
+    """``tree`` with each projection replaced by ``make(projection)`` (made once per
+    projection, so a projection used at several places keeps one adapter), each further use
+    of an adapter getting its own hook (``hook_delta_1``, ...): the uses see different
+    inputs, and a capture needs one name per value."""
+    tree = apply_once(pz.select(tree).at_instances_of(pz.nn.Linear), _module_of, make)
+    uses: dict[str, int] = {}
+
+    def name_use(layer: LoRALinear) -> LoRALinear:
+        n = uses[layer.module] = uses.get(layer.module, -1) + 1
+        if n == 0:
+            return layer
+        hook = layer.lora.hook_delta
+        renamed = HookPoint(f"{hook.name}_{n}", hook.axes)
+        return dataclasses.replace(layer, lora=dataclasses.replace(layer.lora, hook_delta=renamed))
+
+    return pz.select(tree).at_instances_of(LoRALinear).apply(name_use)
+
+
 def _axis_sizes(linear: pz.nn.Linear) -> tuple[tuple[int, ...], tuple[int, ...]]:
     shape = linear.weights.value.named_shape
     return (
         tuple(shape[a] for a in linear.out_axis_names),
         tuple(shape[a] for a in linear.in_axis_names),
     )
-
-
-def _surface(m: Model, tree: pz.nn.Layer, adapter_config: dict[str, Any] | None) -> Model:
-    out = type(m)(tree, m.config, m.tokenizer)
-    out.checkpoint_format = m.checkpoint_format
-    out.adapter_config = adapter_config
-    return out
 
 
 def attach(
@@ -242,17 +258,11 @@ def attach(
     wanted = _matcher(targets, m.model)
     scale = _scale(alpha, rank, use_rslora)
     key = jax.random.key(seed)
-    # One adapter object per projection: a projection used twice (T5Gemma 2's decoder reads
-    # self- and cross-attention keys through one k_proj) shares its adapter's parameters.
-    made: dict[str, LoRALinear] = {}
 
     def wrap(linear: pz.nn.Linear) -> pz.nn.Layer:
         nonlocal key
-        module = _module_of(linear)
-        if not wanted(module):
+        if not wanted(_module_of(linear)):
             return linear
-        if module in made:
-            return made[module]
         out, inp = _axis_sizes(linear)
         key, ka, kb = jax.random.split(key, 3)
         fan_in = math.prod(inp)
@@ -265,17 +275,16 @@ def attach(
         )
         if init == "zeros":
             a = jnp.zeros_like(a)
-        made[module] = _adapter_for(linear, rank, scale, a, b)
-        return made[module]
+        return _adapter_for(linear, rank, scale, a, b)
 
-    tree = pz.select(m.model).at_instances_of(pz.nn.Linear).apply(wrap)
+    tree = _adapted(m.model, wrap)
     config = dict(
         r=rank,
         lora_alpha=alpha,
         use_rslora=use_rslora,
         target_modules=sorted(set(_projection_name(x) for x in adapted_modules_of(tree))),
     )
-    return _surface(m, tree, config)
+    return m.with_tree(tree, adapter_config=config)
 
 
 def _adapters(tree: pz.nn.Layer) -> list[LoRALinear]:
@@ -307,7 +316,7 @@ def detach(m: Model) -> Model:
     """The base model: every adapter removed, the frozen projections as they were."""
     _require_adapters(m, "detach")
     tree = pz.select(m.model).at_instances_of(LoRALinear).apply(lambda layer: layer.base)
-    return _surface(m, tree, None)
+    return m.with_tree(tree, adapter_config=None)
 
 
 def _flat(param: Any, *axes: str) -> jax.Array:
@@ -328,11 +337,7 @@ def merge(m: Model) -> Model:
     projections, the same outputs, no adapter hook points."""
     _require_adapters(m, "merge")
 
-    made: dict[str, pz.nn.Linear] = {}  # a projection used twice stays one parameter
-
     def fold(layer: LoRALinear) -> pz.nn.Linear:
-        if layer.module in made:
-            return made[layer.module]
         base = layer.base
         out, inp = _axis_sizes(base)
         axes = (*base.out_axis_names, *base.in_axis_names)
@@ -342,13 +347,12 @@ def merge(m: Model) -> Model:
             b.astype(jnp.float32) @ a.astype(jnp.float32)
         )
         value = pz.nx.wrap(merged.astype(w.dtype).reshape(*out, *inp)).tag(*axes)
-        made[layer.module] = dataclasses.replace(
+        return dataclasses.replace(
             base, weights=pz.Parameter(value=value, label=base.weights.label)
         )
-        return made[layer.module]
 
-    tree = pz.select(m.model).at_instances_of(LoRALinear).apply(fold)
-    return _surface(m, tree, None)
+    selection = pz.select(m.model).at_instances_of(LoRALinear)
+    return m.with_tree(apply_once(selection, lambda layer: layer.module, fold), adapter_config=None)
 
 
 def delta_norms(m: Model) -> list[dict[str, Any]]:
@@ -400,6 +404,7 @@ def module_effects(
     tokens: Any,
     metric: Callable[[jax.Array], jax.Array],
     attention_mask: Any = None,
+    **streams: Any,
 ) -> dict[str, Any]:
     """What each adapter does to ``metric``, measured by switching adapters on and off.
 
@@ -411,6 +416,7 @@ def module_effects(
       tokens: ``[batch, seq]`` ids (or text).
       metric: ``logits [batch, seq, vocab] -> scalar``, e.g. the log-probability of an answer.
       attention_mask: as for ``m(tokens, attention_mask)``.
+      streams: further inputs by keyword (T5Gemma 2: ``decoder_tokens=...``).
 
     Returns:
       ``{"base": metric with every adapter off, "adapted": with all on, "modules": rows}``;
@@ -420,7 +426,7 @@ def module_effects(
     """
     _require_adapters(m, "module_effects")
     modules = adapted_modules(m)
-    inputs = m._prepare(tokens, attention_mask, {})
+    inputs = m._prepare(tokens, attention_mask, streams)
     unbound, params = pz.unbind_params(m.model, freeze=True)
     slot = {f"{name}.lora.B": i for i, name in enumerate(modules)}
     logits_of = m.logits_of
@@ -460,9 +466,11 @@ def lens_difference(
     target: int,
     position: int = -1,
     attention_mask: Any = None,
+    **streams: Any,
 ) -> dict[str, Any]:
     """The logit lens of both models side by side: the log-probability of ``target`` read off
-    the residual stream after each layer, at ``position`` of every sequence.
+    the residual stream after each layer, at ``position`` of every sequence (of the
+    decoder, for T5Gemma 2: pass ``decoder_tokens=...``).
 
     Returns:
       ``{"labels": layer labels, "base": [layer, batch], "adapted": [layer, batch]}`` (the
@@ -470,7 +478,7 @@ def lens_difference(
     """
     out = {}
     for name, model in (("base", base), ("adapted", adapted)):
-        _, cache = model.run_with_cache(tokens, None, attention_mask)
+        _, cache = model.run_with_cache(tokens, None, attention_mask, **streams)
         lens = cache.logit_lens(pos_slice=position, targets=jnp.asarray(target))
         out["labels"] = list(lens.labels)
         out[name] = np.asarray(lens.target_logprobs)
@@ -498,6 +506,10 @@ def _examples(m: Model, examples: Iterable[str | tuple[str, str]]) -> tuple[np.n
         if whole[: len(head)] != head:  # the pair tokenises differently when joined
             whole = head + m.tokenizer.encode([completion])[0][1:]
         start = len(head) if prompt else 1
+        if len(whole) <= start:
+            raise ValueError(
+                f"Example {example!r} has no tokens to learn: its completion is empty."
+            )
         rows.append(whole)
         masks.append([0] * start + [1] * (len(whole) - start))
     if not rows:
@@ -540,6 +552,8 @@ def train(
     """
     import optax  # the training extra; the teaching script uses it too
 
+    from gemmalens.teaching.train import next_token_loss
+
     _require_adapters(m, "train")
     tokens, loss_mask = _examples(m, examples)
     attention = tokens != m.config.pad_token_id
@@ -553,10 +567,7 @@ def train(
     def loss_fn(trainable, batch_tokens, batch_attention, batch_mask):
         model = pz.bind_variables(unbound, trainable + frozen)
         logits = logits_of(model, batch_tokens, batch_attention.astype(jnp.int32))
-        log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-        picked = jnp.take_along_axis(log_probs, batch_tokens[:, 1:, None], axis=-1)[..., 0]
-        weights = batch_mask[:, 1:]
-        return -(picked * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return next_token_loss(logits, batch_tokens, batch_mask)
 
     @jax.jit
     def step(trainable, state, batch_tokens, batch_attention, batch_mask):
@@ -585,7 +596,7 @@ def train(
         )
         losses.append(float(loss))
     tree = pz.bind_variables(unbound, trainable + frozen, unfreeze_as_copy=True)
-    return _surface(m, tree, getattr(m, "adapter_config", None)), losses
+    return m.with_tree(tree), losses
 
 
 # -------------------------------------------------------------------------- PEFT files
@@ -820,16 +831,10 @@ def load_adapter(m: Model, directory: str | os.PathLike) -> Model:
             b.reshape(*out, rank),
         )
 
-    made: dict[str, LoRALinear] = {}
-
     def wrap(linear: pz.nn.Linear) -> pz.nn.Layer:
-        module = _module_of(linear)
-        if module not in by_module:
+        if _module_of(linear) not in by_module:
             return linear
-        if module not in made:
-            scale, a, b = by_module[module]
-            made[module] = _adapter_for(linear, a.shape[0], scale, a, b)
-        return made[module]
+        scale, a, b = by_module[_module_of(linear)]
+        return _adapter_for(linear, a.shape[0], scale, a, b)
 
-    tree = pz.select(m.model).at_instances_of(pz.nn.Linear).apply(wrap)
-    return _surface(m, tree, dict(config, unused_modules=skipped))
+    return m.with_tree(_adapted(m.model, wrap), adapter_config=dict(config, unused_modules=skipped))

@@ -223,10 +223,8 @@ class Placement:
         """The sharding of an activation or cache with these named axes (data order): the
         parameter rules (``kv_heads``, ``heads`` ...) and ``batch`` over the data axis,
         each where the mesh divides it."""
-        with_batch = dataclasses.replace(self, rules={**self.rules, "batch": DATA})
-        if DATA not in self.mesh.shape:
-            with_batch = self
-        return with_batch.sharding(named_shape)
+        rules = {**self.rules, "batch": DATA} if DATA in self.mesh.shape else self.rules
+        return dataclasses.replace(self, rules=rules).sharding(named_shape)
 
     def batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
         """Inputs ``[batch, ...]`` split over the ``data`` axis when it divides the batch."""
@@ -324,27 +322,20 @@ def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> An
     Returns:
       the model on the mesh; ``.mesh`` and ``.sharding_rules`` say how.
     """
+    from gemmalens.layers.params import apply_once  # params imports this module
+
     placement = Placement.fit(mesh, m.config.family, _param_shapes(m.model), rules)
 
-    placed: dict[str, pz.Parameter] = {}  # a parameter used twice stays one parameter
-
     def place(param: pz.Parameter) -> pz.Parameter:
-        if param.label not in placed:
-            value = param.value.as_namedarrayview()
-            order = sorted(value.data_axis_for_name, key=value.data_axis_for_name.get)
-            shape = {a: value.data_shape[value.data_axis_for_name[a]] for a in order}
-            array = jax.device_put(value.data_array, placement.sharding(shape))
-            placed[param.label] = pz.Parameter(
-                value=pz.nx.wrap(array).tag(*order), label=param.label
-            )
-        return placed[param.label]
+        value = param.value.as_namedarrayview()
+        order = sorted(value.data_axis_for_name, key=value.data_axis_for_name.get)
+        shape = {a: value.data_shape[value.data_axis_for_name[a]] for a in order}
+        array = jax.device_put(value.data_array, placement.sharding(shape))
+        return pz.Parameter(value=pz.nx.wrap(array).tag(*order), label=param.label)
 
-    tree = pz.select(m.model).at_instances_of(pz.Parameter).apply(place)
-    out = type(m)(tree, m.config, m.tokenizer)
-    for attribute in ("checkpoint_format", "adapter_config"):
-        setattr(out, attribute, getattr(m, attribute))
-    out.placement = placement
-    return out
+    # A parameter used at two places stays one parameter.
+    selection = pz.select(m.model).at_instances_of(pz.Parameter)
+    return m.with_tree(apply_once(selection, lambda p: p.label, place), placement=placement)
 
 
 def device_shapes(m: Any) -> dict[str, dict[Any, tuple[int, ...]]]:

@@ -40,6 +40,7 @@ def _hf_t5(directory):
 FAMILIES = {
     "gemma3": _hf_decoder(ref.gemma3_text),
     "gemma3n": _hf_decoder(ref.gemma3n_text),
+    "gemma4_e2b": _hf_decoder(lambda d: ref.gemma4_text(d, moe=False)),
     "gemma4_moe": _hf_decoder(lambda d: ref.gemma4_text(d, moe=True)),
     "t5gemma2": _hf_t5,
 }
@@ -111,6 +112,33 @@ def test_merge_equals_unmerged(peft_pair):
     assert not [h for h in merged.hook_names if ".lora." in h]
     diff = np.abs(np.asarray(merged(TOKENS, **streams)) - np.asarray(adapted(TOKENS, **streams)))
     assert diff.max() <= TOLERANCE
+
+
+def test_comparisons_on_every_family(peft_pair):
+    """module_effects and lens_difference against hooked runs and the models' own outputs."""
+    _, adapter_dir, base, streams = peft_pair
+    adapted = gl.lora.load_adapter(base, adapter_dir)
+    target = 7
+
+    def metric(logits):
+        return jax.nn.log_softmax(logits[0, -1])[target]
+
+    effects = gl.lora.module_effects(adapted, TOKENS, metric, **streams)
+    assert effects["adapted"] == pytest.approx(float(metric(adapted(TOKENS, **streams))), abs=1e-5)
+    assert effects["base"] == pytest.approx(float(metric(base(TOKENS, **streams))), abs=1e-5)
+    row = effects["modules"][0]
+    # Every use of the adapter (a projection used twice has hook_delta and hook_delta_1).
+    off = {f"{row['module']}.lora.hook_delta*": lambda v, name: v * 0}
+    knocked = float(metric(adapted.run_with_hooks(TOKENS, off, **streams)))
+    assert row["knockout"] == pytest.approx(effects["adapted"] - knocked, abs=1e-5)
+    # Every hook can be captured, each use of a shared adapter under its own name.
+    _, cache = adapted.run_with_cache(TOKENS, "*.lora.*", **streams)
+    assert len(cache) >= len(gl.lora.adapted_modules(adapted))
+
+    lens = gl.lora.lens_difference(base, adapted, TOKENS, target, **streams)
+    for name, model in (("base", base), ("adapted", adapted)):
+        final = jax.nn.log_softmax(np.asarray(model(TOKENS, **streams))[:, -1], axis=-1)
+        np.testing.assert_allclose(lens[name][-1], final[:, target], atol=1e-4)
 
 
 # ------------------------------------------------------------- the teaching model

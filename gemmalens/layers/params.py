@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Literal, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,21 @@ class CountsParameters:
     def counts_as_parameter(self, label: str) -> bool:
         """Whether ``num_params`` counts this parameter (all, unless a family says not)."""
         return True
+
+
+def apply_once(selection: Any, key: Callable[[Any], Hashable], fn: Callable[[Any], Any]) -> Any:
+    """``selection.apply(fn)`` calling ``fn`` once per ``key``: what stands at several places
+    in a model (T5Gemma 2's decoder reads keys through one ``k_proj`` twice) stays one object
+    in the result, so the parameters it holds stay shared."""
+    done: dict[Hashable, Any] = {}
+
+    def once(value: Any) -> Any:
+        k = key(value)
+        if k not in done:
+            done[k] = fn(value)
+        return done[k]
+
+    return selection.apply(once)
 
 
 def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz.Parameter:

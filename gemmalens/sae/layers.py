@@ -245,11 +245,7 @@ def splice(m: Model, saes: SAE | Sequence[SAE], include_error: bool = True) -> M
                 .where(lambda hp, name=sae.hook_in: hp.name == name)
                 .apply(lambda hp, coder=coder: SAESplice(hook=hp, sae=coder))
             )
-    out = type(m)(tree, m.config, m.tokenizer)
-    out.checkpoint_format = m.checkpoint_format
-    out.adapter_config = m.adapter_config
-    out.saes = present
-    return out
+    return m.with_tree(tree, saes=present)
 
 
 def _spliced(m: Model, sae: SAE | str | None = None) -> list[SAE]:

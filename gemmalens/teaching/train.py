@@ -206,7 +206,7 @@ def build_tokenizer(docs: Sequence[str], path: pathlib.Path, settings: Settings)
 # ------------------------------------------------------------------------------- training
 
 
-def _next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
+def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
     """Mean cross-entropy of each next token (only where ``mask`` marks it real)."""
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -268,7 +268,7 @@ class Trainer:
         else:
             logits, values = model.stateless_call(self.state, named_tokens(batch["tokens"]))
             target, mask = batch["tokens"], None
-        loss = _next_token_loss(logits.unwrap("batch", "seq", "vocab"), target, mask)
+        loss = next_token_loss(logits.unwrap("batch", "seq", "vocab"), target, mask)
         # Captured values are plain [batch, seq, expert] arrays.
         router = [v.value for v in values if v.label.startswith(_CAPTURE_LABEL)]
         balance = _load_balance_loss(router, self.top_k) if router else jnp.zeros(())
