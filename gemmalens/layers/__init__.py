@@ -3,8 +3,8 @@
 from gemmalens.layers.attention import Attention, AttentionMask, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
 from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook, hook_points
-from gemmalens.layers.mlp import GatedMLP
-from gemmalens.layers.norms import RMSNorm
+from gemmalens.layers.mlp import MLP, GatedMLP
+from gemmalens.layers.norms import LayerNorm, RMSNorm
 from gemmalens.layers.params import ParamBuilder, ParamRequest, RandomInit, ShapeOnly
 from gemmalens.layers.rope import ApplyRoPE, inverse_frequencies
 from gemmalens.layers.transformer import DecoderLM, positions_from_mask, residual_block
@@ -20,6 +20,8 @@ __all__ = [
     "GatedMLP",
     "HookPoint",
     "InterveneHook",
+    "LayerNorm",
+    "MLP",
     "ParamBuilder",
     "ParamRequest",
     "RMSNorm",

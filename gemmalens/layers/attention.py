@@ -219,6 +219,7 @@ class Attention(pz.nn.Layer):
 
     ``query``, ``key`` and ``value`` are `pz.nn.Sequential` stacks (projection, optional
     QK-norm, RoPE, hook point), so a family can add or drop a step by editing the list.
+    ``output`` is a `pz.nn.Linear` in Gemma, a `pz.nn.Affine` (with bias) in SigLIP.
     """
 
     query: pz.nn.Sequential
@@ -226,7 +227,7 @@ class Attention(pz.nn.Layer):
     value: pz.nn.Sequential
     mixer: DotProductAttention
     hook_z: HookPoint
-    output: pz.nn.Linear
+    output: pz.nn.Layer
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         q = self.query(x, **side_inputs)

@@ -1,4 +1,4 @@
-"""RMS normalisation in the two forms the Gemma family uses."""
+"""RMS normalisation in the two forms the Gemma family uses, and SigLIP's LayerNorm."""
 
 from __future__ import annotations
 
@@ -90,3 +90,38 @@ class RMSNorm(pz.nn.Layer):
             init = "zeros" if form == "one_plus" else "ones"
             scale = params(f"{name}.scale", {axis: size}, init=init)
         return cls(scale=scale, axis=axis, eps=eps, form=form, hook_scale=hook_scale)
+
+
+@pz.pytree_dataclass
+class LayerNorm(pz.nn.Layer):
+    """Layer normalisation over one named axis, with a weight and a bias (SigLIP), in float32.
+
+    ``y = (x - mean(x)) * rsqrt(var(x) + eps) * w + b`` with the biased variance, as torch's
+    ``nn.LayerNorm``; the weight and bias apply in float32 before the cast back.
+    """
+
+    scale: pz.nn.ParameterLike[pz.nx.NamedArray]
+    bias: pz.nn.ParameterLike[pz.nx.NamedArray]
+    axis: str = dataclasses.field(metadata={"pytree_node": False})
+    eps: float = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        def normalise(v: jax.Array) -> jax.Array:
+            v = v.astype(jnp.float32)
+            centred = v - jnp.mean(v)
+            return centred * jax.lax.rsqrt(jnp.mean(centred * centred) + self.eps)
+
+        y = pz.nx.nmap(normalise)(x.untag(self.axis)).tag(self.axis)
+        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+    @classmethod
+    def build(cls, params: ParamBuilder, name: str, axis: str, size: int, eps: float) -> LayerNorm:
+        """Builds the norm, asking ``params`` for ``{name}.scale`` (ones) and ``{name}.bias``
+        (zeros)."""
+        return cls(
+            scale=params(f"{name}.scale", {axis: size}, init="ones"),
+            bias=params(f"{name}.bias", {axis: size}, init="zeros"),
+            axis=axis,
+            eps=eps,
+        )

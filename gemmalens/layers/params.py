@@ -7,7 +7,9 @@ count parameters and to validate a checkpoint before anything is read).
 
 Axes are given as two ordered dicts, ``out_axes`` then ``in_axes``. The value's positional
 layout is ``(*out_axes, *in_axes)``, which is exactly a torch ``nn.Linear`` weight
-``[out, in]`` reshaped: checkpoint readers only need to reshape, never transpose.
+``[out, in]`` reshaped: checkpoint readers only need to reshape, never transpose. A
+convolution kernel (``layout="conv"``) is stored with every axis kept, as torch's
+``[out, in_channels, kernel_h, kernel_w]``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from gemmalens import sharding
 from gemmalens.layers.hooks import HookPoint
 
 Init = Literal["normal", "zeros", "ones"]
+# How a checkpoint stores the value: "linear" flattens to [out] or [out, in]; "conv" keeps
+# every axis ([out, in_channels, kernel_h, kernel_w]).
+Layout = Literal["linear", "conv"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,7 @@ class ParamRequest:
     out_axes: dict[str, int]
     in_axes: dict[str, int]
     init: Init
+    layout: Layout = "linear"
 
     @property
     def axes(self) -> dict[str, int]:
@@ -52,7 +58,10 @@ class ParamRequest:
 
     @property
     def linear_shape(self) -> tuple[int, ...]:
-        """The shape as a Hugging Face checkpoint stores it: [out] or [out, in]."""
+        """The shape as a Hugging Face checkpoint stores it: [out] or [out, in] (a ``conv``
+        kernel: every axis, ``[out, in_channels, kernel_h, kernel_w]``)."""
+        if self.layout == "conv":
+            return self.shape
         out = math.prod(self.out_axes.values())
         if not self.in_axes:
             return (out,)
@@ -178,9 +187,10 @@ class ParamBuilder:
         out_axes: dict[str, int],
         in_axes: dict[str, int] | None = None,
         init: Init = "normal",
+        layout: Layout = "linear",
     ) -> pz.Parameter:
         return self.source(
-            ParamRequest(self.prefix + name, dict(out_axes), dict(in_axes or {}), init)
+            ParamRequest(self.prefix + name, dict(out_axes), dict(in_axes or {}), init, layout)
         )
 
     def hook(self, name: str, axes: tuple[str, ...]) -> HookPoint:
@@ -188,10 +198,32 @@ class ParamBuilder:
         is ``blocks.3.hook_resid_pre``, beside the parameters ``blocks.3.*``."""
         return HookPoint(self.prefix + name, axes)
 
-    def linear(self, name: str, out_axes: dict[str, int], in_axes: dict[str, int]) -> pz.nn.Linear:
+    def linear(
+        self,
+        name: str,
+        out_axes: dict[str, int],
+        in_axes: dict[str, int],
+        layout: Layout = "linear",
+    ) -> pz.nn.Linear:
         """A bias-free `pz.nn.Linear` whose weights are labelled ``{name}.weights``."""
         return pz.nn.Linear(
-            weights=self(f"{name}.weights", out_axes, in_axes),
+            weights=self(f"{name}.weights", out_axes, in_axes, layout=layout),
             in_axis_names=tuple(in_axes),
             out_axis_names=tuple(out_axes),
+        )
+
+    def affine(
+        self,
+        name: str,
+        out_axes: dict[str, int],
+        in_axes: dict[str, int],
+        layout: Layout = "linear",
+    ) -> pz.nn.Affine:
+        """`linear` followed by a bias labelled ``{name}.bias`` over ``out_axes`` (SigLIP's
+        projections, which have biases where Gemma's have none)."""
+        return pz.nn.Affine(
+            [
+                self.linear(name, out_axes, in_axes, layout),
+                pz.nn.AddBias(bias=self(f"{name}.bias", out_axes, init="zeros"), new_axis_names=()),
+            ]
         )

@@ -1,4 +1,5 @@
-"""The image path: preprocessing and prompt building (towers to come, issue 17)."""
+"""The image path: preprocessing and prompt building; Gemma 3's SigLIP tower and projector
+in `gemmalens.vision.siglip` (not yet wired into ``gl.load``, issue 17)."""
 
 from gemmalens.vision import preprocess
 from gemmalens.vision.preprocess import *  # noqa: F403 (the public names, listed there)
