@@ -38,6 +38,13 @@ Hook points of a spliced dictionary (``site`` below is `SAE.site`):
 An SAE's site is the gemmalens hook it reads (``blocks.3.hook_resid_post``,
 ``blocks.3.hook_mlp_out``, ``blocks.3.attn.hook_z``); a transcoder's is ``blocks.3.mlp``.
 
+Families: dictionaries splice into every decoder family. On Gemma 3n the residual hooks
+hold AltUp's active stream, so an SAE there reads and rewrites that stream alone; on
+Gemma 4, ``attn.hook_z`` is wider on full-attention layers than on sliding ones and each
+layer's own width is checked. Transcoders fit Gemma 3's MLP shape only, and
+`logit_effects` is refused outside Gemma 3 (the path to the logits is not one matrix
+there); T5Gemma 2 (two stacks, no published dictionaries) is refused with the reason.
+
 The file layouts read, and where they were learned, are in `gemmalens.sae.files`.
 """
 

@@ -62,6 +62,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from penzai import pz
 
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.lens import Model
@@ -487,16 +488,43 @@ def load(path: str | pathlib.Path, model: Model | None = None) -> SAE:
 # ----------------------------------------------------------------------------- fitting a model
 
 
+def z_shape(m: Model, hook: str) -> tuple[int, ...] | None:
+    """``(heads, head_dim)`` of the ``attn.hook_z`` named ``hook``, read off that layer's own
+    output projection (Gemma 4's full-attention layers have a wider head_dim than its
+    sliding ones); None when the model has no such hook."""
+    from gemmalens.layers.attention import Attention
+
+    found = (
+        pz.select(m.model)
+        .at_instances_of(Attention)
+        .where(lambda attention: attention.hook_z.name == hook)
+        .get_sequence()
+    )
+    if not found:
+        return None
+    output = found[0].output
+    shape = output.weights.value.named_shape
+    return tuple(int(shape[axis]) for axis in output.in_axis_names)
+
+
 def _width_at(m: Model, hook: str) -> int:
-    cfg = m.config
     if hook.endswith("attn.hook_z"):
-        return int(cfg.num_attention_heads * cfg.head_dim)
-    return int(cfg.hidden_size)
+        shape = z_shape(m, hook)
+        return -1 if shape is None else int(np.prod(shape))  # -1: check_fits names the hook
+    return int(m.config.hidden_size)
 
 
 def check_fits(sae: SAE, m: Model) -> None:
     """Raises `CheckpointError` when ``sae`` cannot run on ``m``: its layer is out of range,
     its hook point is not in the model, or its input / output width is not the model's."""
+    if not hasattr(m.config, "num_hidden_layers"):
+        raise CheckpointError(
+            f"{sae.describe()} cannot be spliced into a {type(m.config).__name__} model: "
+            "gemmalens splices dictionaries into decoder-only models (Gemma 3, Gemma 3n, "
+            "Gemma 4), whose hook names (blocks.N...) the files use. Encoder-decoder models "
+            "(T5Gemma 2) have two stacks and no published dictionaries; run your own "
+            "encoding on captured values instead (sae.encode(cache['decoder.blocks.N...']))."
+        )
     layers = m.config.num_hidden_layers
     if sae.layer >= layers:
         raise CheckpointError(

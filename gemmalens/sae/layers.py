@@ -15,7 +15,7 @@ from gemmalens.layers.embeddings import EmbedTokens
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.lens import Model
-from gemmalens.sae.files import FEATURES, SAE, check_fits
+from gemmalens.sae.files import FEATURES, SAE, check_fits, z_shape
 
 # ----------------------------------------------------------------------------- Penzai layers
 
@@ -118,7 +118,7 @@ def _param(label: str, array: np.ndarray, axes: tuple[str, ...], dtype: Any) -> 
 
 def _coder(sae: SAE, m: Model, dtype: Any, include_error: bool) -> SparseCoder:
     z = sae.hook_in.endswith("attn.hook_z")
-    heads, head_dim = m.config.num_attention_heads, m.config.head_dim
+    heads, head_dim = z_shape(m, sae.hook_in) if z else (0, 0)
     in_axes = ("heads", "head_dim") if z else ("embedding",)
     out_axes = in_axes if not sae.is_transcoder else ("embedding",)
     w_enc = sae.w_enc.reshape(heads, head_dim, sae.d_sae) if z else sae.w_enc

@@ -183,6 +183,20 @@ def logit_effects(
     final-logit soft-capping (Gemma 2 style ``cap * tanh(logit / cap)``) these are
     pre-cap logits: the cap keeps their order but squeezes large ones.
     """
+    family = getattr(m.config, "family", None)
+    if family != "gemma3":
+        why = {
+            "gemma3n": "the residual hooks hold AltUp's active stream, which reaches the "
+            "logits only through the other streams' corrections and the final collapse",
+            "gemma4": "every later layer multiplies the residual stream by its layer scalar, "
+            "so a direction written at one layer is rescaled before the unembedding",
+        }.get(family, "this model's path from a layer to the logits is not a fixed matrix")
+        raise NotImplementedError(
+            f"logit_effects reads a decoder row straight through the unembedding, which is "
+            f"the direct effect only in Gemma 3. On {type(m.config).__name__}, {why}. Measure "
+            "a feature's effect with gl.sae.steer(...) and run_with_hooks, or attribute a "
+            "metric to features with gl.sae.attribute."
+        )
     single = isinstance(features, (int, np.integer))
     chosen = np.arange(sae.d_sae) if features is None else _indices(features)
     rows = jnp.asarray(sae.w_dec[chosen], jnp.float32)  # [F, d_out]
