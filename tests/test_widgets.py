@@ -21,6 +21,7 @@ from gemmalens.tokenizer import Tokenizer
 from gemmalens.widgets import (
     AltUpViewer,
     AttentionViewer,
+    FeatureViewer,
     LogitLensViewer,
     PatchingViewer,
     RoutingViewer,
@@ -154,7 +155,26 @@ def sweeps(gemma3):
 
 
 @pytest.fixture(scope="module")
-def viewers(gemma3, gemma3n, gemma4_moe, sweeps):
+def features(gemma3):
+    """A FeatureViewer of a random JumpReLU SAE (width 16) on layer 2's residual stream."""
+    model = gemma3[0]
+    rng = np.random.default_rng(4)
+    hook, d = "blocks.2.hook_resid_post", model.config.hidden_size
+    sae = gl.sae.SAE(
+        w_enc=(rng.normal(size=(d, 16)) / np.sqrt(d)).astype(np.float32),
+        w_dec=(rng.normal(size=(16, d)) / 4).astype(np.float32),
+        b_enc=np.zeros(16, np.float32),
+        b_dec=np.zeros(d, np.float32),
+        threshold=np.full(16, 0.05, np.float32),
+        hook_in=hook,
+        hook_out=hook,
+    )
+    corpus = np.asarray(model.to_tokens([TEXT, DECODER_TEXT])[0])
+    return FeatureViewer(model, sae, corpus, prompt=TEXT, max_features=6, k=4, window=3)
+
+
+@pytest.fixture(scope="module")
+def viewers(gemma3, gemma3n, gemma4_moe, sweeps, features):
     """One viewer of each kind, for the checks they share."""
     _, tokens, _, cache = gemma3
     clean, corrupted, results, (clean_value, corrupted_value) = sweeps
@@ -171,6 +191,7 @@ def viewers(gemma3, gemma3n, gemma4_moe, sweeps):
             clean_value=clean_value,
             corrupted_value=corrupted_value,
         ),
+        "features": features,
     }
 
 
@@ -601,7 +622,9 @@ def _payload(html: str) -> dict:
     return json.loads(match.group(1))
 
 
-@pytest.mark.parametrize("name", ["attention", "altup", "routing", "logit-lens", "patching"])
+@pytest.mark.parametrize(
+    "name", ["attention", "altup", "routing", "logit-lens", "patching", "features"]
+)
 def test_static_html_embeds_every_state_and_the_render_code(viewers, name):
     viewer = viewers[name]
     html = viewer.to_html()
@@ -628,7 +651,9 @@ def test_static_html_embeds_every_state_and_the_render_code(viewers, name):
                 np.testing.assert_allclose(embedded, expected, atol=1e-3 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("name", ["attention", "altup", "routing", "logit-lens", "patching"])
+@pytest.mark.parametrize(
+    "name", ["attention", "altup", "routing", "logit-lens", "patching", "features"]
+)
 def test_mimebundle_has_the_widget_and_its_static_copy(viewers, name):
     data, _ = viewers[name]._repr_mimebundle_()
     assert data[WIDGET_MIME]["model_id"] == viewers[name].model_id
@@ -654,6 +679,7 @@ def test_static_copy_caps_its_size(gemma3):
         ("routing", "expert", "tokens"),
         ("logit-lens", "position (input token)", "after layer"),
         ("patching", "position (token)", "layer"),
+        ("features", "prompt token", "activation"),
     ],
 )
 def test_figures(viewers, name, xlabel, ylabel):

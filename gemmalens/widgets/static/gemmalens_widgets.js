@@ -1010,6 +1010,206 @@ function drawPatching(model, root) {
   }
 }
 
+// ------------------------------------------------------------------------ SAE features
+
+// Tab buttons bound to a control: choices [[value, text], ...].
+function tabButtons(model, name, choices) {
+  const current = model.get(name);
+  return h("span", { class: "gl-tabs", role: "tablist" }, choices.map(([value, text]) =>
+    h("button", {
+      type: "button",
+      role: "tab",
+      class: value === current ? "gl-tab gl-tab-on" : "gl-tab",
+      "data-tab": value,
+      onclick: () => setControls(model, { [name]: value }),
+    }, text)));
+}
+
+// A horizontal colour scale: "label vmin [gradient] vmax".
+function scaleLegend(map, vmin, vmax, label) {
+  const width = 120;
+  const steps = 24;
+  const bar = svg("svg", { class: "gl-scale-bar", width, height: 10 });
+  for (let i = 0; i < steps; i++) {
+    bar.appendChild(svg("rect", {
+      x: (i * width) / steps, y: 0, width: width / steps + 0.5, height: 10,
+      fill: css(map((i + 0.5) / steps)), "shape-rendering": "crispEdges",
+    }));
+  }
+  bar.appendChild(svg("rect", { x: 0, y: 0, width, height: 10, fill: "none", stroke: "#999" }));
+  return h("div", { class: "gl-scale" }, [
+    h("span", {}, label), h("span", { class: "gl-tick-text" }, vmin === 0 ? "0" : format(vmin)), bar,
+    h("span", { class: "gl-tick-text" }, format(vmax)),
+  ]);
+}
+
+// One row of text: every token shaded by an activation (hover for the value), the token
+// `center` outlined. `label` (with `title`) heads the row.
+function activationRow(tokens, acts, center, peak, label, title, tip) {
+  const blues = colourMap("blues");
+  const text = h("span", { class: "gl-example-text" });
+  tokens.forEach((token, i) => {
+    const act = acts[i] ?? 0;
+    const rgb = act > 0 ? blues(act / peak) : null;
+    const span = h("span", {
+      class: i === center ? "gl-ftok gl-ftok-max" : "gl-ftok",
+      "data-act": act,
+      style: { background: rgb ? css(rgb) : "", color: rgb && isDark(rgb) ? "#fff" : "" },
+    }, token);
+    span.addEventListener("mousemove", (event) => tip.show(`${token}: activation ${format(act)}`, event));
+    span.addEventListener("mouseleave", () => tip.hide());
+    text.appendChild(span);
+  });
+  const head = label ? h("span", { class: "gl-example-value", title }, label) : null;
+  return h("div", { class: "gl-example" }, [head, text]);
+}
+
+// Bars of a histogram: edges [bins + 1], counts [bins].
+function histogramChart(edges, counts, xTitle, yTitle) {
+  const width = 250;
+  const height = 110;
+  const left = 40;
+  const top = 8;
+  const bottom = 34;
+  const root = svg("svg", { class: "gl-hist", width: left + width + 12, height: top + height + bottom });
+  const plot = svg("g", { transform: `translate(${left},${top})` });
+  root.appendChild(plot);
+  const low = edges[0];
+  const high = edges[edges.length - 1];
+  const span = high - low || 1;
+  const most = Math.max(1, ...counts);
+  const x = (v) => ((v - low) / span) * width;
+  counts.forEach((count, i) => {
+    const barHeight = (count / most) * height;
+    plot.appendChild(svg("rect", {
+      class: "gl-bar",
+      x: x(edges[i]) + 0.5,
+      y: height - barHeight,
+      width: Math.max(1, x(edges[i + 1]) - x(edges[i]) - 1),
+      height: barHeight,
+    }, [svg("title", {}, `${format(edges[i])} – ${format(edges[i + 1])}: ${count} tokens`)]));
+  });
+  plot.appendChild(svg("line", { class: "gl-grid", x1: 0, x2: width, y1: height, y2: height }));
+  for (const [value, anchor] of [[low, "start"], [(low + high) / 2, "middle"], [high, "end"]]) {
+    plot.appendChild(svg("text", { class: "gl-tick", x: x(value), y: height + 13, "text-anchor": anchor }, format(value)));
+  }
+  plot.appendChild(svg("text", { class: "gl-tick", x: -5, y: 0, "text-anchor": "end", "dominant-baseline": "hanging" }, String(most)));
+  plot.appendChild(svg("text", { class: "gl-tick", x: -5, y: height, "text-anchor": "end" }, "0"));
+  plot.appendChild(svg("text", { class: "gl-axis-title", x: width / 2, y: height + bottom - 4, "text-anchor": "middle" }, xTitle));
+  plot.appendChild(svg("text", {
+    class: "gl-axis-title", transform: `translate(${-left + 10},${height / 2}) rotate(-90)`, "text-anchor": "middle",
+  }, yTitle));
+  return root;
+}
+
+function drawFeatures(model, root) {
+  const { controls, main, side } = frame(model, root);
+  const tokens = model.get("tokens") || [];
+  const hasPrompt = tokens.length > 0;
+  const tab = hasPrompt && model.get("tab") === "prompt" ? "prompt" : "feature";
+  controls.append(selectControl(model, "feature", "Feature"));
+  if (hasPrompt) controls.append(tabButtons(model, "tab", (model.get("options") || {}).tab || []));
+  const feature = model.get("feature");
+  const embedded = new Set(((model.get("options") || {}).feature || []).map((o) => o[0]));
+  const available = (f) => embedded.has(f) || model.get("on_demand") === true;
+  const open = (f) => setControls(model, { feature: f, tab: "feature" });
+  const promptActs = model.get("prompt_acts") || [];
+  const peak = model.get("max_activation") || Math.max(1e-12, ...promptActs);
+  const tip = tooltip(root);
+  if (tab === "prompt") {
+    drawPromptFeatures();
+  } else {
+    drawFeature();
+  }
+
+  function drawFeature() {
+    const examples = model.get("examples") || [];
+    main.appendChild(h("div", { class: "gl-side-heading" }, `Feature ${feature}: top activating examples`));
+    main.appendChild(scaleLegend(colourMap("blues"), 0, peak, "activation"));
+    const list = h("div", { class: "gl-examples" });
+    if (!examples.length) list.appendChild(hint("This feature never fired on the corpus."));
+    for (const example of examples) {
+      list.appendChild(activationRow(example.tokens, example.acts, example.center, peak,
+        format(example.value), `corpus row ${example.sequence}, position ${example.position}`, tip));
+    }
+    main.appendChild(list);
+    if (hasPrompt) {
+      const best = promptActs.length ? promptActs.indexOf(Math.max(...promptActs)) : -1;
+      main.appendChild(h("div", { class: "gl-side-sub" }, "On the prompt"));
+      main.appendChild(h("div", { class: "gl-examples gl-prompt-row" }, [
+        activationRow(tokens, promptActs, promptActs[best] > 0 ? best : -1,
+          Math.max(peak, ...promptActs), "prompt", "the prompt", tip),
+      ]));
+    }
+
+    const histogram = model.get("histogram") || {};
+    const fired = model.get("fired") || 0;
+    const total = model.get("corpus_size") || 0;
+    const rate = total ? ((100 * fired) / total).toFixed(2) : "0";
+    side.appendChild(sideHeading("Activations over the corpus"));
+    side.appendChild(h("div", { class: "gl-side-sub gl-fired" },
+      `fired on ${fired} of ${total} tokens (${rate}%)`));
+    if ((histogram.counts || []).length) {
+      side.appendChild(histogramChart(histogram.edges, histogram.counts, "activation (nonzero)", "tokens"));
+    }
+    const effects = model.get("logit_effects") || {};
+    const top = effects.top_values || [];
+    const bottom = effects.bottom_values || [];
+    const limit = Math.max(1e-12, ...top.map(Math.abs), ...bottom.map(Math.abs));
+    side.appendChild(sideHeading("Logit effects"));
+    if (!top.length) {
+      side.appendChild(hint(model.get("logit_note") || "Not available."));
+      return;
+    }
+    side.appendChild(h("div", { class: "gl-side-sub" }, "raises most"));
+    side.appendChild(barList(top.map((value, i) => ({
+      label: effects.top_tokens[i], value, colour: "#4393c3",
+    })), limit));
+    side.appendChild(h("div", { class: "gl-side-sub" }, "lowers most"));
+    side.appendChild(barList(bottom.map((value, i) => ({
+      label: effects.bottom_tokens[i], value, colour: "#d6604d",
+    })), limit));
+  }
+
+  function drawPromptFeatures() {
+    const features = model.get("prompt_features") || [];
+    const values = model.get("prompt_values") || [];
+    const ranks = Math.max(1, ...features.map((row) => row.length));
+    const promptPeak = Math.max(1e-12, ...values.flat().filter((v) => v !== null));
+    const blues = colourMap("blues");
+    main.appendChild(h("div", { class: "gl-side-heading" }, "Strongest features at each prompt token"));
+    main.appendChild(scaleLegend(blues, 0, promptPeak, "activation"));
+    const head = h("tr", {}, [h("th", {}, "pos"), h("th", {}, "token"),
+      ...[...Array(ranks).keys()].map((r) => h("th", {}, r === 0 ? "strongest" : `#${r + 1}`))]);
+    const table = h("table", { class: "gl-ftable" }, [head]);
+    tokens.forEach((token, p) => {
+      const cells = (features[p] || []).map((f, r) => {
+        const rgb = blues(values[p][r] / promptPeak);
+        const ok = available(f);
+        const chip = h("button", {
+          type: "button",
+          class: `gl-fchip${f === feature ? " gl-fchip-current" : ""}${ok ? "" : " gl-fchip-off"}`,
+          "data-feature": f,
+          disabled: !ok,
+          title: ok ? `open feature ${f}` : `feature ${f} is not embedded in this static copy (pass features=[...] to embed it)`,
+          style: { background: css(rgb), color: isDark(rgb) ? "#fff" : "" },
+          onclick: ok ? () => open(f) : null,
+        }, [h("b", {}, String(f)), ` ${format(values[p][r])}`]);
+        return h("td", {}, chip);
+      });
+      if (!cells.length) cells.push(h("td", { class: "gl-hint" }, "none fired"));
+      table.appendChild(h("tr", {}, [h("td", { class: "gl-tick-text" }, String(p)),
+        h("td", {}, h("span", { class: "gl-ftok" }, token)), ...cells]));
+    });
+    main.appendChild(h("div", { class: "gl-ftable-box" }, table));
+    side.appendChild(sideHeading(`Feature ${feature} on the prompt`));
+    side.appendChild(h("div", { class: "gl-examples" }, [
+      activationRow(tokens, promptActs, -1, Math.max(peak, ...promptActs), "", "", tip),
+    ]));
+    side.appendChild(hint("Click a feature in the table to open it in the feature view."));
+  }
+}
+
 // ------------------------------------------------------------------------ entry points
 
 const VIEWS = {
@@ -1018,6 +1218,7 @@ const VIEWS = {
   routing: [drawRouting, ["layer", "show", "selected_token", "weights", "probabilities", "chosen", "load"]],
   "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
   patching: [drawPatching, ["site", "show", "selected_cell", "matrix", "limit", "col_labels"]],
+  features: [drawFeatures, ["feature", "tab", "examples", "histogram", "logit_effects", "prompt_acts", "fired"]],
 };
 const COMMON_KEYS = ["tokens", "options", "note", "title"];
 
