@@ -87,10 +87,16 @@ def pattern_memory(names: Sequence[str], batch: int, seq: int, heads: int, items
 
 
 def warn_if_patterns_are_large(
-    model: Model, names: Sequence[str], batch: int, seq: int, stacklevel: int = 3
+    model: Model,
+    names: Sequence[str],
+    batch: int,
+    seq: int,
+    stacklevel: int = 3,
+    heads: int | None = None,
 ) -> None:
     """Warns (`PatternMemoryWarning`) when the pattern / score hooks among ``names`` need
-    more than ``PATTERN_WARNING_BYTES`` for ``batch`` sequences of ``seq`` tokens."""
+    more than ``PATTERN_WARNING_BYTES`` for ``batch`` sequences of ``seq`` tokens (with
+    ``heads`` heads; by default the model's largest head count)."""
     squares = [name for name in names if name.endswith(_SQUARE_HOOKS)]
     if not squares:
         return
@@ -98,7 +104,8 @@ def warn_if_patterns_are_large(
     stack_configs = [
         getattr(config, name) for name in ("encoder", "decoder") if hasattr(config, name)
     ]
-    heads = max(c.num_attention_heads for c in stack_configs or [config])
+    if heads is None:
+        heads = max(c.num_attention_heads for c in stack_configs or [config])
     floats = [leaf.dtype for leaf in model._leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
     itemsize = max((jnp.dtype(d).itemsize for d in floats), default=4)
     needed = pattern_memory(squares, batch, seq, heads, itemsize)

@@ -5,6 +5,7 @@
     logits = m(tokens)                                   # [batch, seq] -> [batch, seq, vocab]
     logits, cache = m.run_with_cache(tokens, names="blocks.*.hook_resid_post")
     logits = m.run_with_hooks(tokens, hooks={"blocks.0.hook_resid_pre": fn})
+    logits = m(tokens, pixel_values=pixels)              # Gemma 3 loaded with vision=True
 
 All three run compiled (``jax.jit``); calling again with the same shapes and the same
 hooks does not retrace.
@@ -40,24 +41,38 @@ def _unknown_name_message(name: str, valid: list[str], where: str) -> str:
     return f"No hook point named {name!r} {where}.{hint} (`m.hook_names` lists all {len(valid)}.)"
 
 
-def _side_inputs(attention_mask: jax.Array | None) -> dict[str, Any]:
+def _side_inputs(
+    attention_mask: jax.Array | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The side inputs of a call: the mask (when given) and ``extra``, the named arrays a
+    call with images adds (`gemmalens.vision.merge.image_side_inputs`)."""
     # No mask (None) means every token is real: the model may then use banded kernels.
-    if attention_mask is None:
-        return {}
-    return {"attention_mask": pz.nx.wrap(attention_mask).tag("batch", "seq")}
+    side = dict(extra or {})
+    if attention_mask is not None:
+        side["attention_mask"] = pz.nx.wrap(attention_mask).tag("batch", "seq")
+    return side
 
 
-def decoder_logits(model: Any, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+def decoder_logits(
+    model: Any,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None,
+    extra: dict[str, Any] | None = None,
+) -> jax.Array:
     """Logits ``[batch, seq, vocab]`` of a decoder-only Penzai tree (not compiled: callable
-    inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep)."""
-    logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask))
+    inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep). ``extra``: further
+    named side inputs (images)."""
+    side = _side_inputs(attention_mask, extra)
+    logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **side)
     return logits.unwrap("batch", "seq", "vocab")
 
 
-def decoder_stateful(model: Any, state: list, tokens: jax.Array, attention_mask: Any) -> Any:
+def decoder_stateful(
+    model: Any, state: list, tokens: jax.Array, attention_mask: Any, extra: Any = None
+) -> Any:
     """``model.stateless_call`` on token ids: ``(logits, new state)`` of a capturing tree."""
     return model.stateless_call(
-        state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask)
+        state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask, extra)
     )
 
 
@@ -142,9 +157,10 @@ class Model:
 
     def __repr__(self) -> str:
         family = getattr(self.config, "family", type(self.config).__name__)
+        tower = ", vision tower" if getattr(self.config, "vision", None) is not None else ""
         return (
             f"gemmalens.Model({family}, {self.config.num_hidden_layers} layers, "
-            f"d_model={self.config.hidden_size}, vocab={self.config.vocab_size}, "
+            f"d_model={self.config.hidden_size}, vocab={self.config.vocab_size}{tower}, "
             f"{len(self._hook_names)} hook points)"
         )
 
@@ -182,6 +198,13 @@ class Model:
 
     def _inputs(self, tokens: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array | None]:
         """Validated ``(tokens, attention_mask)``; the mask is None when nothing is padded."""
+        tokens_np, mask_np = self._host_inputs(tokens, attention_mask)
+        if mask_np is None:
+            return self._on_mesh(tokens_np), None
+        return self._on_mesh(tokens_np), self._on_mesh(mask_np)
+
+    def _host_inputs(self, tokens: Any, attention_mask: Any) -> tuple[np.ndarray, Any]:
+        """`_inputs` as NumPy arrays (int32 ids, the mask or None), before placement."""
         if isinstance(tokens, str) or (
             isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)
         ):
@@ -201,7 +224,10 @@ class Model:
         if not np.issubdtype(tokens_np.dtype, np.integer):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens_np.dtype}.")
         vocab = self.config.vocab_size
-        bad = np.argwhere((tokens_np < 0) | (tokens_np >= vocab))
+        outside = (tokens_np < 0) | (tokens_np >= vocab)
+        if getattr(self.config, "vision", None) is not None:
+            outside &= tokens_np != self.config.image_token_id  # may lie past the table
+        bad = np.argwhere(outside)
         if bad.size:
             where = tuple(int(i) for i in bad[0])
             raise ValueError(
@@ -219,8 +245,8 @@ class Model:
                     f"{tokens_np.shape}; they must match (1 = real token, 0 = padding)."
                 )
         if mask_np.all():
-            return self._on_mesh(tokens_np.astype(np.int32)), None
-        return self._on_mesh(tokens_np.astype(np.int32)), self._on_mesh(mask_np)
+            return tokens_np.astype(np.int32), None
+        return tokens_np.astype(np.int32), mask_np
 
     def _on_mesh(self, array: np.ndarray) -> jax.Array:
         """An input ``[batch, ...]``: split over the mesh's ``data`` axis when the model is on
@@ -262,14 +288,26 @@ class Model:
 
     def _prepare(self, tokens: Any, attention_mask: Any, streams: dict[str, Any]) -> tuple:
         """The validated inputs of one call, as `logits_of` takes them after the model:
-        ``(tokens, mask)`` here (mask None when nothing is padded). ``streams`` holds
-        the keyword inputs beyond ``tokens`` (a decoder-only model takes none)."""
+        ``(tokens, mask)`` (mask None when nothing is padded), and for a call with images
+        ``(tokens, mask, side inputs)``. ``streams`` holds the keyword inputs beyond
+        ``tokens``: ``pixel_values`` and ``token_type_ids`` (Gemma 3 with its vision tower)."""
+        from gemmalens.vision.merge import image_side_inputs
+
+        streams = dict(streams)
+        pixel_values = streams.pop("pixel_values", None)
+        token_type_ids = streams.pop("token_type_ids", None)
         if streams:
             raise TypeError(
-                f"This model reads one input stream (tokens); it got {sorted(streams)} too. "
-                "decoder_tokens and decoder_attention_mask are for encoder-decoder models."
+                f"This model reads tokens (and, with a vision tower, pixel_values and "
+                f"token_type_ids); it got {sorted(streams)} too. decoder_tokens and "
+                "decoder_attention_mask are for encoder-decoder models."
             )
-        return self._inputs(tokens, attention_mask)
+        tokens, mask = self._host_inputs(tokens, attention_mask)
+        # The image checks and blocks read the ids on the host (also under jax.eval_shape).
+        images = image_side_inputs(self.config, tokens, pixel_values, token_type_ids)
+        tokens = self._on_mesh(tokens)
+        mask = None if mask is None else self._on_mesh(mask)
+        return (tokens, mask) if images is None else (tokens, mask, images)
 
     def __call__(self, tokens: Any, attention_mask: Any = None, **streams: Any) -> jax.Array:
         """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]`` (or text).
@@ -278,6 +316,12 @@ class Model:
         Padded sequences give the same logits at their real tokens as when run alone.
         Encoder-decoder models also take ``decoder_tokens`` (and
         ``decoder_attention_mask``): see `input_streams`.
+
+        A Gemma 3 model loaded with its vision tower (``gl.load(path, vision=True)``) takes
+        ``pixel_values`` ``[num_images, 3, H, W]`` (`gemmalens.vision.preprocess_gemma3`)
+        for the runs of image tokens in ``tokens`` (``mm_tokens_per_image`` each, images in
+        run order, row-major), and optionally ``token_type_ids`` [batch, seq] (1 = image;
+        derived from the image token ids when left out). See `gemmalens.vision.merge`.
         """
         inputs = self._prepare(tokens, attention_mask, streams)
         return _run(self.logits_of, self._treedef, self._leaves, inputs)
@@ -289,7 +333,8 @@ class Model:
 
         ``names``: None (all), a name, a glob pattern, a list of either, or a predicate on
         the name. Only the chosen values are kept. Further input streams
-        (``decoder_tokens=...``) by keyword.
+        (``decoder_tokens=...``, ``pixel_values=...``) by keyword. Hook points that did not
+        run (``vision.*`` in a call without images) are left out of the cache.
         """
         if isinstance(names, (np.ndarray, jax.Array)):
             raise TypeError(
@@ -304,10 +349,24 @@ class Model:
         (`_prepare`) capturing ``names``."""
         unbound, state = self._capture_plan(names)
         captured = [v.label[len(_CACHE_LABEL) :] for v in state]
-        warn_if_patterns_are_large(self, captured, *inputs[0].shape)
+        text = [n for n in captured if not n.startswith("vision.")]
+        warn_if_patterns_are_large(self, text, *inputs[0].shape)
+        extra = inputs[2] if len(inputs) == 3 else None  # a decoder's image side inputs
+        if isinstance(extra, dict) and "pixel_values" in extra:
+            # The tower's patterns are [image, heads, patch, patch]: 4096 patches at 896 px.
+            siglip = self.config.vision.vision
+            images = extra["pixel_values"].named_shape["batch"]
+            warn_if_patterns_are_large(
+                self,
+                [n for n in captured if n.startswith("vision.")],
+                images,
+                siglip.num_patches,
+                heads=siglip.num_attention_heads,
+            )
         treedef, leaves = self._flat_plan(unbound, state)
         logits, values = _run_stateful(self.captured_run, treedef, leaves, inputs)
-        by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values}
+        # A hook point that did not run (the vision tower without images) stored nothing.
+        by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values if v.value is not None}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
         return logits.unwrap("batch", "seq", "vocab"), ordered
 
@@ -419,6 +478,14 @@ class Model:
         for i, row in enumerate(rows):  # left padding: every row ends at the last column
             tokens[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
         self._inputs(tokens, mask)  # validates ids
+        if getattr(self.config, "vision", None) is not None:
+            image_id = self.config.image_token_id
+            if (tokens[mask > 0] == image_id).any():
+                raise NotImplementedError(
+                    f"The prompts hold image tokens (id {image_id}): generation with images "
+                    "is not implemented yet. m(tokens, pixel_values=...) gives the logits of "
+                    "a prompt with images; generate takes text prompts."
+                )
         if eos_ids is None:
             configured = self.config.eos_token_id
             eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]
@@ -462,8 +529,11 @@ class Model:
         """The model prepared for generation. Preparing rewrites the whole tree, which
         costs several decode steps' worth of time, so programs without interventions are
         kept until the model changes (hook functions may change between calls: not kept)."""
+        from gemmalens.vision.merge import without_images
+
         if hooks:
             model = capture_hooks(self.with_hooks(hooks), captured, _CACHE_LABEL)
+            model = without_images(model)  # generation reads no images (yet)
             return sampling.prepare(pz.freeze_params(model), batch, length, self.placement)
         # Kernel settings are read while preparing: a program made under others is stale.
         kernels = (sampling.DECODE_ATTENTION_KERNEL, sampling.DECODE_MLP_KERNEL)
@@ -472,7 +542,7 @@ class Model:
         if program is None:
             if len(self._generation_programs) >= 16:
                 self._generation_programs.clear()
-            model = capture_hooks(self._frozen, captured, _CACHE_LABEL)
+            model = without_images(capture_hooks(self._frozen, captured, _CACHE_LABEL))
             program = sampling.prepare(model, batch, length, self.placement)
             self._generation_programs[key] = program
         return program

@@ -6,6 +6,7 @@ from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
 from gemmalens.families.t5gemma2 import T5Gemma2Config
+from gemmalens.vision.siglip import Gemma3ProjectorConfig, Gemma3VisionConfig, SiglipVisionConfig
 
 
 def _gemma3(**fields) -> Gemma3Config:
@@ -103,6 +104,26 @@ PRESETS.update(
     t5gemma2_270m_270m=_t5gemma2("gemma3_270m"),
     t5gemma2_1b_1b=_t5gemma2("gemma3_1b"),
     t5gemma2_4b_4b=_t5gemma2("gemma3_4b_text"),
+)
+
+
+def _gemma3_with_vision(text: str) -> Gemma3Config:
+    """``Gemma3ForConditionalGeneration``: the text preset with SigLIP-So400m/14 at 896 px
+    and the projector to 256 soft tokens per image; the text vocabulary of the multimodal
+    checkpoints has 64 more rows (262 208)."""
+    config = PRESETS[text]
+    siglip = SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=896, patch_size=14,
+    )  # fmt: skip
+    vision = Gemma3VisionConfig(siglip, Gemma3ProjectorConfig(256, config.hidden_size))
+    return config.replace(vocab_size=262_208, vision=vision, image_token_id=262_144)
+
+
+PRESETS.update(
+    gemma3_4b=_gemma3_with_vision("gemma3_4b_text"),
+    gemma3_12b=_gemma3_with_vision("gemma3_12b_text"),
+    gemma3_27b=_gemma3_with_vision("gemma3_27b_text"),
 )
 
 

@@ -651,7 +651,12 @@ def infer_config(leaves: Mapping[str, _Leaf]) -> Any:
     from gemmalens.presets import PRESETS
 
     family = detect_family(leaves)
-    candidates = [name for name, c in PRESETS.items() if c.family == family]
+    # Text decoders only: the vision towers of the library's checkpoints are not read.
+    candidates = [
+        name
+        for name, c in PRESETS.items()
+        if c.family == family and getattr(c, "vision", None) is None
+    ]
     scored = []
     for name in candidates:
         config = _library_config(name, family, leaves)

@@ -116,6 +116,7 @@ def load(
     preset: str | Any = None,
     mesh: Any = None,
     rules: dict[str, Any] | None = None,
+    vision: bool = False,
 ) -> Model:
     """Loads a local Gemma checkpoint directory; nothing is ever downloaded.
 
@@ -139,6 +140,10 @@ def load(
       mesh: a `jax.sharding.Mesh` (`gemmalens.sharding.make_mesh`) to place the parameters
         on: each device reads only its slice of each tensor.
       rules: entries over the family's sharding rule table (`gemmalens.sharding`).
+      vision: also build the vision tower of a multimodal checkpoint (Gemma 3 4B, 12B,
+        27B: SigLIP and the projector), so that the model takes ``pixel_values``
+        (`gemmalens.vision.merge`). Off by default: the text model alone loads faster and
+        needs less memory, and runs text exactly as with the tower.
 
     Returns:
       a `gemmalens.Model`.
@@ -148,6 +153,21 @@ def load(
     ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")
     if model_type in LOADERS:
+        options = {}
+        if vision and fmt.name != "Hugging Face checkpoint":
+            raise CheckpointError(
+                f"vision=True reads the tower of a Hugging Face checkpoint; gemmalens reads "
+                f"the text model only of a {fmt.name}. Load it without vision=True."
+            )
+        if vision:
+            family = registry.by_model_type()[model_type]
+            if "vision" not in family.towers:
+                raise CheckpointError(
+                    f"vision=True: gemmalens does not build the {family.title} vision tower "
+                    "yet (image input is implemented for Gemma 3); load this checkpoint "
+                    "without it to run its text model."
+                )
+            options["vision"] = True
         request = None
         if mesh is not None:
             family = registry.by_model_type()[model_type].name
@@ -155,7 +175,7 @@ def load(
         elif rules is not None:
             raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
         with sharding.requesting(request):
-            model, config = LOADERS[model_type](ckpt, dtype, show_progress)
+            model, config = LOADERS[model_type](ckpt, dtype, show_progress, **options)
     else:
         raise CheckpointError(
             f"{ckpt.path}/config.json has model_type {model_type!r} "

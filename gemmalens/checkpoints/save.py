@@ -45,6 +45,11 @@ def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict
             "text-only model_type (e.g. 'gemma3_text')."
         )
     key_for, to_file_layout = writers[model_type]
+    if getattr(config, "vision", None) is not None:
+        raise ValueError(
+            "gemmalens writes text checkpoints and this model has a vision tower; save a "
+            "model loaded without vision=True (or built from a config with vision=None)."
+        )
     shapes = ShapeOnly()
     config.build(shapes)
     _, params = pz.unbind_params(model)

@@ -1,7 +1,9 @@
-"""Gemma 3 text decoder: 5 local : 1 global attention, QK-norm, pre- and post-norms.
+"""Gemma 3 decoder: 5 local : 1 global attention, QK-norm, pre- and post-norms; with the
+SigLIP vision tower when the config has one (4B, 12B, 27B).
 
 Only what is particular to Gemma 3 lives here (its config, which layers are local, which
-RoPE each layer type uses); every layer comes from `gemmalens.layers`.
+RoPE each layer type uses); every layer comes from `gemmalens.layers`, the image path from
+`gemmalens.vision` (`gemmalens.vision.merge` says how images enter the text stream).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from gemmalens.layers.builders import (
 )
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.rope import RopeConfig
+from gemmalens.layers.transformer import RESID_AXES
+from gemmalens.vision.merge import EmbedWithImages
+from gemmalens.vision.siglip import Gemma3VisionConfig
 
 __all__ = ["FULL", "SLIDING", "Gemma3Config", "build_gemma3"]
 
@@ -45,6 +50,12 @@ class Gemma3Config(CountsParameters):
     not applied; ``final_logit_softcapping`` is applied to the logits when set.
     ``use_bidirectional_attention`` (EmbeddingGemma) makes full layers attend everywhere
     and sliding layers attend ``|q - k| <= sliding_window // 2``.
+
+    ``vision`` (None: a text model) adds the SigLIP tower and projector of
+    ``Gemma3ForConditionalGeneration``: the model then takes ``pixel_values`` and puts each
+    image's ``vision.projector.mm_tokens_per_image`` soft tokens at the ``image_token_id``
+    positions, whose runs attend to themselves both ways (`gemmalens.vision.merge`).
+    ``num_params()`` then counts the whole multimodal model.
     """
 
     vocab_size: int
@@ -67,10 +78,17 @@ class Gemma3Config(CountsParameters):
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
+    vision: Gemma3VisionConfig | None = None
+    image_token_id: int = 262_144
     family: str = dataclasses.field(default="gemma3", init=False)
 
     def __post_init__(self):
         check_layer_types(self.layer_types, self.num_hidden_layers)
+        if self.vision is not None and self.vision.projector.text_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"The vision projector writes width {self.vision.projector.text_hidden_size} "
+                f"but hidden_size is {self.hidden_size}; they must match."
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -83,9 +101,16 @@ class Gemma3Config(CountsParameters):
         return alternating_layer_types(num_layers, pattern)
 
     def replace(self, **changes: Any) -> Gemma3Config:
-        """A copy with some fields changed (``layer_types`` follows a new layer count)."""
+        """A copy with some fields changed (``layer_types`` follows a new layer count, the
+        vision projector's output width a new ``hidden_size``)."""
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
+        vision = changes.get("vision", self.vision)
+        if "hidden_size" in changes and vision is not None:
+            projector = dataclasses.replace(
+                vision.projector, text_hidden_size=changes["hidden_size"]
+            )
+            changes["vision"] = dataclasses.replace(vision, projector=projector)
         return dataclasses.replace(self, **changes)
 
     def build(self, source: ParamSource) -> DecoderLM:
@@ -156,13 +181,17 @@ def attention_spec(config: Gemma3Config, layer_type: str) -> AttentionSpec:
     scores scaled by ``query_pre_attn_scalar ** -0.5``."""
     # transformers' bidirectional Gemma 3 keeps |q - k| <= window // 2.
     reach = config.sliding_window // 2 + 1 if config.use_bidirectional_attention else None
+    mask = decoder_mask(layer_type, config.sliding_window, reach)
+    if config.vision is not None:
+        # transformers' Gemma 3: image blocks are bidirectional on sliding and full layers.
+        mask = dataclasses.replace(mask, image_blocks=True)
     return AttentionSpec(
         d_model=config.hidden_size,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         rope=config.rope_global if layer_type == FULL else config.rope_local,
-        mask=decoder_mask(layer_type, config.sliding_window, reach),
+        mask=mask,
         scale=config.query_pre_attn_scalar**-0.5,
         norm_form="one_plus",
         eps=config.rms_norm_eps,
@@ -195,9 +224,19 @@ def build_block(config: Gemma3Config, params: ParamBuilder, index: int) -> pz.nn
 
 
 def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
-    """Builds the Penzai model, taking every parameter from ``source``."""
+    """Builds the Penzai model, taking every parameter from ``source`` (with a vision tower:
+    its parameters under ``vision.``, its embedding an `EmbedWithImages`)."""
     params = ParamBuilder(source)
     table, embed = embedding(params, config.vocab_size, config.hidden_size)
+    if config.vision is not None:
+        token_embedding, hook_embed = embed
+        images = EmbedWithImages(
+            embed=token_embedding,
+            vision=config.vision.build(source),
+            hook_image_embed=params.hook("hook_image_embed", RESID_AXES),
+            image_token_id=config.image_token_id,
+        )
+        embed = [images, hook_embed]
     return DecoderLM(
         embed=pz.nn.Sequential(embed),
         blocks=pz.nn.Sequential(

@@ -47,6 +47,8 @@ class Family:
       residual: how its residual stream is written (a `gemmalens.residual.Readout`
         class name: ``"Readout"``, ``"ScaledReadout"`` or ``"AltUpReadout"``).
       notes: what is special to show (one line, for tables).
+      towers: the encoders ``gl.load`` can build beside the text model on request
+        (``"vision"``: ``load_checkpoint(..., vision=True)``).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Family:
     to_file_layout: Callable[[dict, Any], dict]
     residual: str
     notes: str
+    towers: tuple[str, ...] = ()
 
     def presets(self) -> list[str]:
         """The names of this family's architecture presets (`gemmalens.presets`)."""
@@ -81,6 +84,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=_unchanged,
             residual="Readout",
             notes="5 local : 1 global attention, QK-norm, pre- and post-norms",
+            towers=("vision",),
         ),
         Family(
             name="gemma3n",

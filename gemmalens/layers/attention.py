@@ -3,6 +3,10 @@
 Tensors inside attention carry the named axes ``batch``, ``seq`` (queries), ``kv_seq``
 (keys), ``heads`` (query heads), ``kv_heads`` and ``head_dim``. Padding is expressed by
 position -1: a key with a negative position is never attended to.
+
+Image blocks (Gemma 3): the side input ``image_blocks`` (`IMAGE_BLOCKS`, named axes
+``batch``, ``seq``) numbers each run of image tokens (-1 on text); a mask built with
+``image_blocks=True`` lets the tokens of one run see each other both ways.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from gemmalens.layers.hooks import HookPoint
 QKV_AXES = ("batch", "seq", "heads", "head_dim")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 PATTERN_AXES = ("batch", "heads", "seq", "kv_seq")
+# The side input that numbers the image-token runs of each row (-1 on text tokens).
+IMAGE_BLOCKS = "image_blocks"
 
 
 @pz.pytree_dataclass
@@ -33,6 +39,11 @@ class AttentionMask(pz.nn.Layer):
       the query itself included, is ``causal=True, window_before=W``);
     * ``window_after``: ``k - q < window_after`` (for bidirectional sliding windows).
 
+    With ``image_blocks`` (Gemma 3 with images) and the side input ``image_blocks`` given, a
+    causal mask also shows a query the later keys of its own image block: ``k <= q`` becomes
+    ``k <= q or same block``, the window still applying (transformers' ``(causal OR block)
+    AND window``). Without the side input (text only, decoding steps) the mask is causal.
+
     Masked scores are replaced by the dtype's most negative finite value, so a row with no
     visible key becomes a uniform distribution rather than NaN, as in transformers.
     """
@@ -40,6 +51,7 @@ class AttentionMask(pz.nn.Layer):
     causal: bool = dataclasses.field(metadata={"pytree_node": False})
     window_before: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
     window_after: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    image_blocks: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
     @classmethod
     def for_layer(
@@ -65,12 +77,26 @@ class AttentionMask(pz.nn.Layer):
         # Every (query, key) pair starts visible; padding keys (position < 0) never are.
         allowed = pz.nx.nmap(jnp.logical_and)(k >= 0, pz.nx.nmap(jnp.ones_like)(q).astype(bool))
         if self.causal:
-            allowed = allowed & (k <= q)
+            earlier = k <= q
+            if self.reads_image_blocks(side_inputs):
+                blocks = side_inputs[IMAGE_BLOCKS]
+                key_blocks = blocks.untag("seq").tag("kv_seq")
+                earlier = earlier | ((blocks == key_blocks) & (blocks >= 0))
+            allowed = allowed & earlier
         if self.window_before is not None:
             allowed = allowed & (q - k < self.window_before)
         if self.window_after is not None:
             allowed = allowed & (k - q < self.window_after)
         return allowed
+
+    def reads_image_blocks(self, side_inputs: dict[str, Any]) -> bool:
+        """Whether this call's mask has image blocks: the mask takes them, the side input
+        is there, and queries and keys are the same tokens (no KV cache)."""
+        return (
+            self.image_blocks
+            and side_inputs.get(IMAGE_BLOCKS) is not None
+            and "kv_positions" not in side_inputs
+        )
 
     def __call__(self, scores: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         masked_value = jnp.finfo(scores.dtype).min
@@ -87,6 +113,8 @@ class AttentionMask(pz.nn.Layer):
 
     def describe(self) -> str:
         kind = "causal" if self.causal else "bidirectional"
+        if self.image_blocks:
+            kind += ", bidirectional within image blocks"
         if self.window_before is None and self.window_after is None:
             return f"global {kind}"
         return f"sliding {kind} (before < {self.window_before}, after < {self.window_after})"
@@ -162,9 +190,14 @@ class DotProductAttention(pz.nn.Layer):
             value=v.unwrap(*KV_AXES),
             scale=self.scale,
         )
-        if side_inputs.get("positions_are_arange") and "kv_positions" not in side_inputs:
-            # No padding and no cache: the mask is a band, which flash kernels build
-            # themselves instead of reading a [seq, seq] mask from memory.
+        band_only = not self.mask.reads_image_blocks(side_inputs)
+        if (
+            band_only
+            and side_inputs.get("positions_are_arange")
+            and "kv_positions" not in side_inputs
+        ):
+            # No padding, no cache and no image blocks: the mask is a band, which flash
+            # kernels build themselves instead of reading a [seq, seq] mask from memory.
             band = self.mask.band(q.named_shape["seq"])
             out = None
             if _cudnn_can_run(arrays["query"], self.mask.causal, band):

@@ -1,5 +1,8 @@
-"""The image path: preprocessing and prompt building; Gemma 3's SigLIP tower and projector
-in `gemmalens.vision.siglip` (not yet wired into ``gl.load``, issue 17)."""
+"""The image path: preprocessing and prompt building (`gemmalens.vision.preprocess`, its
+names re-exported here); Gemma 3's SigLIP tower and projector (`gemmalens.vision.siglip`);
+how the soft tokens enter the text stream and which image tokens attend to each other
+(`gemmalens.vision.merge`). ``gl.load(path, vision=True)`` builds a Gemma 3 model with
+its tower, called as ``m(tokens, pixel_values=...)``."""
 
 from gemmalens.vision import preprocess
 from gemmalens.vision.preprocess import *  # noqa: F403 (the public names, listed there)

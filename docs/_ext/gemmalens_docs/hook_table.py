@@ -53,6 +53,28 @@ def _gemma3() -> Any:
     )
 
 
+IMAGE_TOKEN = VOCAB - 1  # the tiny vision model's image placeholder id
+TOKENS_PER_IMAGE = 4
+
+
+def _gemma3_vision() -> Any:
+    from gemmalens.vision import siglip
+
+    # As many tower blocks as text blocks, so that "every block" means the same in both.
+    tower = siglip.Gemma3VisionConfig(
+        siglip.SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        siglip.Gemma3ProjectorConfig(TOKENS_PER_IMAGE, 32),
+    )
+    return _gemma3().replace(vision=tower, image_token_id=IMAGE_TOKEN)
+
+
 def _gemma3n() -> Any:
     import gemmalens as gl
 
@@ -158,6 +180,7 @@ class Family:
 
 FAMILIES = {
     "gemma3": Family("Gemma 3", "gemma3_270m", _gemma3),
+    "gemma3_vision": Family("Gemma 3 with images", "gemma3_4b", _gemma3_vision),
     "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
@@ -168,7 +191,8 @@ FAMILIES = {
 # ``decoder.`` prefixes are dropped before the look-up).
 HOOK_DOCS = {
     # Every family.
-    "hook_embed": "Token embeddings, after the sqrt(d_model) scaling.",
+    "hook_embed": "Token embeddings, after the sqrt(d_model) scaling (with images: the "
+    "soft tokens, unscaled, at image positions): the stream entering block 0.",
     "blocks.{i}.hook_resid_pre": "The residual stream entering the block.",
     "blocks.{i}.attn.hook_q": "Queries, after QK-norm and RoPE.",
     "blocks.{i}.attn.hook_k": "Keys, after QK-norm and RoPE (on KV-sharing layers: the "
@@ -230,6 +254,34 @@ HOOK_DOCS = {
     "renormalised top-k probabilities times the per-expert scale, 0 off the chosen ones.",
     "blocks.{i}.moe.hook_out": "The experts' weighted sum after its post-norm, the other "
     "summand of the feedforward branch.",
+    # Gemma 3 with images (the SigLIP tower and projector; its batch axis counts images).
+    "vision.hook_patch_embed": "Each 14x14 patch (8x8 in the tiny model) through the patch "
+    "embedding (a convolution with stride = kernel), patches row by row.",
+    "vision.hook_pos_embed": "The learned position embedding of each patch, added to it.",
+    "vision.blocks.{i}.hook_resid_pre": "The tower's residual stream entering the block.",
+    "vision.blocks.{i}.attn.hook_q": "Queries (with bias; no RoPE: positions are learned).",
+    "vision.blocks.{i}.attn.hook_k": "Keys (with bias).",
+    "vision.blocks.{i}.attn.hook_v": "Values (with bias).",
+    "vision.blocks.{i}.attn.hook_attn_scores": "Attention logits between patches, scaled "
+    "by head_dim^-0.5; nothing is masked (bidirectional).",
+    "vision.blocks.{i}.attn.hook_pattern": "Attention weights between patches: [image, "
+    "head, patch, patch] (4096 patches per image at 896 px).",
+    "vision.blocks.{i}.attn.hook_z": "Per-head attention output, before out_proj.",
+    "vision.blocks.{i}.hook_attn_out": "The attention branch's contribution (LayerNorm "
+    "before, no norm after).",
+    "vision.blocks.{i}.hook_resid_mid": "The tower's residual stream between attention and MLP.",
+    "vision.blocks.{i}.mlp.hook_pre": "fc1's output, before the GELU.",
+    "vision.blocks.{i}.mlp.hook_post": "GELU(fc1(x)): the input of fc2.",
+    "vision.blocks.{i}.hook_mlp_out": "The MLP branch's contribution.",
+    "vision.blocks.{i}.hook_resid_post": "The tower's residual stream leaving the block.",
+    "vision.hook_post_layernorm": "The tower's output: its last LayerNorm.",
+    "vision.hook_pooled": "The patch grid average-pooled to the soft-token grid (4x4 "
+    "windows: 64x64 patches -> 16x16 = 256 tokens per image).",
+    "vision.hook_soft_emb_norm": "The pooled tokens after the projector's RMSNorm (1 + w).",
+    "vision.hook_projected": "The image's soft tokens: projected to d_model, one row per "
+    "image-token position it fills.",
+    "hook_image_embed": "The soft tokens at their positions in the text stream (zero at "
+    "text positions); replacing it changes what the image positions receive.",
     # T5Gemma 2's decoder.
     "blocks.{i}.attn.hook_cross_k": "Keys computed from the encoder output (QK-norm, no RoPE).",
     "blocks.{i}.attn.hook_cross_v": "Values computed from the encoder output.",
@@ -291,7 +343,13 @@ def tiny_model(family: str) -> Any:
 def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
     m = tiny_model(family)
     tokens = np.full((BATCH, SEQ), 3, np.int32)
-    if FAMILIES[family].encoder_decoder:
+    if getattr(m.config, "vision", None) is not None:
+        # One image per row: a run of image tokens between text tokens.
+        tokens[:, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
+        size = m.config.vision.vision.image_size
+        pixels = np.zeros((BATCH, 3, size, size), np.float32)
+        run = lambda: dict(m.run_with_cache(tokens, pixel_values=pixels)[1])  # noqa: E731
+    elif FAMILIES[family].encoder_decoder:
         decoder_tokens = np.full((BATCH, DECODER_SEQ), 3, np.int32)
         run = lambda: dict(m.run_with_cache(tokens, decoder_tokens=decoder_tokens)[1])  # noqa: E731
     else:
