@@ -25,6 +25,7 @@ Prints a Markdown table and writes the figures as JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -42,6 +43,9 @@ def _args(argv=None):
     parser.add_argument("--sweep-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("sharded.json"))
+    parser.add_argument(
+        "--presets", default="gemma3_27b_text,gemma4_26b_a4b", help="comma-separated cases"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.pattern_tokens, args.sweep_tokens, args.repeats = 16, 16, 6, 1
@@ -137,6 +141,7 @@ def main():
         ("gemma3_27b_text", "float32" if n > 1 else "bfloat16", "bfloat16"),
         ("gemma4_26b_a4b", "bfloat16", "bfloat16"),
     ]
+    cases = [case for case in cases if case[0] in args.presets.split(",")]
     results = dict(
         devices=[str(d) for d in devices],
         platform=platform.platform(),
@@ -154,6 +159,7 @@ def main():
         case["one_device"] = _measure(one, devices[:1], args)
         del one
         jax.clear_caches()
+        gc.collect()  # the one-device weights must be gone before the mesh copy is made
         sharded = gl.build(config, dtype=mesh_dtype, mesh=mesh)
         case["rules"] = sharded.sharding_rules
         case["mesh"] = _measure(sharded, devices, args)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -814,25 +815,31 @@ class _ModelFacts:
     dtype: str  # of the weights, so of the logits
 
 
-_FACTS: dict[int, tuple[Any, _ModelFacts]] = {}
+# Keyed by id, holding the model weakly: a strong reference would keep a deleted model's
+# weights (tens of GB at real sizes) alive on the device.
+_FACTS: dict[int, tuple[weakref.ref, _ModelFacts]] = {}
 
 
 def _model_facts(model: Any) -> _ModelFacts:
     """What the sweep needs to know of a model, kept per model object: walking the tree
     takes tens of milliseconds, a fair part of a sweep on a small model."""
     cached = _FACTS.get(id(model))
-    if cached is not None and cached[0] is model:
+    if cached is not None and cached[0]() is model:
         return cached[1]
     mixers = pz.select(model).at_instances_of(DotProductAttention).get_sequence()
     tables = pz.select(model).at_instances_of(EmbedTokens).get_sequence()
     facts = _ModelFacts(
         shares_runs=shares_runs(model),
-        causal=all(mixer.mask.causal for mixer in mixers),
+        # Image blocks see later tokens of their block: not causal where images are given.
+        causal=all(mixer.mask.causal and not mixer.mask.image_blocks for mixer in mixers),
         dtype=tables[0].table.value.dtype.name if tables else "float32",
     )
     if len(_FACTS) >= 16:
         _FACTS.clear()
-    _FACTS[id(model)] = (model, facts)
+    try:
+        _FACTS[id(model)] = (weakref.ref(model), facts)
+    except TypeError:  # a tree that cannot be weakly referenced is not cached
+        pass
     return facts
 
 
