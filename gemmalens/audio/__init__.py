@@ -1,4 +1,6 @@
-"""The audio path: Gemma 3n and Gemma 4 log-mel front ends, in numpy."""
+"""The audio path: Gemma 3n and Gemma 4 log-mel front ends, in numpy (`gemmalens.audio.features`,
+its names re-exported here); Gemma 3n's USM conformer encoder and soft-token embedder as
+Penzai layers (`gemmalens.audio.gemma3n`)."""
 
 from gemmalens.audio import features
 from gemmalens.audio.features import *  # noqa: F403 (the public names, listed there)
