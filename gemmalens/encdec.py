@@ -9,6 +9,7 @@ and writes with a decoder that attends to the encoder output (T5Gemma 2)::
     logits, cache = m.run_with_cache(tokens, decoder_tokens=decoder_tokens)
     logits = m.run_with_hooks(tokens, hooks, decoder_tokens=decoder_tokens)
     result = m.generate(prompts, max_new_tokens=16)    # encode once, decode with a KV cache
+    logits = m(tokens, decoder_tokens, pixel_values=pixels)  # loaded with vision=True
 
 Hook names start with ``encoder.`` or ``decoder.`` (``encoder.blocks.3.hook_resid_post``,
 ``decoder.blocks.0.attn.hook_cross_pattern``); one call runs both stacks, so a hook on the
@@ -17,6 +18,11 @@ encoder changes what the decoder reads in the same call.
 Positions are column indices in both stacks, as in transformers: padding (mask 0, or the
 pad id) is masked out as keys but does not shift the positions of later tokens, so pad on
 the right (`generate` does) for a padded row to match the same row alone.
+
+A T5Gemma 2 model loaded with its tower (``gl.load(path, vision=True)``) reads images in its
+encoder: ``pixel_values`` ``[num_images, 3, H, W]`` for the runs of image tokens in
+``tokens`` (`gemmalens.vision.merge`; hook points ``encoder.vision.*`` and
+``encoder.hook_image_embed``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from gemmalens.layers.merged_attention import (
 )
 from gemmalens.layers.transformer import RESID_AXES, DecoderLM, positions_from_mask
 from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos
+from gemmalens.vision.merge import PIXEL_VALUES, image_side_inputs, without_images
 
 
 @pz.pytree_dataclass
@@ -67,8 +74,9 @@ class EncoderDecoder(pz.nn.Layer):
 
     Input: ``(encoder_tokens, decoder_tokens)``, each with named axes ``batch``, ``seq``.
     Side inputs: ``encoder_positions`` and ``decoder_positions`` (``batch``, ``seq``; -1 on
-    padding), each ``0..seq-1`` (nothing padded) when not given. Returns decoder logits
-    (``batch``, ``seq``, ``vocab``).
+    padding), each ``0..seq-1`` (nothing padded) when not given; ``pixel_values`` (the
+    encoder's images, when it has a tower). Returns decoder logits (``batch``, ``seq``,
+    ``vocab``).
     """
 
     encoder: Encoder
@@ -83,6 +91,8 @@ class EncoderDecoder(pz.nn.Layer):
         encoder_side = {"token_positions": encoder_positions}
         if unpadded:
             encoder_side["positions_are_arange"] = True  # lets attention use banded kernels
+        if side_inputs.get(PIXEL_VALUES) is not None:
+            encoder_side[PIXEL_VALUES] = side_inputs[PIXEL_VALUES]
         encoder_output = self.encoder(encoder_tokens, **encoder_side)
         decoder_positions = side_inputs.get("decoder_positions")
         return self.decoder(
@@ -125,35 +135,39 @@ def column_positions(tokens: jax.Array, mask: jax.Array | None) -> pz.nx.NamedAr
 
 
 def seq2seq_side_inputs(
-    encoder_tokens, encoder_mask, decoder_tokens, decoder_mask
+    encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images=None
 ) -> dict[str, Any]:
-    """The positions `EncoderDecoder` takes beside its tokens (masks: [batch, seq] or None)."""
+    """The positions `EncoderDecoder` takes beside its tokens (masks: [batch, seq] or None),
+    and ``images``: the encoder's image side inputs (``{"pixel_values": ...}``) or None."""
     return {
         "encoder_positions": column_positions(encoder_tokens, encoder_mask),
         "decoder_positions": column_positions(decoder_tokens, decoder_mask),
         "encoder_unpadded": encoder_mask is None,
+        **(images or {}),
     }
 
 
-def seq2seq_logits(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+def seq2seq_logits(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images=None):
     """Decoder logits ``[batch, dec_seq, vocab]`` of an `EncoderDecoder` tree (not compiled:
     callable inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep)."""
-    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images)
     logits = model((named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side)
     return logits.unwrap("batch", "seq", "vocab")
 
 
-def seq2seq_stateful(model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask):
+def seq2seq_stateful(
+    model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images=None
+):
     """``model.stateless_call`` of an `EncoderDecoder` tree: ``(logits, new state)``."""
-    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask)
+    side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images)
     return model.stateless_call(
         state, (named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side
     )
 
 
 @jax.jit
-def _encode(encoder, state, tokens, mask):
-    side = {"token_positions": column_positions(tokens, mask)}
+def _encode(encoder, state, tokens, mask, images=None):
+    side = {"token_positions": column_positions(tokens, mask), **(images or {})}
     if mask is None:
         side["positions_are_arange"] = True
     hidden, values = encoder.stateless_call(state, named_tokens(tokens), **side)
@@ -183,7 +197,8 @@ class EncoderDecoderModel(Model):
 
     ``m.model`` is an `EncoderDecoder` (``m.model.encoder``, ``m.model.decoder``); hook
     names start with ``encoder.`` or ``decoder.``. Token arrays are [batch, seq] ids (or
-    text, with a tokenizer); masks default to ``tokens != pad_token_id``.
+    text, with a tokenizer); masks default to ``tokens != pad_token_id``. With a vision tower
+    (``config.vision``), the encoder also reads ``pixel_values``.
     """
 
     logits_of = staticmethod(seq2seq_logits)
@@ -191,14 +206,23 @@ class EncoderDecoderModel(Model):
 
     def __repr__(self) -> str:
         config = self.config
+        tower = ", vision tower" if getattr(config, "vision", None) is not None else ""
         return (
             f"gemmalens.EncoderDecoderModel({config.family}, "
             f"{config.encoder.num_hidden_layers} encoder + {config.decoder.num_hidden_layers} "
-            f"decoder layers, d_model={config.hidden_size}, vocab={config.vocab_size}, "
+            f"decoder layers, d_model={config.hidden_size}, vocab={config.vocab_size}{tower}, "
             f"{len(self._hook_names)} hook points)"
         )
 
-    def _both(self, tokens, decoder_tokens, attention_mask, decoder_attention_mask):
+    def _both(
+        self,
+        tokens,
+        decoder_tokens,
+        attention_mask,
+        decoder_attention_mask,
+        pixel_values=None,
+        token_type_ids=None,
+    ):
         if decoder_tokens is None:
             raise TypeError(
                 "An encoder-decoder model needs decoder_tokens as well: the tokens the decoder "
@@ -211,26 +235,50 @@ class EncoderDecoderModel(Model):
                 "m.decode(decoder_tokens, encoder_output) or m(decoder_tokens=..., "
                 "encoder_output=...)."
             )
-        tokens, mask = self._inputs(tokens, attention_mask)
+        tokens, mask, images = self._encoder_inputs(
+            tokens, attention_mask, pixel_values, token_type_ids
+        )
         decoder_tokens, decoder_mask = self._inputs(decoder_tokens, decoder_attention_mask)
         if tokens.shape[0] != decoder_tokens.shape[0]:
             raise ValueError(
                 f"tokens have batch size {tokens.shape[0]} but decoder_tokens have "
                 f"{decoder_tokens.shape[0]}; give one decoder row per encoder row."
             )
-        return tokens, mask, decoder_tokens, decoder_mask
+        inputs = (tokens, mask, decoder_tokens, decoder_mask)
+        return inputs if images is None else (*inputs, images)
+
+    def _encoder_inputs(
+        self, tokens: Any, attention_mask: Any, pixel_values: Any, token_type_ids: Any
+    ) -> tuple[jax.Array, jax.Array | None, dict[str, Any] | None]:
+        """The encoder's validated ``(tokens, mask, images)``: ``images`` is
+        ``{"pixel_values": ...}`` for a call with images, else None. ``token_type_ids`` are
+        checked and then unused, as in transformers: the encoder is bidirectional already."""
+        tokens, mask = self._host_inputs(tokens, attention_mask)
+        # The image checks read the ids on the host (also under jax.eval_shape).
+        images = image_side_inputs(self.config, tokens, pixel_values, token_type_ids)
+        if images is not None:
+            images = {PIXEL_VALUES: images[PIXEL_VALUES]}
+        tokens = self._on_mesh(tokens)
+        mask = None if mask is None else self._on_mesh(mask)
+        return tokens, mask, images
 
     def _prepare(self, tokens: Any, attention_mask: Any, streams: dict[str, Any]) -> tuple:
-        """``(tokens, mask, decoder_tokens, decoder_mask)``, as `seq2seq_logits` takes them."""
+        """``(tokens, mask, decoder_tokens, decoder_mask)``, as `seq2seq_logits` takes them,
+        and the encoder's image side inputs last for a call with images."""
         streams = dict(streams)
         decoder_tokens = streams.pop("decoder_tokens", None)
         decoder_mask = streams.pop("decoder_attention_mask", None)
+        pixel_values = streams.pop("pixel_values", None)
+        token_type_ids = streams.pop("token_type_ids", None)
         if streams:
             raise TypeError(
                 f"Unknown inputs {sorted(streams)}: an encoder-decoder model takes tokens, "
-                "attention_mask, decoder_tokens and decoder_attention_mask."
+                "attention_mask, decoder_tokens and decoder_attention_mask (and, with a "
+                "vision tower, pixel_values and token_type_ids)."
             )
-        return self._both(tokens, decoder_tokens, attention_mask, decoder_mask)
+        return self._both(
+            tokens, decoder_tokens, attention_mask, decoder_mask, pixel_values, token_type_ids
+        )
 
     # ----------------------------------------------------------------------------- running
 
@@ -242,6 +290,8 @@ class EncoderDecoderModel(Model):
         decoder_attention_mask: Any = None,
         *,
         encoder_output: EncoderOutput | None = None,
+        pixel_values: Any = None,
+        token_type_ids: Any = None,
     ) -> jax.Array:
         """Decoder logits ``[batch, dec_seq, vocab]``.
 
@@ -252,22 +302,46 @@ class EncoderDecoderModel(Model):
             start token (``config.decoder_start_token_id``).
           attention_mask, decoder_attention_mask: [batch, seq], 1 = real token.
           encoder_output: a previous ``m.encode(tokens)``, reused instead of encoding again.
+          pixel_values: with a vision tower (``gl.load(path, vision=True)``), the images
+            ``[num_images, 3, H, W]`` (`gemmalens.vision.preprocess_gemma3`) for the runs of
+            ``mm_tokens_per_image`` image tokens (``config.image_token_index``) in
+            ``tokens``, in run order, row-major; their soft tokens replace the encoder's
+            embeddings there (`gemmalens.vision.merge`).
+          token_type_ids: [batch, enc_seq], as T5Gemma 2's processor returns them; checked
+            and unused, as in transformers (the encoder is bidirectional already).
         """
         if encoder_output is not None:
             if tokens is not None:
                 raise TypeError("Pass either tokens or encoder_output, not both.")
+            if pixel_values is not None or token_type_ids is not None:
+                raise TypeError(
+                    "Images enter the encoder: pass pixel_values to m.encode(tokens, "
+                    "pixel_values=...), and its output here as encoder_output."
+                )
             return self.decode(decoder_tokens, encoder_output, decoder_attention_mask)
+        images = {"pixel_values": pixel_values, "token_type_ids": token_type_ids}
         return super().__call__(
             tokens,
             attention_mask,
             decoder_tokens=decoder_tokens,
             decoder_attention_mask=decoder_attention_mask,
+            **{name: value for name, value in images.items() if value is not None},
         )
 
-    def encode(self, tokens: Any, attention_mask: Any = None) -> EncoderOutput:
-        """Runs the encoder alone: its output, to decode from any number of times."""
-        tokens, mask = self._inputs(tokens, attention_mask)
-        hidden, _ = _encode(self._frozen.encoder, [], tokens, mask)
+    def encode(
+        self,
+        tokens: Any,
+        attention_mask: Any = None,
+        *,
+        pixel_values: Any = None,
+        token_type_ids: Any = None,
+    ) -> EncoderOutput:
+        """Runs the encoder alone: its output, to decode from any number of times
+        (``pixel_values``, ``token_type_ids``: the images, as for ``m(...)``)."""
+        tokens, mask, images = self._encoder_inputs(
+            tokens, attention_mask, pixel_values, token_type_ids
+        )
+        hidden, _ = _encode(self._frozen.encoder, [], tokens, mask, images)
         return EncoderOutput(hidden, mask)
 
     def decode(
@@ -331,6 +405,14 @@ class EncoderDecoderModel(Model):
         for i, row in enumerate(rows):
             tokens[i, : len(row)], mask[i, : len(row)] = row, 1
         self._inputs(tokens, mask)  # validates ids
+        if getattr(self.config, "vision", None) is not None:
+            image_id = self.config.image_token_id
+            if (tokens[mask > 0] == image_id).any():
+                raise NotImplementedError(
+                    f"The prompts hold image tokens (id {image_id}): generation with images "
+                    "is not implemented yet. m(tokens, decoder_tokens, pixel_values=...) "
+                    "gives the logits of a prompt with images; generate takes text prompts."
+                )
         if eos_ids is None:
             configured = self.config.eos_token_id
             eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]
@@ -340,7 +422,8 @@ class EncoderDecoderModel(Model):
 
         model = self.with_hooks(hooks) if hooks else self._model
         captured = set(self.select_hooks(capture)) if capture != () else set()
-        model = pz.freeze_params(capture_hooks(model, captured, _CACHE_LABEL))
+        # Generation reads no images (yet): the tower is left out of its program.
+        model = pz.freeze_params(without_images(capture_hooks(model, captured, _CACHE_LABEL)))
 
         encoder, encoder_state = pz.unbind_state_vars(model.encoder)
         encoder_mask = None if mask.all() else jnp.asarray(mask)

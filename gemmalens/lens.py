@@ -334,7 +334,8 @@ class Model:
         ``names``: None (all), a name, a glob pattern, a list of either, or a predicate on
         the name. Only the chosen values are kept. Further input streams
         (``decoder_tokens=...``, ``pixel_values=...``) by keyword. Hook points that did not
-        run (``vision.*`` in a call without images) are left out of the cache.
+        run (``vision.*``, T5Gemma 2's ``encoder.vision.*``, in a call without images) are
+        left out of the cache.
         """
         if isinstance(names, (np.ndarray, jax.Array)):
             raise TypeError(
@@ -349,16 +350,19 @@ class Model:
         (`_prepare`) capturing ``names``."""
         unbound, state = self._capture_plan(names)
         captured = [v.label[len(_CACHE_LABEL) :] for v in state]
-        text = [n for n in captured if not n.startswith("vision.")]
+        # The tower's names: vision.* (Gemma 3), encoder.vision.* (T5Gemma 2).
+        in_tower = [n.startswith("vision.") or ".vision." in n for n in captured]
+        text = [n for n, tower in zip(captured, in_tower) if not tower]
         warn_if_patterns_are_large(self, text, *inputs[0].shape)
-        extra = inputs[2] if len(inputs) == 3 else None  # a decoder's image side inputs
-        if isinstance(extra, dict) and "pixel_values" in extra:
+        # A call with images carries their side inputs as its last prepared input.
+        extra = inputs[-1] if isinstance(inputs[-1], dict) else None
+        if extra is not None and "pixel_values" in extra:
             # The tower's patterns are [image, heads, patch, patch]: 4096 patches at 896 px.
             siglip = self.config.vision.vision
             images = extra["pixel_values"].named_shape["batch"]
             warn_if_patterns_are_large(
                 self,
-                [n for n in captured if n.startswith("vision.")],
+                [n for n, tower in zip(captured, in_tower) if tower],
                 images,
                 siglip.num_patches,
                 heads=siglip.num_attention_heads,

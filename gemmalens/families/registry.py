@@ -121,6 +121,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=_unchanged,
             residual="Readout",
             notes="encoder and decoder; the decoder's attention merges self and cross",
+            towers=("vision",),
         ),
     )
 }

@@ -1,4 +1,5 @@
-"""T5Gemma 2: a Gemma 3 encoder and a Gemma 3 decoder that attends to it (text path).
+"""T5Gemma 2: a Gemma 3 encoder and a Gemma 3 decoder that attends to it; the encoder reads
+images through Gemma 3's SigLIP tower when the config has one.
 
     encoder tokens ─ embed ─ Gemma 3 blocks, bidirectional ─ norm ──────────────┐ encoder output
     decoder tokens ─ embed ─ Gemma 3 blocks whose attention is *merged*: ─ norm ─ unembed ─> logits
@@ -20,8 +21,16 @@ What is new next to Gemma 3 (everything else is `gemmalens.families.gemma3`'s bl
   ``encoder.ln_final.hook_normalized``, ``decoder.hook_embed``, ``decoder.blocks.{i}.*``,
   ``decoder.ln_final.hook_normalized``.
 
+* **Images** (``vision`` set, ``gl.load(path, vision=True)``): the encoder's embedding is a
+  `gemmalens.vision.merge.EmbedWithImages` around the one above. Each image's
+  ``mm_tokens_per_image`` soft tokens (SigLIP + Gemma 3's projector,
+  ``encoder.vision.*``) replace the scaled embeddings at the ``image_token_index``
+  placeholders, unscaled, as transformers' ``T5Gemma2Encoder`` does
+  (``encoder.hook_image_embed``, then ``encoder.hook_embed``). The encoder's mask does not
+  change: it is bidirectional already (image tokens get no blocks of their own).
+
 The two stacks may differ in depth, heads and MLP width; they share ``hidden_size`` and the
-vocabulary. The SigLIP vision tower of the released checkpoints is not built here (text only).
+vocabulary.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from gemmalens.layers.builders import final_norm, unembedding
 from gemmalens.layers.merged_attention import merge_with_encoder
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.transformer import RESID_AXES
+from gemmalens.vision.merge import EmbedWithImages
+from gemmalens.vision.siglip import Gemma3VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,11 @@ class T5Gemma2Config(CountsParameters):
     unused: the encoder always has T5Gemma 2's bidirectional mask, the decoder a causal one.
     As in transformers, ``attn_logit_softcapping`` is ignored and the decoder's
     ``final_logit_softcapping`` (None in released configs) applies to the logits.
+
+    ``vision`` (None: text only) adds the encoder's SigLIP tower and projector: the model
+    then takes ``pixel_values`` and puts each image's ``mm_tokens_per_image`` soft tokens at
+    the ``image_token_index`` positions of the encoder input. ``num_params()`` then counts
+    the tower too.
     """
 
     encoder: Gemma3Config
@@ -63,9 +79,16 @@ class T5Gemma2Config(CountsParameters):
     eoi_token_index: int = 256_000
     image_token_index: int = 256_001
     boi_token_index: int = 255_999
+    vision: Gemma3VisionConfig | None = None
     family: str = dataclasses.field(default="t5gemma2", init=False)
 
     def __post_init__(self):
+        width = self.encoder.hidden_size
+        if self.vision is not None and self.vision.projector.text_hidden_size != width:
+            raise ValueError(
+                f"The vision projector writes width {self.vision.projector.text_hidden_size} "
+                f"but the encoder's hidden_size is {width}; they must match."
+            )
         for field in ("hidden_size", "vocab_size"):
             ours, theirs = getattr(self.encoder, field), getattr(self.decoder, field)
             if ours != theirs:
@@ -90,6 +113,11 @@ class T5Gemma2Config(CountsParameters):
     @property
     def eos_token_id(self) -> int | tuple[int, ...]:
         return self.decoder.eos_token_id
+
+    @property
+    def image_token_id(self) -> int:
+        """The image placeholder id (``image_token_index``; the name Gemma 3's config uses)."""
+        return self.image_token_index
 
     @property
     def decoder_start_token_id(self) -> int:
@@ -170,22 +198,25 @@ def build_t5gemma2(config: T5Gemma2Config, source: ParamSource) -> EncoderDecode
     table = params("embed.embeddings", {"vocab": config.vocab_size}, {"embedding": width})
     eoi = params("embed.eoi_embedding", {"embedding": width}, init="zeros")
 
-    def embed(stack: ParamBuilder) -> pz.nn.Sequential:
-        return pz.nn.Sequential(
-            [
-                EmbedTokensWithEOI(
-                    EmbedTokens.with_model_width(table, width), eoi, config.eoi_token_index
-                ),
-                stack.hook("hook_embed", RESID_AXES),
-            ]
+    def embed(stack: ParamBuilder, images: bool = False) -> pz.nn.Sequential:
+        tokens = EmbedTokensWithEOI(
+            EmbedTokens.with_model_width(table, width), eoi, config.eoi_token_index
         )
+        if images:
+            tokens = EmbedWithImages(
+                embed=tokens,
+                vision=config.vision.build(source, scope=stack.prefix),
+                hook_image_embed=stack.hook("hook_image_embed", RESID_AXES),
+                image_token_id=config.image_token_index,
+            )
+        return pz.nn.Sequential([tokens, stack.hook("hook_embed", RESID_AXES)])
 
     def norm(stack: ParamBuilder, stack_config: Gemma3Config) -> pz.nn.Sequential:
         return final_norm(stack, width, stack_config.rms_norm_eps, "one_plus")
 
     encoder_params, decoder_params = params.scope("encoder"), params.scope("decoder")
     encoder = Encoder(
-        embed=embed(encoder_params),
+        embed=embed(encoder_params, images=config.vision is not None),
         blocks=pz.nn.Sequential(
             [
                 build_encoder_block(config.encoder, encoder_params, i)

@@ -2,7 +2,8 @@
 names re-exported here); Gemma 3's SigLIP tower and projector (`gemmalens.vision.siglip`);
 how the soft tokens enter the text stream and which image tokens attend to each other
 (`gemmalens.vision.merge`). ``gl.load(path, vision=True)`` builds a Gemma 3 model with
-its tower, called as ``m(tokens, pixel_values=...)``."""
+its tower, called as ``m(tokens, pixel_values=...)``, or a T5Gemma 2 model with the tower
+in its encoder, called as ``m(tokens, decoder_tokens, pixel_values=...)``."""
 
 from gemmalens.vision import preprocess
 from gemmalens.vision.preprocess import *  # noqa: F403 (the public names, listed there)

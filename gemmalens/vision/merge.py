@@ -1,5 +1,5 @@
-"""How images enter Gemma 3's text stream: soft tokens in place of the image placeholders,
-and the image blocks that attention reads.
+"""How images enter Gemma 3's text stream (and T5Gemma 2's encoder stream): soft tokens in
+place of the image placeholders, and the image blocks that attention reads.
 
 A model loaded with its tower (``gl.load(path, vision=True)``) embeds like this::
 
@@ -14,6 +14,9 @@ A model loaded with its tower (``gl.load(path, vision=True)``) embeds like this:
 
 Each run of image tokens is one image's block: its tokens attend to each other both ways
 on every layer (within the sliding window on local layers), causally to everything else.
+(T5Gemma 2's encoder, bidirectional everywhere, reads no image blocks: its hook points
+carry the ``encoder.`` prefix, ``encoder.vision.*`` and ``encoder.hook_image_embed``, and
+its token embedding is `gemmalens.families.t5gemma2.EmbedTokensWithEOI`.)
 `image_side_inputs` checks a call's images against its tokens and makes the two side
 inputs the model reads: ``pixel_values`` and ``image_blocks``.
 """
@@ -78,21 +81,24 @@ class EmbedWithImages(pz.nn.Layer):
     layer is the token embedding alone. Output: ``[batch, seq, embedding]``.
 
     Attributes:
-      embed: the scaled token embedding.
+      embed: the scaled token embedding (an `EmbedTokens`, or a layer holding one, such as
+        T5Gemma 2's `EmbedTokensWithEOI`).
       vision: the SigLIP tower and projector (hook points ``vision.*``).
       hook_image_embed: the soft tokens at their positions in the text stream (zero at
         text positions); what it holds at image positions is what the stream gets there.
-      image_token_id: the placeholder id (262144 in the released checkpoints).
+      image_token_id: the placeholder id (262144 in the released Gemma 3 checkpoints; a
+        T5Gemma 2 checkpoint's ``image_token_index``).
     """
 
-    embed: EmbedTokens
+    embed: pz.nn.Layer
     vision: VisionTower
     hook_image_embed: HookPoint
     image_token_id: int = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         is_image = tokens == self.image_token_id
-        vocab = self.embed.table.value.named_shape["vocab"]
+        table = pz.select(self.embed).at_instances_of(EmbedTokens).get_sequence()[0].table
+        vocab = table.value.named_shape["vocab"]
         ids = tokens
         if self.image_token_id >= vocab:
             # As transformers: an out-of-table placeholder reads row 0 (then replaced).
@@ -141,17 +147,25 @@ def block_ids(token_type_ids: np.ndarray) -> np.ndarray:
 
 
 def _no_tower_message(config: Any) -> str:
-    if getattr(config, "family", None) == "gemma3":
+    family = getattr(config, "family", None)
+    if family == "gemma3":
         return (
             "This model has no vision tower (it was loaded text-only, the default, or built "
             "without one), so it takes no pixel_values. Load a Gemma 3 checkpoint with its "
             "SigLIP tower with gl.load(path, vision=True) (Gemma 3 4B, 12B and 27B have one), "
             "or build from a config with vision (gl.preset('gemma3_4b'))."
         )
-    family = getattr(config, "family", type(config).__name__)
+    if family == "t5gemma2":
+        return (
+            "This T5Gemma 2 model has no vision tower (it was loaded text-only, the default, "
+            "or built without one), so it takes no pixel_values. Load the checkpoint with its "
+            "encoder's SigLIP tower with gl.load(path, vision=True), or build from a config "
+            "with vision (T5Gemma2Config(..., vision=Gemma3VisionConfig(...)))."
+        )
+    family = family or type(config).__name__
     return (
         f"This {family} model takes no pixel_values: gemmalens implements image input for "
-        "Gemma 3 (gl.load(path, vision=True)) only so far."
+        "Gemma 3 and T5Gemma 2 (gl.load(path, vision=True)) only so far."
     )
 
 

@@ -205,9 +205,10 @@ class Gemma3VisionConfig(CountsParameters):
                 f"{tokens}): {self.vision.patches_per_side} is not a multiple of {side}."
             )
 
-    def build(self, source: ParamSource) -> VisionTower:
-        """The Penzai tower, every parameter taken from ``source``."""
-        return build_vision_tower(self, source)
+    def build(self, source: ParamSource, scope: str = "") -> VisionTower:
+        """The Penzai tower, every parameter taken from ``source`` (labels and hook names
+        under ``{scope}vision.``; T5Gemma 2 puts it under ``encoder.``)."""
+        return build_vision_tower(self, source, scope)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> Gemma3VisionConfig:
@@ -428,10 +429,13 @@ def build_projector(
     )
 
 
-def build_vision_tower(config: Gemma3VisionConfig, source: ParamSource) -> VisionTower:
-    """Builds the tower, taking every parameter from ``source`` (labels under ``vision.``)."""
+def build_vision_tower(
+    config: Gemma3VisionConfig, source: ParamSource, scope: str = ""
+) -> VisionTower:
+    """Builds the tower, taking every parameter from ``source`` (labels under
+    ``{scope}vision.``, e.g. ``scope="encoder."``)."""
     vision = config.vision
-    params = ParamBuilder(source).scope("vision")
+    params = ParamBuilder(source, scope).scope("vision")
     embeddings = params.scope("embeddings")
     width = vision.hidden_size
     patch_axes = {

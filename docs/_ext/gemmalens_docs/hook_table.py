@@ -164,6 +164,12 @@ def _t5gemma2() -> Any:
     )
 
 
+def _t5gemma2_vision() -> Any:
+    # The T5Gemma 2 model above with Gemma 3's tiny tower in its encoder.
+    tower = _gemma3_vision().vision
+    return dataclasses.replace(_t5gemma2(), vision=tower, image_token_index=IMAGE_TOKEN)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     title: str
@@ -185,6 +191,7 @@ FAMILIES = {
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
     "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2),
+    "t5gemma2_vision": Family("T5Gemma 2 with images", "t5gemma2_270m_270m", _t5gemma2_vision),
 }
 
 # What each hook point holds, by template (``blocks.{i}.``; T5Gemma 2's ``encoder.`` and
@@ -280,8 +287,9 @@ HOOK_DOCS = {
     "vision.hook_soft_emb_norm": "The pooled tokens after the projector's RMSNorm (1 + w).",
     "vision.hook_projected": "The image's soft tokens: projected to d_model, one row per "
     "image-token position it fills.",
-    "hook_image_embed": "The soft tokens at their positions in the text stream (zero at "
-    "text positions); replacing it changes what the image positions receive.",
+    "hook_image_embed": "The soft tokens at their positions in the text stream (T5Gemma 2: "
+    "the encoder's; zero at text positions); replacing it changes what the image positions "
+    "receive.",
     # T5Gemma 2's decoder.
     "blocks.{i}.attn.hook_cross_k": "Keys computed from the encoder output (QK-norm, no RoPE).",
     "blocks.{i}.attn.hook_cross_v": "Values computed from the encoder output.",
@@ -343,18 +351,16 @@ def tiny_model(family: str) -> Any:
 def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
     m = tiny_model(family)
     tokens = np.full((BATCH, SEQ), 3, np.int32)
+    streams: dict[str, Any] = {}
     if getattr(m.config, "vision", None) is not None:
-        # One image per row: a run of image tokens between text tokens.
+        # One image per row: a run of image tokens between text tokens (in the encoder's
+        # input, for T5Gemma 2).
         tokens[:, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
         size = m.config.vision.vision.image_size
-        pixels = np.zeros((BATCH, 3, size, size), np.float32)
-        run = lambda: dict(m.run_with_cache(tokens, pixel_values=pixels)[1])  # noqa: E731
-    elif FAMILIES[family].encoder_decoder:
-        decoder_tokens = np.full((BATCH, DECODER_SEQ), 3, np.int32)
-        run = lambda: dict(m.run_with_cache(tokens, decoder_tokens=decoder_tokens)[1])  # noqa: E731
-    else:
-        run = lambda: dict(m.run_with_cache(tokens)[1])  # noqa: E731
-    return jax.eval_shape(run)
+        streams["pixel_values"] = np.zeros((BATCH, 3, size, size), np.float32)
+    if FAMILIES[family].encoder_decoder:
+        streams["decoder_tokens"] = np.full((BATCH, DECODER_SEQ), 3, np.int32)
+    return jax.eval_shape(lambda: dict(m.run_with_cache(tokens, **streams)[1]))
 
 
 @functools.cache
@@ -438,11 +444,13 @@ def _table(rows: list[HookRow], headers: tuple[str, ...]) -> nodes.table:
 class HookTable(SphinxDirective):
     """``{hook-table} family``: the hook points of that family's tiny model.
 
-    Options: ``:only-new:`` lists only the hook points Gemma 3 does not have.
+    Options: ``:only-new:`` lists only the hook points Gemma 3 does not have;
+    ``:new-over: other`` only those the family ``other`` does not have (``t5gemma2_vision``
+    over ``t5gemma2``: what images add).
     """
 
     required_arguments = 1
-    option_spec = {"only-new": directives.flag}
+    option_spec = {"only-new": directives.flag, "new-over": directives.unchanged_required}
 
     def run(self) -> list[nodes.Node]:
         family = self.arguments[0]
@@ -469,6 +477,12 @@ class HookTable(SphinxDirective):
         if "only-new" in self.options:
             base = base_templates()
             rows = [row for row in rows if doc_key(row.template) not in base]
+        if "new-over" in self.options:
+            other = self.options["new-over"]
+            if other not in FAMILIES:
+                raise self.error(f"Unknown family {other!r}; one of {sorted(FAMILIES)}.")
+            base = {row.template for row in hook_rows(other)}
+            rows = [row for row in rows if row.template not in base]
         return [_table(rows, ("hook point", "axes", "value"))]
 
 
