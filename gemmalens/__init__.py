@@ -34,7 +34,12 @@ from gemmalens.families.t5gemma2 import T5Gemma2Config
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
-from gemmalens.teaching import teaching_model, teaching_model_path, teaching_models
+from gemmalens.teaching import (
+    teaching_model,
+    teaching_model_path,
+    teaching_models,
+    teaching_saes,
+)
 from gemmalens.tokenizer import Tokenizer
 
 # A restarted kernel loads compiled programs from disk (docs/compilation-cache.md).
@@ -112,6 +117,7 @@ __all__ = [
     "teaching_model",
     "teaching_model_path",
     "teaching_models",
+    "teaching_saes",
     "patching",
     "preset",
     "presets",

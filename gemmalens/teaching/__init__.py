@@ -53,3 +53,14 @@ def teaching_model(name: str = "gemma3", dtype: Any = "float32") -> Any:
     from gemmalens.checkpoints.load import load
 
     return load(teaching_model_path(name), dtype=dtype)
+
+
+def teaching_saes(model: Any = None) -> dict[str, Any]:
+    """The sparse dictionaries trained on the Gemma 3 teaching model, by kind:
+    ``"resid_post"`` (a JumpReLU SAE on ``blocks.3.hook_resid_post``) and ``"transcoder"``
+    (an affine-skip JumpReLU transcoder over block 3's MLP), as `gemmalens.sae.SAE`s,
+    checked against ``model`` when given. How they were made and how good they are:
+    `gemmalens.teaching.saes` and each folder's ``evidence.json``."""
+    from gemmalens.teaching.saes import teaching_saes as load
+
+    return load(model)

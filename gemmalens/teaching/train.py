@@ -61,8 +61,8 @@ _CAPTURE_LABEL = "train/"
 class Settings:
     """One training run's knobs. The defaults are what the shipped models were trained with."""
 
-    steps: int = 3000
-    batch_size: int = 32
+    steps: int = 4000
+    batch_size: int = 64
     seq_len: int = configs.SEQ_LEN
     learning_rate: float = 2e-3
     warmup_steps: int = 150
@@ -351,13 +351,22 @@ def run(
     settings: Settings,
     evidence: Callable[..., dict[str, Any]] | None = None,
     progress: bool = True,
+    tokenizer: pathlib.Path | None = None,
 ) -> dict[str, Any]:
-    """Builds the corpus and tokenizer, trains ``names``, writes checkpoints and report."""
+    """Builds the corpus and tokenizer, trains ``names``, writes checkpoints and report.
+
+    ``tokenizer``: an existing ``tokenizer.model`` to use instead of training one (so that
+    retrained models keep the vocabulary of the models they replace)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
     docs = _documentation(settings)
-    tokenizer_path = build_tokenizer(docs, out / "tokenizer.model", settings).path
+    if tokenizer is None:
+        tokenizer_path = build_tokenizer(docs, out / "tokenizer.model", settings).path
+    else:
+        tokenizer_path = out / "tokenizer.model"
+        if pathlib.Path(tokenizer).resolve() != tokenizer_path.resolve():
+            tokenizer_path.write_bytes(pathlib.Path(tokenizer).read_bytes())
     tokenizer = Tokenizer.from_file(tokenizer_path)
     data = TrainingData(tokenizer, docs, settings)
     report: dict[str, Any] = {
@@ -465,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny widths and corpus (CPU, tests)")
     parser.add_argument("--no-evidence", action="store_true", help="skip the evidence figures")
     parser.add_argument(
+        "--tokenizer", type=pathlib.Path, help="use this tokenizer.model instead of training one"
+    )
+    parser.add_argument(
         "--evidence-only",
         action="store_true",
         help="no training: measure the checkpoints already in --out and update --report",
@@ -486,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gemmalens.teaching.evidence import measure
 
         evidence = measure
-    report = run(args.models, args.out, args.report, settings, evidence)
+    report = run(args.models, args.out, args.report, settings, evidence, tokenizer=args.tokenizer)
     for name, entry in report["models"].items():
         print(
             f"{name}: loss {entry['first_loss']:.2f} -> {entry['final_loss']:.2f} in "
