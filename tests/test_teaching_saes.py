@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +101,17 @@ def test_docs_show_the_shipped_evidence():
     assert saes.evidence_table() in docs, (
         "docs/teaching-models.md is out of date: paste gemmalens.teaching.saes.evidence_table()"
     )
+
+
+def test_loading_the_teaching_dictionaries_does_not_need_optax():
+    # optax is a training dependency (the test extra); users loading the shipped
+    # dictionaries (notebook 10) may not have it.
+    code = (
+        "import sys; sys.modules['optax'] = None\n"
+        "import gemmalens as gl\n"
+        "d = gl.teaching_saes(gl.teaching_model('gemma3'))\n"
+        "print(sorted(d))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['resid_post', 'transcoder']" in done.stdout

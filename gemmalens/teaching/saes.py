@@ -41,13 +41,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from safetensors.numpy import save_file
 
 import gemmalens as gl
 from gemmalens.sae import SAE
 from gemmalens.teaching import ASSETS, corpus
-from gemmalens.teaching.train import Settings, TrainingData, _documentation, next_token_loss
 
 MODEL = "gemma3"
 KINDS = ("resid_post", "transcoder")
@@ -191,7 +189,7 @@ def _init(key: jax.Array, sample: jax.Array, d_out: int, s: SAESettings, skip: b
     return params
 
 
-def _make_step(s: SAESettings, optimizer: optax.GradientTransformation):
+def _make_step(s: SAESettings, optimizer: Any):
     fires = _straight_through(s.bandwidth)
 
     def loss(params, x, y, l0_coefficient):
@@ -211,7 +209,7 @@ def _make_step(s: SAESettings, optimizer: optax.GradientTransformation):
             params, x, y, l0_coefficient
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = jax.tree.map(jnp.add, params, updates)
         # Unit-norm decoder rows: the L0 penalty is blind to scale, so fix it.
         w_dec = params["w_dec"]
         params = {**params, "w_dec": w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)}
@@ -225,6 +223,7 @@ def train_dictionary(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Trains one JumpReLU dictionary from ``x`` to ``y`` (``[tokens, d]`` each); returns its
     weights in Gemma Scope's names (the input and output scales folded in) and a history."""
+    import optax  # training only: loading the shipped dictionaries does not need it
     from tqdm.auto import tqdm
 
     scale_in = float(np.sqrt(x.shape[1] / np.mean(np.sum(x.astype(np.float64) ** 2, -1))))
@@ -330,6 +329,8 @@ def measure(m: gl.Model, sae: SAE, tokens: np.ndarray, batch: int = 16) -> dict[
       category's tokens (F1 of "fires" against "is in the category", at least 10 tokens of
       the category), with its precision, recall and the tokens it fires on most.
     """
+    from gemmalens.teaching.train import next_token_loss
+
     kind = "transcoder" if sae.is_transcoder else "resid_post"
     x, y = activations(m, kind, sae.layer, tokens, batch)
     f = np.asarray(sae.encode(x))
@@ -463,6 +464,8 @@ def run(
     """Trains and writes the dictionaries (``kinds``) with their evidence; returns the
     evidence. `OVERRIDES` adjusts ``s`` per kind."""
     out = out or ASSETS / MODEL / "saes"
+    from gemmalens.teaching.train import Settings, TrainingData, _documentation
+
     m = gl.teaching_model(MODEL)
     teaching = Settings(seq_len=256, batch_size=32, seed=s.seed + 7)
     data = TrainingData(m.tokenizer, _documentation(teaching), teaching)
