@@ -297,10 +297,14 @@ class Model:
         pixel_values = streams.pop("pixel_values", None)
         token_type_ids = streams.pop("token_type_ids", None)
         if streams:
+            reads = (
+                "tokens, and pixel_values and token_type_ids for its vision tower"
+                if getattr(self.config, "vision", None) is not None
+                else "one input stream (tokens)"
+            )
             raise TypeError(
-                f"This model reads tokens (and, with a vision tower, pixel_values and "
-                f"token_type_ids); it got {sorted(streams)} too. decoder_tokens and "
-                "decoder_attention_mask are for encoder-decoder models."
+                f"This model reads {reads}; it got {sorted(streams)} too. decoder_tokens "
+                "and decoder_attention_mask are for encoder-decoder models."
             )
         tokens, mask = self._host_inputs(tokens, attention_mask)
         # The image checks and blocks read the ids on the host (also under jax.eval_shape).
