@@ -380,7 +380,13 @@ def memory_estimate(
     params = sum(r.size for r in counted)
     params_device = sum(math.prod(placement.per_device(r.axes)) for r in counted)
     kv = kv_device = patterns = patterns_device = 0
-    for attention in pz.select(tree).at_instances_of(Attention).get_sequence():
+    # The text stacks only: an image tower keeps no KV cache and its patterns are per image.
+    text_attention = [
+        attention
+        for attention in pz.select(tree).at_instances_of(Attention).get_sequence()
+        if "vision." not in attention.hook_z.name
+    ]
+    for attention in text_attention:
         axes = attention.key.sublayers[0].output_axes  # {kv_heads, head_dim}
         per_token = 2 * math.prod(axes.values())
         length = cache_length(attention, tokens)
@@ -388,7 +394,8 @@ def memory_estimate(
         kv_device += batch * length * 2 * math.prod(placement.per_device(axes))
     for layer in pz.select(tree).at_instances_of(pz.nn.Linear).get_sequence():
         heads = layer.weights.value.named_shape.get("heads")
-        if heads is None or not layer.weights.label.endswith("q_proj.weights"):
+        label = layer.weights.label
+        if heads is None or not label.endswith("q_proj.weights") or "vision." in label:
             continue
         patterns += batch * heads * tokens * tokens
         patterns_device += batch * placement.per_device({"heads": heads})[0] * tokens * tokens

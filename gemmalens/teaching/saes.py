@@ -320,7 +320,7 @@ def _categories(m: gl.Model, tokens: np.ndarray) -> dict[str, np.ndarray]:
 def measure(m: gl.Model, sae: SAE, tokens: np.ndarray, batch: int = 16) -> dict[str, Any]:
     """Evidence for one dictionary on ``tokens`` (``[rows, seq]`` ids):
 
-    * ``variance_explained``: 1 - sum |y - y_hat|^2 / sum |y - mean(y)|^2 over non-<bos>
+    * ``variance_explained``: ``1 - sum |y - y_hat|^2 / sum |y - mean(y)|^2`` over non-<bos>
       tokens; ``l0``: mean number of active features per token; ``dead_fraction``: the share
       of features active on none of them;
     * ``loss``: next-token loss of the model, of the model with the dictionary spliced in
