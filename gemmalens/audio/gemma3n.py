@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.checkpoints.mapped import MappedCheckpoint, MappedTensor
+from gemmalens.checkpoints.mapped import MappedCheckpoint
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import TensorIndex
 from gemmalens.layers.attention import QKV_AXES
@@ -1086,9 +1086,5 @@ def from_state_dict(
     names to numpy arrays, e.g. a ``Gemma3nForConditionalGeneration`` state dict as
     ``{k: v.float().numpy() for k, v in model.state_dict().items()}`` (``model.audio_tower.``
     and ``model.embed_audio.``; other tensors are ignored)."""
-    tensors = {
-        name: MappedTensor(tuple(np.shape(a)), np.asarray(a).dtype, lambda a=a: np.asarray(a))
-        for name, a in arrays.items()
-    }
-    ckpt = MappedCheckpoint("<state dict>", {}, tensors, "state dict")
+    ckpt = MappedCheckpoint.from_arrays(arrays)
     return from_checkpoint(ckpt, config, dtype, audio_prefix, embedder_prefix)

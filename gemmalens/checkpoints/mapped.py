@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,16 @@ class MappedCheckpoint(TensorIndex):
         self.format_name = format_name
         self.tokenizer_path = tokenizer_path
         self._tensors = dict(sorted(tensors.items()))
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> MappedCheckpoint:
+        """Tensors held in memory (e.g. ``{k: v.float().numpy() for k, v in
+        model.state_dict().items()}``) seen as a checkpoint, for the loaders that read one."""
+        tensors = {
+            name: MappedTensor(tuple(np.shape(a)), np.asarray(a).dtype, lambda a=a: np.asarray(a))
+            for name, a in arrays.items()
+        }
+        return cls("<state dict>", {}, tensors, "state dict")
 
     def _info(self, key: str) -> MappedTensor:
         if key in self._tensors:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.checkpoints.mapped import MappedCheckpoint, MappedTensor
+from gemmalens.checkpoints.mapped import MappedCheckpoint
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import TensorIndex
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, AttentionMask, attention_mixer
@@ -559,9 +559,5 @@ def from_state_dict(
     ``{k: v.float().numpy() for k, v in model.state_dict().items()}`` (a bare
     ``SiglipVisionModel``'s names have no prefix; pass ``vision_prefix=""`` beside a
     projector's, or let the prefixes be found)."""
-    tensors = {
-        name: MappedTensor(tuple(np.shape(a)), np.asarray(a).dtype, lambda a=a: np.asarray(a))
-        for name, a in arrays.items()
-    }
-    ckpt = MappedCheckpoint("<state dict>", {}, tensors, "state dict")
+    ckpt = MappedCheckpoint.from_arrays(arrays)
     return from_checkpoint(ckpt, config, dtype, vision_prefix, projector_prefix)
