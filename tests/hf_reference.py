@@ -374,6 +374,18 @@ TINY_T5GEMMA2_VISION = dict(
     patch_size=14,
 )
 T5GEMMA2_EOI = 500
+# The tiny SigLIP of the image tests: 32 px images in 8 px patches (a 4x4 grid of 16),
+# pooled 2x2 into 4 soft tokens; layer_norm_eps != 1e-6, so a dropped eps shows.
+TINY_SIGLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-5,
+)
+TINY_SIGLIP_TOKENS_PER_IMAGE = 4
 
 
 def t5gemma2(

@@ -24,17 +24,9 @@ from tests import hf_reference as ref
 
 TOLERANCE = 1e-4  # relative to the logit scale
 IMAGE, BOI, EOI = 257, 255, 256
-TOKENS_PER_IMAGE = 4  # a 4x4 patch grid pooled 2x2
+TOKENS_PER_IMAGE = ref.TINY_SIGLIP_TOKENS_PER_IMAGE
 WINDOW = 3  # < TOKENS_PER_IMAGE: the window cuts into an image block on local layers
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    layer_norm_eps=1e-5,
-)
+VISION = ref.TINY_SIGLIP
 
 
 def _expand(ids: list[int], images: int) -> list[int]:

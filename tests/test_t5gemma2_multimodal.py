@@ -23,16 +23,8 @@ from tests import hf_reference as ref
 TOLERANCE = 1e-4  # relative to the logit scale
 EOI = ref.T5GEMMA2_EOI  # 500
 BOI, IMAGE = EOI - 1, EOI + 1
-TOKENS_PER_IMAGE = 4  # a 4x4 patch grid pooled 2x2
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    layer_norm_eps=1e-5,
-)
+TOKENS_PER_IMAGE = ref.TINY_SIGLIP_TOKENS_PER_IMAGE
+VISION = ref.TINY_SIGLIP
 
 
 def _expand(ids: list[int], images: int) -> list[int]:

@@ -20,16 +20,8 @@ from gemmalens.vision import siglip
 from tests import hf_reference as ref
 
 TOLERANCE = 1e-5
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,  # a 4x4 grid: 16 patches
-    layer_norm_eps=1e-5,  # != 1e-6, so a dropped eps shows
-)
-MM_TOKENS = 4  # pooled 2x2, kernel 2
+VISION = ref.TINY_SIGLIP
+MM_TOKENS = ref.TINY_SIGLIP_TOKENS_PER_IMAGE
 TEXT_WIDTH = 48  # != the vision width
 LAYERS = VISION["num_hidden_layers"]
 
