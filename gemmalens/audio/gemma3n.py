@@ -590,6 +590,20 @@ class ReduceFrames(pz.nn.Layer):
         return pz.nx.nmap(jnp.where)(valid, kept, jnp.zeros((), x.dtype))
 
 
+def _shape_in(value: Any, axes: tuple[str, ...], name: str) -> tuple[int, ...]:
+    """``value``'s shape in ``axes`` order: a named array must carry exactly ``axes``; an
+    array-like is taken positionally."""
+    if not isinstance(value, pz.nx.NamedArrayBase):
+        return tuple(np.shape(value))
+    named = dict(value.named_shape)
+    if value.positional_shape or set(named) != set(axes):
+        raise ValueError(
+            f"{name} must have exactly the named axes {list(axes)}; got named axes {named} "
+            f"and positional shape {value.positional_shape}."
+        )
+    return tuple(named[a] for a in axes)
+
+
 def reduce_mask(valid: pz.nx.NamedArray, factor: int) -> pz.nx.NamedArray:
     """``[batch, seq]`` -> ``[batch, audio_token]``: the flags of the frames kept."""
     return pz.nx.nmap(lambda a: a[::factor])(valid.untag("seq")).tag("audio_token")
@@ -682,17 +696,7 @@ class AudioTower(pz.nn.Layer):
         ``frame``, bool, True = real audio) as named arrays, after checking their shapes."""
         mel = self.input_feat_size
         expected = f"[batch, frames, {mel}] (input_feat_size {mel} mel bins)"
-        if isinstance(input_features, pz.nx.NamedArrayBase):
-            named = dict(input_features.named_shape)
-            if input_features.positional_shape or set(named) != set(FEATURE_AXES):
-                raise ValueError(
-                    f"input_features must have exactly the named axes {list(FEATURE_AXES)}; "
-                    f"got named axes {named} and positional shape "
-                    f"{input_features.positional_shape}."
-                )
-            shape = tuple(named[a] for a in FEATURE_AXES)
-        else:
-            shape = tuple(np.shape(input_features))
+        shape = _shape_in(input_features, FEATURE_AXES, "input_features")
         if len(shape) != 3:
             raise ValueError(f"input_features must be {expected}; got shape {shape}.")
         if shape[2] != mel:
@@ -706,26 +710,15 @@ class AudioTower(pz.nn.Layer):
             input_features = pz.nx.wrap(jnp.asarray(input_features)).tag(*FEATURE_AXES)
         if input_features_mask is None:
             return input_features, pz.nx.wrap(jnp.ones(shape[:2], bool)).tag(*FEATURE_MASK_AXES)
-        if isinstance(input_features_mask, pz.nx.NamedArrayBase):
-            named = dict(input_features_mask.named_shape)
-            if input_features_mask.positional_shape or set(named) != set(FEATURE_MASK_AXES):
-                raise ValueError(
-                    f"input_features_mask must have exactly the named axes "
-                    f"{list(FEATURE_MASK_AXES)}; got named axes {named} and positional shape "
-                    f"{input_features_mask.positional_shape}."
-                )
-            mask_shape = tuple(named[a] for a in FEATURE_MASK_AXES)
-            mask = input_features_mask
-        else:
-            mask_shape = tuple(np.shape(input_features_mask))
-            mask = None
+        mask_shape = _shape_in(input_features_mask, FEATURE_MASK_AXES, "input_features_mask")
         if mask_shape != shape[:2]:
             raise ValueError(
                 f"input_features_mask must be [batch, frames] = {list(shape[:2])} like "
                 f"input_features {shape}; got shape {mask_shape}."
             )
-        if mask is None:
-            mask = pz.nx.wrap(jnp.asarray(input_features_mask)).tag(*FEATURE_MASK_AXES)
+        mask = input_features_mask
+        if not isinstance(mask, pz.nx.NamedArrayBase):
+            mask = pz.nx.wrap(jnp.asarray(mask)).tag(*FEATURE_MASK_AXES)
         return input_features, mask != 0
 
 
