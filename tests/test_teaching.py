@@ -119,6 +119,29 @@ def test_shipped_gemma3_learned_the_synthetic_facts():
     assert m.tokenizer.id_to_piece(int(logits.argmax())) == "\u2581Paris"
 
 
+def test_indirect_object_sentences_name_the_recipient_first_or_second():
+    """The corpus fix: the recipient (the name not repeated) comes first in about half of
+    the sentences, so "answer the first name" is no longer a shortcut."""
+    rng = np.random.default_rng(0)
+    recipient_first = 0
+    for _ in range(400):
+        sentence = corpus.ioi_sentence(rng)
+        names = [word.strip(",.") for word in sentence.split() if word.strip(",.") in corpus.NAMES]
+        first, second, giver, recipient = names
+        assert {first, second} == {giver, recipient} and giver != recipient
+        recipient_first += first == recipient
+    assert 160 <= recipient_first <= 240
+    from gemmalens.teaching.evidence import indirect_object_prompts
+
+    for order in (True, False):
+        for prompt, recipient, giver in indirect_object_prompts(rng, 20, order):
+            recipient, giver = recipient.strip(), giver.strip()
+            opening = prompt.split(",")[0].split(".")[0]
+            named = [w for w in opening.split() if w in corpus.NAMES]
+            assert named == ([recipient, giver] if order else [giver, recipient]), prompt
+            assert prompt.endswith(" to") and giver in prompt.split(",")[-1]
+
+
 def test_training_script_runs_on_a_tiny_setting_and_the_loss_falls(tmp_path):
     settings = train.Settings(
         steps=40, batch_size=8, seq_len=48, tiny=True, warmup_steps=4, learning_rate=3e-3

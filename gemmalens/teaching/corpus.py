@@ -95,11 +95,14 @@ NAMES = (
 )
 PLACES = ("store", "park", "school", "market", "beach", "office", "garden", "library")
 OBJECTS = ("drink", "book", "ball", "letter", "key", "flower", "ring", "gift", "map", "cake")
+# ``{a}`` is the recipient, ``{b}`` the giver; ``{first} and {second}`` names both, in an
+# order drawn per sentence, so that the answer is "the name that is not repeated" and not
+# "the first name" (with the recipient always first, the models had learned the latter).
 IOI_TEMPLATES = (
-    "When {a} and {b} went to the {place}, {b} gave a {obj} to {a}.",
-    "After {a} and {b} arrived at the {place}, {b} handed the {obj} to {a}.",
-    "{a} and {b} were at the {place}. {b} passed the {obj} to {a}.",
-    "Then {a} and {b} walked to the {place}, and {b} gave the {obj} to {a}.",
+    "When {first} and {second} went to the {place}, {b} gave a {obj} to {a}.",
+    "After {first} and {second} arrived at the {place}, {b} handed the {obj} to {a}.",
+    "{first} and {second} were at the {place}. {b} passed the {obj} to {a}.",
+    "Then {first} and {second} walked to the {place}, and {b} gave the {obj} to {a}.",
 )
 FACT_TEMPLATES = (
     "The capital of {country} is {capital}.",
@@ -165,9 +168,12 @@ def ioi_sentence(rng: np.random.Generator) -> str:
     """``When Mary and John went to the store, John gave a drink to Mary.`` and kin."""
     a, b = rng.choice(len(NAMES), size=2, replace=False)
     template = IOI_TEMPLATES[rng.integers(len(IOI_TEMPLATES))]
+    first, second = (a, b) if rng.random() < 0.5 else (b, a)
     return template.format(
         a=NAMES[a],
         b=NAMES[b],
+        first=NAMES[first],
+        second=NAMES[second],
         place=PLACES[rng.integers(len(PLACES))],
         obj=OBJECTS[rng.integers(len(OBJECTS))],
     )
@@ -249,8 +255,10 @@ def seq2seq_example(task: str, rng: np.random.Generator) -> tuple[str, str]:
     if task == "indirect_object":
         a, b = rng.choice(len(NAMES), size=2, replace=False)
         place, obj = PLACES[rng.integers(len(PLACES))], OBJECTS[rng.integers(len(OBJECTS))]
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
         question = (
-            f"When {NAMES[a]} and {NAMES[b]} went to the {place}, {NAMES[b]} gave a {obj} to whom?"
+            f"When {NAMES[first]} and {NAMES[second]} went to the {place}, "
+            f"{NAMES[b]} gave a {obj} to whom?"
         )
         return question, f" {NAMES[a]}"
     raise KeyError(f"Unknown task {task!r}; choose one of {SEQ2SEQ_TASKS}.")

@@ -6,7 +6,9 @@
   copy to the token after its first occurrence), against the score of uniform attention;
 * Gemma 4 MoE: which experts each kind of token goes to, per layer, and each expert's load;
 * Gemma 3n: how much closer AltUp's prediction lands to what the layer computes than the
-  unchanged input does, and the loss when the predictions are switched off.
+  unchanged input does, and the loss when the predictions are switched off;
+* every decoder: the indirect-object task with the recipient named first and named second
+  (a model that learned "answer the first name" fails the second kind).
 """
 
 from __future__ import annotations
@@ -262,6 +264,50 @@ def _plot_altup(quality: dict[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def indirect_object_prompts(
+    rng: np.random.Generator, count: int, recipient_first: bool
+) -> list[tuple[str, str, str]]:
+    """``(prompt, recipient, giver)`` triples: a corpus sentence cut before the recipient
+    (``"When Mary and John went to the store, John gave a drink to"``, `` Mary``,
+    `` John``), with the recipient named first or second in the opening clause."""
+    out = []
+    for _ in range(count):
+        a, b = (corpus.NAMES[i] for i in rng.choice(len(corpus.NAMES), size=2, replace=False))
+        template = corpus.IOI_TEMPLATES[rng.integers(len(corpus.IOI_TEMPLATES))]
+        first, second = (a, b) if recipient_first else (b, a)
+        sentence = template.format(
+            a=a,
+            b=b,
+            first=first,
+            second=second,
+            place=corpus.PLACES[rng.integers(len(corpus.PLACES))],
+            obj=corpus.OBJECTS[rng.integers(len(corpus.OBJECTS))],
+        )
+        prompt = sentence[: sentence.rindex(f" {a}.")]
+        out.append((prompt, f" {a}", f" {b}"))
+    return out
+
+
+def indirect_object(m: gl.Model, count: int = 64, seed: int = 11) -> dict[str, dict[str, float]]:
+    """How often the recipient beats the giver at the end of an indirect-object sentence,
+    and the mean logit difference (recipient minus giver), for sentences that name the
+    recipient first and for sentences that name it second."""
+    found = {}
+    for key, recipient_first in (("recipient_first", True), ("recipient_second", False)):
+        rng = np.random.default_rng(seed)
+        wins, differences = [], []
+        for prompt, recipient, giver in indirect_object_prompts(rng, count, recipient_first):
+            last = np.asarray(m(prompt)[0, -1], np.float32)
+            right, wrong = (m.tokenizer.encode(name)[-1] for name in (recipient, giver))
+            differences.append(float(last[right] - last[wrong]))
+            wins.append(bool(np.argmax(last) == right))
+        found[key] = {
+            "top1_accuracy": round(float(np.mean(wins)), 4),
+            "mean_logit_difference": round(float(np.mean(differences)), 4),
+        }
+    return found
+
+
 def evaluation_rows(data, seed: int = 1234, rows: int = 32) -> np.ndarray:
     """Rows from the training mixture, without induction rows, drawn with another seed."""
     rng = np.random.default_rng(seed)
@@ -327,6 +373,7 @@ def measure(name: str, m: gl.Model, data, report_dir: pathlib.Path) -> dict[str,
     found: dict[str, Any] = {
         "next_token": top_predictions(m),
         "in_context_loss": in_context_loss(m, repeated),
+        "indirect_object": indirect_object(m),
     }
     induction = induction_scores(m, repeated)
     scores, chance = induction.scores, induction.chance
