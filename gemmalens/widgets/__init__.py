@@ -9,6 +9,8 @@ itself, over a corpus):
 * `RoutingViewer`: Gemma 4 mixture-of-experts routing;
 * `LogitLensViewer`: the top token each layer predicts;
 * `PatchingViewer`: activation patching heatmaps;
+* `ImageAttentionViewer`: where a text token looks in an image, drawn over the image,
+  and the vision tower's patch-to-patch attention;
 * `FeatureViewer`: a sparse autoencoder's or transcoder's features: top activating
   examples, activation histogram and logit effects of each, and the strongest features at
   each token of a prompt.
@@ -22,6 +24,7 @@ from gemmalens.widgets._base import Viewer, ViewerError
 from gemmalens.widgets.altup import AltUpViewer
 from gemmalens.widgets.attention import AttentionViewer
 from gemmalens.widgets.features import FeatureViewer
+from gemmalens.widgets.image_attention import ImageAttentionViewer
 from gemmalens.widgets.logit_lens import LogitLensViewer
 from gemmalens.widgets.patching import PatchingViewer
 from gemmalens.widgets.routing import RoutingViewer
@@ -30,6 +33,7 @@ __all__ = [
     "AltUpViewer",
     "AttentionViewer",
     "FeatureViewer",
+    "ImageAttentionViewer",
     "LogitLensViewer",
     "PatchingViewer",
     "RoutingViewer",

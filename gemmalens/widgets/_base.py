@@ -191,7 +191,9 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any], hint: str = "") 
     if value in allowed:
         return value
     ints = all(isinstance(a, (int, np.integer)) for a in allowed)
-    if ints and allowed and list(allowed) == list(range(allowed[0], allowed[-1] + 1)):
+    if len(allowed) == 1:
+        valid = f"{allowed[0]!r} (the only choice here)"
+    elif ints and allowed and list(allowed) == list(range(allowed[0], allowed[-1] + 1)):
         valid = f"in [{allowed[0]}, {allowed[-1]}]"
     else:
         valid = f"one of {list(allowed)}"

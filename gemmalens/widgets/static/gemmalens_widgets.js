@@ -1210,6 +1210,102 @@ function drawFeatures(model, root) {
   }
 }
 
+// ------------------------------------------------------------------------ image attention
+
+// Attention over an image's cells (soft tokens or patches), drawn over the image itself.
+function drawImageAttention(model, root) {
+  const { controls, main, side } = frame(model, root);
+  const source = model.get("source");
+  controls.append(
+    selectControl(model, "layer", "Layer"),
+    selectControl(model, "head", "Head"),
+    selectControl(model, "image", "Image"),
+  );
+  const rows = model.get("rows");
+  const cols = model.get("cols");
+  const heat = model.get("heat") || [];
+  const tokens = model.get("tokens") || [];
+  const share = model.get("share") || [];
+  const inImage = new Set(model.get("image_positions") || []);
+  const text = source === "text";
+  let query = text ? model.get("selected_token") : model.get("patch");
+  if (text && (query === null || query < 0)) {
+    // The last token outside the image: what the model is about to answer from.
+    query = tokens.length - 1;
+    while (query > 0 && inImage.has(query)) query -= 1;
+  }
+  const values = (text ? heat[query] : heat) || [];
+  const peak = Math.max(1e-12, ...values.map((v) => v ?? 0));
+  const map = colourMap("viridis");
+  const cell = Math.max(4, Math.floor(320 / Math.max(rows, cols)));
+  const width = cols * cell;
+  const height = rows * cell;
+  const tip = tooltip(root);
+  const picture = svg("svg", { class: "gl-image-attention", width, height });
+  picture.appendChild(svg("image", {
+    href: model.get("image_url"), x: 0, y: 0, width, height, preserveAspectRatio: "none",
+  }));
+  values.forEach((value, index) => {
+    const r = Math.floor(index / cols);
+    const c = index % cols;
+    const t = (value ?? 0) / peak;
+    const rect = svg("rect", {
+      class: "gl-cell", x: c * cell, y: r * cell, width: cell, height: cell,
+      fill: css(map(t)), "fill-opacity": (0.05 + 0.6 * t).toFixed(3),
+      "data-cell": index,
+    });
+    rect.addEventListener("mousemove", (event) =>
+      tip.show(`cell ${index} (row ${r}, column ${c}): attention ${format(value)}`, event));
+    rect.addEventListener("mouseleave", () => tip.hide());
+    if (!text) rect.addEventListener("click", () => setControls(model, { patch: index }));
+    picture.appendChild(rect);
+  });
+  if (!text && query >= 0) {
+    picture.appendChild(svg("rect", {
+      class: "gl-query-cell", x: (query % cols) * cell + 1, y: Math.floor(query / cols) * cell + 1,
+      width: cell - 2, height: cell - 2, fill: "none", stroke: "#2ca02c", "stroke-width": 2,
+    }));
+  }
+  main.appendChild(h("div", { class: "gl-figure" }, [picture, colourBar(map, 0, peak, "attention", height)]));
+
+  if (text) {
+    // The query tokens; the image's own run collapses into one chip.
+    const strip = h("div", { class: "gl-tokens" });
+    let chipDone = false;
+    tokens.forEach((token, i) => {
+      if (inImage.has(i)) {
+        if (!chipDone) strip.appendChild(h("span", { class: "gl-token gl-image-chip" }, `[image: ${inImage.size} tokens]`));
+        chipDone = true;
+        return;
+      }
+      const span = h("span", {
+        class: `gl-token${i === query ? " gl-current" : ""}`, "data-pos": i,
+        title: `position ${i}: ${format(share[i])} of its attention on the image`,
+      }, token);
+      span.addEventListener("click", () => setControls(model, { selected_token: i }));
+      strip.appendChild(span);
+    });
+    main.appendChild(hint("Click a token to see where it looks in the image."));
+    main.appendChild(strip);
+  } else {
+    main.appendChild(hint("Click a patch to see where it looks."));
+  }
+
+  const top = topIndices(values, 5);
+  if (text) {
+    side.append(
+      sideHeading(`Position ${query}: ${tokens[query] ?? ""}`),
+      h("div", { class: "gl-side-sub" }, `attention on this image: ${format(share[query])}`),
+    );
+  } else {
+    side.append(sideHeading(`Patch ${query} (row ${Math.floor(query / cols)}, column ${query % cols})`));
+  }
+  side.appendChild(h("div", { class: "gl-side-sub" }, "most attended cells"));
+  side.appendChild(barList(top.map((i) => ({
+    label: `cell ${i} (${Math.floor(i / cols)}, ${i % cols})`, value: values[i],
+  }))));
+}
+
 // ------------------------------------------------------------------------ entry points
 
 const VIEWS = {
@@ -1218,6 +1314,7 @@ const VIEWS = {
   routing: [drawRouting, ["layer", "show", "selected_token", "weights", "probabilities", "chosen", "load"]],
   "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
   patching: [drawPatching, ["site", "show", "selected_cell", "matrix", "limit", "col_labels"]],
+  "image-attention": [drawImageAttention, ["source", "layer", "head", "image", "selected_token", "patch", "heat", "share", "image_url", "rows", "cols", "image_positions"]],
   features: [drawFeatures, ["feature", "tab", "examples", "histogram", "logit_effects", "prompt_acts", "fired"]],
 };
 const COMMON_KEYS = ["tokens", "options", "note", "title"];
