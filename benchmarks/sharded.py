@@ -5,7 +5,9 @@
 
 On the devices it finds, for each case the model is built with random weights twice: on one
 device without a mesh ("one device"), and over a ``(data=1, model=N)`` mesh of all N devices
-("mesh"). Measured for each: the first call (compiling included) and the steady time of
+("mesh"; ``--data D`` and ``--seq S`` make it ``(data=D, seq=S, model=N / (D x S))``: the
+sweep's sites split over ``data``, every prompt along its tokens over ``seq``). Measured
+for each: the first call (compiling included) and the steady time of
 
 * a forward pass of 1 x ``--tokens`` tokens (tokens/s),
 * `run_with_cache` of every attention pattern at 1 x ``--pattern-tokens``,
@@ -42,13 +44,15 @@ def _args(argv=None):
     parser.add_argument("--pattern-tokens", type=int, default=8192)
     parser.add_argument("--sweep-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", type=int, default=1, help="the mesh's data axis (sites)")
+    parser.add_argument("--seq", type=int, default=1, help="the mesh's seq axis (tokens)")
     parser.add_argument("--out", type=Path, default=Path("sharded.json"))
     parser.add_argument(
         "--presets", default="gemma3_27b_text,gemma4_26b_a4b", help="comma-separated cases"
     )
     args = parser.parse_args(argv)
     if args.tiny:
-        args.tokens, args.pattern_tokens, args.sweep_tokens, args.repeats = 16, 16, 6, 1
+        args.tokens, args.pattern_tokens, args.sweep_tokens, args.repeats = 16, 16, 8, 1
     return args
 
 
@@ -136,7 +140,7 @@ def main():
     args = ARGS
     devices = jax.devices()
     n = len(devices)
-    mesh = gl.sharding.make_mesh(model=n)
+    mesh = gl.sharding.make_mesh(data=args.data, seq=args.seq)  # model: the rest
     cases = [
         ("gemma3_27b_text", "float32" if n > 1 else "bfloat16", "bfloat16"),
         ("gemma4_26b_a4b", "bfloat16", "bfloat16"),
@@ -147,6 +151,7 @@ def main():
         platform=platform.platform(),
         jax=jax.__version__,
         tiny=args.tiny,
+        mesh=dict(mesh.shape),
         tokens=args.tokens,
         pattern_tokens=args.pattern_tokens,
         sweep_tokens=args.sweep_tokens,

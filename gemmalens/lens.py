@@ -244,19 +244,26 @@ class Model:
                     f"attention_mask has shape {mask_np.shape} but tokens have shape "
                     f"{tokens_np.shape}; they must match (1 = real token, 0 = padding)."
                 )
-        if mask_np.all():
+        if mask_np.all() and not self._splits_sequence():
             return tokens_np.astype(np.int32), None
         return tokens_np.astype(np.int32), mask_np
 
+    def _splits_sequence(self) -> bool:
+        """Whether inputs are split along their tokens (`gemmalens.sharding`'s ``seq``
+        rule). Such inputs keep their mask even where nothing is padded: without one,
+        attention may run cuDNN's flash kernel on a GPU, and JAX's partitioning rule for
+        that kernel refuses a query split along the sequence; with one it runs XLA's own
+        attention, which XLA splits."""
+        return self.placement is not None and self.placement.seq_ways > 1
+
     def _on_mesh(self, array: np.ndarray) -> jax.Array:
-        """An input ``[batch, ...]``: split over the mesh's ``data`` axis when the model is on
-        a mesh whose data axis divides the batch, else an ordinary array."""
-        batch = (
-            None
-            if self.placement is None
-            else self.placement.batch_sharding(array.shape[0], array.ndim)
-        )
-        return jnp.asarray(array) if batch is None else jax.device_put(array, batch)
+        """An input ``[batch, seq]``, placed as `gemmalens.sharding.Placement.input_sharding`
+        says when the model is on a mesh: the batch over the ``data`` axis where it divides
+        it, the tokens along the ``seq`` rule when sequence sharding is on (an error names
+        the length to pad to); else an ordinary array. XLA's partitioner carries the
+        inputs' split through the whole program."""
+        placed = None if self.placement is None else self.placement.input_sharding(array.shape)
+        return jnp.asarray(array) if placed is None else jax.device_put(array, placed)
 
     @property
     def mesh(self) -> Any:

@@ -614,12 +614,19 @@ class _Walker:
 _RESID = ("batch", "seq", "embedding")
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "prune"))
-def _shared_block(block, x, positions, patch, *, plan, prune):
+@functools.partial(jax.jit, static_argnames=("plan", "prune", "rows_sharding"))
+def _shared_block(block, x, positions, patch, *, plan, prune, rows_sharding=None):
     """One block on one group's rows ``[batch, rows, d_model]``, patching the site's hook
-    where ``patch`` is true. Traced once per kind of block (all groups share one layout)."""
+    where ``patch`` is true. Traced once per kind of block (all groups share one layout).
+    ``rows_sharding`` splits the rows across devices (see `_sweep_shared`)."""
+    x = _constrain(x, rows_sharding)
     x = pz.nx.wrap(x).tag(*_RESID)
-    return _Walker(plan, positions, patch, prune).walk(block, x, plan.rows)[0].unwrap(*_RESID)
+    out = _Walker(plan, positions, patch, prune).walk(block, x, plan.rows)[0].unwrap(*_RESID)
+    return _constrain(out, rows_sharding)
+
+
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "metric"))
@@ -646,8 +653,17 @@ def _shared_scores(final_norm, unembed, x, positions, *, plan, metric):
     return jax.vmap(lambda one: jnp.asarray(metric(one)))(full)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "metric"))
-def _sweep_shared(model, clean, corrupted, clean_mask, corrupted_mask, *, plan, metric):
+@functools.partial(jax.jit, static_argnames=("plan", "metric", "rows_sharding"))
+def _sweep_shared(
+    model, clean, corrupted, clean_mask, corrupted_mask, *, plan, metric, rows_sharding=None
+):
+    """Every unit's metric, ``[layer, unit, ...]``, with shared runs (the module docstring).
+
+    ``rows_sharding`` (``[batch, rows, d_model]``, rows over the mesh's data axis) splits
+    each group's rows, the (run, position) pairs of its patched runs, across devices: the
+    per-token layers (projections, MLPs, norms), most of the work, each run on a device's
+    share of the rows. Attention gathers every run's rows (collectives XLA inserts), mixes
+    them on every device and scatters back."""
     batch, seq = clean.shape
 
     def positions(mask):
@@ -673,7 +689,9 @@ def _sweep_shared(model, clean, corrupted, clean_mask, corrupted_mask, *, plan, 
 
         def step(args, block=block, prune=prune):
             x, patch = args
-            return _shared_block(block, x, positions, patch, plan=plan, prune=prune)
+            return _shared_block(
+                block, x, positions, patch, plan=plan, prune=prune, rows_sharding=rows_sharding
+            )
 
         groups = jax.lax.map(step, (groups, jnp.arange(j + 1) == j))
     return jax.lax.map(
@@ -701,9 +719,25 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward")
+    jax.jit,
+    static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward", "site_sharding"),
 )
-def _sweep_vmapped(model, clean_values, inputs, *, names, unit_axis, metric, chunk_size, forward):
+def _sweep_vmapped(
+    model,
+    clean_values,
+    inputs,
+    *,
+    names,
+    unit_axis,
+    metric,
+    chunk_size,
+    forward,
+    site_sharding=None,
+):
+    """Every site's metric, ``[layer, unit, ...]``. ``site_sharding`` (a ``NamedSharding``
+    of a 1-D array, `gemmalens.sharding.Placement.site_sharding`) splits the sites across
+    its mesh axis: the vmapped axis is laid out by it, so each device (with its slice of
+    the model) runs its share of the sites."""
     layers, units = len(names), clean_values[0].shape[unit_axis]
 
     def patched_metric(site: jax.Array) -> jax.Array:
@@ -720,13 +754,74 @@ def _sweep_vmapped(model, clean_values, inputs, *, names, unit_axis, metric, chu
         hooked = _with_hook_fns(model, {n: blend(i) for i, n in enumerate(names)})
         return jnp.asarray(metric(forward(hooked, *inputs)))
 
-    sites = jnp.arange(layers * units)
-    if chunk_size is None:
-        scores = jax.vmap(patched_metric)(sites)
+    count = layers * units
+    if site_sharding is not None:
+        scores = _split_sites(patched_metric, count, chunk_size, site_sharding)
+    elif chunk_size is None:
+        scores = jax.vmap(patched_metric)(jnp.arange(count))
     else:
         # Bounded memory: vmap inside chunks of sites, chunks one after another.
-        scores = jax.lax.map(patched_metric, sites, batch_size=chunk_size)
+        scores = jax.lax.map(patched_metric, jnp.arange(count), batch_size=chunk_size)
     return scores.reshape(layers, units, *scores.shape[1:])
+
+
+def _split_sites(
+    patched_metric: Callable, count: int, chunk_size: int | None, site_sharding: Any
+) -> jax.Array:
+    """``vmap(patched_metric)`` over sites ``0 .. count - 1``, the vmapped axis split by
+    ``site_sharding`` (inside a trace). The sites are padded up to a multiple of the
+    split (of each chunk's split, with ``chunk_size``); a padded site's index is past every
+    real one, so it patches nothing, and its score is dropped."""
+    ways = _ways(site_sharding)
+
+    def split(sites: jax.Array) -> jax.Array:
+        # Constraints on the site index and on the scores (their leading axis; any metric
+        # axes stay whole) lay out the vmapped axis of everything between across the
+        # devices: XLA's sharding propagation carries them through the forward pass.
+        sites = jax.lax.with_sharding_constraint(sites, site_sharding)
+        return jax.lax.with_sharding_constraint(jax.vmap(patched_metric)(sites), site_sharding)
+
+    if chunk_size is None:
+        padded = -(-count // ways) * ways
+        scores = split(jnp.arange(padded))
+    else:
+        # Each chunk is split across the devices: chunk_size rounded up to a multiple of
+        # the split, chunks one after another.
+        per_chunk = -(-chunk_size // ways) * ways
+        padded = -(-count // per_chunk) * per_chunk
+        scores = jax.lax.map(split, jnp.arange(padded).reshape(-1, per_chunk))
+        scores = scores.reshape(padded, *scores.shape[2:])
+    return scores[:count]
+
+
+def _ways(site_sharding: Any) -> int:
+    """Into how many pieces a 1-D sharding splits its axis."""
+    mesh, entry = site_sharding.mesh, site_sharding.spec[0]
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def _off_data(placement: Any, x: Any) -> Any:
+    """The array ``x`` laid out as before but whole along the mesh's ``data`` axis (so a
+    sequence split on a ``seq`` axis stays); anything else (None, image side inputs) as
+    it is. A sweep that splits its sites over the data axis places its inputs so: split
+    there by batch too, XLA would have to choose between the two."""
+    from gemmalens.sharding import DATA
+
+    if not isinstance(x, jax.Array):
+        return x
+    mesh = placement.mesh
+    spec = getattr(x.sharding, "spec", None)
+    if spec is None or getattr(x.sharding, "mesh", None) != mesh:
+        entries: list[Any] = [None] * x.ndim
+    else:
+        entries = []
+        for entry in tuple(spec) + (None,) * (x.ndim - len(spec)):
+            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            kept = tuple(n for n in names if n != DATA)
+            entries.append(kept[0] if len(kept) == 1 else (kept or None))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))
+    return jax.device_put(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -916,7 +1011,9 @@ def sweep(
         run uses ``corrupted_attention_mask`` when given.
       chunk_size: patch this many sites at a time, each chunk a ``vmap`` of whole forward
         passes (bounds memory on big models, at the price of the sharing described in
-        the module docstring); None runs every site in one shared program.
+        the module docstring); None runs every site in one shared program. On a mesh
+        with a data axis each chunk is split across it (``chunk_size`` rounded up to a
+        multiple of its size).
       logit_positions: which positions of the logits the metric reads, so that only those
         are computed. ``"auto"`` (default) reads it off the metric (`metric_positions`)
         and computes every position when it cannot be shown; ``"all"`` always computes
@@ -938,13 +1035,17 @@ def sweep(
       with unit ``u`` (position or head) of layer ``l`` set to its clean value, for every
       batch row at once.
 
+    On a mesh (`gemmalens.sharding`) whose ``data`` axis has several devices, the sites
+    are split across that axis: each row of devices along it (a whole copy of the model,
+    split over ``model``) runs its share. Without one, every device runs every site with
+    its slice of the model.
+
     Example (T5Gemma 2, the encoder input corrupted)::
 
         scores = patching.sweep(m, clean, corrupted, metric, site="encoder.resid_pre",
                                 decoder_tokens=decoder)      # [encoder layer, encoder pos]
     """
-    names = site_names(m, site)
-    spec = site_spec(site)
+    names = site_names(m, site)  # an unknown site is the first error
     runs = _prepare_runs(
         m,
         clean_tokens,
@@ -958,39 +1059,67 @@ def sweep(
             corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
     )
+    program, args, kwargs = _sweep_program(
+        m, runs, names, metric, site, chunk_size, logit_positions
+    )
+    return program(*args, **kwargs)
+
+
+def _sweep_program(
+    m: Model,
+    runs: _Runs,
+    names: tuple[str, ...],
+    metric: Metric,
+    site: str,
+    chunk_size: int | None,
+    logit_positions: LogitPositions,
+    split_sites: bool = True,
+) -> tuple[Callable, tuple, dict[str, Any]]:
+    """The compiled sweep `sweep` runs, and its arguments: ``program(*args, **kwargs)``.
+    (Apart so that a test can compile it with and without ``split_sites`` and compare.)
+
+    On a mesh with a data axis (and ``split_sites``) the sites are split across it
+    (`_split_sites`, or the rows of the shared runs: `_sweep_shared`); the inputs then
+    leave that axis to them."""
+    site_sharding = None
+    if split_sites and m.placement is not None:
+        site_sharding = m.placement.site_sharding()
+    inputs = runs.corrupted
+    if site_sharding is not None:
+        inputs = tuple(_off_data(m.placement, x) for x in inputs)
     if (
         not runs.encoder_decoder
         and site in SITES
         and chunk_size is None
         and _model_facts(m._frozen).shares_runs
     ):
-        (clean, clean_mask), (corrupted, corrupted_mask) = runs.clean, runs.corrupted
+        (clean, clean_mask), (corrupted, corrupted_mask) = runs.clean, inputs
+        rows_sharding = None
+        if site_sharding is not None:
+            clean, clean_mask = (_off_data(m.placement, x) for x in (clean, clean_mask))
+            rows = jax.sharding.PartitionSpec(None, site_sharding.spec[0], None)
+            rows_sharding = jax.sharding.NamedSharding(site_sharding.mesh, rows)
         positions = _normalise_positions(logit_positions, clean.shape[1])
         plan = _shared_plan(
             m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions
         )
-        return _sweep_shared(
-            m._frozen,
-            clean,
-            corrupted,
-            clean_mask,
-            corrupted_mask,
-            plan=plan,
-            metric=metric,
-        )
+        args = (m._frozen, clean, corrupted, clean_mask, corrupted_mask)
+        kwargs = dict(plan=plan, metric=metric, rows_sharding=rows_sharding)
+        return _sweep_shared, args, kwargs
     clean_values = runs.capture(m, runs.clean, names)
     if site == FEATURES_SITE:
         _check_feature_widths(names, clean_values)
-    return _sweep_vmapped(
-        m._frozen,
-        clean_values,
-        runs.corrupted,
+    if site_sharding is not None:
+        clean_values = [_off_data(m.placement, v) for v in clean_values]
+    kwargs = dict(
         names=names,
-        unit_axis=spec.unit_axis,
+        unit_axis=site_spec(site).unit_axis,
         metric=metric,
         chunk_size=chunk_size,
         forward=runs.forward,
+        site_sharding=site_sharding,
     )
+    return _sweep_vmapped, (m._frozen, clean_values, inputs), kwargs
 
 
 @functools.partial(jax.jit, static_argnames=("names", "metric", "forward"))

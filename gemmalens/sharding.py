@@ -10,12 +10,19 @@ chose; ``np.asarray`` gathers one).
 
 The default table is Megatron-style tensor parallelism on a ``"model"`` mesh axis (query
 heads, MLP neurons, experts and the vocabulary split across devices) and data parallelism
-on a ``"data"`` axis (the batch of the inputs)::
+on a ``"data"`` axis (the batch of the inputs, and the sites of a patching sweep)::
 
     mesh = gl.sharding.make_mesh(model=4, data=2)      # 8 devices
     m = gl.load("gemma-3-27b", dtype="bfloat16", mesh=mesh)
     m.sharding_rules                                   # what went where
     logits, cache = m.run_with_cache(tokens)           # as on one device
+
+Long prompts can also be split along the sequence (context parallelism), opt-in: a mesh
+with a ``"seq"`` axis (``make_mesh(model=2, seq=4)``), or ``rules={"seq": "data"}`` to
+use the data axis for it. The inputs ``[batch, seq]`` are then placed split along ``seq``
+and XLA's partitioner carries the split through every block (attention gathers the keys
+and values it needs), so activations and captured attention patterns are split by query
+position.
 
 Loading streams each device's slice of each tensor from the memory-mapped checkpoint, so
 no host or device ever holds the whole model. Several hosts: see `initialize_distributed`.
@@ -38,6 +45,7 @@ from penzai import pz
 __all__ = [
     "DATA",
     "MODEL",
+    "SEQ",
     "DEFAULT_RULES",
     "Placement",
     "device_shapes",
@@ -45,11 +53,13 @@ __all__ = [
     "make_mesh",
     "memory_estimate",
     "memory_table",
+    "pad_sequence",
     "shard",
 ]
 
 MODEL = "model"
 DATA = "data"
+SEQ = "seq"
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -60,7 +70,15 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "neurons": MODEL,
     "expert": MODEL,  # expert parallelism: each device holds a slice of the experts
     "vocab": MODEL,
+    # The token axis of the inputs (activations only, never a parameter's: the vision
+    # tower's position table has a "seq" axis too). Like every entry naming a mesh axis
+    # the mesh lacks, it applies only on meshes with a "seq" axis: sequence sharding is
+    # opt-in.
+    SEQ: SEQ,
 }
+# Rule entries that place activations only: parameters with an axis of that name stay
+# whole, and the parameter checks of `Placement.fit` skip them.
+ACTIVATION_RULES = (SEQ,)
 # The families share the table: their parameters use the same axis names. A family that
 # needs another entry adds it here (e.g. a new projection axis).
 FAMILY_RULES: dict[str, dict[str, MeshAxes]] = {
@@ -71,27 +89,68 @@ FAMILY_RULES: dict[str, dict[str, MeshAxes]] = {
 }
 
 
-def make_mesh(model: int | None = None, data: int = 1, devices: Any = None) -> Mesh:
-    """A ``(data, model)`` mesh over ``devices`` (all of them by default).
+def make_mesh(model: int | None = None, data: int = 1, devices: Any = None, seq: int = 1) -> Mesh:
+    """A ``(data, model)`` mesh over ``devices`` (all of them by default), or a ``(data,
+    seq, model)`` one with ``seq`` > 1.
 
     Args:
       model: devices per model replica (tensor / expert parallelism); by default all the
-        devices not used by ``data``.
-      data: model replicas the batch is split across.
+        devices not used by ``data`` and ``seq``.
+      data: model replicas the batch (and a patching sweep's sites) is split across.
       devices: the devices, e.g. ``jax.devices()[:4]``.
+      seq: devices each prompt is split across along its tokens (sequence sharding, for
+        long prompts); the prompt length must then be a multiple of ``seq``
+        (`pad_sequence`).
     """
     devices = list(jax.devices() if devices is None else devices)
+    axes = f"data={data} x seq={seq}" if seq > 1 else f"data={data}"
     if model is None:
-        if len(devices) % data:
-            raise ValueError(f"data={data} does not divide the {len(devices)} devices.")
-        model = len(devices) // data
-    if model * data != len(devices):
+        if len(devices) % (data * seq):
+            raise ValueError(f"{axes} does not divide the {len(devices)} devices.")
+        model = len(devices) // (data * seq)
+    needed = model * data * seq
+    if needed != len(devices):
         raise ValueError(
-            f"A mesh of data={data} x model={model} needs {model * data} devices; there are "
-            f"{len(devices)} (pass devices=jax.devices()[:{model * data}] to use fewer)."
+            f"A mesh of {axes} x model={model} needs {needed} devices; there are "
+            f"{len(devices)} (pass devices=jax.devices()[:{needed}] to use fewer)."
         )
+    # Model innermost: tensor parallelism talks most (every layer), so its devices are the
+    # nearest; seq next (attention gathers keys and values); data outermost (no traffic).
+    if seq > 1:
+        grid = np.array(devices, dtype=object).reshape(data, seq, model)
+        return Mesh(grid, (DATA, SEQ, MODEL))
     grid = np.array(devices, dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
+
+
+def pad_sequence(
+    tokens: Any, multiple: int, pad_id: int, attention_mask: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``[batch, seq]`` right-padded with ``pad_id`` to a multiple of
+    ``multiple`` positions (what sequence sharding needs), and their attention mask (1 =
+    real token). The real tokens' logits and captured values are those of the unpadded
+    prompt: padding comes after them (a causal model never reads it) and is masked.
+
+    Args:
+      tokens: ``[batch, seq]`` ids.
+      multiple: e.g. ``m.placement.seq_ways``.
+      pad_id: ``m.config.pad_token_id``.
+      attention_mask: the mask of ``tokens`` when they are padded already (by default,
+        ``tokens != pad_id``).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}.")
+    mask = (tokens != pad_id) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {mask.shape} but tokens have shape {tokens.shape}."
+        )
+    extra = -tokens.shape[1] % multiple
+    padded = np.pad(tokens, ((0, 0), (0, extra)), constant_values=pad_id)
+    return padded, np.pad(mask.astype(np.int32), ((0, 0), (0, extra)))
 
 
 def _mesh_names(spec: MeshAxes) -> tuple[str, ...]:
@@ -112,7 +171,8 @@ class Placement:
 
     Attributes:
       mesh: the device mesh.
-      rules: parameter axis -> mesh axis (or axes), the ones in force.
+      rules: parameter axis -> mesh axis (or axes), the ones in force; ``seq`` (an
+        activation rule) splits the inputs along their tokens (`input_sharding`).
       replicated: axes the default table shards but that the mesh does not divide for some
         parameters (e.g. one KV head on a 4-way model axis): those parameters keep the axis
         whole, the others are split.
@@ -137,7 +197,9 @@ class Placement:
           family: the model family (its rule table starts from `DEFAULT_RULES`).
           shapes: ``(label, {axis: size})`` of every parameter.
           rules: the user's entries, over the family's table (``{"kv_heads": None}`` keeps
-            an axis whole). A user's entry that the mesh cannot honour is an error; a
+            an axis whole; ``{"seq": "data"}`` splits prompts along their tokens over the
+            data axis, ``{"seq": None}`` keeps them whole on a mesh with a ``seq``
+            axis). A user's entry that the mesh cannot honour is an error; a
             default one is left out for the parameters it does not divide (their axis is listed in
             ``replicated``).
 
@@ -162,7 +224,7 @@ class Placement:
         replicated = []
         for axis, spec in list(table.items()):
             size = _mesh_size(mesh, spec)
-            if spec is None or size == 1:
+            if spec is None or size == 1 or axis in ACTIVATION_RULES:
                 continue
             for label, named_shape in shapes:
                 if axis in named_shape and named_shape[axis] % size:
@@ -177,11 +239,16 @@ class Placement:
                     replicated.append(axis)
                     break
         table = {a: s for a, s in table.items() if s is not None}
+        by_parameter = {a: s for a, s in table.items() if a not in ACTIVATION_RULES}
         for label, named_shape in shapes:
-            used = [n for a in named_shape if a in table for n in _mesh_names(table[a])]
+            used = [n for a in named_shape if a in by_parameter for n in _mesh_names(table[a])]
             twice = {n for n in used if used.count(n) > 1}
             if twice:
-                axes = [a for a in named_shape if a in table and set(_mesh_names(table[a])) & twice]
+                axes = [
+                    a
+                    for a in named_shape
+                    if a in by_parameter and set(_mesh_names(table[a])) & twice
+                ]
                 raise ValueError(
                     f"Parameter {label} would split its axes {axes} over the same mesh axis "
                     f"{sorted(twice)}; map one of them elsewhere or to None in rules."
@@ -190,10 +257,11 @@ class Placement:
 
     def spec(self, named_shape: Mapping[str, int]) -> PartitionSpec:
         """The partition of an array with these named axes (in data order): each axis by its
-        rule, where the mesh divides it."""
+        rule, where the mesh divides it. Activation-only rules (``seq``: see
+        `input_sharding`) do not apply."""
         entries = []
         for axis, size in named_shape.items():
-            spec = self.rules.get(axis)
+            spec = None if axis in ACTIVATION_RULES else self.rules.get(axis)
             divides = spec is not None and size % _mesh_size(self.mesh, spec) == 0
             entries.append(spec if divides else None)
         return PartitionSpec(*entries)
@@ -222,17 +290,66 @@ class Placement:
     def activation_sharding(self, named_shape: Mapping[str, int]) -> NamedSharding:
         """The sharding of an activation or cache with these named axes (data order): the
         parameter rules (``kv_heads``, ``heads`` ...) and ``batch`` over the data axis,
-        each where the mesh divides it."""
+        each where the mesh divides it. Not split along ``seq``: generation's KV caches
+        grow a position at a time, and decoding one token has no sequence to split."""
         rules = {**self.rules, "batch": DATA} if DATA in self.mesh.shape else self.rules
         return dataclasses.replace(self, rules=rules).sharding(named_shape)
 
-    def batch_sharding(self, batch: int, ndim: int) -> NamedSharding | None:
-        """Inputs ``[batch, ...]`` split over the ``data`` axis when it divides the batch."""
-        if DATA not in self.mesh.shape or self.mesh.shape[DATA] == 1:
+    @property
+    def seq_axes(self) -> tuple[str, ...]:
+        """The mesh axes prompts are split across along their tokens (``rules["seq"]``);
+        empty without sequence sharding."""
+        axes = _mesh_names(self.rules.get(SEQ))
+        return axes if _mesh_size(self.mesh, axes) > 1 else ()
+
+    @property
+    def seq_ways(self) -> int:
+        """How many pieces each prompt is split into along its tokens (1: not split)."""
+        return _mesh_size(self.mesh, self.seq_axes)
+
+    def input_sharding(self, shape: tuple[int, ...]) -> NamedSharding | None:
+        """Where an input ``[batch, seq, ...]`` (token ids, a mask) goes: ``seq`` split by
+        the ``seq`` rule when one is in force, ``batch`` over the ``data`` axis when the
+        data axis divides it and the ``seq`` rule does not use it. None when neither is
+        split (an ordinary array).
+
+        Args:
+          shape: the input's shape.
+
+        Raises:
+          ValueError: the sequence split does not divide the prompt length; the message
+            gives the length to pad to (`pad_sequence`).
+        """
+        entries: list[MeshAxes] = [None] * len(shape)
+        seq_axes = self.seq_axes
+        if seq_axes and len(shape) >= 2:
+            ways = _mesh_size(self.mesh, seq_axes)
+            if shape[1] % ways:
+                padded = -(-shape[1] // ways) * ways
+                spec = seq_axes[0] if len(seq_axes) == 1 else seq_axes
+                raise ValueError(
+                    f"The prompt has {shape[1]} tokens, which the sequence split "
+                    f"(rules['seq'] = {spec!r}: {ways} devices) does not divide. Pad it to "
+                    f"{padded} tokens: tokens, mask = gl.sharding.pad_sequence(tokens, {ways}, "
+                    "m.config.pad_token_id) and pass attention_mask=mask (the real tokens' "
+                    "values do not change); or load without sequence sharding "
+                    "(rules={'seq': None})."
+                )
+            entries[1] = seq_axes[0] if len(seq_axes) == 1 else seq_axes
+        data = self.mesh.shape.get(DATA, 1)
+        if data > 1 and DATA not in seq_axes and shape and shape[0] % data == 0:
+            entries[0] = DATA
+        if all(e is None for e in entries):
             return None
-        if batch % self.mesh.shape[DATA]:
+        return NamedSharding(self.mesh, PartitionSpec(*entries))
+
+    def site_sharding(self) -> NamedSharding | None:
+        """How a patching sweep splits its sites: over the ``data`` axis, when it has more
+        than one device; None otherwise (every device runs every site, each with its
+        slice of the model)."""
+        if self.mesh.shape.get(DATA, 1) == 1:
             return None
-        return NamedSharding(self.mesh, PartitionSpec(DATA, *([None] * (ndim - 1))))
+        return NamedSharding(self.mesh, PartitionSpec(DATA))
 
 
 # While a model is built for a mesh, parameter sources place each parameter as they make it.
@@ -355,12 +472,17 @@ def memory_estimate(
     dtype: Any = "bfloat16",
     devices: int = 1,
     rules: Mapping[str, MeshAxes] | None = None,
+    seq: int = 1,
 ) -> dict[str, float]:
     """Memory in GiB a model needs, in total and per device on a ``(data=1, model=devices)``
     mesh with the family's rules: parameters, the generation KV cache for ``batch`` rows of
     ``tokens`` tokens (sliding-window layers keep their window, KV-sharing layers nothing),
     and every attention pattern captured at ``batch x tokens`` (each attention layer's
     ``[batch, heads, tokens, tokens]``; an encoder-decoder counts each stack at ``tokens``).
+
+    With ``seq`` > 1, on a ``(data=1, seq, model=devices)`` mesh: the prompt split along
+    its tokens, so each device holds ``1/seq`` of the query positions of each pattern
+    (parameters and the generation KV cache are not split by ``seq``).
 
     Activations of the forward pass itself are not included. Computed from the model's
     shapes only: nothing is allocated.
@@ -372,7 +494,10 @@ def memory_estimate(
     itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
     shapes = ShapeOnly()
     tree = config.build(shapes)
-    mesh = jax.sharding.AbstractMesh((1, devices), (DATA, MODEL))
+    if seq > 1:
+        mesh = jax.sharding.AbstractMesh((1, seq, devices), (DATA, SEQ, MODEL))
+    else:
+        mesh = jax.sharding.AbstractMesh((1, devices), (DATA, MODEL))
     placement = Placement.fit(
         mesh, config.family, ((r.label, r.axes) for r in shapes.requests), rules
     )
@@ -398,7 +523,9 @@ def memory_estimate(
         if heads is None or not label.endswith("q_proj.weights") or "vision." in label:
             continue
         patterns += batch * heads * tokens * tokens
-        patterns_device += batch * placement.per_device({"heads": heads})[0] * tokens * tokens
+        per_device_heads = placement.per_device({"heads": heads})[0]
+        # Split by query position across the seq axis (rounded up: a prompt padded to it).
+        patterns_device += batch * per_device_heads * -(-tokens // placement.seq_ways) * tokens
     gib = itemsize / 2**30
     return {
         "parameters": params / 1e9,

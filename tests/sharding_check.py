@@ -7,12 +7,19 @@ Run in a subprocess by tests/test_sharding.py (the device count is fixed when JA
 Writes, per family, the largest differences between the model on one device and the same
 model on a (data=2, model=4) mesh, in float32: logits, every captured hook, an
 intervention, a patching sweep, attribution patching and greedy generation; plus each parameter's shard shape on each device and the messages of bad meshes.
+
+Then, on (data=4, model=2): patching sweeps whose sites are split over the data axis
+(`sites`), against one device, with each device's share of the work (flops of the compiled
+program, split and not); and on (seq=4, model=2), (data=2, seq=2, model=2) and with
+rules={"seq": "data"}: prompts split along their tokens (`seq`), against one device, with
+the layout of what came back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 
@@ -148,6 +155,147 @@ def bad_meshes() -> dict:
     return messages
 
 
+def flops(program, args, kwargs) -> float:
+    """The flops one device runs in the compiled program (XLA's cost analysis of the
+    partitioned module: each device's share)."""
+    cost = program.lower(*args, **kwargs).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def split_sites() -> dict:
+    """Sweeps on a (data=4, model=2) mesh against one device: Gemma 3 through the shared
+    runs and in chunks, T5Gemma 2 through the vmapped form (its 2 x 5 decoder sites padded
+    to 12). The compiled programs are compiled again without the split
+    (``split_sites=False``, on the same mesh): each device's flops show the sites really
+    went over the data axis."""
+    mesh = gl.sharding.make_mesh(model=2, data=4)
+    out = {}
+
+    def metric(logits):
+        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
+
+    for name, chunk, label in [
+        ("gemma3", None, "shared"),
+        ("gemma3", 16, "chunked"),
+        ("t5gemma2", None, "vmapped"),
+    ]:
+        one = gl.teaching_model(name)
+        sharded = gl.load(gl.teaching_model_path(name), mesh=mesh)
+        site, decoder = "resid_pre", dict.fromkeys(DECODER_KEYWORDS)
+        if name == "t5gemma2":
+            site, decoder["decoder_tokens"] = "decoder.resid_pre", DECODER
+        given = {k: v for k, v in decoder.items() if v is not None}
+        a = patching.sweep(one, TOKENS, CORRUPTED, metric, site, chunk_size=chunk, **given)
+        b = patching.sweep(sharded, TOKENS, CORRUPTED, metric, site, chunk_size=chunk, **given)
+        entry = {"difference": biggest(a, b), "scale": scale(a), "shape": list(b.shape)}
+        # The cost analysis counts a loop's body once (a chunk; a group of the shared runs):
+        # split and whole programs have the same loops, so their ratio is each device's
+        # share of the work.
+        runs = patching._prepare_runs(sharded, TOKENS, CORRUPTED, None, None, decoder)
+        names = patching.site_names(sharded, site)
+        programs = [
+            patching._sweep_program(
+                sharded, runs, names, metric, site, chunk, "auto", split_sites=split
+            )
+            for split in (True, False)
+        ]
+        entry["program"] = programs[0][0].__name__
+        entry["flops_split"], entry["flops_whole"] = (flops(*p) for p in programs)
+        out[label] = entry
+    jax.clear_caches()
+    return out
+
+
+DECODER_KEYWORDS = (
+    "decoder_tokens",
+    "corrupted_decoder_tokens",
+    "decoder_attention_mask",
+    "corrupted_decoder_attention_mask",
+)
+LONG = RS.randint(3, 400, (2, 16))  # 16 tokens: a multiple of every sequence split here
+
+
+def sequence() -> dict:
+    """Prompts split along their tokens against one device: every capture of Gemma 3 and
+    T5Gemma 2 on (seq=4, model=2); Gemma 3 with rules={"seq": "data"} on (data=4,
+    model=2); a sweep and generation on (data=2, seq=2, model=2); the error for a length
+    the split does not divide, and its fix."""
+    out = {}
+
+    def captures(one, sharded, **streams):
+        logits_one, cache_one = one.run_with_cache(LONG, **streams)
+        logits, cache = sharded.run_with_cache(LONG, **streams)
+        gathered = cache.gather()
+        relative = {k: biggest(cache_one[k], gathered[k]) / scale(cache_one[k]) for k in cache_one}
+        # What XLA's partitioner made of the inputs' split: each captured value's layout
+        # as it came back (nothing constrains them), one entry per kind of hook.
+        specs = {}
+        for k in cache_one:
+            kind = re.sub(r"\d+", "N", k)
+            specs.setdefault(kind, str(cache[k].sharding.spec))
+        return {
+            "logits": biggest(logits_one, logits) / scale(logits_one),
+            "logits_spec": str(logits.sharding.spec),
+            "captures": max(relative.values()),
+            "worst_capture": max(relative, key=relative.get),
+            "specs": specs,
+            "count": len(cache_one),
+        }
+
+    seq_mesh = gl.sharding.make_mesh(model=2, seq=4)
+    for name in ("gemma3", "t5gemma2"):
+        one = gl.teaching_model(name)
+        sharded = gl.load(gl.teaching_model_path(name), mesh=seq_mesh)
+        streams = {"decoder_tokens": LONG[:, :8]} if name == "t5gemma2" else {}
+        out[name] = captures(one, sharded, **streams)
+        # Without captured patterns attention runs its fused path, not the explicit one.
+        logits_one, logits = one(LONG, **streams), sharded(LONG, **streams)
+        out[name]["forward"] = biggest(logits_one, logits) / scale(logits_one)
+        out[name]["forward_spec"] = str(logits.sharding.spec)
+        out[name]["rules_seq"] = sharded.sharding_rules["seq"]
+        out[name]["input_spec"] = str(sharded._on_mesh(LONG).sharding.spec)
+        if name == "gemma3":
+            try:
+                sharded(TOKENS)  # 9 tokens on a 4-way split
+            except ValueError as error:
+                out["bad_length"] = str(error)
+            padded, mask = gl.sharding.pad_sequence(TOKENS, 4, one.config.pad_token_id)
+            out["padded_shape"] = list(padded.shape)
+            out["padded"] = biggest(one(TOKENS), sharded(padded, attention_mask=mask)[:, :9])
+            out["padded_scale"] = scale(one(TOKENS))
+        jax.clear_caches()
+
+    # The data axis as the sequence split: the batch then stays whole.
+    one = gl.teaching_model("gemma3")
+    on_data = gl.load(
+        gl.teaching_model_path("gemma3"),
+        mesh=gl.sharding.make_mesh(model=2, data=4),
+        rules={"seq": "data"},
+    )
+    out["on_data"] = captures(one, on_data)
+    out["on_data"]["input_spec"] = str(on_data._on_mesh(LONG).sharding.spec)
+
+    # Both at once: sites over data, tokens over seq; generation ignores the seq split.
+    mixed = gl.load(
+        gl.teaching_model_path("gemma3"), mesh=gl.sharding.make_mesh(model=2, data=2, seq=2)
+    )
+    corrupted = LONG.copy()
+    corrupted[:, 10] = (corrupted[:, 10] + 100) % 400 + 3
+
+    def metric(logits):
+        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
+
+    a = patching.sweep(one, LONG, corrupted, metric)
+    b = patching.sweep(mixed, LONG, corrupted, metric)
+    out["mixed_sweep"], out["mixed_sweep_scale"] = biggest(a, b), scale(a)
+    out["mixed_input_spec"] = str(mixed._on_mesh(LONG).sharding.spec)
+    ga = one.generate(LONG[:, :6], max_new_tokens=4, stop_at_eos=False)
+    gb = mixed.generate(LONG[:, :6], max_new_tokens=4, stop_at_eos=False)
+    out["mixed_greedy_equal"] = bool(np.array_equal(np.asarray(ga.tokens), np.asarray(gb.tokens)))
+    jax.clear_caches()
+    return out
+
+
 def main(path: str, model: int = 2, data: int = 2) -> None:
     mesh = gl.sharding.make_mesh(model=model, data=data)
     results = {"devices": len(jax.devices())}
@@ -158,6 +306,10 @@ def main(path: str, model: int = 2, data: int = 2) -> None:
         jax.clear_caches()
     results["kv_cache"] = kv_cache(mesh)
     results["bad"] = bad_meshes()
+    for name, case in (("sites", split_sites), ("seq", sequence)):
+        start = time.perf_counter()
+        results[name] = case()
+        results[name]["seconds"] = time.perf_counter() - start
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
 

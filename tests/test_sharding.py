@@ -1,6 +1,8 @@
 """Sharding (gemmalens.sharding): every teaching model on 8 simulated CPU devices, in a
 subprocess (the device count is fixed when JAX starts), against the same model on one
-device; two processes joined as two hosts; a one-device mesh in this process; bad meshes.
+device; patching sweeps with their sites split over the data axis; prompts split along
+their tokens (sequence sharding); two processes joined as two hosts; a one-device mesh in
+this process; bad meshes.
 
 Sharded programs sum in another order (a head's or a neuron's contribution is added up on
 its device, then across devices), so float32 values agree to rounding: each comparison is
@@ -18,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 import gemmalens as gl
 from gemmalens.sharding import Placement
@@ -109,6 +112,58 @@ def test_bad_meshes_get_clear_errors(results):
     assert "embed.embeddings would split its axes ['vocab', 'embedding']" in bad["axis_twice"]
 
 
+@pytest.mark.parametrize("path", ["shared", "chunked", "vmapped"])
+def test_sweep_sites_are_split_over_the_data_axis(results, path):
+    """On (data=4, model=2): the same scores as on one device, and each device runs a
+    share of the sites: its flops in the compiled sweep are well under those of the same
+    sweep compiled without the split (about a quarter; unsplit they would be equal)."""
+    r = results["sites"][path]
+    assert r["shape"] == ([2, 5] if path == "vmapped" else [6, 9])  # [layer, pos]
+    assert r["difference"] <= 1e-5 * r["scale"], r
+    assert r["program"] == ("_sweep_shared" if path == "shared" else "_sweep_vmapped")
+    assert r["flops_split"] <= 0.5 * r["flops_whole"], r
+
+
+def test_sequence_sharding_splits_activations_along_tokens(results):
+    r = results["seq"]
+    for family in ("gemma3", "t5gemma2"):
+        f = r[family]
+        assert f["rules_seq"] == "seq" and f["input_spec"] == "P(None, 'seq')"
+        assert f["logits"] <= RELATIVE and f["captures"] <= RELATIVE, f["worst_capture"]
+        assert f["count"] > 50
+        # Nothing constrains what comes back: the inputs' split went through every block.
+        # [batch, pos, ...] values are split along pos; patterns [batch, head, q_pos,
+        # k_pos] along the query positions (and heads over the model axis).
+        for kind, spec in f["specs"].items():
+            if kind.endswith(("pattern", "attn_scores")):
+                assert spec == "P(None, 'model', 'seq')", (kind, spec)
+            else:
+                assert spec.startswith("P(None, 'seq'"), (kind, spec)
+        assert f["logits_spec"] == f["forward_spec"] == "P(None, 'seq', 'model')"
+        assert f["forward"] <= RELATIVE
+    on_data = r["on_data"]  # rules={"seq": "data"}: the data axis splits the tokens
+    assert on_data["input_spec"] == "P(None, 'data')"
+    assert on_data["logits"] <= RELATIVE and on_data["captures"] <= RELATIVE
+    assert on_data["specs"]["blocks.N.hook_resid_post"] == "P(None, 'data')"
+    assert on_data["specs"]["blocks.N.attn.hook_pattern"] == "P(None, 'model', 'data')"
+    # data=2, seq=2: rows over data, tokens over seq; a sweep (its sites over data) and
+    # greedy generation (which does not split its KV caches by seq) as on one device.
+    assert r["mixed_input_spec"] == "P('data', 'seq')"
+    assert r["mixed_sweep"] <= 1e-5 * r["mixed_sweep_scale"]
+    assert r["mixed_greedy_equal"]
+
+
+def test_sequence_sharding_needs_a_length_the_split_divides(results):
+    r = results["seq"]
+    assert "The prompt has 9 tokens" in r["bad_length"]
+    assert "Pad it to 12 tokens" in r["bad_length"]
+    assert "gl.sharding.pad_sequence(tokens, 4, m.config.pad_token_id)" in r["bad_length"]
+    assert "rules={'seq': None}" in r["bad_length"]
+    # The fix: padded to 12, the real tokens' logits are the unpadded ones.
+    assert r["padded_shape"] == [2, 12]
+    assert r["padded"] <= RELATIVE * r["padded_scale"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -166,12 +221,63 @@ def test_one_device_mesh_is_the_plain_model():
 def test_make_mesh_and_rules_errors():
     with pytest.raises(ValueError, match=r"needs 4 devices; there are 1"):
         gl.sharding.make_mesh(model=2, data=2)
+    with pytest.raises(ValueError, match=r"data=1 x seq=2 x model=2 needs 4 devices"):
+        gl.sharding.make_mesh(model=2, seq=2)
+    with pytest.raises(ValueError, match=r"data=1 x seq=2 does not divide the 1 devices"):
+        gl.sharding.make_mesh(seq=2)
     mesh = gl.sharding.make_mesh()
     shapes = [("blocks.0.attn.q_proj.weights", {"heads": 4, "head_dim": 8, "embedding": 16})]
     with pytest.raises(ValueError, match="names mesh axis 'experts'"):
         Placement.fit(mesh, "gemma3", shapes, {"heads": "experts"})
     placement = Placement.fit(mesh, "gemma3", shapes, {"vocab": None})
     assert "vocab" not in placement.rules and math.prod(mesh.shape.values()) == 1
+
+
+def test_sequence_rule_and_input_placement():
+    """The ``seq`` rule on meshes of several devices, without the devices (abstract
+    meshes): on with a ``seq`` mesh axis, opt-in on the data axis, never on a parameter."""
+    from jax.sharding import AbstractMesh
+
+    shapes = [
+        ("vision.embeddings.position_embedding.embeddings", {"seq": 4096, "embedding": 8}),
+        ("blocks.0.attn.q_proj.weights", {"heads": 4, "head_dim": 8, "embedding": 8}),
+    ]
+    seq_mesh = AbstractMesh((2, 4, 1), ("data", "seq", "model"))
+    p = Placement.fit(seq_mesh, "gemma3", shapes)
+    assert p.rules["seq"] == "seq" and p.seq_axes == ("seq",) and p.seq_ways == 4
+    assert p.spec(shapes[0][1]) == PartitionSpec(None, None)  # a parameter's seq stays whole
+    assert p.input_sharding((2, 16)).spec == PartitionSpec("data", "seq")
+    assert p.input_sharding((3, 16)).spec == PartitionSpec(None, "seq")  # 3 rows: whole
+    with pytest.raises(ValueError, match="has 9 tokens.*Pad it to 12 tokens"):
+        p.input_sharding((2, 9))
+    # Generation's caches are not split by seq.
+    cache = {"batch": 2, "seq": 16, "kv_heads": 1, "head_dim": 8}
+    assert p.activation_sharding(cache).spec[:2] == ("data", None)
+    assert Placement.fit(seq_mesh, "gemma3", shapes, {"seq": None}).seq_ways == 1
+
+    data_mesh = AbstractMesh((4, 2), ("data", "model"))
+    plain = Placement.fit(data_mesh, "gemma3", shapes)
+    assert "seq" not in plain.rules and plain.seq_ways == 1  # opt-in
+    assert plain.input_sharding((4, 9)).spec == PartitionSpec("data", None)
+    assert plain.input_sharding((2, 9)) is None
+    assert plain.site_sharding().spec == PartitionSpec("data")
+    on_data = Placement.fit(data_mesh, "gemma3", shapes, {"seq": "data"})
+    assert on_data.input_sharding((4, 16)).spec == PartitionSpec(None, "data")  # batch whole
+    model_only = Placement.fit(AbstractMesh((1, 8), ("data", "model")), "gemma3", shapes)
+    assert model_only.site_sharding() is None
+    with pytest.raises(ValueError, match="names mesh axis 'seq'"):
+        Placement.fit(data_mesh, "gemma3", shapes, {"seq": "seq"})
+
+
+def test_pad_sequence():
+    tokens = np.array([[2, 5, 6, 7, 8], [2, 9, 10, 0, 0]])
+    padded, mask = gl.sharding.pad_sequence(tokens, 4, pad_id=0)
+    assert padded.shape == mask.shape == (2, 8)
+    assert padded[:, 5:].sum() == 0 and mask.tolist() == [[1] * 5 + [0] * 3, [1] * 3 + [0] * 5]
+    same, _ = gl.sharding.pad_sequence(padded, 4, pad_id=0)
+    assert same.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        gl.sharding.pad_sequence(tokens[0], 4, pad_id=0)
 
 
 def test_memory_estimate_against_a_count_by_hand():
@@ -188,6 +294,12 @@ def test_memory_estimate_against_a_count_by_hand():
     patterns = config.num_hidden_layers * config.num_attention_heads * tokens**2
     assert e["patterns_gib"] * 2**30 == pytest.approx(4 * patterns)
     assert e["parameters_gib_per_device"] == e["parameters_gib"]  # one device
+    # Split along the tokens over 4 devices: each holds a quarter of the query positions
+    # (300 -> 75 each); the weights and the generation KV cache are not split by seq.
+    split = gl.sharding.memory_estimate(config, tokens=tokens, dtype="float32", seq=4)
+    assert split["patterns_gib_per_device"] == pytest.approx(e["patterns_gib"] / 4)
+    assert split["parameters_gib_per_device"] == e["parameters_gib"]
+    assert split["kv_cache_gib_per_device"] == e["kv_cache_gib"]
 
 
 def test_docs_memory_table_is_the_computed_one():
