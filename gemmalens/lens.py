@@ -297,15 +297,27 @@ class Model:
         """The validated inputs of one call, as `logits_of` takes them after the model:
         ``(tokens, mask)`` (mask None when nothing is padded), and for a call with images
         ``(tokens, mask, side inputs)``. ``streams`` holds the keyword inputs beyond
-        ``tokens``: ``pixel_values`` and ``token_type_ids`` (Gemma 3 with its vision tower)."""
+        ``tokens``: ``pixel_values`` and ``token_type_ids`` (a model with its vision tower;
+        Gemma 4 also ``image_position_ids``, and ``mm_token_type_ids`` for the types)."""
         from gemmalens.vision.merge import image_side_inputs
 
         streams = dict(streams)
         pixel_values = streams.pop("pixel_values", None)
         token_type_ids = streams.pop("token_type_ids", None)
+        # Gemma 4's processor names: patch positions, and its token types.
+        image_position_ids = streams.pop("image_position_ids", None)
+        mm_token_type_ids = streams.pop("mm_token_type_ids", None)
+        if mm_token_type_ids is not None:
+            if token_type_ids is not None:
+                raise TypeError(
+                    "Give token_type_ids or mm_token_type_ids (Gemma 4's processor name for "
+                    "the same thing), not both."
+                )
+            token_type_ids = mm_token_type_ids
         if streams:
             reads = (
-                "tokens, and pixel_values and token_type_ids for its vision tower"
+                "tokens, and pixel_values and token_type_ids for its vision tower "
+                "(Gemma 4: also image_position_ids)"
                 if getattr(self.config, "vision", None) is not None
                 else "one input stream (tokens)"
             )
@@ -315,7 +327,9 @@ class Model:
             )
         tokens, mask = self._host_inputs(tokens, attention_mask)
         # The image checks and blocks read the ids on the host (also under jax.eval_shape).
-        images = image_side_inputs(self.config, tokens, pixel_values, token_type_ids)
+        images = image_side_inputs(
+            self.config, tokens, pixel_values, token_type_ids, image_position_ids
+        )
         tokens = self._on_mesh(tokens)
         mask = None if mask is None else self._on_mesh(mask)
         return (tokens, mask) if images is None else (tokens, mask, images)

@@ -6,6 +6,7 @@ from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
 from gemmalens.families.t5gemma2 import T5Gemma2Config
+from gemmalens.vision.gemma4 import Gemma4ImageEncoderConfig, Gemma4VisionConfig
 from gemmalens.vision.siglip import Gemma3ProjectorConfig, Gemma3VisionConfig, SiglipVisionConfig
 
 
@@ -125,6 +126,33 @@ PRESETS.update(
     gemma3_12b=_gemma3_with_vision("gemma3_12b_text"),
     gemma3_27b=_gemma3_with_vision("gemma3_27b_text"),
 )
+
+
+# Gemma 4's vision towers (transformers' Gemma4VisionModel: 167 364 608 and 569 548 080
+# parameters), by the text preset they sit beside. The presets above are the text decoders.
+_GEMMA4_VISION_SMALL = Gemma4VisionConfig(use_clipped_linears=True)
+_GEMMA4_VISION_LARGE = Gemma4VisionConfig(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, head_dim=72, standardize=True,
+)  # fmt: skip
+GEMMA4_VISION_TOWERS = {
+    "gemma4_e2b": _GEMMA4_VISION_SMALL,
+    "gemma4_e4b": _GEMMA4_VISION_SMALL,
+    "gemma4_26b_a4b": _GEMMA4_VISION_LARGE,
+    "gemma4_31b": _GEMMA4_VISION_LARGE,
+}
+
+
+def gemma4_with_vision(name: str) -> Gemma4Config:
+    """A Gemma 4 text preset with its released vision tower and ``embed_vision``
+    (``Gemma4ForConditionalGeneration`` without the audio tower): e.g.
+    ``gemma4_with_vision("gemma4_e2b").num_params()``, ``gl.build(...)``."""
+    if name not in GEMMA4_VISION_TOWERS:
+        raise KeyError(f"{name!r} is not a Gemma 4 preset; one of {sorted(GEMMA4_VISION_TOWERS)}.")
+    config = PRESETS[name]
+    return config.replace(
+        vision=Gemma4ImageEncoderConfig(GEMMA4_VISION_TOWERS[name], config.hidden_size)
+    )
 
 
 def presets() -> list[str]:

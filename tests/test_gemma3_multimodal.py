@@ -282,11 +282,11 @@ def test_load_errors(checkpoint, tmp_path):
     ref.gemma3_text(text_dir)
     with pytest.raises(CheckpointError, match="text-only Gemma 3 checkpoint"):
         gl.load(text_dir, vision=True)
-    other = tmp_path / "gemma4"
+    other = tmp_path / "gemma3n"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "gemma3n_text"}))
     save_file({"x": np.zeros(1, np.float32)}, other / "model.safetensors")
-    with pytest.raises(CheckpointError, match="Gemma 4 vision tower"):
+    with pytest.raises(CheckpointError, match="Gemma 3n vision tower"):
         gl.load(other, vision=True)
 
 

@@ -2,11 +2,14 @@
 
 ``Gemma4ForCausalLM`` files store the text decoder under ``model.``;
 ``Gemma4ForConditionalGeneration`` files (the Hub's) under ``model.language_model.``, beside
-the vision and audio towers, which the text model does not read.
+the vision and audio towers. The text model reads neither; with ``vision=True`` the vision
+tower and its embedder are read too (``vision.*`` labels, named by
+`gemmalens.vision.gemma4.hf_name`). The audio tower is never read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -15,8 +18,9 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
-from gemmalens.checkpoints.safetensors_files import CheckpointDir
+from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.gemma4 import Gemma4Config
+from gemmalens.vision import gemma4 as vision_names
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
 
@@ -98,19 +102,67 @@ def ignored_tensors(prefix: str, config: Gemma4Config) -> Callable[[str], bool]:
     return ignore
 
 
+def with_vision(ckpt: CheckpointDir, config: Gemma4Config) -> Gemma4Config:
+    """``config`` with the image encoder and placeholder ids of a ``gemma4`` checkpoint."""
+    hf = ckpt.config
+    if hf.get("model_type") != "gemma4" or not hf.get("vision_config"):
+        kind = "text-only" if hf.get("model_type") != "gemma4" else "audio-only"
+        raise CheckpointError(
+            f"{ckpt.path} is a {kind} Gemma 4 checkpoint (model_type "
+            f"{hf.get('model_type')!r}, architectures {hf.get('architectures')}, no "
+            "vision_config): it has no vision tower. Load it without vision=True; "
+            "Gemma4ForConditionalGeneration checkpoints with a vision_config have one."
+        )
+    try:
+        encoder = vision_names.Gemma4ImageEncoderConfig.from_hf(hf)
+    except ValueError as error:
+        raise CheckpointError(f"{ckpt.path}: {error}") from None
+    return dataclasses.replace(
+        config,
+        vision=encoder,
+        image_token_id=int(hf.get("image_token_id", 258_880)),
+        video_token_id=int(hf.get("video_token_id", 258_884)),
+        audio_token_id=int(hf.get("audio_token_id", 258_881)),
+    )
+
+
 def load_checkpoint(
-    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None
+    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None, vision: bool = False
 ) -> tuple[pz.nn.Layer, Gemma4Config]:
-    """Builds the Gemma 4 text decoder of a ``gemma4_text`` or ``gemma4`` checkpoint."""
+    """Builds the Gemma 4 text decoder of a ``gemma4_text`` or ``gemma4`` checkpoint; with
+    ``vision``, the vision tower and ``embed_vision`` of a ``gemma4`` one too."""
     hf = text_config(ckpt, "gemma4", "Gemma 4")
     config = Gemma4Config.from_hf(hf)
     prefix = text_prefix(ckpt)
+    ignore_text = ignored_tensors(prefix, config)
+
+    def key_for(label: str) -> str:
+        return prefix + hf_name(label)
+
+    ignore = ignore_text
+    if vision:
+        config = with_vision(ckpt, config)
+        tower = find_prefix(
+            ckpt, (vision_names.TOWER_PREFIX,), "patch_embedder.input_proj.weight", "Gemma 4 vision"
+        )
+        embedder = vision_names.EMBEDDER_PREFIX
+
+        def key_for(label: str) -> str:
+            if label.startswith("vision."):
+                return vision_names.hf_name(label, tower, embedder)
+            return prefix + hf_name(label)
+
+        def ignore(key: str) -> bool:
+            # What the text model skips (the audio tower among it), except the vision
+            # tower and its embedder: every one of their tensors is read.
+            return ignore_text(key) and not key.startswith((tower, embedder))
+
     model = build_from_checkpoint(
         ExpertsAsMatrices(ckpt),
         config.build,
-        lambda label: prefix + hf_name(label),
+        key_for,
         dtype,
-        ignore=ignored_tensors(prefix, config),
+        ignore=ignore,
         show_progress=show_progress,
     )
     return model, config

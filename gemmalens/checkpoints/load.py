@@ -141,8 +141,9 @@ def load(
         on: each device reads only its slice of each tensor.
       rules: entries over the family's sharding rule table (`gemmalens.sharding`).
       vision: also build the vision tower of a multimodal checkpoint (Gemma 3 4B, 12B,
-        27B, and T5Gemma 2's encoder: SigLIP and the projector), so that the model takes
-        ``pixel_values`` (`gemmalens.vision.merge`). Off by default: the text model alone loads faster and
+        27B, and T5Gemma 2's encoder: SigLIP and the projector; Gemma 4: its own tower and
+        ``embed_vision``), so that the model takes ``pixel_values``
+        (`gemmalens.vision.merge`). Off by default: the text model alone loads faster and
         needs less memory, and runs text exactly as with the tower.
 
     Returns:
@@ -162,10 +163,11 @@ def load(
         if vision:
             family = registry.by_model_type()[model_type]
             if "vision" not in family.towers:
+                with_towers = [f.title for f in registry.FAMILIES.values() if "vision" in f.towers]
                 raise CheckpointError(
                     f"vision=True: gemmalens does not build the {family.title} vision tower "
-                    "yet (image input is implemented for Gemma 3 and T5Gemma 2); load this "
-                    "checkpoint without it to run its text model."
+                    f"yet (image input is implemented for {', '.join(with_towers)}); load "
+                    "this checkpoint without it to run its text model."
                 )
             options["vision"] = True
         request = None

@@ -32,6 +32,12 @@ What is new against Gemma 3 (every other layer comes from `gemmalens.layers`):
   end of the block (``hook_resid_post`` is after it).
 * ``use_bidirectional_attention="all"`` (embedding models): every layer attends both ways,
   sliding layers to ``|q - k| <= sliding_window // 2 + 1``; `sentence_embeddings` mean-pools.
+* Images (``vision`` set, ``gl.load(path, vision=True)``): the embedding is an
+  `EmbedWithImages` around Gemma 4's tower (`gemmalens.vision.gemma4`, hook points
+  ``vision.*`` and ``hook_image_embed``); the per-layer inputs read the pad row at the
+  image, video and audio placeholders (their context part sees the soft tokens); with
+  ``use_bidirectional_attention="vision"`` (26B, 31B) each image's tokens see each other
+  both ways on sliding layers (`gemmalens.vision.merge`). Video and audio are not built.
 
 Interventions on the routing: `force_expert`, `forbid_expert`, `ablate_expert` return
 hook dicts for ``Model.run_with_hooks`` / ``Model.hooks``.
@@ -79,6 +85,8 @@ from gemmalens.layers.per_layer_embeddings import (
 )
 from gemmalens.layers.rope import RopeConfig
 from gemmalens.layers.transformer import RESID_AXES, DecoderLM
+from gemmalens.vision.gemma4 import Gemma4ImageEncoderConfig
+from gemmalens.vision.merge import EmbedWithImages
 
 BIDIRECTIONAL_MODES = (None, "vision", "all")
 
@@ -93,6 +101,13 @@ class Gemma4Config(CountsParameters):
     disables per-layer embeddings; ``enable_moe_block`` adds the expert branch to every
     layer. ``use_bidirectional_attention``: None or ``"vision"`` (bidirectional only
     around image tokens, so causal for text) or ``"all"`` (embedding mode).
+
+    ``vision`` (None: a text model) adds the image encoder of
+    ``Gemma4ForConditionalGeneration``: the model then takes ``pixel_values`` and
+    ``image_position_ids`` and puts each image's soft tokens at its run of
+    ``image_token_id`` placeholders (`gemmalens.vision.merge`); ``num_params()`` counts the
+    tower too. ``video_token_id`` and ``audio_token_id`` are the other placeholders, which
+    such a model's per-layer inputs also read as the pad token.
     """
 
     vocab_size: int
@@ -126,11 +141,20 @@ class Gemma4Config(CountsParameters):
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
+    vision: Gemma4ImageEncoderConfig | None = None
+    image_token_id: int = 258_880
+    video_token_id: int = 258_884
+    audio_token_id: int = 258_881
     family: str = dataclasses.field(default="gemma4", init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         check_layer_types(self.layer_types, self.num_hidden_layers)
+        if self.vision is not None and self.vision.text_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"The vision embedder writes width {self.vision.text_hidden_size} but "
+                f"hidden_size is {self.hidden_size}; they must match."
+            )
         for i in range(self.num_hidden_layers):
             if self.num_attention_heads % self.layer_kv_heads(i):
                 raise ValueError(
@@ -190,9 +214,13 @@ class Gemma4Config(CountsParameters):
         return alternating_layer_types(num_layers, pattern, last_full=True)
 
     def replace(self, **changes: Any) -> Gemma4Config:
-        """A copy with some fields changed (``layer_types`` follows a new layer count)."""
+        """A copy with some fields changed (``layer_types`` follows a new layer count, the
+        vision embedder's output width a new ``hidden_size``)."""
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
+        vision = changes.get("vision", self.vision)
+        if "hidden_size" in changes and vision is not None:
+            changes["vision"] = dataclasses.replace(vision, text_hidden_size=changes["hidden_size"])
         return dataclasses.replace(self, **changes)
 
     def build(self, source: ParamSource) -> DecoderLM:
@@ -200,7 +228,10 @@ class Gemma4Config(CountsParameters):
         return build_gemma4(self, source)
 
     def counts_as_parameter(self, label: str) -> bool:
-        # As in transformers, where it is a buffer, the per-layer scalar is not counted.
+        # As in transformers, where they are buffers, the per-layer scalar and the vision
+        # tower's clipping bounds and standardisation vectors are not counted.
+        if label.startswith("vision.") and self.vision is not None:
+            return self.vision.counts_as_parameter(label)
         return not label.endswith(".layer_scalar")
 
     @classmethod
@@ -320,13 +351,21 @@ def attention_spec(config: Gemma4Config, index: int) -> AttentionSpec:
     layer_type = config.layer_types[index]
     # transformers keeps |q - k| <= window // 2 + 1 (one more than Gemma 3's rule).
     reach = config.sliding_window // 2 + 2 if config.use_bidirectional_attention == "all" else None
+    mask = decoder_mask(layer_type, config.sliding_window, reach)
+    if (
+        config.vision is not None
+        and config.use_bidirectional_attention == "vision"
+        and layer_type == SLIDING
+    ):
+        # transformers' Gemma 4: image blocks are bidirectional on sliding layers only.
+        mask = dataclasses.replace(mask, image_blocks=True)
     return AttentionSpec(
         d_model=config.hidden_size,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.layer_kv_heads(index),
         head_dim=config.layer_head_dim(index),
         rope=config.rope_global if layer_type == FULL else config.rope_local,
-        mask=decoder_mask(layer_type, config.sliding_window, reach),
+        mask=mask,
         scale=1.0,
         norm_form="plain",
         eps=config.rms_norm_eps,
@@ -388,10 +427,20 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
 
 
 def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
-    """Builds the Penzai model, taking every parameter from ``source``."""
+    """Builds the Penzai model, taking every parameter from ``source`` (with a vision tower:
+    its parameters under ``vision.``, its embedding an `EmbedWithImages`)."""
     params = ParamBuilder(source)
     width = config.hidden_size
     table, embed = embedding(params, config.vocab_size, width)
+    if config.vision is not None:
+        token_embedding, hook_embed = embed
+        images = EmbedWithImages(
+            embed=token_embedding,
+            vision=config.vision.build(source),
+            hook_image_embed=params.hook("hook_image_embed", RESID_AXES),
+            image_token_id=config.image_token_id,
+        )
+        embed = [images, hook_embed]
     blocks: pz.nn.Layer = pz.nn.Sequential(
         [build_block(config, params, i) for i in range(config.num_hidden_layers)]
     )
@@ -408,6 +457,12 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
             config.rms_norm_eps,
             constants_in_activation_dtype=False,
         )
+        if config.vision is not None:
+            # transformers' Gemma4Model reads the placeholders' rows as the pad token's.
+            placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
+            per_layer_inputs = dataclasses.replace(
+                per_layer_inputs, placeholder_ids=placeholders, placeholder_row=config.pad_token_id
+            )
     return DecoderLM(
         embed=pz.nn.Sequential(embed),
         per_layer_inputs=per_layer_inputs,

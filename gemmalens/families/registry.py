@@ -109,6 +109,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=gemma4_names.to_file_layout,
             residual="ScaledReadout",
             notes="layer scalars, K=V global attention, per-layer embeddings, experts",
+            towers=("vision",),
         ),
         Family(
             name="t5gemma2",

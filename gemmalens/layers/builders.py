@@ -11,7 +11,7 @@ and names ``blocks.3.attn.hook_q``, so parameter labels and hook names cannot dr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from penzai import pz
 
@@ -21,8 +21,11 @@ from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
 from gemmalens.layers.kv_sharing import KVProducer, SharedKVAttention
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
-from gemmalens.layers.rope import RopeConfig
+from gemmalens.layers.rope import AxialRopeConfig, RopeConfig
 from gemmalens.layers.transformer import RESID_AXES
+
+# Makes a projection: (name, out_axes, in_axes) -> layer (`ParamBuilder.linear` by default).
+LinearFactory = Callable[[str, dict[str, int], dict[str, int]], pz.nn.Layer]
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -67,7 +70,7 @@ class AttentionSpec:
 
     Attributes:
       d_model, num_heads, num_kv_heads, head_dim: the shapes.
-      rope: the rotary embedding of its layer type.
+      rope: the rotary embedding of its layer type (an `AxialRopeConfig` for image patches).
       mask: which keys each query sees.
       scale: multiplies the scores (``query_pre_attn_scalar ** -0.5`` in Gemma 3, 1.0 where
         the query/key norms do the scaling).
@@ -83,7 +86,7 @@ class AttentionSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope: RopeConfig
+    rope: RopeConfig | AxialRopeConfig
     mask: AttentionMask
     scale: float
     norm_form: ScaleForm
@@ -94,13 +97,19 @@ class AttentionSpec:
     publishes_kv: bool = False
 
 
-def build_attention(params: ParamBuilder, spec: AttentionSpec) -> Attention | SharedKVAttention:
+def build_attention(
+    params: ParamBuilder, spec: AttentionSpec, linear: LinearFactory | None = None
+) -> Attention | SharedKVAttention:
     """The attention layer ``spec`` describes, asking ``params`` (the layer's scope, e.g.
     ``blocks.3.attn``) for ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and the norms.
+
+    ``linear(name, out_axes, in_axes)`` makes each projection (default ``params.linear``;
+    Gemma 4's vision tower passes one that clips inputs and outputs).
 
     Hook points, in ``params``' scope: ``hook_q``, ``hook_k``, ``hook_v``,
     ``hook_attn_scores``, ``hook_pattern``, ``hook_z``.
     """
+    linear = linear or params.linear
     heads = {"heads": spec.num_heads, "head_dim": spec.head_dim}
     kv_heads = {"kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim}
     embedding = {"embedding": spec.d_model}
@@ -110,7 +119,7 @@ def build_attention(params: ParamBuilder, spec: AttentionSpec) -> Attention | Sh
 
     query = pz.nn.Sequential(
         [
-            params.linear("q_proj", heads, embedding),
+            linear("q_proj", heads, embedding),
             head_norm("q_norm", spec.norm_form),
             spec.rope.layer(),
             params.hook("hook_q", QKV_AXES),
@@ -118,7 +127,7 @@ def build_attention(params: ParamBuilder, spec: AttentionSpec) -> Attention | Sh
     )
     mixer = _mixer(params.prefix, spec.mask, scale=spec.scale)
     hook_z = params.hook("hook_z", QKV_AXES)
-    output = params.linear("o_proj", embedding, heads)
+    output = linear("o_proj", embedding, heads)
     if spec.kv_source is not None:
         return SharedKVAttention(
             query=query,
@@ -129,9 +138,9 @@ def build_attention(params: ParamBuilder, spec: AttentionSpec) -> Attention | Sh
             output=output,
             source=f"blocks.{spec.kv_source}",
         )
-    key_proj = params.linear("k_proj", kv_heads, embedding)
+    key_proj = linear("k_proj", kv_heads, embedding)
     # K=V: the value path starts from the same (raw, un-normed) key projection.
-    value_proj = key_proj if spec.values_are_keys else params.linear("v_proj", kv_heads, embedding)
+    value_proj = key_proj if spec.values_are_keys else linear("v_proj", kv_heads, embedding)
     value = [value_proj, head_norm("v_norm", "none")] if spec.value_norm else [value_proj]
     if spec.publishes_kv:
         # Consumers find the keys by block name: the scope without its trailing "attn.".

@@ -33,14 +33,14 @@ class GatedMLP(pz.nn.Layer):
     (Gemma 3n's Gaussian top-k); it carries its own hook point for the sparse gate.
     """
 
-    gate_proj: pz.nn.Linear
-    up_proj: pz.nn.Linear
+    gate_proj: pz.nn.Layer
+    up_proj: pz.nn.Layer
     hook_pre: HookPoint
     # Declared here so that tree order (and so hook order) follows the forward pass.
     gate_sparsity: pz.nn.Layer | None = dataclasses.field(default=None, kw_only=True)
     hook_pre_linear: HookPoint
     hook_post: HookPoint
-    down_proj: pz.nn.Linear
+    down_proj: pz.nn.Layer
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         gate = self.hook_pre(self.gate_proj(x), **side_inputs)
@@ -52,14 +52,25 @@ class GatedMLP(pz.nn.Layer):
         return self.down_proj(hidden)
 
     @classmethod
-    def build(cls, params: ParamBuilder, hook_prefix: str, d_model: int, d_mlp: int) -> GatedMLP:
+    def build(
+        cls,
+        params: ParamBuilder,
+        hook_prefix: str,
+        d_model: int,
+        d_mlp: int,
+        linear: Callable[[str, dict[str, int], dict[str, int]], pz.nn.Layer] | None = None,
+    ) -> GatedMLP:
+        """Asks ``params`` for ``gate_proj``, ``up_proj`` and ``down_proj``, each made by
+        ``linear(name, out_axes, in_axes)`` (default ``params.linear``; Gemma 4's vision
+        tower clips them)."""
+        linear = linear or params.linear
         return cls(
-            gate_proj=params.linear("gate_proj", {"neurons": d_mlp}, {"embedding": d_model}),
-            up_proj=params.linear("up_proj", {"neurons": d_mlp}, {"embedding": d_model}),
+            gate_proj=linear("gate_proj", {"neurons": d_mlp}, {"embedding": d_model}),
+            up_proj=linear("up_proj", {"neurons": d_mlp}, {"embedding": d_model}),
             hook_pre=HookPoint(f"{hook_prefix}hook_pre", _MLP_AXES),
             hook_pre_linear=HookPoint(f"{hook_prefix}hook_pre_linear", _MLP_AXES),
             hook_post=HookPoint(f"{hook_prefix}hook_post", _MLP_AXES),
-            down_proj=params.linear("down_proj", {"embedding": d_model}, {"neurons": d_mlp}),
+            down_proj=linear("down_proj", {"embedding": d_model}, {"neurons": d_mlp}),
         )
 
 

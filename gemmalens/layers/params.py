@@ -9,7 +9,8 @@ Axes are given as two ordered dicts, ``out_axes`` then ``in_axes``. The value's 
 layout is ``(*out_axes, *in_axes)``, which is exactly a torch ``nn.Linear`` weight
 ``[out, in]`` reshaped: checkpoint readers only need to reshape, never transpose. A
 convolution kernel (``layout="conv"``) is stored with every axis kept, as torch's
-``[out, in_channels, kernel_h, kernel_w]``.
+``[out, in_channels, kernel_h, kernel_w]``; so is a raw tensor (``layout="raw"``: a table of
+more than two axes, a 0-d buffer).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from penzai import pz
 from gemmalens import sharding
 from gemmalens.layers.hooks import HookPoint
 
-Init = Literal["normal", "zeros", "ones"]
+# "inf" / "-inf": bounds that clip nothing (Gemma 4's clipped linears before training).
+Init = Literal["normal", "zeros", "ones", "inf", "-inf"]
 # How a checkpoint stores the value: "linear" flattens to [out] or [out, in]; "conv" keeps
-# every axis ([out, in_channels, kernel_h, kernel_w]).
-Layout = Literal["linear", "conv"]
+# every axis ([out, in_channels, kernel_h, kernel_w]); "raw" keeps every axis of a tensor
+# stored as it is used ([2, positions, embedding]; a 0-d scalar as shape ()).
+Layout = Literal["linear", "conv", "raw"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +62,8 @@ class ParamRequest:
     @property
     def linear_shape(self) -> tuple[int, ...]:
         """The shape as a Hugging Face checkpoint stores it: [out] or [out, in] (a ``conv``
-        kernel: every axis, ``[out, in_channels, kernel_h, kernel_w]``)."""
-        if self.layout == "conv":
+        kernel or a raw tensor: every axis, ``[out, in_channels, kernel_h, kernel_w]``)."""
+        if self.layout in ("conv", "raw"):
             return self.shape
         out = math.prod(self.out_axes.values())
         if not self.in_axes:
@@ -101,6 +104,8 @@ class RandomInit:
                 return jnp.zeros(request.shape, self.dtype)
             if request.init == "ones":
                 return jnp.ones(request.shape, self.dtype)
+            if request.init in ("inf", "-inf"):
+                return jnp.full(request.shape, float(request.init), self.dtype)
             key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
             return (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(
                 self.dtype

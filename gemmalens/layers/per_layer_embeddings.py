@@ -58,6 +58,9 @@ class PerLayerInputs(pz.nn.Layer):
       token_scale: multiplies the table rows (``sqrt(P)``), rounded to the table dtype.
       out_of_range_row: ids outside ``[0, vocab)`` of the table read this row (Gemma 3n's
         multimodal ids, which are >= 262 144, all read row 0).
+      placeholder_ids, placeholder_row: ids that read ``placeholder_row`` instead of their
+        own row (Gemma 4 with images: the image, video and audio placeholders read the pad
+        row, as transformers' multimodal model replaces them by the pad id).
       model_projection: ``embedding -> (layer, per_layer)``.
       projection_scale: multiplies the projection (``H ** -0.5``).
       projection_norm: RMS norm over ``per_layer``.
@@ -75,6 +78,10 @@ class PerLayerInputs(pz.nn.Layer):
     projection_scale: float = dataclasses.field(metadata={"pytree_node": False})
     combine_scale: float = dataclasses.field(default=2**-0.5, metadata={"pytree_node": False})
     out_of_range_row: int = dataclasses.field(default=0, metadata={"pytree_node": False})
+    placeholder_ids: tuple[int, ...] = dataclasses.field(
+        default=(), metadata={"pytree_node": False}
+    )
+    placeholder_row: int = dataclasses.field(default=0, metadata={"pytree_node": False})
     constants_in_activation_dtype: bool = dataclasses.field(
         default=True, metadata={"pytree_node": False}
     )
@@ -94,6 +101,9 @@ class PerLayerInputs(pz.nn.Layer):
 
         def lookup(rows, token):
             token = jnp.where((token >= 0) & (token < vocab), token, self.out_of_range_row)
+            if self.placeholder_ids:
+                placeholder = jnp.isin(token, jnp.asarray(self.placeholder_ids))
+                token = jnp.where(placeholder, self.placeholder_row, token)
             return jnp.take(rows, token, axis=0)
 
         token_part = pz.nx.nmap(lookup)(table.untag("vocab"), tokens)

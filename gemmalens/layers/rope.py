@@ -1,10 +1,13 @@
-"""Rotary position embeddings (rotate-half pairing, as in transformers)."""
+"""Rotary position embeddings (rotate-half pairing, as in transformers): over a token's
+position (`ApplyRoPE`), or over a patch's (x, y) place in an image grid (`AxialRoPE`,
+Gemma 4's vision tower)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -37,6 +40,24 @@ def inverse_frequencies(
     return inv_freq.astype(np.float32)
 
 
+# The side input that holds each token's (x, y) grid position (named axes ``batch``,
+# ``seq``, ``xy``), read by `AxialRoPE`.
+GRID_POSITIONS = "grid_positions"
+
+
+def rotate_pairs(v: jax.Array, position: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """One vector ``v`` (``[d]``) rotated by ``position``: pairs ``(j, j + d/2)`` turn by
+    ``position * inv_freq[j]``. cos and sin are computed in float32 and cast to ``v``'s
+    dtype, as transformers does."""
+    half = v.shape[0] // 2
+    angles = position.astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles])
+    cos = jnp.cos(angles).astype(v.dtype)
+    sin = jnp.sin(angles).astype(v.dtype)
+    rotated_half = jnp.concatenate([-v[half:], v[:half]])
+    return v * cos + rotated_half * sin
+
+
 @pz.pytree_dataclass
 class ApplyRoPE(pz.nn.Layer):
     """Rotates pairs ``(j, j + d/2)`` of ``axis`` by ``position * inv_freq[j]``.
@@ -61,16 +82,39 @@ class ApplyRoPE(pz.nn.Layer):
             )
         )
 
-        def rotate(v, position):
-            angles = position.astype(jnp.float32) * inv_freq
-            angles = jnp.concatenate([angles, angles])
-            cos = jnp.cos(angles).astype(v.dtype)
-            sin = jnp.sin(angles).astype(v.dtype)
-            half = head_dim // 2
-            rotated_half = jnp.concatenate([-v[half:], v[:half]])
-            return v * cos + rotated_half * sin
+        def one(v, position):
+            return rotate_pairs(v, position, inv_freq)
 
-        return pz.nx.nmap(rotate)(x.untag(self.axis), positions).tag(self.axis)
+        return pz.nx.nmap(one)(x.untag(self.axis), positions).tag(self.axis)
+
+
+@pz.pytree_dataclass
+class AxialRoPE(pz.nn.Layer):
+    """2-D RoPE over image patches: the first half of ``axis`` rotates by the patch's x, the
+    second half by its y, each half as a `ApplyRoPE` of half the width (frequencies
+    ``theta ** (-2j / (d/2))``). Positions come from the side input ``grid_positions``
+    (named axes ``batch``, ``seq``, ``xy``; Gemma 4 gives padding patches (-1, -1), which
+    rotate by -1 as in transformers)."""
+
+    axis: str = dataclasses.field(metadata={"pytree_node": False})
+    theta: float = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        if GRID_POSITIONS not in side_inputs:
+            raise ValueError(
+                f"AxialRoPE needs the side input {GRID_POSITIONS!r}: each token's (x, y) "
+                "position, named axes batch, seq, xy."
+            )
+        half = x.named_shape[self.axis] // 2
+        inv_freq = jnp.asarray(inverse_frequencies(half, self.theta))
+
+        def one(v, xy):
+            return jnp.concatenate(
+                [rotate_pairs(v[:half], xy[0], inv_freq), rotate_pairs(v[half:], xy[1], inv_freq)]
+            )
+
+        positions = side_inputs[GRID_POSITIONS].untag("xy")
+        return pz.nx.nmap(one)(x.untag(self.axis), positions).tag(self.axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,3 +140,14 @@ class RopeConfig:
             factor=self.factor,
             partial_rotary_factor=self.partial_rotary_factor,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class AxialRopeConfig:
+    """2-D RoPE over an image's patch grid (transformers' ``rope_type="axial"``), as a
+    config: `layer` makes the `AxialRoPE`. Gemma 4's vision tower uses theta 100."""
+
+    theta: float = 100.0
+
+    def layer(self, axis: str = "head_dim") -> AxialRoPE:
+        return AxialRoPE(axis=axis, theta=self.theta)

@@ -321,6 +321,11 @@ class VisionTower(pz.nn.Layer):
         h = self.post_layernorm(h, **side_inputs)
         return self.projector(h, **side_inputs)
 
+    def soft_token_mask(self, **side_inputs: Any) -> None:
+        """Which soft tokens are real: all of them (None). Gemma 4's tower drops pooled
+        cells that no patch falls in (`gemmalens.vision.gemma4`)."""
+        return None
+
     def named_pixels(self, pixel_values: Any) -> pz.nx.NamedArray:
         """The pixel values as a named array, after checking their shape."""
         if isinstance(pixel_values, pz.nx.NamedArrayBase):
