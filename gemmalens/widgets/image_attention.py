@@ -73,6 +73,27 @@ def display_image(image: Any, pixels: int = DISPLAY_PIXELS) -> np.ndarray:
     return rgb
 
 
+def gemma4_pictures(images: Mapping[str, Any]) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Gemma 4's processor output (`gemmalens.vision.preprocess_gemma4`) back to images:
+    each image's real patches put back at their (x, y) places, ``[H, W, 3]`` uint8, and its
+    patch grid ``(rows, cols)``."""
+    pixels = np.asarray(images["pixel_values"], np.float32)
+    positions = np.asarray(images["image_position_ids"])
+    pictures, grids = [], []
+    for patches, places in zip(pixels, positions):
+        real = (places >= 0).all(-1)
+        cols, rows = (int(n) + 1 for n in places[real].max(axis=0))
+        side = math.isqrt(patches.shape[-1] // 3)
+        canvas = np.zeros((rows * side, cols * side, 3), np.float32)
+        for patch, (x, y) in zip(patches[real], places[real]):
+            canvas[y * side : (y + 1) * side, x * side : (x + 1) * side] = patch.reshape(
+                side, side, 3
+            )
+        pictures.append(np.clip(canvas * 255.0, 0, 255).round().astype(np.uint8))
+        grids.append((rows, cols))
+    return pictures, grids
+
+
 def png_data_url(rgb: np.ndarray) -> str:
     """``data:image/png;base64,...`` of an ``[H, W, 3]`` uint8 array."""
     import PIL.Image
@@ -120,7 +141,8 @@ class ImageAttentionViewer(Viewer):
       layer, head: the layer and head shown (``head = -1``: the mean over heads).
       image: which image of the batch row (0 = the first).
       selected_token: the query token (text source), -1 for none.
-      patch: the query patch (vision source).
+      patch: the query patch (vision source); ``query_patch`` is the one shown (the last
+        patch of an image whose grid is smaller).
       rows, cols: the grid of cells over the image.
       heat: text source ``[query][cell]`` attention of every token to each cell of the
         image; vision source ``[cell]`` attention of ``patch`` to each patch.
@@ -137,6 +159,7 @@ class ImageAttentionViewer(Viewer):
     image = traitlets.Int(0).tag(sync=True)
     selected_token = traitlets.Int(-1).tag(sync=True)
     patch = traitlets.Int(0).tag(sync=True)
+    query_patch = traitlets.Int(0).tag(sync=True)
     rows = traitlets.Int(1).tag(sync=True)
     cols = traitlets.Int(1).tag(sync=True)
     heat = traitlets.List().tag(sync=True)
@@ -170,8 +193,9 @@ class ImageAttentionViewer(Viewer):
           tokens: the token ids of the run (``[batch, seq]``), image placeholders included
             (T5Gemma 2: the encoder's tokens).
           images: what was shown to the model: its ``pixel_values`` (``[images, 3, H, W]``,
-            normalised) or the original images (arrays, PIL images or paths), one per image
-            placeholder run, in order over the batch.
+            normalised; Gemma 4: `preprocess_gemma4`'s result, whose patch positions also
+            give each image's grid) or the original images (arrays, PIL images or paths),
+            one per image placeholder run, in order over the batch.
           source: ``"text"`` or ``"vision"``.
           image_token_id: the placeholder id (default: the cache's model's config).
           tokenizer: decodes the ids (default: the cache's model's tokenizer).
@@ -208,7 +232,11 @@ class ImageAttentionViewer(Viewer):
                 f"The tokens hold no image placeholder (id {image_token_id}): build the prompt "
                 "with the image's soft-token run (gl.vision.expand_gemma3_image_text)."
             )
-        pictures = list(images) if not isinstance(images, (str, bytes)) else [images]
+        patch_grids = None
+        if isinstance(images, Mapping) and "image_position_ids" in images:
+            pictures, patch_grids = gemma4_pictures(images)
+        else:
+            pictures = list(images) if not isinstance(images, (str, bytes)) else [images]
         if len(pictures) != len(runs):
             raise ValueError(
                 f"{len(pictures)} images given for {len(runs)} image placeholder runs in the "
@@ -216,6 +244,7 @@ class ImageAttentionViewer(Viewer):
             )
         self._runs = runs
         self._pictures = pictures
+        self._patch_grids = patch_grids
         self._display: dict[int, str] = {}
         if source == "text":
             self._init_text(cache, ids, decoder_tokens, batch, grid, model, tokenizer)
@@ -246,7 +275,7 @@ class ImageAttentionViewer(Viewer):
                 "layer": options_list(self._layers),
                 "head": [[MEAN_HEAD, "mean"], *options_list(range(heads))],
                 "image": options_list(images_shown, lambda i: f"image {i}"),
-                "patch": options_list(range(self._cells)),
+                "patch": options_list(range(max(self._cells.values()))),
             },
             note=note,
             source=source,
@@ -287,9 +316,19 @@ class ImageAttentionViewer(Viewer):
             i: np.asarray(np.asarray(cache[template.format(layer=i)])[batch], np.float32)
             for i in layers
         }
-        lengths = {stop - start for _, start, stop in self._runs}
-        self._rows, self._cols = _grid(max(lengths), grid, "image's soft-token run")
-        self._cells = self._rows * self._cols
+        self._grids = {}
+        for image, (_, start, stop) in enumerate(self._runs):
+            if self._patch_grids is None:
+                self._grids[image] = _grid(stop - start, grid, "image's soft-token run")
+            else:  # Gemma 4: the patch grid pooled k x k, k from the soft-token count
+                rows, cols = self._patch_grids[image]
+                kernel = math.isqrt(rows * cols // max(1, stop - start))
+                self._grids[image] = _grid(
+                    stop - start,
+                    (rows // max(1, kernel), cols // max(1, kernel)),
+                    f"soft-token run of image {image}",
+                )
+        self._cells = {image: r * c for image, (r, c) in self._grids.items()}
 
     def _init_vision(self, cache, grid) -> None:
         template = _vision_template(cache)
@@ -311,8 +350,12 @@ class ImageAttentionViewer(Viewer):
                 f"{len(self._runs)} image runs."
             )
         self._heads = sample.shape[1]
-        self._rows, self._cols = _grid(sample.shape[-1], grid, "vision tower's patch grid")
-        self._cells = self._rows * self._cols
+        if self._patch_grids is None:
+            square = _grid(sample.shape[-1], grid, "vision tower's patch grid")
+            self._grids = dict.fromkeys(range(len(self._runs)), square)
+        else:  # Gemma 4: each image's real patches come first, row-major, then padding
+            self._grids = dict(enumerate(self._patch_grids))
+        self._cells = {image: r * c for image, (r, c) in self._grids.items()}
 
     # ------------------------------------------------------------------ controls
 
@@ -338,7 +381,7 @@ class ImageAttentionViewer(Viewer):
 
     @traitlets.validate("patch")
     def _check_patch(self, proposal: Any) -> int:
-        return check_choice("patch", proposal["value"], list(range(self._cells)))
+        return check_choice("patch", proposal["value"], list(range(max(self._cells.values()))))
 
     @traitlets.validate("selected_token")
     def _check_selected(self, proposal: Any) -> int:
@@ -370,26 +413,30 @@ class ImageAttentionViewer(Viewer):
         head = self.head if head is None else head
         image = self.image if image is None else check_choice("image", image, self._images)
         pattern = self._pattern(layer, head)
+        rows, cols = self._grids[image]
         if self.source == "text":
             _, start, stop = self._runs[image]
             cells = pattern[:, start:stop]
         else:
-            cells = pattern[image]
-        return cells.reshape(cells.shape[0], self._rows, self._cols)
+            cells = pattern[image][: rows * cols, : rows * cols]
+        return cells.reshape(cells.shape[0], rows, cols)
 
     def _compute(self, controls: Mapping[str, Any]) -> dict[str, Any]:
         heat = self.image_attention(controls["layer"], controls["head"], controls["image"])
         heat = heat.reshape(heat.shape[0], -1)
+        rows, cols = self._grids[controls["image"]]
         data: dict[str, Any] = {
-            "rows": self._rows,
-            "cols": self._cols,
+            "rows": rows,
+            "cols": cols,
             "image_url": self._image_url(controls["image"]),
         }
         if self.source == "text":
             _, start, stop = self._runs[controls["image"]]
             data.update(heat=heat, share=heat.sum(axis=1), image_positions=list(range(start, stop)))
         else:
-            data.update(heat=heat[controls["patch"]], share=[], image_positions=[])
+            # A patch past a smaller image's grid shows that image's last patch.
+            patch = min(controls["patch"], rows * cols - 1)
+            data.update(heat=heat[patch], share=[], image_positions=[], query_patch=patch)
         return data
 
     def _static_values(self) -> dict[str, list]:
@@ -404,14 +451,15 @@ class ImageAttentionViewer(Viewer):
         over it (text source: of ``selected_token``, else the last token)."""
         rgb = display_image(self._pictures[self.image])
         heat = self.image_attention()
+        rows, cols = self._grids[self.image]
         if self.source == "text":
             query = self.selected_token if self.selected_token >= 0 else len(self._labels) - 1
             values = heat[query]
             what = f"token {query} {self._labels[query]!r}, {values.sum():.3f} on the image"
         else:
-            query = self.patch
+            query = min(self.patch, rows * cols - 1)
             values = heat[query]
-            what = f"patch {query} (row {query // self._cols}, column {query % self._cols})"
+            what = f"patch {query} (row {query // cols}, column {query % cols})"
         head = "mean over heads" if self.head == MEAN_HEAD else f"head {self.head}"
         figure = _figures.new_figure(5.4, 4.6, figsize=figsize)
         ax = figure.subplots()
@@ -426,8 +474,8 @@ class ImageAttentionViewer(Viewer):
             interpolation="nearest",
         )
         if self.source == "vision":
-            cell_w, cell_h = width / self._cols, height / self._rows
-            row, column = divmod(query, self._cols)
+            cell_w, cell_h = width / cols, height / rows
+            row, column = divmod(query, cols)
             corner = (column * cell_w, row * cell_h)
             ax.add_patch(
                 Rectangle(corner, cell_w, cell_h, fill=False, edgecolor="#2ca02c", linewidth=2)
@@ -438,4 +486,4 @@ class ImageAttentionViewer(Viewer):
         return figure
 
 
-__all__ = ["ImageAttentionViewer", "display_image", "png_data_url"]
+__all__ = ["ImageAttentionViewer", "display_image", "gemma4_pictures", "png_data_url"]

@@ -1228,7 +1228,7 @@ function drawImageAttention(model, root) {
   const share = model.get("share") || [];
   const inImage = new Set(model.get("image_positions") || []);
   const text = source === "text";
-  let query = text ? model.get("selected_token") : model.get("patch");
+  let query = text ? model.get("selected_token") : model.get("query_patch");
   if (text && (query === null || query < 0)) {
     // The last token outside the image: what the model is about to answer from.
     query = tokens.length - 1;
@@ -1314,7 +1314,7 @@ const VIEWS = {
   routing: [drawRouting, ["layer", "show", "selected_token", "weights", "probabilities", "chosen", "load"]],
   "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
   patching: [drawPatching, ["site", "show", "selected_cell", "matrix", "limit", "col_labels"]],
-  "image-attention": [drawImageAttention, ["source", "layer", "head", "image", "selected_token", "patch", "heat", "share", "image_url", "rows", "cols", "image_positions"]],
+  "image-attention": [drawImageAttention, ["source", "layer", "head", "image", "selected_token", "patch", "query_patch", "heat", "share", "image_url", "rows", "cols", "image_positions"]],
   features: [drawFeatures, ["feature", "tab", "examples", "histogram", "logit_effects", "prompt_acts", "fired"]],
 };
 const COMMON_KEYS = ["tokens", "options", "note", "title"];
