@@ -857,10 +857,12 @@ def _prepare_runs(
     attention_mask,
     corrupted_mask,
     decoder: dict[str, Any],
+    images: tuple[Any, Any] = (None, None),
 ) -> _Runs:
     """Validated runs. ``decoder``: the decoder keywords of `sweep` (``decoder_tokens``,
     ``corrupted_decoder_tokens``, ``decoder_attention_mask``,
-    ``corrupted_decoder_attention_mask``), each None where not given."""
+    ``corrupted_decoder_attention_mask``), each None where not given; ``images``: the
+    clean and corrupted runs' ``pixel_values`` (None where not given)."""
     encoder_decoder = "decoder_tokens" in m.input_streams
     clean_streams, corrupted_streams = {}, {}
     if not encoder_decoder:
@@ -888,6 +890,18 @@ def _prepare_runs(
             "decoder_attention_mask": _given(
                 decoder["corrupted_decoder_attention_mask"], decoder["decoder_attention_mask"]
             ),
+        }
+    clean_images, corrupted_images = images
+    if clean_images is None and corrupted_images is not None:
+        raise TypeError(
+            "corrupted_pixel_values needs pixel_values=... for the clean run too (give both "
+            "to patch between two images)."
+        )
+    if clean_images is not None:
+        clean_streams = {**clean_streams, "pixel_values": clean_images}
+        corrupted_streams = {
+            **corrupted_streams,
+            "pixel_values": _given(corrupted_images, clean_images),
         }
     clean = m._prepare(clean_tokens, attention_mask, clean_streams)
     corrupted = m._prepare(
@@ -986,6 +1000,8 @@ def sweep(
     corrupted_decoder_tokens: Any = None,
     decoder_attention_mask: Any = None,
     corrupted_decoder_attention_mask: Any = None,
+    pixel_values: Any = None,
+    corrupted_pixel_values: Any = None,
 ) -> jax.Array:
     """Activation patching at every site of one kind, in one compiled program.
 
@@ -1029,6 +1045,11 @@ def sweep(
         ``corrupted_tokens``), the decoder input (different decoder tokens), or both.
       decoder_attention_mask, corrupted_decoder_attention_mask: the decoder masks (the
         corrupted one defaults to the clean one).
+      pixel_values, corrupted_pixel_values: a model with its vision tower: the images of
+        the clean and the corrupted run, as the model takes them (`Model.__call__`); the
+        corrupted run's default to the clean run's. Patch image tokens from another image
+        with the same tokens and different images (sites in the text stream; the tower's
+        own hook points are not sites). Runs with images take the general form.
 
     Returns:
       ``[layer, unit]`` metric values: entry ``[l, u]`` is the metric of the corrupted run
@@ -1058,6 +1079,7 @@ def sweep(
             decoder_attention_mask=decoder_attention_mask,
             corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
+        (pixel_values, corrupted_pixel_values),
     )
     program, args, kwargs = _sweep_program(
         m, runs, names, metric, site, chunk_size, logit_positions
@@ -1089,6 +1111,7 @@ def _sweep_program(
         inputs = tuple(_off_data(m.placement, x) for x in inputs)
     if (
         not runs.encoder_decoder
+        and len(runs.clean) == 2  # no images: the shared runs read tokens and masks only
         and site in SITES
         and chunk_size is None
         and _model_facts(m._frozen).shares_runs
@@ -1145,6 +1168,8 @@ def attribution_patching(
     corrupted_decoder_tokens: Any = None,
     decoder_attention_mask: Any = None,
     corrupted_decoder_attention_mask: Any = None,
+    pixel_values: Any = None,
+    corrupted_pixel_values: Any = None,
 ) -> jax.Array:
     """The first-order estimate of `sweep`'s effects, from one forward and backward pass.
 
@@ -1155,7 +1180,7 @@ def attribution_patching(
 
     Returns:
       ``[layer, unit]`` like `sweep` (same arguments, same site names, the same decoder
-      arguments for an encoder-decoder).
+      arguments for an encoder-decoder, the same images for a model with a vision tower).
     """
     names = site_names(m, site)
     spec = site_spec(site)
@@ -1171,6 +1196,7 @@ def attribution_patching(
             decoder_attention_mask=decoder_attention_mask,
             corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
+        (pixel_values, corrupted_pixel_values),
     )
     clean_values = runs.capture(m, runs.clean, names)
     corrupted_values = runs.capture(m, runs.corrupted, names)

@@ -1,5 +1,6 @@
-"""`ImageAttentionViewer` against the patterns captured from a tiny Gemma 3 with a SigLIP
-tower (random weights, built directly): what it draws is the cache's own numbers."""
+"""Analyses with images on a tiny Gemma 3 with a SigLIP tower (random weights, built
+directly), one model for the module: `ImageAttentionViewer` draws the cache's own numbers,
+and patching sweeps between two images equal hooked runs one site at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import gemmalens as gl
+from gemmalens import patching
 from gemmalens.vision import expand_gemma3_image_ids
 from gemmalens.vision.siglip import Gemma3ProjectorConfig, Gemma3VisionConfig, SiglipVisionConfig
 from gemmalens.widgets import ImageAttentionViewer, ViewerError
@@ -153,3 +155,61 @@ def test_static_copy_figure_and_browser(setup, tmp_path):
     assert '<pre class="gl-error">' not in dom
     assert dom.count('class="gl-cell"') == 4 + 16 and 'class="gl-token gl-image-chip"' in dom
     assert "[image: 4 tokens]" in dom and 'class="gl-query-cell"' in dom
+
+
+def _last_logit_metric(logits):
+    return logits[:, -1, 7].mean() - logits[:, -1, 9].mean()
+
+
+def test_patching_between_two_images(setup):
+    """Same tokens, another image: a resid_pre sweep equals patching each site alone with
+    run_with_hooks, and sites before the images change nothing."""
+    m, tokens, pixels, _ = setup
+    corrupted_pixels = pixels[::-1].copy()
+    scores = np.asarray(
+        patching.sweep(
+            m,
+            tokens,
+            tokens,
+            _last_logit_metric,
+            pixel_values=pixels,
+            corrupted_pixel_values=corrupted_pixels,
+        )
+    )
+    layers, positions = scores.shape
+    assert (layers, positions) == (2, tokens.shape[1])
+    clean_logits = np.asarray(m(tokens, pixel_values=pixels))
+    corrupted_logits = np.asarray(m(tokens, pixel_values=corrupted_pixels))
+    baseline = float(_last_logit_metric(corrupted_logits))
+    assert abs(float(_last_logit_metric(clean_logits)) - baseline) > 1e-4  # the images matter
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)]
+    _, clean_cache = m.run_with_cache(tokens, names=names, pixel_values=pixels)
+    first_image = int(np.flatnonzero((tokens == IMAGE).any(axis=0))[0])
+    for layer, position in [(0, first_image), (1, first_image + 1), (1, positions - 1)]:
+        clean = np.asarray(clean_cache[names[layer]])
+
+        def patch(value, name, clean=clean, position=position):
+            return value.at[:, position].set(clean[:, position])
+
+        hooked = m.run_with_hooks(tokens, {names[layer]: patch}, pixel_values=corrupted_pixels)
+        expected = float(_last_logit_metric(np.asarray(hooked)))
+        np.testing.assert_allclose(scores[layer, position], expected, rtol=1e-4, atol=1e-5)
+    # Before any image token the two runs are the same: patching there is the baseline.
+    np.testing.assert_allclose(scores[:, : first_image - 1], baseline, rtol=1e-5, atol=1e-6)
+    # The metric reads the last position: patching its input to the last layer moves it.
+    assert abs(scores[1, -1] - baseline) > 1e-5
+
+    attribution = np.asarray(
+        patching.attribution_patching(
+            m,
+            tokens,
+            tokens,
+            _last_logit_metric,
+            pixel_values=pixels,
+            corrupted_pixel_values=corrupted_pixels,
+        )
+    )
+    assert attribution.shape == scores.shape
+    assert np.all(attribution[:, : first_image - 1] == 0) and np.abs(attribution).max() > 0
+    with pytest.raises(TypeError, match="needs pixel_values=... for the clean run"):
+        patching.sweep(m, tokens, tokens, _last_logit_metric, corrupted_pixel_values=pixels)
