@@ -284,3 +284,35 @@ def test_counts_its_tower(checkpoint, model, text_model):
         for n, p in hf.named_parameters()
         if (".vision_tower." in n and ".head." not in n) or ".multi_modal_projector." in n
     )
+
+
+def test_patching_between_two_images(model):
+    """The encoder's images swapped between the runs: each encoder site of the sweep
+    equals one hooked run."""
+    from gemmalens import patching
+
+    def metric(logits):
+        return logits[:, -1, 7].mean()
+
+    corrupted = PIXELS[::-1].copy()
+    kwargs = dict(decoder_tokens=DECODER_TOKENS, pixel_values=PIXELS)
+    scores = np.asarray(
+        patching.sweep(
+            model, TOKENS, TOKENS, metric, site="encoder.resid_post",
+            corrupted_pixel_values=corrupted, **kwargs,
+        )
+    )  # fmt: skip
+    name = "encoder.blocks.0.hook_resid_post"
+    _, cache = model.run_with_cache(TOKENS, names=[name], **kwargs)
+    clean = np.asarray(cache[name])
+    position = int(np.flatnonzero(TOKENS[0] == IMAGE)[0])
+
+    def patch(value, _):
+        return value.at[:, position].set(clean[:, position])
+
+    hooked = model.run_with_hooks(
+        TOKENS, {name: patch}, decoder_tokens=DECODER_TOKENS, pixel_values=corrupted
+    )
+    np.testing.assert_allclose(scores[0, position], float(metric(hooked)), rtol=1e-4, atol=1e-5)
+    baseline = float(metric(model(TOKENS, decoder_tokens=DECODER_TOKENS, pixel_values=corrupted)))
+    assert abs(scores[0, position] - baseline) > 1e-6
