@@ -142,6 +142,24 @@ def test_indirect_object_sentences_name_the_recipient_first_or_second():
             assert prompt.endswith(" to") and giver in prompt.split(",")[-1]
 
 
+def test_indirect_object_evidence_is_what_the_shipped_models_give():
+    """report.json's indirect_object figures (quoted in the docs) recomputed."""
+    from gemmalens.teaching.evidence import indirect_object
+
+    root = gl.teaching_model_path("gemma3").parents[3]
+    report = json.loads((root / "docs" / "teaching" / "report.json").read_text())
+    for name in ("gemma3", "gemma3n", "gemma4_moe"):
+        found = indirect_object(gl.teaching_model(name))
+        shipped = report["models"][name]["evidence"]["indirect_object"]
+        for kind in ("recipient_first", "recipient_second"):
+            assert found[kind]["top1_accuracy"] == shipped[kind]["top1_accuracy"], name
+            np.testing.assert_allclose(
+                found[kind]["mean_logit_difference"],
+                shipped[kind]["mean_logit_difference"],
+                atol=2e-3,
+            )
+
+
 def test_training_script_runs_on_a_tiny_setting_and_the_loss_falls(tmp_path):
     settings = train.Settings(
         steps=40, batch_size=8, seq_len=48, tiny=True, warmup_steps=4, learning_rate=3e-3
@@ -192,5 +210,14 @@ def test_the_docs_page_quotes_the_measured_figures():
         f"{altup['layers'][str(i)]['active_prediction_error']:.2f}" for i in range(6)
     )
     assert f"| prediction | {predicted} |" in page
+    for name in ("gemma3", "gemma3n", "gemma4_moe"):
+        found = models[name]["evidence"]["indirect_object"]
+        first, second = found["recipient_first"], found["recipient_second"]
+        row = (
+            f"| `{name}` | {100 * first['top1_accuracy']:.1f} % | "
+            f"{first['mean_logit_difference']:.2f} | {100 * second['top1_accuracy']:.1f} % | "
+            f"{second['mean_logit_difference']:.2f} |"
+        )
+        assert row in page, row
     accuracy = models["t5gemma2"]["evidence"]["accuracy"]
     assert f"{100 * accuracy['copy']:g} % of the copies" in page

@@ -295,15 +295,19 @@ def indirect_object(m: gl.Model, count: int = 64, seed: int = 11) -> dict[str, d
     found = {}
     for key, recipient_first in (("recipient_first", True), ("recipient_second", False)):
         rng = np.random.default_rng(seed)
-        wins, differences = [], []
-        for prompt, recipient, giver in indirect_object_prompts(rng, count, recipient_first):
-            last = np.asarray(m(prompt)[0, -1], np.float32)
-            right, wrong = (m.tokenizer.encode(name)[-1] for name in (recipient, giver))
-            differences.append(float(last[right] - last[wrong]))
-            wins.append(bool(np.argmax(last) == right))
+        prompts, recipients, givers = zip(*indirect_object_prompts(rng, count, recipient_first))
+        # One right-padded batch: each row's last real position predicts the name.
+        tokens, mask = m.to_tokens(list(prompts))
+        logits = np.asarray(m(tokens, attention_mask=mask), np.float32)
+        last = logits[np.arange(len(prompts)), np.asarray(mask).sum(axis=1) - 1]
+        right = np.array([m.tokenizer.encode(name, add_bos=False)[-1] for name in recipients])
+        wrong = np.array([m.tokenizer.encode(name, add_bos=False)[-1] for name in givers])
+        rows = np.arange(len(prompts))
         found[key] = {
-            "top1_accuracy": round(float(np.mean(wins)), 4),
-            "mean_logit_difference": round(float(np.mean(differences)), 4),
+            "top1_accuracy": round(float(np.mean(last.argmax(axis=1) == right)), 4),
+            "mean_logit_difference": round(
+                float(np.mean(last[rows, right] - last[rows, wrong])), 4
+            ),
         }
     return found
 
@@ -395,3 +399,29 @@ def measure(name: str, m: gl.Model, data, report_dir: pathlib.Path) -> dict[str,
         found["altup"] = altup_prediction_quality(m, rows)
         _plot_altup(found["altup"], report_dir / f"altup_{name}.png")
     return found
+
+
+def record_indirect_object(report_path: pathlib.Path, names: tuple[str, ...] = ()) -> dict:
+    """Measures `indirect_object` on the shipped decoder teaching models and writes it into
+    their ``evidence`` in ``report_path`` (the rest of the report is left as it is). It
+    reads no corpus, so any machine gives the same figures:
+    ``python -m gemmalens.teaching.evidence``."""
+    import json
+
+    report = json.loads(report_path.read_text())
+    for name in names or tuple(report["models"]):
+        m = gl.teaching_model(name)
+        if isinstance(m, gl.EncoderDecoderModel):
+            continue
+        found = indirect_object(m)
+        report["models"][name].setdefault("evidence", {})["indirect_object"] = found
+        print(f"{name}: {found}")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    path = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "docs/teaching/report.json")
+    record_indirect_object(path)
