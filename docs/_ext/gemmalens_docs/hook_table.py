@@ -170,6 +170,38 @@ def _t5gemma2_vision() -> Any:
     return dataclasses.replace(_t5gemma2(), vision=tower, image_token_index=IMAGE_TOKEN)
 
 
+GEMMA4_PATCH, GEMMA4_KERNEL = 4, 2  # 4 px patches pooled 2 x 2: a 4 x 4 patch image
+
+
+def _gemma4_vision() -> Any:
+    from gemmalens.vision import gemma4
+
+    # E2B's tower layout (clipped linears) with standardisation (26B/31B) too, so that every
+    # hook point of either shows; as many tower blocks as text blocks.
+    tower = gemma4.Gemma4ImageEncoderConfig(
+        gemma4.Gemma4VisionConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            patch_size=GEMMA4_PATCH,
+            pooling_kernel_size=GEMMA4_KERNEL,
+            position_embedding_size=8,
+            use_clipped_linears=True,
+            standardize=True,
+        ),
+        text_hidden_size=32,
+    )
+    return _gemma4().replace(
+        vision=tower,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=IMAGE_TOKEN - 1,
+        audio_token_id=IMAGE_TOKEN - 2,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     title: str
@@ -189,6 +221,7 @@ FAMILIES = {
     "gemma3_vision": Family("Gemma 3 with images", "gemma3_4b", _gemma3_vision),
     "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
+    "gemma4_vision": Family("Gemma 4 with images", "gemma4_e2b", _gemma4_vision),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
     "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2),
     "t5gemma2_vision": Family("T5Gemma 2 with images", "t5gemma2_270m_270m", _t5gemma2_vision),
@@ -299,6 +332,38 @@ HOOK_DOCS = {
     "encoder's tokens.",
 }
 
+# Where a family's hook point of the same name holds something else (Gemma 4's tower beside
+# SigLIP): these lines win for that family.
+FAMILY_HOOK_DOCS = {
+    "gemma4_vision": {
+        "vision.hook_patch_embed": "Each patch's 3 * patch_size² pixels (rescaled to "
+        "[-1, 1]) through the input projection; padding patches included.",
+        "vision.hook_pos_embed": "The patch's learned x and y embeddings, summed (zero on "
+        "padding patches), added to it.",
+        "vision.blocks.{i}.attn.hook_q": "Queries, after QK-norm and the 2-D RoPE (the "
+        "first half of each head turned by the patch's x, the second by its y).",
+        "vision.blocks.{i}.attn.hook_k": "Keys, after QK-norm and the 2-D RoPE.",
+        "vision.blocks.{i}.attn.hook_v": "Values, after the value norm.",
+        "vision.blocks.{i}.attn.hook_attn_scores": "Attention logits between patches "
+        "(scale 1; padding keys masked).",
+        "vision.blocks.{i}.attn.hook_pattern": "Attention weights between an image's patches, "
+        "both ways: [image, heads, patch, patch].",
+        "vision.blocks.{i}.hook_attn_out": "The attention branch's contribution (after its "
+        "post-norm).",
+        "vision.blocks.{i}.mlp.hook_pre": "The gate projection (clipped where the tower "
+        "clips its linears), before the GELU.",
+        "vision.blocks.{i}.mlp.hook_pre_linear": "The up projection (clipped likewise).",
+        "vision.blocks.{i}.mlp.hook_post": "GELU(gate) * up: the input of the down projection.",
+        "vision.blocks.{i}.attn.hook_z": "Per-head attention output, before the output projection.",
+        "vision.hook_pooled": "Patches averaged over k x k cells of the image's grid, times "
+        "sqrt(width), in float32: one row per soft token (cells with no patch dropped).",
+        "vision.hook_standardized": "26B / 31B: the pooled tokens standardised, (h - bias) * "
+        "scale.",
+        "vision.hook_soft_emb_norm": "embed_vision's RMS norm (no weight) of the pooled tokens.",
+        "vision.hook_projected": "The image's soft tokens: projected to d_model.",
+    },
+}
+
 _BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
 _STACK = re.compile(r"^(encoder|decoder)\.")
 
@@ -312,6 +377,11 @@ def template(name: str) -> str:
 def doc_key(name: str) -> str:
     """The ``HOOK_DOCS`` key of a hook name or template (no stack prefix, ``{i}``)."""
     return _STACK.sub("", template(name))
+
+
+def describe(family: str, key: str) -> str | None:
+    """The line for hook template ``key`` (a `doc_key`) in ``family``'s table."""
+    return FAMILY_HOOK_DOCS.get(family, {}).get(key, HOOK_DOCS.get(key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,8 +426,18 @@ def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
         # One image per row: a run of image tokens between text tokens (in the encoder's
         # input, for T5Gemma 2).
         tokens[:, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-        size = m.config.vision.vision.image_size
-        streams["pixel_values"] = np.zeros((BATCH, 3, size, size), np.float32)
+        tower = m.config.vision.vision
+        if hasattr(tower, "image_size"):  # SigLIP: whole images
+            size = tower.image_size
+            streams["pixel_values"] = np.zeros((BATCH, 3, size, size), np.float32)
+        else:  # Gemma 4: patches and their (x, y) places, 4 x 4 patches pooled 2 x 2
+            side = 2 * GEMMA4_KERNEL
+            x, y = np.meshgrid(np.arange(side), np.arange(side))
+            places = np.stack([x.ravel(), y.ravel()], axis=-1)
+            streams["pixel_values"] = {
+                "pixel_values": np.zeros((BATCH, side * side, 3 * GEMMA4_PATCH**2), np.float32),
+                "image_position_ids": np.broadcast_to(places, (BATCH, side * side, 2)).copy(),
+            }
     if FAMILIES[family].encoder_decoder:
         streams["decoder_tokens"] = np.full((BATCH, DECODER_SEQ), 3, np.int32)
     return jax.eval_shape(lambda: dict(m.run_with_cache(tokens, **streams)[1]))
@@ -412,7 +492,7 @@ def _entry(*children: nodes.Node) -> nodes.entry:
     return entry
 
 
-def _table(rows: list[HookRow], headers: tuple[str, ...]) -> nodes.table:
+def _table(family: str, rows: list[HookRow], headers: tuple[str, ...]) -> nodes.table:
     table = nodes.table(classes=["gemmalens-hook-table"])
     group = nodes.tgroup(cols=len(headers))
     table += group
@@ -429,7 +509,7 @@ def _table(rows: list[HookRow], headers: tuple[str, ...]) -> nodes.table:
     for row in rows:
         line = nodes.row()
         axes = "[" + ", ".join(row.axes) + "]"
-        description = HOOK_DOCS.get(doc_key(row.template), "")
+        description = describe(family, doc_key(row.template)) or ""
         if not row.in_every_block:
             which = ", ".join(str(b) for b in row.blocks)
             plural = "s" if len(row.blocks) > 1 else ""
@@ -466,7 +546,7 @@ class HookTable(SphinxDirective):
                 f"Reading the hook points of the tiny {family} model failed: {error!r}"
             ) from error
         for row in rows:
-            if doc_key(row.template) not in HOOK_DOCS:
+            if describe(family, doc_key(row.template)) is None:
                 logger.warning(
                     "Hook point %s of %s has no description: add one to HOOK_DOCS in "
                     "docs/_ext/gemmalens_docs/hook_table.py.",
@@ -483,12 +563,21 @@ class HookTable(SphinxDirective):
                 raise self.error(f"Unknown family {other!r}; one of {sorted(FAMILIES)}.")
             base = {row.template for row in hook_rows(other)}
             rows = [row for row in rows if row.template not in base]
-        return [_table(rows, ("hook point", "axes", "value"))]
+        return [_table(family, rows, ("hook point", "axes", "value"))]
 
 
 def check_descriptions(app: Any, env: Any) -> None:
     """Warns about ``HOOK_DOCS`` lines that no family's hook point uses (stale text)."""
     used = {doc_key(row.template) for family in FAMILIES for row in hook_rows(family)}
+    for family, lines in FAMILY_HOOK_DOCS.items():
+        own = {doc_key(row.template) for row in hook_rows(family)}
+        for key in sorted(set(lines) - own):
+            logger.warning(
+                "FAMILY_HOOK_DOCS[%r] in docs/_ext/gemmalens_docs/hook_table.py describes "
+                "%s, which that family's tiny model does not have.",
+                family,
+                key,
+            )
     for key in sorted(set(HOOK_DOCS) - used):
         logger.warning(
             "HOOK_DOCS in docs/_ext/gemmalens_docs/hook_table.py describes %s, which no "
