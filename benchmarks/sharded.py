@@ -46,7 +46,7 @@ def _args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", type=int, default=1, help="the mesh's data axis (sites)")
     parser.add_argument("--seq", type=int, default=1, help="the mesh's seq axis (tokens)")
-    parser.add_argument("--out", type=Path, default=Path("sharded.json"))
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     parser.add_argument(
         "--presets", default="gemma3_27b_text,gemma4_26b_a4b", help="comma-separated cases"
     )
@@ -201,8 +201,9 @@ def main():
             f"{case['preset']}: mesh / one device = {case['mesh_over_one_device']:.2f}x, "
             f"scaling efficiency {case['scaling_efficiency']:.0%}"
         )
-    args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"Figures written to {args.out}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2, default=str))
+        print(f"Figures written to {args.out}")
 
 
 if __name__ == "__main__":
