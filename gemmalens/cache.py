@@ -106,7 +106,9 @@ def warn_if_patterns_are_large(
     ]
     if heads is None:
         heads = max(c.num_attention_heads for c in stack_configs or [config])
-    floats = [leaf.dtype for leaf in model._leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    # Leaves without a dtype (a Python float such as pz.nn.ConstantRescale's) are skipped.
+    dtypes = [leaf.dtype for leaf in model._leaves if hasattr(leaf, "dtype")]
+    floats = [dtype for dtype in dtypes if jnp.issubdtype(dtype, jnp.floating)]
     itemsize = max((jnp.dtype(d).itemsize for d in floats), default=4)
     needed = pattern_memory(squares, batch, seq, heads, itemsize)
     if needed <= PATTERN_WARNING_BYTES:

@@ -158,6 +158,7 @@ class Model:
     def __repr__(self) -> str:
         family = getattr(self.config, "family", type(self.config).__name__)
         tower = ", vision tower" if getattr(self.config, "vision", None) is not None else ""
+        tower += ", audio tower" if getattr(self.config, "audio", None) is not None else ""
         return (
             f"gemmalens.Model({family}, {self.config.num_hidden_layers} layers, "
             f"d_model={self.config.hidden_size}, vocab={self.config.vocab_size}{tower}, "
@@ -296,9 +297,12 @@ class Model:
     def _prepare(self, tokens: Any, attention_mask: Any, streams: dict[str, Any]) -> tuple:
         """The validated inputs of one call, as `logits_of` takes them after the model:
         ``(tokens, mask)`` (mask None when nothing is padded), and for a call with images
-        ``(tokens, mask, side inputs)``. ``streams`` holds the keyword inputs beyond
-        ``tokens``: ``pixel_values`` and ``token_type_ids`` (a model with its vision tower;
-        Gemma 4 also ``image_position_ids``, and ``mm_token_type_ids`` for the types)."""
+        or audio ``(tokens, mask, side inputs)``. ``streams`` holds the keyword inputs
+        beyond ``tokens``: ``pixel_values`` and ``token_type_ids`` (a model with its vision
+        tower; Gemma 4 also ``image_position_ids``, and ``mm_token_type_ids`` for the
+        types), ``input_features`` and ``input_features_mask`` (Gemma 3n with its audio
+        tower)."""
+        from gemmalens.audio.merge import audio_side_inputs
         from gemmalens.vision.merge import image_side_inputs
 
         streams = dict(streams)
@@ -307,6 +311,9 @@ class Model:
         # Gemma 4's processor names: patch positions, and its token types.
         image_position_ids = streams.pop("image_position_ids", None)
         mm_token_type_ids = streams.pop("mm_token_type_ids", None)
+        # The audio feature extractor's names.
+        input_features = streams.pop("input_features", None)
+        input_features_mask = streams.pop("input_features_mask", None)
         if mm_token_type_ids is not None:
             if token_type_ids is not None:
                 raise TypeError(
@@ -315,24 +322,39 @@ class Model:
                 )
             token_type_ids = mm_token_type_ids
         if streams:
-            reads = (
-                "tokens, and pixel_values and token_type_ids for its vision tower "
-                "(Gemma 4: also image_position_ids)"
-                if getattr(self.config, "vision", None) is not None
-                else "one input stream (tokens)"
-            )
+            if getattr(self.config, "vision", None) is not None:
+                reads = (
+                    "tokens, and pixel_values and token_type_ids for its vision tower "
+                    "(Gemma 4: also image_position_ids)"
+                )
+            elif getattr(self.config, "audio", None) is not None:
+                reads = (
+                    "tokens, and input_features and input_features_mask (and the "
+                    "processor's token_type_ids) for its audio tower"
+                )
+            else:
+                reads = "one input stream (tokens)"
             raise TypeError(
                 f"This model reads {reads}; it got {sorted(streams)} too. decoder_tokens "
                 "and decoder_attention_mask are for encoder-decoder models."
             )
         tokens, mask = self._host_inputs(tokens, attention_mask)
-        # The image checks and blocks read the ids on the host (also under jax.eval_shape).
+        # The image and audio checks read the ids on the host (also under jax.eval_shape).
+        # Gemma 3n's token types mark audio (3) too and decide nothing: the audio check
+        # takes them.
+        gemma3n = getattr(self.config, "family", None) == "gemma3n"
+        audio_types = token_type_ids if gemma3n else None
+        image_types = None if gemma3n else token_type_ids
         images = image_side_inputs(
-            self.config, tokens, pixel_values, token_type_ids, image_position_ids
+            self.config, tokens, pixel_values, image_types, image_position_ids
         )
+        audio = audio_side_inputs(
+            self.config, tokens, input_features, input_features_mask, audio_types
+        )
+        extra = {**(images or {}), **(audio or {})}
         tokens = self._on_mesh(tokens)
         mask = None if mask is None else self._on_mesh(mask)
-        return (tokens, mask) if images is None else (tokens, mask, images)
+        return (tokens, mask, extra) if extra else (tokens, mask)
 
     def __call__(self, tokens: Any, attention_mask: Any = None, **streams: Any) -> jax.Array:
         """Logits ``[batch, seq, vocab]`` for token ids ``[batch, seq]`` (or text).
@@ -347,6 +369,12 @@ class Model:
         for the runs of image tokens in ``tokens`` (``mm_tokens_per_image`` each, images in
         run order, row-major), and optionally ``token_type_ids`` [batch, seq] (1 = image;
         derived from the image token ids when left out). See `gemmalens.vision.merge`.
+
+        A Gemma 3n model loaded with its audio tower (``gl.load(path, audio=True)``) takes
+        ``input_features`` ``[num_clips, frames, 128]`` and ``input_features_mask``
+        ``[num_clips, frames]`` (`gemmalens.audio.gemma3n_audio_features`, whose result can
+        also be passed whole as ``input_features``) for the runs of audio tokens in
+        ``tokens`` (``audio_soft_tokens_per_image`` each). See `gemmalens.audio.merge`.
         """
         inputs = self._prepare(tokens, attention_mask, streams)
         return _run(self.logits_of, self._treedef, self._leaves, inputs)
@@ -359,8 +387,9 @@ class Model:
         ``names``: None (all), a name, a glob pattern, a list of either, or a predicate on
         the name. Only the chosen values are kept. Further input streams
         (``decoder_tokens=...``, ``pixel_values=...``) by keyword. Hook points that did not
-        run (``vision.*``, T5Gemma 2's ``encoder.vision.*``, in a call without images) are
-        left out of the cache.
+        run (``vision.*``, T5Gemma 2's ``encoder.vision.*``, in a call without images;
+        ``audio.*`` and ``hook_audio_embed`` in a call without audio) are left out of the
+        cache.
         """
         if isinstance(names, (np.ndarray, jax.Array)):
             raise TypeError(
@@ -375,8 +404,9 @@ class Model:
         (`_prepare`) capturing ``names``."""
         unbound, state = self._capture_plan(names)
         captured = [v.label[len(_CACHE_LABEL) :] for v in state]
-        # The tower's names: vision.* (Gemma 3), encoder.vision.* (T5Gemma 2).
-        in_tower = [n.startswith("vision.") or ".vision." in n for n in captured]
+        # The tower's names: vision.* (Gemma 3), encoder.vision.* (T5Gemma 2), audio.*
+        # (Gemma 3n, whose chunked patterns are small: seq x context per head).
+        in_tower = [n.startswith(("vision.", "audio.")) or ".vision." in n for n in captured]
         text = [n for n, tower in zip(captured, in_tower) if not tower]
         warn_if_patterns_are_large(self, text, *inputs[0].shape)
         # A call with images carries their side inputs as its last prepared input.
@@ -387,14 +417,14 @@ class Model:
             images = extra["pixel_values"].named_shape["batch"]
             warn_if_patterns_are_large(
                 self,
-                [n for n, tower in zip(captured, in_tower) if tower],
+                [n for n, tower in zip(captured, in_tower) if tower and n.startswith("vision.")],
                 images,
                 siglip.num_patches,
                 heads=siglip.num_attention_heads,
             )
         treedef, leaves = self._flat_plan(unbound, state)
         logits, values = _run_stateful(self.captured_run, treedef, leaves, inputs)
-        # A hook point that did not run (the vision tower without images) stored nothing.
+        # A hook point that did not run (a tower without its input) stored nothing.
         by_name = {v.label[len(_CACHE_LABEL) :]: v.value for v in values if v.value is not None}
         ordered = {n: by_name[n] for n in self._hook_names if n in by_name}
         return logits.unwrap("batch", "seq", "vocab"), ordered
@@ -514,6 +544,14 @@ class Model:
                     f"The prompts hold image tokens (id {image_id}): generation with images "
                     "is not implemented yet. m(tokens, pixel_values=...) gives the logits of "
                     "a prompt with images; generate takes text prompts."
+                )
+        if getattr(self.config, "audio", None) is not None:
+            audio_id = self.config.audio_token_id
+            if (tokens[mask > 0] == audio_id).any():
+                raise NotImplementedError(
+                    f"The prompts hold audio tokens (id {audio_id}): generation with audio "
+                    "is not implemented yet. m(tokens, input_features=...) gives the logits "
+                    "of a prompt with audio; generate takes text prompts."
                 )
         if eos_ids is None:
             configured = self.config.eos_token_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gemmalens.audio.gemma3n import Gemma3nAudioConfig, Gemma3nAudioTowerConfig
+from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
 from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
@@ -152,6 +154,20 @@ def gemma4_with_vision(name: str) -> Gemma4Config:
     config = PRESETS[name]
     return config.replace(
         vision=Gemma4ImageEncoderConfig(GEMMA4_VISION_TOWERS[name], config.hidden_size)
+    )
+
+
+def gemma3n_with_audio(name: str) -> Gemma3nConfig:
+    """A Gemma 3n text preset with the released audio tower (transformers'
+    ``Gemma3nAudioEncoder``: 681 348 640 parameters), ``embed_audio`` and ``embed_vision``
+    (hard tokens): ``Gemma3nForConditionalGeneration`` without its vision tower, e.g.
+    ``gemma3n_with_audio("gemma3n_e2b").num_params()``, ``gl.build(...)``."""
+    if name not in ("gemma3n_e2b", "gemma3n_e4b"):
+        raise KeyError(f"{name!r} is not a Gemma 3n preset; one of gemma3n_e2b, gemma3n_e4b.")
+    config = PRESETS[name]
+    return config.replace(
+        audio=Gemma3nAudioTowerConfig(Gemma3nAudioConfig(), config.hidden_size),
+        vision_embedder=Gemma3nVisionEmbedderConfig(text_hidden_size=config.hidden_size),
     )
 
 

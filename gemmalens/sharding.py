@@ -520,7 +520,9 @@ def memory_estimate(
     for layer in pz.select(tree).at_instances_of(pz.nn.Linear).get_sequence():
         heads = layer.weights.value.named_shape.get("heads")
         label = layer.weights.label
-        if heads is None or not label.endswith("q_proj.weights") or "vision." in label:
+        # Towers (vision, Gemma 3n's audio) have patterns per image or clip, not per token.
+        in_tower = "vision." in label or label.startswith("audio.")
+        if heads is None or not label.endswith("q_proj.weights") or in_tower:
             continue
         patterns += batch * heads * tokens * tokens
         per_device_heads = placement.per_device({"heads": heads})[0]

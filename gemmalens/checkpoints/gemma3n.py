@@ -4,10 +4,14 @@
 (``Gemma3nForConditionalGeneration``) under ``model.language_model.``, beside the vision
 and audio towers, which the text model does not read. Those files also hold key/value
 projections for the KV-sharing layers, which never use them (transformers ignores them too).
+With ``audio=True`` the audio tower and ``embed_audio`` are read too (``audio.*`` labels,
+named by `gemmalens.audio.gemma3n.hf_name`), and ``embed_vision`` (``embed_vision.*``)
+where the file has it; the vision tower never is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -15,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.audio import gemma3n as audio_names
+from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
 from gemmalens.checkpoints import gemma3
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.gemma3n import Gemma3nConfig
 
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+VISION_EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
 
 # Labels particular to Gemma 3n; the rest follow the Gemma 3 rules (blocks.N -> layers.N, ...).
 _RENAMES = [
@@ -60,10 +67,54 @@ def ignored_tensors(prefix: str, config: Gemma3nConfig) -> Callable[[str], bool]
     return ignore
 
 
+def vision_embedder_prefix(ckpt: CheckpointDir) -> str | None:
+    """Where the checkpoint keeps ``embed_vision``, or None (an audio-only file)."""
+    for prefix in VISION_EMBEDDER_PREFIXES:
+        if prefix + "embedding.weight" in ckpt:
+            return prefix
+    return None
+
+
+def with_audio(ckpt: CheckpointDir, config: Gemma3nConfig) -> Gemma3nConfig:
+    """``config`` with the audio tower, ``embed_vision`` (when the file has it) and the
+    placeholder ids of a ``gemma3n`` checkpoint."""
+    hf = ckpt.config
+    if hf.get("model_type") != "gemma3n":
+        raise CheckpointError(
+            f"{ckpt.path} is a text-only Gemma 3n checkpoint (model_type "
+            f"{hf.get('model_type')!r}, architectures {hf.get('architectures')}): it has no "
+            "audio tower. Load it without audio=True; Gemma3nForConditionalGeneration "
+            "checkpoints (model_type 'gemma3n') have one."
+        )
+    try:
+        tower = audio_names.Gemma3nAudioTowerConfig.from_hf(hf)
+        vision = None
+        if vision_embedder_prefix(ckpt) is not None:
+            vision = Gemma3nVisionEmbedderConfig.from_hf(hf)
+        return dataclasses.replace(
+            config,
+            audio=tower,
+            vision_embedder=vision,
+            audio_token_id=int(hf.get("audio_token_id", 262_273)),
+            image_token_id=int(hf.get("image_token_id", 262_145)),
+            audio_soft_tokens_per_image=int(hf.get("audio_soft_tokens_per_image", 188)),
+        )
+    except ValueError as error:
+        raise CheckpointError(f"{ckpt.path}: {error}") from None
+
+
+def _vision_hf_name(label: str, prefix: str) -> str:
+    """``embed_vision.embedding.embeddings`` -> ``{prefix}embedding.weight``."""
+    name = label.removeprefix("embed_vision.")
+    return prefix + re.sub(r"\.(weights|scale|embeddings)$", ".weight", name)
+
+
 def load_checkpoint(
-    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None
+    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None, audio: bool = False
 ) -> tuple[pz.nn.Layer, Gemma3nConfig]:
-    """Builds the Gemma 3n text decoder of a ``gemma3n_text`` or ``gemma3n`` checkpoint.
+    """Builds the Gemma 3n text decoder of a ``gemma3n_text`` or ``gemma3n`` checkpoint;
+    with ``audio``, the audio tower, ``embed_audio`` and ``embed_vision`` of a ``gemma3n``
+    one too.
 
     Both apply the final soft-cap (30); the multimodal model's text ids beyond
     ``vocab_size_per_layer_input`` read per-layer-embedding row 0.
@@ -75,13 +126,55 @@ def load_checkpoint(
         raise CheckpointError(
             f"{ckpt.path}/config.json does not describe a valid Gemma 3n text decoder: {error}"
         ) from None
+    if audio:
+        config = with_audio(ckpt, config)
     prefix = text_prefix(ckpt)
+    ignore_text = ignored_tensors(prefix, config)
+
+    def key_for(label: str) -> str:
+        return prefix + hf_name(label)
+
+    ignore = ignore_text
+    if audio:
+        try:
+            tower = find_prefix(
+                ckpt,
+                (audio_names.HUB_AUDIO_PREFIX, "audio_tower."),
+                "subsample_conv_projection.input_proj_linear.weight",
+                "Gemma 3n audio",
+            )
+            embedder = find_prefix(
+                ckpt,
+                (audio_names.HUB_EMBEDDER_PREFIX, "embed_audio."),
+                "embedding_projection.weight",
+                "Gemma 3n audio embedder",
+            )
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"audio=True, but this Gemma 3n checkpoint holds no audio tower: {error} "
+                "Load it without audio=True to run its text model."
+            ) from None
+        vision = vision_embedder_prefix(ckpt)
+        read = (tower, embedder) if vision is None else (tower, embedder, vision)
+
+        def key_for(label: str) -> str:
+            if label.startswith("audio."):
+                return audio_names.hf_name(label, tower, embedder)
+            if label.startswith("embed_vision."):
+                return _vision_hf_name(label, vision)
+            return prefix + hf_name(label)
+
+        def ignore(key: str) -> bool:
+            # What the text model skips (the vision tower among it), except the audio
+            # tower and the two embedders: every one of their tensors is read.
+            return ignore_text(key) and not key.startswith(read)
+
     model = build_from_checkpoint(
         ckpt,
         config.build,
-        lambda label: prefix + hf_name(label),
+        key_for,
         dtype,
-        ignore=ignored_tensors(prefix, config),
+        ignore=ignore,
         show_progress=show_progress,
     )
     return model, config

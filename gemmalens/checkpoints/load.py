@@ -117,6 +117,7 @@ def load(
     mesh: Any = None,
     rules: dict[str, Any] | None = None,
     vision: bool = False,
+    audio: bool = False,
 ) -> Model:
     """Loads a local Gemma checkpoint directory; nothing is ever downloaded.
 
@@ -145,6 +146,12 @@ def load(
         ``embed_vision``), so that the model takes ``pixel_values``
         (`gemmalens.vision.merge`). Off by default: the text model alone loads faster and
         needs less memory, and runs text exactly as with the tower.
+      audio: also build the audio tower of a multimodal checkpoint (Gemma 3n: the USM
+        conformer, ``embed_audio`` and ``embed_vision``'s hard tokens), so that the model
+        takes ``input_features`` (`gemmalens.audio.merge`). Off by default, as ``vision``;
+        with it, the ids of the vision and audio ranges embed as transformers'
+        ``Gemma3nForConditionalGeneration`` embeds them (the text model reads them as
+        ``Gemma3nForCausalLM`` does, from its own table).
 
     Returns:
       a `gemmalens.Model`.
@@ -155,21 +162,23 @@ def load(
     model_type = ckpt.config.get("model_type")
     if model_type in LOADERS:
         options = {}
-        if vision and fmt.name != "Hugging Face checkpoint":
-            raise CheckpointError(
-                f"vision=True reads the tower of a Hugging Face checkpoint; gemmalens reads "
-                f"the text model only of a {fmt.name}. Load it without vision=True."
-            )
-        if vision:
-            family = registry.by_model_type()[model_type]
-            if "vision" not in family.towers:
-                with_towers = [f.title for f in registry.FAMILIES.values() if "vision" in f.towers]
+        requested = [tower for tower, wanted in (("vision", vision), ("audio", audio)) if wanted]
+        for tower in requested:
+            if fmt.name != "Hugging Face checkpoint":
                 raise CheckpointError(
-                    f"vision=True: gemmalens does not build the {family.title} vision tower "
-                    f"yet (image input is implemented for {', '.join(with_towers)}); load "
-                    "this checkpoint without it to run its text model."
+                    f"{tower}=True reads the tower of a Hugging Face checkpoint; gemmalens "
+                    f"reads the text model only of a {fmt.name}. Load it without {tower}=True."
                 )
-            options["vision"] = True
+            family = registry.by_model_type()[model_type]
+            if tower not in family.towers:
+                with_towers = [f.title for f in registry.FAMILIES.values() if tower in f.towers]
+                kind = "image" if tower == "vision" else "audio"
+                raise CheckpointError(
+                    f"{tower}=True: gemmalens does not build the {family.title} {tower} tower "
+                    f"yet ({kind} input is implemented for {', '.join(with_towers)}); load "
+                    f"this checkpoint without it to run its text model."
+                )
+            options[tower] = True
         request = None
         if mesh is not None:
             family = registry.by_model_type()[model_type].name

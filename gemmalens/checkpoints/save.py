@@ -50,6 +50,11 @@ def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict
             "gemmalens writes text checkpoints and this model has a vision tower; save a "
             "model loaded without vision=True (or built from a config with vision=None)."
         )
+    if getattr(config, "audio", None) is not None:
+        raise ValueError(
+            "gemmalens writes text checkpoints and this model has an audio tower; save a "
+            "model loaded without audio=True (or built from a config with audio=None)."
+        )
     shapes = ShapeOnly()
     config.build(shapes)
     _, params = pz.unbind_params(model)

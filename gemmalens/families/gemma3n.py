@@ -44,6 +44,12 @@ KV sharing: the last ``num_kv_shared_layers`` layers have no key/value projectio
 
 MatFormer: `matformer_config` / `matformer_submodel` cut a smaller Gemma 3n (fewer layers,
 narrower MLPs) out of a bigger one as a model of its own.
+
+Audio (``audio`` set, ``gl.load(path, audio=True)``): the embedding is an
+`gemmalens.audio.merge.EmbedWithAudio` around the conformer tower (`gemmalens.audio.gemma3n`,
+hook points ``audio.*``) and ``hook_audio_embed``: hard vision and audio tokens through
+``embed_vision`` / ``embed_audio``, the clips' soft tokens at the audio placeholders. The
+vision tower (MobileNetV5) is not built.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.audio.gemma3n import Gemma3nAudioTowerConfig
+from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
+from gemmalens.audio.merge import build_embedding as build_audio_embedding
 from gemmalens.families.gemma3 import RopeConfig, _rope_from_hf
 from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
@@ -105,6 +114,14 @@ class Gemma3nConfig(CountsParameters):
     ``layer_types``) are tuples with one entry per layer; a single number is repeated for
     every layer. ``altup_coef_clip`` is kept for completeness: transformers clips the
     prediction coefficients only while training, so it is never applied here.
+
+    ``audio`` (None: a text model) adds the audio tower and ``embed_audio`` of
+    ``Gemma3nForConditionalGeneration``, and ``vision_embedder`` its ``embed_vision`` (the
+    hard vision tokens only; the vision tower is not built): the model then takes
+    ``input_features`` and puts each clip's soft tokens in its run of
+    ``audio_soft_tokens_per_image`` placeholders ``audio_token_id``
+    (`gemmalens.audio.merge`); ``num_params()`` counts the tower and the embedders too.
+    ``image_token_id`` is the image placeholder, which such a model refuses.
     """
 
     vocab_size: int
@@ -133,6 +150,11 @@ class Gemma3nConfig(CountsParameters):
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
+    audio: Gemma3nAudioTowerConfig | None = None
+    vision_embedder: Gemma3nVisionEmbedderConfig | None = None
+    audio_token_id: int = 262_273
+    image_token_id: int = 262_145
+    audio_soft_tokens_per_image: int = 188
     family: str = dataclasses.field(default="gemma3n", init=False)
 
     def __post_init__(self):
@@ -165,6 +187,53 @@ class Gemma3nConfig(CountsParameters):
                 f"{self.altup_num_inputs} AltUp streams (altup_num_inputs)."
             )
         kv_sharing_sources(self.layer_types, self.num_kv_shared_layers)  # raises if invalid
+        self._check_multimodal()
+
+    def _check_multimodal(self) -> None:
+        """The embedders write the text width, and the id ranges fit transformers' layout:
+        vision hard tokens below the audio ones, the audio ones up to ``vocab_size``, whose
+        last id (the padding of audio soft tokens) is an audio row."""
+        if self.vision_embedder is not None and self.audio is None:
+            raise ValueError(
+                "vision_embedder embeds Gemma 3n's hard vision tokens beside the audio tower; "
+                "set audio too (gemmalens builds no Gemma 3n vision tower)."
+            )
+        if self.audio is None:
+            return
+        embedders = [("audio", self.audio.text_hidden_size)]
+        if self.vision_embedder is not None:
+            embedders.append(("vision", self.vision_embedder.text_hidden_size))
+        for name, width in embedders:
+            if width != self.hidden_size:
+                raise ValueError(
+                    f"The {name} embedder writes width {width} but hidden_size is "
+                    f"{self.hidden_size}; they must match."
+                )
+        audio = self.audio.audio
+        low, high = audio.vocab_offset, audio.vocab_offset + audio.vocab_size
+        if not low < self.vocab_size <= high:
+            raise ValueError(
+                f"The audio hard tokens are ids [{low}, {high}) (audio vocab_offset, "
+                f"vocab_size) and must end the text vocabulary (vocab_size {self.vocab_size}): "
+                "transformers embeds every id from vocab_offset on as audio and pads soft "
+                "tokens with the last id."
+            )
+        if not low <= self.audio_token_id < self.vocab_size:
+            raise ValueError(
+                f"audio_token_id {self.audio_token_id} is not an audio hard token "
+                f"([{low}, {self.vocab_size}))."
+            )
+        if self.audio_soft_tokens_per_image < 1:
+            raise ValueError("audio_soft_tokens_per_image must be >= 1.")
+        vision = self.vision_embedder
+        if vision is not None and not (
+            vision.vocab_offset < low <= vision.vocab_offset + vision.vocab_size
+        ):
+            raise ValueError(
+                f"The vision hard tokens are ids [{vision.vocab_offset}, {low}) (up to the "
+                f"audio ones); the vision table has {vision.vocab_size} rows from "
+                f"{vision.vocab_offset}, which must cover them."
+            )
 
     @property
     def kv_sources(self) -> tuple[int | None, ...]:
@@ -185,7 +254,15 @@ class Gemma3nConfig(CountsParameters):
     def replace(self, **changes: Any) -> Gemma3nConfig:
         """A copy with some fields changed. A new ``num_hidden_layers`` gives default
         ``layer_types`` and sparsity, and repeats a uniform ``intermediate_size``, unless
-        those are given too."""
+        those are given too; the embedders follow a new ``hidden_size``."""
+        if "hidden_size" in changes:
+            width = changes["hidden_size"]
+            audio = changes.get("audio", self.audio)
+            if audio is not None:
+                changes["audio"] = dataclasses.replace(audio, text_hidden_size=width)
+            vision = changes.get("vision_embedder", self.vision_embedder)
+            if vision is not None:
+                changes["vision_embedder"] = dataclasses.replace(vision, text_hidden_size=width)
         if "num_hidden_layers" in changes:
             layers = changes["num_hidden_layers"]
             changes.setdefault("layer_types", self.default_layer_types(layers))
@@ -416,10 +493,25 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
 
 
 def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> DecoderLM:
-    """Builds the Penzai model, taking every parameter from ``source``."""
+    """Builds the Penzai model, taking every parameter from ``source`` (with audio: the
+    tower's parameters under ``audio.``, ``embed_vision``'s under ``embed_vision.``, the
+    embedding an `EmbedWithAudio`)."""
     params = ParamBuilder(source)
     width, streams = config.hidden_size, config.altup_num_inputs
     table, embed = embedding(params, config.vocab_size, width)
+    if config.audio is not None:
+        token_embedding, hook_embed = embed
+        merged = build_audio_embedding(
+            params,
+            source,
+            token_embedding,
+            config.audio,
+            config.vision_embedder,
+            audio_token_id=config.audio_token_id,
+            padding_id=config.vocab_size - 1,
+            soft_tokens_per_clip=config.audio_soft_tokens_per_image,
+        )
+        embed = [merged, hook_embed]
     blocks: pz.nn.Layer = pz.nn.Sequential(
         [build_block(config, params, i) for i in range(config.num_hidden_layers)]
     )

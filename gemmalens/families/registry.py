@@ -48,7 +48,8 @@ class Family:
         class name: ``"Readout"``, ``"ScaledReadout"`` or ``"AltUpReadout"``).
       notes: what is special to show (one line, for tables).
       towers: the encoders ``gl.load`` can build beside the text model on request
-        (``"vision"``: ``load_checkpoint(..., vision=True)``).
+        (``"vision"``: ``load_checkpoint(..., vision=True)``; ``"audio"``:
+        ``load_checkpoint(..., audio=True)``).
     """
 
     name: str
@@ -97,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=gemma3n_names.to_file_layout,
             residual="AltUpReadout",
             notes="AltUp streams, LAuReL, per-layer embeddings, sparse gates, KV sharing",
+            towers=("audio",),
         ),
         Family(
             name="gemma4",
