@@ -5,6 +5,7 @@ Only that they run: the figures of a tiny configuration mean nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,7 +22,11 @@ def test_there_are_benchmarks():
     assert BENCHMARKS
 
 
-@pytest.mark.parametrize("script", BENCHMARKS, ids=[path.stem for path in BENCHMARKS])
+# cpu_first_call has a test of its own below, which also checks what it writes.
+TINY = [path for path in BENCHMARKS if path.stem != "cpu_first_call"]
+
+
+@pytest.mark.parametrize("script", TINY, ids=[path.stem for path in TINY])
 def test_benchmark_runs_tiny(script):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(
@@ -34,3 +39,29 @@ def test_benchmark_runs_tiny(script):
     )
     assert run.returncode == 0, f"{script.name} --tiny failed:\n{run.stderr[-4000:]}"
     assert TABLE_RULE.search(run.stdout), f"{script.name} printed no table:\n{run.stdout[-2000:]}"
+
+
+def test_cpu_first_call_smoke(tmp_path):
+    """The CPU first-call benchmark's quick mode: fresh processes for gemmalens (cache cold,
+    then warm) and transformers, which load the same checkpoint and agree on its logits."""
+    script = BENCHMARKS[0].parent / "cpu_first_call.py"
+    out = tmp_path / "first_call.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=script.parents[1],
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert TABLE_RULE.search(run.stdout), run.stdout[-2000:]
+    results = json.loads(out.read_text())
+    (entry,) = results["models"].values()
+    for kind in ("cold", "warm", "transformers"):
+        assert "error" not in entry[kind], entry[kind]
+        assert entry[kind]["forward_1"] > 0 and entry[kind]["to_first_logits_s"] > 0
+    assert entry["cold"]["hooks"] > entry["cold"]["resid_hooks"] > 0
+    assert entry["max_abs_diff_last_logits"] < 1e-3
+    assert results["versions"]["cpus"] >= 1
