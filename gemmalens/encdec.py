@@ -46,7 +46,7 @@ from gemmalens.layers.merged_attention import (
     fix_encoder_keys_values,
 )
 from gemmalens.layers.transformer import RESID_AXES, DecoderLM, positions_from_mask
-from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos
+from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos, refuse_multimodal_prompts
 from gemmalens.vision.merge import PIXEL_VALUES, image_side_inputs, without_images
 
 
@@ -405,14 +405,9 @@ class EncoderDecoderModel(Model):
         for i, row in enumerate(rows):
             tokens[i, : len(row)], mask[i, : len(row)] = row, 1
         self._inputs(tokens, mask)  # validates ids
-        if getattr(self.config, "vision", None) is not None:
-            image_id = self.config.image_token_id
-            if (tokens[mask > 0] == image_id).any():
-                raise NotImplementedError(
-                    f"The prompts hold image tokens (id {image_id}): generation with images "
-                    "is not implemented yet. m(tokens, decoder_tokens, pixel_values=...) "
-                    "gives the logits of a prompt with images; generate takes text prompts."
-                )
+        refuse_multimodal_prompts(
+            self.config, tokens[mask > 0], "m(tokens, decoder_tokens, {keyword}=...)"
+        )
         if eos_ids is None:
             configured = self.config.eos_token_id
             eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]

@@ -76,6 +76,26 @@ def decoder_stateful(
     )
 
 
+def refuse_multimodal_prompts(config: Any, prompt_ids: np.ndarray, call: str) -> None:
+    """Generation reads text: a clear error when ``prompt_ids`` (the prompts' real tokens)
+    hold a tower's placeholders. ``call`` shows the call that gives such a prompt's
+    logits, with ``{keyword}`` for the tower's input (``pixel_values``, ``input_features``)."""
+    towers = (
+        ("vision", "image_token_id", "images", "pixel_values"),
+        ("audio", "audio_token_id", "audio", "input_features"),
+    )
+    for tower, id_field, what, keyword in towers:
+        if getattr(config, tower, None) is None:
+            continue
+        token = getattr(config, id_field)
+        if (np.asarray(prompt_ids) == token).any():
+            raise NotImplementedError(
+                f"The prompts hold {what.rstrip('s')} tokens (id {token}): generation with "
+                f"{what} is not implemented yet. {call.format(keyword=keyword)} gives the "
+                f"logits of a prompt with {what}; generate takes text prompts."
+            )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _run(forward, treedef, leaves, inputs):
     # The model comes as its leaves (flattened once per model): flattening a Penzai tree
@@ -537,22 +557,7 @@ class Model:
         for i, row in enumerate(rows):  # left padding: every row ends at the last column
             tokens[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
         self._inputs(tokens, mask)  # validates ids
-        if getattr(self.config, "vision", None) is not None:
-            image_id = self.config.image_token_id
-            if (tokens[mask > 0] == image_id).any():
-                raise NotImplementedError(
-                    f"The prompts hold image tokens (id {image_id}): generation with images "
-                    "is not implemented yet. m(tokens, pixel_values=...) gives the logits of "
-                    "a prompt with images; generate takes text prompts."
-                )
-        if getattr(self.config, "audio", None) is not None:
-            audio_id = self.config.audio_token_id
-            if (tokens[mask > 0] == audio_id).any():
-                raise NotImplementedError(
-                    f"The prompts hold audio tokens (id {audio_id}): generation with audio "
-                    "is not implemented yet. m(tokens, input_features=...) gives the logits "
-                    "of a prompt with audio; generate takes text prompts."
-                )
+        refuse_multimodal_prompts(self.config, tokens[mask > 0], "m(tokens, {keyword}=...)")
         if eos_ids is None:
             configured = self.config.eos_token_id
             eos_ids = list(configured) if isinstance(configured, (tuple, list)) else [configured]

@@ -35,7 +35,6 @@ from gemmalens.layers.builders import (
 )
 from gemmalens.layers.params import CountsParameters, ParamSource
 from gemmalens.layers.rope import RopeConfig
-from gemmalens.layers.transformer import RESID_AXES
 from gemmalens.vision.merge import EmbedWithImages
 from gemmalens.vision.siglip import Gemma3VisionConfig
 
@@ -230,13 +229,11 @@ def build_gemma3(config: Gemma3Config, source: ParamSource) -> DecoderLM:
     table, embed = embedding(params, config.vocab_size, config.hidden_size)
     if config.vision is not None:
         token_embedding, hook_embed = embed
-        images = EmbedWithImages(
-            embed=token_embedding,
-            vision=config.vision.build(source),
-            hook_image_embed=params.hook("hook_image_embed", RESID_AXES),
-            image_token_id=config.image_token_id,
-        )
-        embed = [images, hook_embed]
+        tower = config.vision.build(source)
+        embed = [
+            EmbedWithImages.around(token_embedding, tower, params, config.image_token_id),
+            hook_embed,
+        ]
     return DecoderLM(
         embed=pz.nn.Sequential(embed),
         blocks=pz.nn.Sequential(

@@ -434,13 +434,11 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
     table, embed = embedding(params, config.vocab_size, width)
     if config.vision is not None:
         token_embedding, hook_embed = embed
-        images = EmbedWithImages(
-            embed=token_embedding,
-            vision=config.vision.build(source),
-            hook_image_embed=params.hook("hook_image_embed", RESID_AXES),
-            image_token_id=config.image_token_id,
-        )
-        embed = [images, hook_embed]
+        tower = config.vision.build(source)
+        embed = [
+            EmbedWithImages.around(token_embedding, tower, params, config.image_token_id),
+            hook_embed,
+        ]
     blocks: pz.nn.Layer = pz.nn.Sequential(
         [build_block(config, params, i) for i in range(config.num_hidden_layers)]
     )

@@ -203,12 +203,8 @@ def build_t5gemma2(config: T5Gemma2Config, source: ParamSource) -> EncoderDecode
             EmbedTokens.with_model_width(table, width), eoi, config.eoi_token_index
         )
         if images:
-            tokens = EmbedWithImages(
-                embed=tokens,
-                vision=config.vision.build(source, scope=stack.prefix),
-                hook_image_embed=stack.hook("hook_image_embed", RESID_AXES),
-                image_token_id=config.image_token_index,
-            )
+            tower = config.vision.build(source, scope=stack.prefix)
+            tokens = EmbedWithImages.around(tokens, tower, stack, config.image_token_index)
         return pz.nn.Sequential([tokens, stack.hook("hook_embed", RESID_AXES)])
 
     def norm(stack: ParamBuilder, stack_config: Gemma3Config) -> pz.nn.Sequential:

@@ -126,6 +126,16 @@ class EmbedWithImages(pz.nn.Layer):
     hook_image_embed: HookPoint
     image_token_id: int = dataclasses.field(metadata={"pytree_node": False})
 
+    @classmethod
+    def around(
+        cls, embed: pz.nn.Layer, vision: pz.nn.Layer, scope: Any, image_token_id: int
+    ) -> EmbedWithImages:
+        """``embed`` with the image tower ``vision``; ``hook_image_embed`` is named in the
+        parameter scope ``scope`` (a `gemmalens.layers.params.ParamBuilder`: the model's,
+        or T5Gemma 2's ``encoder.``)."""
+        hook = scope.hook("hook_image_embed", ("batch", "seq", "embedding"))
+        return cls(embed=embed, vision=vision, hook_image_embed=hook, image_token_id=image_token_id)
+
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         is_image = tokens == self.image_token_id
         table = pz.select(self.embed).at_instances_of(EmbedTokens).get_sequence()[0].table
