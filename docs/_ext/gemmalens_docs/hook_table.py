@@ -97,6 +97,38 @@ def _gemma3n() -> Any:
     )
 
 
+AUDIO_TOKEN, AUDIO_SOFT_TOKENS, AUDIO_FRAMES, AUDIO_MELS = VOCAB - 6, 2, 32, 16
+
+
+def _gemma3n_audio() -> Any:
+    from gemmalens.audio.gemma3n import Gemma3nAudioConfig, Gemma3nAudioTowerConfig
+    from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
+
+    # The id layout of the released files, shrunk: text, then 16 vision hard tokens, then
+    # 16 audio ones up to the vocabulary's end. As many conformer blocks as text blocks.
+    audio = Gemma3nAudioConfig(
+        vocab_size=16,
+        vocab_offset=VOCAB - 16,
+        input_feat_size=AUDIO_MELS,
+        hidden_size=16,
+        conf_attention_chunk_size=4,
+        conf_attention_context_left=5,
+        conf_attention_context_right=0,
+        conf_num_attention_heads=2,
+        conf_num_hidden_layers=3,
+        sscp_conv_channel_size=(8, 4),
+    )
+    return _gemma3n().replace(
+        audio=Gemma3nAudioTowerConfig(audio, text_hidden_size=32),
+        vision_embedder=Gemma3nVisionEmbedderConfig(
+            text_hidden_size=32, hidden_size=16, vocab_size=16, vocab_offset=VOCAB - 32
+        ),
+        audio_token_id=AUDIO_TOKEN,
+        image_token_id=VOCAB - 31,
+        audio_soft_tokens_per_image=AUDIO_SOFT_TOKENS,
+    )
+
+
 def _gemma4() -> Any:
     import gemmalens as gl
 
@@ -220,6 +252,7 @@ FAMILIES = {
     "gemma3": Family("Gemma 3", "gemma3_270m", _gemma3),
     "gemma3_vision": Family("Gemma 3 with images", "gemma3_4b", _gemma3_vision),
     "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
+    "gemma3n_audio": Family("Gemma 3n with audio", "gemma3n_e2b", _gemma3n_audio),
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
     "gemma4_vision": Family("Gemma 4 with images", "gemma4_e2b", _gemma4_vision),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
@@ -323,6 +356,48 @@ HOOK_DOCS = {
     "hook_image_embed": "The soft tokens at their positions in the text stream (T5Gemma 2: "
     "the encoder's; zero at text positions); replacing it changes what the image positions "
     "receive.",
+    # Gemma 3n's audio tower (USM conformer) and its embedder.
+    "audio.subsample.conv_0.hook_out": "The first subsampling convolution (3x3, stride 2) "
+    "after its cumulative group norm and ReLU: [clip, channel, time, frequency].",
+    "audio.subsample.conv_1.hook_out": "The second one: time and frequency down 4x in all.",
+    "audio.hook_subsampled": "The subsampled frames, flattened and projected to the tower's "
+    "width: the stream entering conformer block 0.",
+    "audio.blocks.{i}.hook_resid_pre": "The conformer's stream entering the block.",
+    "audio.blocks.{i}.ffw_start.hook_pre": "The first half-step feed-forward's hidden layer, "
+    "before the SiLU.",
+    "audio.blocks.{i}.ffw_start.hook_post": "After the SiLU: the input of its down projection.",
+    "audio.blocks.{i}.ffw_start.hook_out": "What the first feed-forward adds (its 0.5 weight "
+    "included).",
+    "audio.blocks.{i}.hook_resid_after_ffw_start": "The stream after the first feed-forward.",
+    "audio.blocks.{i}.attn.hook_q": "Queries (scaled), per head.",
+    "audio.blocks.{i}.attn.hook_k": "Keys, per head.",
+    "audio.blocks.{i}.attn.hook_v": "Values, per head.",
+    "audio.blocks.{i}.attn.hook_attn_scores": "Local attention logits in transformers' chunked "
+    "layout [clip, heads, chunk, query in chunk, context]: content plus relative-position "
+    "terms, soft-capped, masked.",
+    "audio.blocks.{i}.attn.hook_pattern": "Local attention weights, same chunked layout "
+    "(`gemmalens.audio.gemma3n.dense_pattern` spreads them over [frame, frame]).",
+    "audio.blocks.{i}.attn.hook_z": "Per-head attention output, before the output projection.",
+    "audio.blocks.{i}.hook_attn_out": "The attention branch's contribution (after its post-norm).",
+    "audio.blocks.{i}.hook_resid_after_attn": "The stream after attention (before padded "
+    "frames are zeroed).",
+    "audio.blocks.{i}.lconv.hook_glu": "The light convolution module's gated linear unit output.",
+    "audio.blocks.{i}.lconv.hook_conv": "After the causal depthwise convolution.",
+    "audio.blocks.{i}.lconv.hook_out": "What the convolution module adds.",
+    "audio.blocks.{i}.hook_resid_after_lconv": "The stream after the convolution module.",
+    "audio.blocks.{i}.ffw_end.hook_pre": "The second feed-forward's hidden layer, before the SiLU.",
+    "audio.blocks.{i}.ffw_end.hook_post": "After the SiLU.",
+    "audio.blocks.{i}.ffw_end.hook_out": "What the second feed-forward adds (0.5 included).",
+    "audio.blocks.{i}.hook_resid_after_ffw_end": "The stream before the block's final norm.",
+    "audio.blocks.{i}.hook_resid_post": "The block's output (after its norm).",
+    "audio.hook_encoded": "The conformer's output, one row per subsampled frame.",
+    "audio.hook_soft_tokens": "Every conf_reduction_factor-th frame, padded ones zeroed: the "
+    "clip's soft tokens.",
+    "audio.hook_soft_emb_norm": "embed_audio's soft-embedding norm of the soft tokens.",
+    "audio.hook_projected": "The soft tokens projected to d_model and normed: what the audio "
+    "placeholders receive.",
+    "hook_audio_embed": "The audio soft tokens at their positions in the text stream (zero "
+    "elsewhere); replacing it changes what the audio positions receive.",
     # T5Gemma 2's decoder.
     "blocks.{i}.attn.hook_cross_k": "Keys computed from the encoder output (QK-norm, no RoPE).",
     "blocks.{i}.attn.hook_cross_v": "Values computed from the encoder output.",
@@ -438,6 +513,11 @@ def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
                 "pixel_values": np.zeros((BATCH, side * side, 3 * GEMMA4_PATCH**2), np.float32),
                 "image_position_ids": np.broadcast_to(places, (BATCH, side * side, 2)).copy(),
             }
+    if getattr(m.config, "audio", None) is not None:
+        # One clip per row: 32 frames make 2 soft tokens (4x subsampling, then every 4th).
+        tokens[:, 1 : 1 + AUDIO_SOFT_TOKENS] = AUDIO_TOKEN
+        streams["input_features"] = np.zeros((BATCH, AUDIO_FRAMES, AUDIO_MELS), np.float32)
+        streams["input_features_mask"] = np.ones((BATCH, AUDIO_FRAMES), bool)
     if FAMILIES[family].encoder_decoder:
         streams["decoder_tokens"] = np.full((BATCH, DECODER_SEQ), 3, np.int32)
     return jax.eval_shape(lambda: dict(m.run_with_cache(tokens, **streams)[1]))
