@@ -19,6 +19,7 @@ from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
     Viewer,
     check_choice,
+    layers_with,
     options_list,
     token_labels,
     tokenizer_of,
@@ -32,11 +33,6 @@ CROSS_PATTERN = "decoder.blocks.{layer}.attn.hook_cross_pattern"
 SOURCES = {"text": "text token -> image", "vision": "image patch -> image patch"}
 # The image is drawn at most this many pixels wide and high (it is an inline PNG).
 DISPLAY_PIXELS = 256
-
-
-def _layers(cache: Mapping[str, Any], template: str) -> list[int]:
-    pattern = re.compile("^" + re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + "$")
-    return sorted(int(m.group(1)) for name in cache for m in [pattern.match(name)] if m)
 
 
 def _vision_template(cache: Mapping[str, Any]) -> str | None:
@@ -290,9 +286,9 @@ class ImageAttentionViewer(Viewer):
 
     def _init_text(self, cache, ids, decoder_tokens, batch, grid, model, tokenizer) -> None:
         template = TEXT_PATTERN
-        if not _layers(cache, template) and _layers(cache, CROSS_PATTERN):
+        if not layers_with(cache, template) and layers_with(cache, CROSS_PATTERN):
             template = CROSS_PATTERN
-        layers = _layers(cache, template)
+        layers = layers_with(cache, template)
         if not layers:
             raise KeyError(
                 f"ImageAttentionViewer needs {TEXT_PATTERN.format(layer='{i}')!r} (or T5Gemma "
@@ -339,7 +335,7 @@ class ImageAttentionViewer(Viewer):
                 "names=['*vision.blocks.*.attn.hook_pattern'], pixel_values=...)."
             )
         self._template = template
-        self._layers = _layers(cache, template)
+        self._layers = layers_with(cache, template)
         self._patterns = {
             i: np.asarray(cache[template.format(layer=i)], np.float32) for i in self._layers
         }
