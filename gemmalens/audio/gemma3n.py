@@ -79,6 +79,7 @@ from penzai import pz
 from gemmalens.checkpoints.mapped import MappedCheckpoint
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import TensorIndex
+from gemmalens.families.hf_config import expect_model_type
 from gemmalens.layers.attention import QKV_AXES
 from gemmalens.layers.embeddings import TanhSoftCap
 from gemmalens.layers.hooks import HookPoint
@@ -269,12 +270,7 @@ class Gemma3nAudioConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> Gemma3nAudioConfig:
         """Reads a transformers ``gemma3n_audio`` config dict (a Gemma 3n config's
         ``audio_config``); keys it leaves out take transformers' defaults."""
-        model_type = hf.get("model_type", "gemma3n_audio")
-        if model_type != "gemma3n_audio":
-            raise ValueError(
-                f"Expected a Gemma 3n audio config (model_type 'gemma3n_audio'), got "
-                f"{model_type!r}."
-            )
+        expect_model_type(hf, "gemma3n_audio", "a Gemma 3n audio config")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in names})
 
@@ -294,11 +290,7 @@ class Gemma3nAudioTowerConfig(CountsParameters):
     def from_hf(cls, hf: Mapping[str, Any]) -> Gemma3nAudioTowerConfig:
         """Reads a transformers ``gemma3n`` config dict: ``audio_config`` and
         ``text_config.hidden_size``; keys it leaves out take transformers' defaults."""
-        model_type = hf.get("model_type", "gemma3n")
-        if model_type != "gemma3n":
-            raise ValueError(
-                f"Expected a Gemma 3n multimodal config (model_type 'gemma3n'), got {model_type!r}."
-            )
+        expect_model_type(hf, "gemma3n", "a Gemma 3n multimodal config")
         audio = Gemma3nAudioConfig.from_hf(hf.get("audio_config") or {})
         text = hf.get("text_config") or {}
         return cls(audio, text_hidden_size=text.get("hidden_size", 2048))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from gemmalens.layers.builders import FULL, SLIDING
 
 _MODEL_TYPES = {"gemma3": "gemma3_text", "gemma3n": "gemma3n_text", "gemma4": "gemma4_text"}
+
+
+def expect_model_type(hf: Mapping[str, Any], expected: str, what: str) -> None:
+    """A config dict of another kind (``model_type`` not ``expected``) is an error naming
+    both; a dict without ``model_type`` is taken as ``expected``. ``what`` names the kind
+    for the message (``"a SigLIP vision config"``)."""
+    model_type = hf.get("model_type", expected)
+    if model_type != expected:
+        raise ValueError(f"Expected {what} (model_type {expected!r}), got {model_type!r}.")
 
 
 def reject_unimplemented(hf: dict[str, Any], family: str) -> None:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.families.hf_config import expect_model_type
 from gemmalens.layers.attention import AttentionMask
 from gemmalens.layers.builders import AttentionSpec, build_attention
 from gemmalens.layers.hooks import HookPoint
@@ -158,12 +159,7 @@ class Gemma4VisionConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> Gemma4VisionConfig:
         """Reads a transformers ``gemma4_vision`` config dict (a Gemma 4 config's
         ``vision_config``); keys it leaves out take transformers' defaults."""
-        model_type = hf.get("model_type", "gemma4_vision")
-        if model_type != "gemma4_vision":
-            raise ValueError(
-                f"Expected a Gemma 4 vision config (model_type 'gemma4_vision'), got "
-                f"{model_type!r}."
-            )
+        expect_model_type(hf, "gemma4_vision", "a Gemma 4 vision config")
         if hf.get("attention_bias"):
             raise ValueError("Gemma 4 vision attention with biases is not implemented.")
         rope = hf.get("rope_parameters") or {}

@@ -42,6 +42,7 @@ from penzai import pz
 from gemmalens.checkpoints.mapped import MappedCheckpoint
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import TensorIndex
+from gemmalens.families.hf_config import expect_model_type
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, AttentionMask, attention_mixer
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.mlp import ACTIVATIONS, MLP
@@ -153,12 +154,7 @@ class SiglipVisionConfig:
         ``vision_use_head`` is not read: Gemma 3 and T5Gemma 2 use the tower's last hidden
         state, never the attention-pooling head.
         """
-        model_type = hf.get("model_type", "siglip_vision_model")
-        if model_type != "siglip_vision_model":
-            raise ValueError(
-                f"Expected a SigLIP vision config (model_type 'siglip_vision_model'), got "
-                f"{model_type!r}."
-            )
+        expect_model_type(hf, "siglip_vision_model", "a SigLIP vision config")
         return cls(
             hidden_size=hf.get("hidden_size", 768),
             intermediate_size=hf.get("intermediate_size", 3072),
