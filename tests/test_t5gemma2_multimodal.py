@@ -316,3 +316,23 @@ def test_patching_between_two_images(model):
     np.testing.assert_allclose(scores[0, position], float(metric(hooked)), rtol=1e-4, atol=1e-5)
     baseline = float(metric(model(TOKENS, decoder_tokens=DECODER_TOKENS, pixel_values=corrupted)))
     assert abs(scores[0, position] - baseline) > 1e-6
+
+
+def test_image_attention_viewer_reads_the_cross_part(cached):
+    """T5Gemma 2's images are in the encoder: the viewer shows the decoder's cross part
+    over each image's soft tokens, and the encoder tower's own attention."""
+    from gemmalens.widgets import ImageAttentionViewer
+
+    _, cache = cached
+    viewer = ImageAttentionViewer(
+        cache, TOKENS, PIXELS, decoder_tokens=DECODER_TOKENS, layer=1, head=2
+    )
+    cross = np.asarray(cache["decoder.blocks.1.attn.hook_cross_pattern"])[0, 2]
+    start = int(np.flatnonzero(TOKENS[0] == IMAGE)[0])
+    np.testing.assert_allclose(
+        viewer.heat, cross[:, start : start + TOKENS_PER_IMAGE], rtol=1e-6, atol=1e-7
+    )
+    assert len(viewer.tokens) == DECODER_TOKENS.shape[1]
+    vision = ImageAttentionViewer(cache, TOKENS, PIXELS, source="vision", patch=3)
+    tower = np.asarray(cache["encoder.vision.blocks.0.attn.hook_pattern"])[0].mean(axis=0)
+    np.testing.assert_allclose(vision.heat, tower[3], rtol=1e-6, atol=1e-7)

@@ -516,3 +516,33 @@ def test_image_attention_viewer_reads_each_images_own_grid(cached, inputs):
     np.testing.assert_allclose(vision.heat, tower[0, : rows * cols], rtol=1e-6, atol=1e-7)
     vision.image, vision.patch = 0, rows * cols + 5  # a patch only the larger grid has
     assert vision.query_patch == min(rows * cols + 5, np.prod(patch_grids[0]) - 1)
+
+
+def test_patching_between_two_images(model, inputs):
+    """Same tokens and patch places, other pixels: a sweep site equals one hooked run
+    (Gemma 4's per-layer inputs and vision blocks go through the general program)."""
+    from gemmalens import patching
+
+    def metric(logits):
+        return logits[:, -1, 7].mean()
+
+    clean = dict(pixel_values=inputs["pixels"], image_position_ids=inputs["positions"])
+    corrupted = dict(clean, pixel_values=np.ascontiguousarray(inputs["pixels"][..., ::-1]))
+    tokens = inputs["tokens"]
+    scores = np.asarray(
+        patching.sweep(
+            model, tokens, tokens, metric, pixel_values=clean, corrupted_pixel_values=corrupted
+        )
+    )
+    name = "blocks.1.hook_resid_pre"
+    _, cache = model.run_with_cache(tokens, names=[name], pixel_values=clean)
+    value = np.asarray(cache[name])
+    position = int(np.flatnonzero(tokens[0] == IMAGE)[-1]) + 1  # just after row 0's last image
+
+    def patch(x, _):
+        return x.at[:, position].set(value[:, position])
+
+    hooked = model.run_with_hooks(tokens, {name: patch}, pixel_values=corrupted)
+    np.testing.assert_allclose(scores[1, position], float(metric(hooked)), rtol=1e-4, atol=1e-5)
+    baseline = float(metric(model(tokens, pixel_values=corrupted)))
+    np.testing.assert_allclose(scores[:, 0], baseline, rtol=1e-5, atol=1e-6)  # <bos>
