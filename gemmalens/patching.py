@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import jax
@@ -857,12 +857,12 @@ def _prepare_runs(
     attention_mask,
     corrupted_mask,
     decoder: dict[str, Any],
-    images: tuple[Any, Any] = (None, None),
+    media: _Media | None = None,
 ) -> _Runs:
     """Validated runs. ``decoder``: the decoder keywords of `sweep` (``decoder_tokens``,
     ``corrupted_decoder_tokens``, ``decoder_attention_mask``,
-    ``corrupted_decoder_attention_mask``), each None where not given; ``images``: the
-    clean and corrupted runs' ``pixel_values`` (None where not given)."""
+    ``corrupted_decoder_attention_mask``), each None where not given; ``media``: the
+    images and audio of both runs (`_Media`)."""
     encoder_decoder = "decoder_tokens" in m.input_streams
     clean_streams, corrupted_streams = {}, {}
     if not encoder_decoder:
@@ -891,18 +891,9 @@ def _prepare_runs(
                 decoder["corrupted_decoder_attention_mask"], decoder["decoder_attention_mask"]
             ),
         }
-    clean_images, corrupted_images = images
-    if clean_images is None and corrupted_images is not None:
-        raise TypeError(
-            "corrupted_pixel_values needs pixel_values=... for the clean run too (give both "
-            "to patch between two images)."
-        )
-    if clean_images is not None:
-        clean_streams = {**clean_streams, "pixel_values": clean_images}
-        corrupted_streams = {
-            **corrupted_streams,
-            "pixel_values": _given(corrupted_images, clean_images),
-        }
+    clean_media, corrupted_media = (media or _Media()).streams()
+    clean_streams = {**clean_streams, **clean_media}
+    corrupted_streams = {**corrupted_streams, **corrupted_media}
     clean = m._prepare(clean_tokens, attention_mask, clean_streams)
     corrupted = m._prepare(
         corrupted_tokens, _given(corrupted_mask, attention_mask), corrupted_streams
@@ -915,6 +906,71 @@ def _prepare_runs(
 
 def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+# An input that describes another: it follows that input into the corrupted run, and is
+# not inherited from the clean run when the corrupted run has inputs of its own.
+_DESCRIBES = {"input_features_mask": "input_features", "image_position_ids": "pixel_values"}
+_PAIRS = {"pixel_values": "images", "input_features": "audio clips"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Media:
+    """The images and audio of a patching call: `sweep`'s ``pixel_values``,
+    ``input_features`` (clean) and ``corrupted_*`` keywords, and ``inputs`` /
+    ``corrupted_inputs`` for the model's other keyword inputs (masks, position ids,
+    token types)."""
+
+    clean: dict[str, Any] = dataclasses.field(default_factory=dict)
+    corrupted: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        pixel_values: Any = None,
+        corrupted_pixel_values: Any = None,
+        input_features: Any = None,
+        corrupted_input_features: Any = None,
+        inputs: Mapping[str, Any] | None = None,
+        corrupted_inputs: Mapping[str, Any] | None = None,
+    ) -> _Media:
+        def named(given: dict[str, Any], extra: Mapping[str, Any] | None, which: str):
+            extra = dict(extra or {})
+            for name in ("tokens", "attention_mask", *given):
+                if name in extra:
+                    keyword = name if which == "inputs" else f"corrupted_{name}"
+                    raise TypeError(
+                        f"{which} holds {name!r}: pass it as {keyword}=... instead ({which} "
+                        "is for the model's other keyword inputs, e.g. input_features_mask)."
+                    )
+            return {k: v for k, v in {**given, **extra}.items() if v is not None}
+
+        clean = named(
+            {"pixel_values": pixel_values, "input_features": input_features}, inputs, "inputs"
+        )
+        corrupted = named(
+            {"pixel_values": corrupted_pixel_values, "input_features": corrupted_input_features},
+            corrupted_inputs,
+            "corrupted_inputs",
+        )
+        return cls(clean, corrupted)
+
+    def streams(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The clean run's keyword inputs and the corrupted run's (each input the
+        corrupted run does not give is the clean run's)."""
+        for name, what in _PAIRS.items():
+            if name in self.corrupted and name not in self.clean:
+                raise TypeError(
+                    f"corrupted_{name} needs {name}=... for the clean run too (give both "
+                    f"to patch between two sets of {what})."
+                )
+        corrupted = dict(self.corrupted)
+        for name, value in self.clean.items():
+            owner = _DESCRIBES.get(name)
+            if name in corrupted or (owner is not None and owner in self.corrupted):
+                continue
+            corrupted[name] = value
+        return dict(self.clean), corrupted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1002,6 +1058,10 @@ def sweep(
     corrupted_decoder_attention_mask: Any = None,
     pixel_values: Any = None,
     corrupted_pixel_values: Any = None,
+    input_features: Any = None,
+    corrupted_input_features: Any = None,
+    inputs: Mapping[str, Any] | None = None,
+    corrupted_inputs: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """Activation patching at every site of one kind, in one compiled program.
 
@@ -1050,6 +1110,14 @@ def sweep(
         corrupted run's default to the clean run's. Patch image tokens from another image
         with the same tokens and different images (sites in the text stream; the tower's
         own hook points are not sites). Runs with images take the general form.
+      input_features, corrupted_input_features: a model with its audio tower: the clips of
+        the two runs, as the model takes them (an `gemmalens.audio.AudioFeatures` carries
+        its mask); the corrupted run's default to the clean run's. Patch audio tokens from
+        another clip with the same tokens and different clips.
+      inputs, corrupted_inputs: the model's other keyword inputs for each run
+        (``input_features_mask``, ``token_type_ids``, Gemma 4's ``image_position_ids``,
+        ...). The corrupted run takes the clean run's where it gives none, except a mask
+        or position ids of clips or images the corrupted run replaces.
 
     Returns:
       ``[layer, unit]`` metric values: entry ``[l, u]`` is the metric of the corrupted run
@@ -1079,7 +1147,14 @@ def sweep(
             decoder_attention_mask=decoder_attention_mask,
             corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
-        (pixel_values, corrupted_pixel_values),
+        _Media.of(
+            pixel_values,
+            corrupted_pixel_values,
+            input_features,
+            corrupted_input_features,
+            inputs,
+            corrupted_inputs,
+        ),
     )
     program, args, kwargs = _sweep_program(
         m, runs, names, metric, site, chunk_size, logit_positions
@@ -1111,7 +1186,7 @@ def _sweep_program(
         inputs = tuple(_off_data(m.placement, x) for x in inputs)
     if (
         not runs.encoder_decoder
-        and len(runs.clean) == 2  # no images: the shared runs read tokens and masks only
+        and len(runs.clean) == 2  # no images or audio: the shared runs read tokens and masks
         and site in SITES
         and chunk_size is None
         and _model_facts(m._frozen).shares_runs
@@ -1170,6 +1245,10 @@ def attribution_patching(
     corrupted_decoder_attention_mask: Any = None,
     pixel_values: Any = None,
     corrupted_pixel_values: Any = None,
+    input_features: Any = None,
+    corrupted_input_features: Any = None,
+    inputs: Mapping[str, Any] | None = None,
+    corrupted_inputs: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """The first-order estimate of `sweep`'s effects, from one forward and backward pass.
 
@@ -1180,7 +1259,8 @@ def attribution_patching(
 
     Returns:
       ``[layer, unit]`` like `sweep` (same arguments, same site names, the same decoder
-      arguments for an encoder-decoder, the same images for a model with a vision tower).
+      arguments for an encoder-decoder, the same images, clips and ``inputs`` for a model
+      with a vision or audio tower).
     """
     names = site_names(m, site)
     spec = site_spec(site)
@@ -1196,7 +1276,14 @@ def attribution_patching(
             decoder_attention_mask=decoder_attention_mask,
             corrupted_decoder_attention_mask=corrupted_decoder_attention_mask,
         ),
-        (pixel_values, corrupted_pixel_values),
+        _Media.of(
+            pixel_values,
+            corrupted_pixel_values,
+            input_features,
+            corrupted_input_features,
+            inputs,
+            corrupted_inputs,
+        ),
     )
     clean_values = runs.capture(m, runs.clean, names)
     corrupted_values = runs.capture(m, runs.corrupted, names)
