@@ -4,8 +4,7 @@ each score checked against hooked runs of the model itself.
 
 The model is random and built from gemmalens configs (no checkpoint): the tower's and the
 merge's parity with transformers is tests/test_gemma3n_audio_model.py's; this file checks
-the patching algebra with audio side inputs. The norms are random too (`RandomInit`
-leaves them at one: ``std`` moves them), so the soft tokens reach the logits.
+the patching algebra with audio side inputs.
 """
 
 from __future__ import annotations
