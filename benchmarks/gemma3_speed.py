@@ -77,8 +77,8 @@ def settings(tiny: bool) -> dict:
         return dict(
             config=TINY,
             dtype="float32",
-            forward_shapes=[(2, 32), (1, 64)],
-            decode=dict(cases=[(1, 16), (2, 16)], new=8),
+            forward_shapes=[(2, 32)],
+            decode=dict(cases=[(2, 16)], new=8),
             capture_shape=(1, 64),
             repeats=2,
         )

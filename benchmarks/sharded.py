@@ -48,11 +48,17 @@ def _args(argv=None):
     parser.add_argument("--seq", type=int, default=1, help="the mesh's seq axis (tokens)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     parser.add_argument(
-        "--presets", default="gemma3_27b_text,gemma4_26b_a4b", help="comma-separated cases"
+        "--presets",
+        default=None,
+        help="comma-separated cases (default: gemma3_27b_text,gemma4_26b_a4b; with --tiny "
+        "only the first: the smoke run checks the path both cases share)",
     )
     args = parser.parse_args(argv)
+    if args.presets is None:
+        args.presets = "gemma3_27b_text" if args.tiny else "gemma3_27b_text,gemma4_26b_a4b"
     if args.tiny:
         args.tokens, args.pattern_tokens, args.sweep_tokens, args.repeats = 16, 16, 8, 1
+
     return args
 
 

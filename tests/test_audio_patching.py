@@ -90,16 +90,20 @@ def test_sweep_between_two_clips(setup):
     names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)]
     _, clean_cache = m.run_with_cache(tokens, names=names, input_features=clip)
     first_audio = int(np.flatnonzero(tokens[0] == AUDIO)[0])
-    for layer, position in [(0, first_audio), (1, first_audio + 2), (1, positions - 1)]:
-        clean = np.asarray(clean_cache[names[layer]])
+    for layer, checked in [(0, [first_audio]), (1, [first_audio + 2, positions - 1])]:
+        clean = jnp.asarray(clean_cache[names[layer]])
 
-        def patch(value, name, clean=clean, position=position):
-            return value.at[:, position].set(clean[:, position])
+        @jax.jit  # one compiled hooked run per layer, the position a traced argument
+        def patched(position, name=names[layer], clean=clean):
+            def patch(value, _):
+                return value.at[:, position].set(clean[:, position])
 
-        hooked = m.run_with_hooks(tokens, {names[layer]: patch}, input_features=other)
-        np.testing.assert_allclose(
-            scores[layer, position], float(_metric(hooked)), rtol=1e-4, atol=1e-5
-        )
+            return _metric(m.run_with_hooks(tokens, {name: patch}, input_features=other))
+
+        for position in checked:
+            np.testing.assert_allclose(
+                scores[layer, position], float(patched(position)), rtol=1e-4, atol=1e-5
+            )
     # Gemma 3n is causal around audio: before the first audio token the runs agree.
     np.testing.assert_allclose(scores[:, :first_audio], baseline, rtol=1e-5, atol=1e-6)
     assert np.abs(scores[:, first_audio:] - baseline).max() > 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,10 +75,18 @@ def test_per_layer_input_sweep_equals_a_loop_of_run_with_hooks(e2b_like):
     assert scores.shape == (m.config.num_hidden_layers, SEQ)
     names = [f"blocks.{i}.hook_per_layer_input" for i in range(m.config.num_hidden_layers)]
     _, cache = m.run_with_cache(clean, names=names)
-    for layer, name in enumerate(names):
-        for position in (CHANGED, SEQ - 1):
+    # The first layer, one in the middle and the last, which reads shared keys and values:
+    # one compiled hooked run per layer, the position a traced argument.
+    for layer in (0, 3, m.config.num_hidden_layers - 1):
+        name = names[layer]
+
+        @jax.jit
+        def patched(position, name=name):
             hooks = _put_clean(cache, [name], position)
-            expected = float(metric(m.run_with_hooks(corrupted, hooks)))
+            return metric(m.run_with_hooks(corrupted, hooks))
+
+        for position in (CHANGED, SEQ - 1):
+            expected = float(patched(position))
             np.testing.assert_allclose(scores[layer, position], expected, atol=1e-5, rtol=1e-5)
     baseline = float(metric(m(corrupted)))
     # Only the corrupted position's per-layer inputs differ between the runs.
