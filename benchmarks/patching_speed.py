@@ -1,12 +1,13 @@
-"""Activation patching and capture speed on a CPU, gemmalens beside TransformerLens 4.
+"""Activation patching and capture speed on a CPU, gemmalens beside TransformerLens.
 
     python benchmarks/patching_speed.py            # the small Gemma 3 of issue 3, 32 tokens
     python benchmarks/patching_speed.py --tiny     # a smoke run (what the tests run)
 
 One random Gemma 3 (hidden 256, 6 layers, 4 heads of 64 with 2 KV heads, MLP 1024, vocab
 4096; weights perturbed away from transformers' initialisation and saved with
-``save_pretrained``) is loaded by gemmalens, by TransformerLens 4's ``TransformerBridge``
-(booted from the same local directory) and by transformers (eager attention). One prompt
+``save_pretrained``) is loaded by gemmalens, by TransformerLens's ``TransformerBridge``
+(3.9.0 when last run; booted from the same local directory) and by transformers (eager
+attention). One prompt
 of 32 tokens and a corrupted copy with one token changed; the metric is a logit difference
 at the last position. Measured, in one process unless said otherwise:
 
@@ -257,7 +258,7 @@ def measure(setup: dict, directory: Path, args: argparse.Namespace) -> dict:
     results["hf_loop_s"] = time.perf_counter() - start
     results["max_diff_vs_hf_loop"] = float(np.abs(loop_scores - ours_scores).max())
 
-    # TransformerLens 4.
+    # TransformerLens, through its TransformerBridge.
     bridge, tl_patching, missing = load_transformer_lens(directory)
     results["transformer_lens"] = missing or "transformer-lens " + _version("transformer-lens")
     if bridge is not None:
@@ -305,11 +306,22 @@ def versions() -> dict:
     )
 
 
+def _tl_name(r: dict) -> str:
+    """``TransformerLens 3.9.0`` (the version measured), or ``TransformerLens``."""
+    version = str(r.get("transformer_lens", ""))
+    prefix = "transformer-lens "
+    return (
+        "TransformerLens " + version[len(prefix) :]
+        if version.startswith(prefix)
+        else "TransformerLens"
+    )
+
+
 def table(r: dict) -> str:
     tl = "tl_steady_s" in r
     sites, diff = r["sites"], r["diff_at"]
     rows = [
-        "| measurement | gemmalens | TransformerLens 4 | ratio (TL / gemmalens) |",
+        f"| measurement | gemmalens | {_tl_name(r)} | ratio (TL / gemmalens) |",
         "|---|---|---|---|",
     ]
 
