@@ -17,3 +17,25 @@ def _fresh_compilation_caches():
     ended in a segmentation fault inside XLA's compiler three quarters of the way in)."""
     yield
     jax.clear_caches()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with subprocess jobs (a ``BACKGROUND`` dict, `tests.background`) run last,
+    and their jobs start now, beside the rest of the suite."""
+    from tests import background
+
+    with_jobs: dict = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if getattr(module, "BACKGROUND", None):
+            with_jobs.setdefault(module, []).append(item)
+    if not with_jobs:
+        return
+    later = [item for its in with_jobs.values() for item in its]
+    items[:] = [item for item in items if getattr(item, "module", None) not in with_jobs] + later
+    jobs = []
+    for module, its in with_jobs.items():
+        names = [name for item in its for name in (item.name, *getattr(item, "fixturenames", ()))]
+        jobs += background.needed(module.BACKGROUND, names)
+    background.schedule(jobs)

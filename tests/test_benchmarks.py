@@ -6,13 +6,12 @@ Only that they run: the figures of a tiny configuration mean nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import background
 
 BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
 TABLE_RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$", re.MULTILINE)
@@ -27,38 +26,43 @@ def test_there_are_benchmarks():
 TINY = [path for path in BENCHMARKS if path.stem not in ("cpu_first_call", "real_size_agreement")]
 
 
+CPU_ONLY = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+# Each script runs in its own process, beside the rest of the suite (`tests.background`).
+BACKGROUND = {
+    **{
+        path.stem: background.Job(
+            (str(path), "--tiny"), CPU_ONLY, needed_by=(f"test_benchmark_runs_tiny[{path.stem}]",)
+        )
+        for path in TINY
+    },
+    "cpu_first_call": background.Job(
+        (
+            str(BENCHMARKS[0].parent / "cpu_first_call.py"),
+            "--smoke",
+            "--out",
+            "{out}/first_call.json",
+        ),
+        CPU_ONLY,
+        timeout=300,
+        needed_by=("test_cpu_first_call_smoke",),
+    ),
+}
+
+
 @pytest.mark.parametrize("script", TINY, ids=[path.stem for path in TINY])
 def test_benchmark_runs_tiny(script):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, str(script), "--tiny"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=script.parents[1],
-        timeout=900,
-    )
+    run = background.result(script.stem, BACKGROUND[script.stem])
     assert run.returncode == 0, f"{script.name} --tiny failed:\n{run.stderr[-4000:]}"
     assert TABLE_RULE.search(run.stdout), f"{script.name} printed no table:\n{run.stdout[-2000:]}"
 
 
-def test_cpu_first_call_smoke(tmp_path):
+def test_cpu_first_call_smoke():
     """The CPU first-call benchmark's quick mode: fresh processes for gemmalens (cache cold,
     then warm) and transformers, which load the same checkpoint and agree on its logits."""
-    script = BENCHMARKS[0].parent / "cpu_first_call.py"
-    out = tmp_path / "first_call.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=script.parents[1],
-        timeout=300,
-    )
+    run = background.result("cpu_first_call", BACKGROUND["cpu_first_call"])
     assert run.returncode == 0, run.stderr[-4000:]
     assert TABLE_RULE.search(run.stdout), run.stdout[-2000:]
-    results = json.loads(out.read_text())
+    results = json.loads((run.out / "first_call.json").read_text())
     (entry,) = results["models"].values()
     for kind in ("cold", "warm", "transformers"):
         assert "error" not in entry[kind], entry[kind]

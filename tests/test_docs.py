@@ -3,7 +3,8 @@ from the README and its hook tables from real models, loads nothing from a CDN, 
 pages (viewers, math, figures) work in a real browser.
 
 The site is built once per session with ``python -m sphinx -W --keep-going -b html``,
-as a subprocess of this interpreter, into a temporary folder.
+as a subprocess of this interpreter, into a temporary folder, beside the rest of the suite
+(`tests.background`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 
 import gemmalens as gl
 from gemmalens.layers.params import ShapeOnly
+from tests import background
 from tests.headless_chromium import HeadlessChromium, chromium_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -121,14 +120,20 @@ class Site:
         return self.page(name).read_text(encoding="utf-8")
 
 
+# The site is built in its own process, beside the rest of the suite (`tests.background`).
+BACKGROUND = {
+    "sphinx": background.Job(
+        ("-m", "sphinx", "-W", "--keep-going", "-b", "html", "-d", "{out}/doctrees", str(DOCS))
+        + ("{out}/html",),
+        needed_by=("site",),
+    )
+}
+
+
 @pytest.fixture(scope="session")
-def site(tmp_path_factory) -> Site:
-    work = tmp_path_factory.mktemp("docs")
-    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html"]
-    command += ["-d", str(work / "doctrees"), str(DOCS), str(work / "html")]
-    start = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return Site(work / "html", done.returncode, done.stdout + done.stderr, time.monotonic() - start)
+def site() -> Site:
+    done = background.result("sphinx", BACKGROUND["sphinx"])
+    return Site(done.out / "html", done.returncode, done.stdout + done.stderr, done.seconds)
 
 
 def _text(page_html: str) -> str:

@@ -10,41 +10,46 @@ reference and the bfloat16-vs-float32 comparisons are filled in.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests import background
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_size_agreement.py"
 
 
-def test_real_size_agreement_tiny(tmp_path):
-    out = tmp_path / "agreement.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--tiny",
-        "--presets",
-        "gemma3n_e4b,gemma4_26b_a4b@bfloat16",
-        "--dtype",
-        "bfloat16,float32",
-        "--f64",
-        "gemma3n_e4b",
-        "--workdir",
-        str(tmp_path),
-        "--out",
-        str(out),
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+# The script runs in its own process, beside the rest of the suite (`tests.background`).
+BACKGROUND = {
+    "real_size_agreement": background.Job(
+        (
+            str(SCRIPT),
+            "--tiny",
+            "--presets",
+            "gemma3n_e4b,gemma4_26b_a4b@bfloat16",
+            "--dtype",
+            "bfloat16,float32",
+            "--f64",
+            "gemma3n_e4b",
+            "--workdir",
+            "{out}",
+            "--out",
+            "{out}/agreement.json",
+        ),
+        {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600,
+    )
+}
+
+
+def test_real_size_agreement_tiny():
+    run = background.result("real_size_agreement", BACKGROUND["real_size_agreement"])
     assert run.returncode == 0, run.stderr[-4000:]
     assert "| gemma3n_e4b | float32 |" in run.stdout, run.stdout[-2000:]
 
-    results = json.loads(out.read_text())
+    results = json.loads((run.out / "agreement.json").read_text())
     e4b, moe = results["presets"]
     assert "error" not in e4b and "error" not in moe, (e4b.get("traceback"), moe.get("traceback"))
     # Checkpoints are removed after use.
-    assert not any(p.name.startswith("real_size_") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith("real_size_") for p in run.out.iterdir())
 
     f32 = e4b["float32"]
     assert f32["config_differences"] == [] and e4b["bfloat16"]["config_differences"] == []

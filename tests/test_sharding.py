@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 
 import gemmalens as gl
 from gemmalens.sharding import Placement
+from tests import background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
@@ -31,28 +32,23 @@ MESH = {"data": 2, "model": 4}
 RELATIVE = 1e-5
 
 
-def _run(args, env_extra=None, timeout=600):
-    env = {**os.environ, **(env_extra or {})}
-    env.pop("GEMMALENS_COMPILATION_CACHE", None)
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+# The 8-device check runs in its own process, beside the rest of the suite
+# (`tests.background`).
+BACKGROUND = {
+    "sharding_check": background.Job(
+        ("-m", "tests.sharding_check", "{out}/results.json", str(MESH["model"]), str(MESH["data"])),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        timeout=600,
+        needed_by=("results",),  # the fixture below
     )
+}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "results.json"
-    done = _run(
-        ["tests.sharding_check", str(out), str(MESH["model"]), str(MESH["data"])],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )
+def results():
+    done = background.result("sharding_check", BACKGROUND["sharding_check"])
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return json.loads((done.out / "results.json").read_text())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
