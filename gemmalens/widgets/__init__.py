@@ -11,6 +11,8 @@ itself, over a corpus):
 * `PatchingViewer`: activation patching heatmaps;
 * `ImageAttentionViewer`: where a text token looks in an image, drawn over the image,
   and the vision tower's patch-to-patch attention;
+* `AudioAttentionViewer`: where a text token listens in an audio clip, on the clip's time
+  axis under its spectrogram, and the audio tower's frame-to-frame (local) attention;
 * `FeatureViewer`: a sparse autoencoder's or transcoder's features: top activating
   examples, activation histogram and logit effects of each, and the strongest features at
   each token of a prompt.
@@ -23,6 +25,7 @@ interactive copy (no kernel, no network), which is also what nbconvert and the d
 from gemmalens.widgets._base import Viewer, ViewerError
 from gemmalens.widgets.altup import AltUpViewer
 from gemmalens.widgets.attention import AttentionViewer
+from gemmalens.widgets.audio_attention import AudioAttentionViewer
 from gemmalens.widgets.features import FeatureViewer
 from gemmalens.widgets.image_attention import ImageAttentionViewer
 from gemmalens.widgets.logit_lens import LogitLensViewer
@@ -31,6 +34,7 @@ from gemmalens.widgets.routing import RoutingViewer
 
 __all__ = [
     "AltUpViewer",
+    "AudioAttentionViewer",
     "AttentionViewer",
     "FeatureViewer",
     "ImageAttentionViewer",

@@ -1306,6 +1306,171 @@ function drawImageAttention(model, root) {
   }))));
 }
 
+// ------------------------------------------------------------------------ audio attention
+
+// Seconds on a horizontal axis of `width` px: ticks at a nice step, labels below `y`.
+function timeAxis(group, seconds, width, y, title) {
+  const scale = width / Math.max(seconds, 1e-9);
+  const step = niceStep(Math.max(seconds, 1e-3) / 8 * 1000) / 1000;
+  group.appendChild(svg("line", { class: "gl-grid", x1: 0, x2: width, y1: y, y2: y }));
+  for (let t = 0; t <= seconds + 1e-9; t += step) {
+    group.appendChild(svg("line", { class: "gl-grid", x1: t * scale, x2: t * scale, y1: y, y2: y + 4 }));
+    group.appendChild(svg("text", { class: "gl-tick", x: t * scale, y: y + 14, "text-anchor": "middle" },
+      `${Number(t.toFixed(3))}`));
+  }
+  if (title) {
+    group.appendChild(svg("text", { class: "gl-axis-title", x: width / 2, y: y + 30, "text-anchor": "middle" }, title));
+  }
+}
+
+// A clip's waveform, spectrogram and attention per stretch of time (soft tokens or
+// encoder frames), one time axis; the encoder source adds the frame-by-frame heatmap.
+function drawAudioAttention(model, root) {
+  const { controls, main, side } = frame(model, root);
+  const text = model.get("source") === "text";
+  controls.append(
+    selectControl(model, "layer", text ? "Layer" : "Audio block"),
+    selectControl(model, "head", "Head"),
+    selectControl(model, "clip", "Clip"),
+  );
+  const heat = model.get("heat") || [];
+  const times = model.get("times") || [];
+  const tokens = model.get("tokens") || [];
+  const share = model.get("share") || [];
+  const wave = model.get("waveform") || [];
+  const positions = model.get("audio_positions") || [];
+  const inAudio = new Set(positions);
+  const duration = model.get("duration") || 0;
+  const end = Math.max(duration, times.length ? times[times.length - 1][1] : 0, 1e-3);
+  let query = text ? model.get("selected_token") : Math.min(model.get("frame"), times.length - 1);
+  if (text && (query === null || query < 0)) {
+    query = tokens.length - 1;
+    while (query > 0 && inAudio.has(query)) query -= 1;
+  }
+  const values = heat[query] || [];
+  const real = text ? model.get("real_tokens") : times.length;
+  const shown = values.slice(0, real);
+  const peak = Math.max(1e-12, ...shown.map((v) => v ?? 0));
+  const map = colourMap("viridis");
+  const tip = tooltip(root);
+
+  const width = 560;
+  const left = 64;
+  const scale = width / end;
+  const waveH = wave.length ? 48 : 0;
+  const specH = 96;
+  const barH = 80;
+  const gap = 8;
+  const height = waveH + (waveH ? gap : 0) + specH + gap + barH + 40;
+  const strip = svg("svg", { class: "gl-audio-strip", width: left + width + 12, height });
+  const plot = svg("g", { transform: `translate(${left},4)` });
+  strip.appendChild(plot);
+  let y = 0;
+  const rowTitle = (label, top, h) => plot.appendChild(svg("text", {
+    class: "gl-axis-title", transform: `translate(-8,${top + h / 2}) rotate(-90)`, "text-anchor": "middle",
+  }, label));
+  if (waveH) {
+    const peakWave = Math.max(1e-9, ...wave.map(([a, b]) => Math.max(Math.abs(a), Math.abs(b))));
+    const mid = y + waveH / 2;
+    const step = (duration * scale) / wave.length;
+    const points = wave.map(([, b], i) => `${i * step},${mid - (b / peakWave) * waveH / 2}`)
+      .concat(wave.slice().reverse().map(([a], i) => `${(wave.length - 1 - i) * step},${mid - (a / peakWave) * waveH / 2}`));
+    plot.appendChild(svg("polygon", { class: "gl-waveform", points: points.join(" "), fill: "#6e7781" }));
+    rowTitle("wave", y, waveH);
+    y += waveH + gap;
+  }
+  plot.appendChild(svg("image", {
+    href: model.get("spectrogram_url"), x: 0, y, width: duration * scale, height: specH, preserveAspectRatio: "none",
+  }));
+  plot.appendChild(svg("rect", { x: 0, y, width: duration * scale, height: specH, fill: "none", stroke: "#999" }));
+  rowTitle("mel", y, specH);
+  const specTop = y;
+  y += specH + gap;
+  rowTitle("attention", y, barH);
+  shown.forEach((value, i) => {
+    const [start, stop] = times[i];
+    const t = (value ?? 0) / peak;
+    const h = Math.max(0.5, t * barH);
+    const bar = svg("rect", {
+      class: "gl-cell", x: start * scale, y: y + barH - h, width: Math.max(1, (stop - start) * scale - 1), height: h,
+      fill: css(map(t)), "data-item": i,
+    });
+    const what = text ? `soft token ${i}` : `frame ${i}`;
+    const show = (event) => tip.show(`${what}, ${format(start)}–${format(stop)} s: attention ${format(value)}`, event);
+    bar.addEventListener("mousemove", show);
+    bar.addEventListener("mouseleave", () => tip.hide());
+    plot.appendChild(bar);
+    // The same stretch, faintly, over the spectrogram.
+    plot.appendChild(svg("rect", {
+      x: start * scale, y: specTop, width: Math.max(1, (stop - start) * scale), height: specH,
+      fill: "#ffffff", "fill-opacity": (0.45 * (1 - t)).toFixed(3), "pointer-events": "none",
+    }));
+  });
+  if (!text && query >= 0 && times[query]) {
+    const [start, stop] = times[query];
+    plot.appendChild(svg("rect", {
+      class: "gl-query-cell", x: start * scale, y: specTop, width: Math.max(1, (stop - start) * scale), height: specH,
+      fill: "none", stroke: "#d62728", "stroke-width": 2,
+    }));
+  }
+  timeAxis(plot, end, width, y + barH, "time (s)");
+  main.appendChild(h("div", { class: "gl-figure" }, [strip, colourBar(map, 0, peak, "attention", 140)]));
+
+  if (text) {
+    const row = h("div", { class: "gl-tokens" });
+    let chipDone = false;
+    tokens.forEach((token, i) => {
+      if (inAudio.has(i)) {
+        if (!chipDone) row.appendChild(h("span", { class: "gl-token gl-audio-chip" }, `[audio: ${inAudio.size} tokens]`));
+        chipDone = true;
+        return;
+      }
+      const span = h("span", {
+        class: `gl-token${i === query ? " gl-current" : ""}`, "data-pos": i,
+        title: `position ${i}: ${format(share[i])} of its attention on the clip`,
+      }, token);
+      span.addEventListener("click", () => setControls(model, { selected_token: i }));
+      row.appendChild(span);
+    });
+    main.appendChild(hint("Click a token to see where it listens in the clip."));
+    main.appendChild(row);
+  } else {
+    // The frame-by-frame heatmap: click a row to choose the query frame.
+    const n = times.length;
+    const cell = Math.max(3, Math.min(14, Math.floor(420 / Math.max(1, n))));
+    const labels = times.map(([start]) => `${format(start)} s`);
+    const rowPeak = Math.max(1e-12, ...heat.flat().map((v) => v ?? 0));
+    const grid = heatmap({
+      rows: n, cols: n, cellW: cell, cellH: cell,
+      fill: (r, c) => css(map((heat[r][c] ?? 0) / rowPeak)),
+      rowLabels: labels, colLabels: labels, xTitle: "key time", yTitle: "query time",
+      onHover: (r, c, event) => tip.show(`frame ${r} -> frame ${c}: ${format(heat[r][c])}`, event),
+      onLeave: () => tip.hide(),
+      onClick: (r) => setControls(model, { frame: r }),
+    });
+    if (query >= 0) grid.select(query, 0, "row");
+    main.appendChild(hint("Click a row (a query frame) to see where it looks."));
+    main.appendChild(h("div", { class: "gl-figure" }, [grid.node, colourBar(map, 0, rowPeak, "attention", n * cell)]));
+  }
+
+  const top = topIndices(shown, 5);
+  if (text) {
+    const padding = values.slice(real).reduce((a, b) => a + (b ?? 0), 0);
+    side.append(
+      sideHeading(`Position ${query}: ${tokens[query] ?? ""}`),
+      h("div", { class: "gl-side-sub" }, `attention on the clip's soft tokens: ${format(share[query])}`),
+      h("div", { class: "gl-side-sub" },
+        `of which on ${values.length - real} padding soft tokens (past the clip's end): ${format(padding)}`),
+    );
+  } else if (times[query]) {
+    side.append(sideHeading(`Frame ${query} (${format(times[query][0])}–${format(times[query][1])} s)`));
+  }
+  side.appendChild(h("div", { class: "gl-side-sub" }, text ? "most attended soft tokens" : "most attended frames"));
+  side.appendChild(barList(top.map((i) => ({
+    label: `${text ? "token" : "frame"} ${i} (${format(times[i][0])} s)`, value: shown[i],
+  }))));
+}
+
 // ------------------------------------------------------------------------ entry points
 
 const VIEWS = {
@@ -1315,6 +1480,7 @@ const VIEWS = {
   "logit-lens": [drawLogitLens, ["k", "color_by", "selected_cell", "top_tokens", "top_probs"]],
   patching: [drawPatching, ["site", "show", "selected_cell", "matrix", "limit", "col_labels"]],
   "image-attention": [drawImageAttention, ["source", "layer", "head", "image", "selected_token", "patch", "query_patch", "heat", "share", "image_url", "rows", "cols", "image_positions"]],
+  "audio-attention": [drawAudioAttention, ["source", "layer", "head", "clip", "selected_token", "frame", "duration", "spectrogram_url", "waveform", "heat", "share", "times", "real_tokens", "audio_positions"]],
   features: [drawFeatures, ["feature", "tab", "examples", "histogram", "logit_effects", "prompt_acts", "fired"]],
 };
 const COMMON_KEYS = ["tokens", "options", "note", "title"];
