@@ -31,3 +31,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert demo.endswith("gemmalens demo")
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == tests
+
+
+def test_torch_is_the_cpu_build():
+    """torch is only a numerical reference: the test command must keep the CPU build (an
+    unpinned torch, or torchvision from PyPI, brings a CUDA build of several GB)."""
+    import torch
+
+    assert torch.version.cuda is None, f"torch {torch.__version__} is a CUDA build"
+    assert torch.__version__.endswith("+cpu"), torch.__version__
