@@ -320,8 +320,8 @@ class Model:
         or audio ``(tokens, mask, side inputs)``. ``streams`` holds the keyword inputs
         beyond ``tokens``: ``pixel_values`` and ``token_type_ids`` (a model with its vision
         tower; Gemma 4 also ``image_position_ids``, and ``mm_token_type_ids`` for the
-        types), ``input_features`` and ``input_features_mask`` (Gemma 3n with its audio
-        tower)."""
+        types), ``input_features`` and ``input_features_mask`` (Gemma 3n and Gemma 4 with
+        their audio towers)."""
         from gemmalens.audio.merge import audio_side_inputs
         from gemmalens.vision.merge import image_side_inputs
 
@@ -361,10 +361,11 @@ class Model:
         tokens, mask = self._host_inputs(tokens, attention_mask)
         # The image and audio checks read the ids on the host (also under jax.eval_shape).
         # Gemma 3n's token types mark audio (3) too and decide nothing: the audio check
-        # takes them.
-        gemma3n = getattr(self.config, "family", None) == "gemma3n"
-        audio_types = token_type_ids if gemma3n else None
-        image_types = None if gemma3n else token_type_ids
+        # takes them. Gemma 4's decide the image blocks and are checked against the audio
+        # placeholders as well.
+        family = getattr(self.config, "family", None)
+        audio_types = token_type_ids if family in ("gemma3n", "gemma4") else None
+        image_types = None if family == "gemma3n" else token_type_ids
         images = image_side_inputs(
             self.config, tokens, pixel_values, image_types, image_position_ids
         )
@@ -390,11 +391,13 @@ class Model:
         run order, row-major), and optionally ``token_type_ids`` [batch, seq] (1 = image;
         derived from the image token ids when left out). See `gemmalens.vision.merge`.
 
-        A Gemma 3n model loaded with its audio tower (``gl.load(path, audio=True)``) takes
-        ``input_features`` ``[num_clips, frames, 128]`` and ``input_features_mask``
-        ``[num_clips, frames]`` (`gemmalens.audio.gemma3n_audio_features`, whose result can
+        A Gemma 3n or Gemma 4 (E2B, E4B) model loaded with its audio tower
+        (``gl.load(path, audio=True)``) takes ``input_features`` ``[num_clips, frames, 128]``
+        and ``input_features_mask`` ``[num_clips, frames]``
+        (`gemmalens.audio.gemma3n_audio_features` / `gemma4_audio_features`, whose result can
         also be passed whole as ``input_features``) for the runs of audio tokens in
-        ``tokens`` (``audio_soft_tokens_per_image`` each). See `gemmalens.audio.merge`.
+        ``tokens``: ``audio_soft_tokens_per_image`` each in Gemma 3n, as many as the clip
+        makes in Gemma 4. See `gemmalens.audio.merge` and `gemmalens.audio.gemma4`.
         """
         inputs = self._prepare(tokens, attention_mask, streams)
         return _run(self.logits_of, self._treedef, self._leaves, inputs)

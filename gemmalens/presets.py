@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from gemmalens.audio.gemma3n import Gemma3nAudioConfig, Gemma3nAudioTowerConfig
-from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
+from gemmalens.audio.gemma4 import Gemma4AudioConfig, Gemma4AudioEncoderConfig
+from gemmalens.audio.merge import (
+    Gemma3nAudioEmbedderConfig,
+    Gemma3nImageEncoderConfig,
+    Gemma3nVisionEmbedderConfig,
+)
 from gemmalens.families.gemma3 import Gemma3Config, RopeConfig
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
 from gemmalens.families.t5gemma2 import T5Gemma2Config
 from gemmalens.vision.gemma4 import Gemma4ImageEncoderConfig, Gemma4VisionConfig
+from gemmalens.vision.mobilenetv5 import MobileNetV5Config
 from gemmalens.vision.siglip import Gemma3ProjectorConfig, Gemma3VisionConfig, SiglipVisionConfig
 
 
@@ -157,6 +163,29 @@ def gemma4_with_vision(name: str) -> Gemma4Config:
     )
 
 
+def gemma4_with_audio(name: str) -> Gemma4Config:
+    """A Gemma 4 text preset with its released audio tower (transformers'
+    ``Gemma4AudioModel``: 304 824 608 parameters) and ``embed_audio``, without the vision
+    tower; E2B and E4B only (the larger models have no audio)."""
+    if name not in ("gemma4_e2b", "gemma4_e4b"):
+        raise KeyError(
+            f"{name!r} has no audio tower: Gemma 4 E2B and E4B do (gemma4_e2b, gemma4_e4b)."
+        )
+    config = PRESETS[name]
+    return config.replace(
+        audio=Gemma4AudioEncoderConfig(Gemma4AudioConfig(), config.hidden_size)
+    )
+
+
+def gemma4_multimodal(name: str) -> Gemma4Config:
+    """The whole released ``Gemma4ForConditionalGeneration``: the text preset with its
+    vision tower, and for E2B and E4B its audio tower too (with their embedders)."""
+    config = gemma4_with_vision(name)
+    if name in ("gemma4_e2b", "gemma4_e4b"):
+        config = config.replace(audio=gemma4_with_audio(name).audio)
+    return config
+
+
 def gemma3n_with_audio(name: str) -> Gemma3nConfig:
     """A Gemma 3n text preset with the released audio tower (transformers'
     ``Gemma3nAudioEncoder``: 681 348 640 parameters), ``embed_audio`` and ``embed_vision``
@@ -169,6 +198,36 @@ def gemma3n_with_audio(name: str) -> Gemma3nConfig:
         audio=Gemma3nAudioTowerConfig(Gemma3nAudioConfig(), config.hidden_size),
         vision_embedder=Gemma3nVisionEmbedderConfig(text_hidden_size=config.hidden_size),
     )
+
+
+def gemma3n_with_vision(name: str) -> Gemma3nConfig:
+    """A Gemma 3n text preset with the released vision tower (timm's
+    ``mobilenetv5_300m_enc``: 294 126 912 parameters), ``embed_vision`` and
+    ``embed_audio``'s hard path (which embeds the audio ids in transformers' model), without
+    the audio tower."""
+    config = PRESETS[_gemma3n_name(name)]
+    width = config.hidden_size
+    return config.replace(
+        vision=Gemma3nImageEncoderConfig(
+            MobileNetV5Config(), Gemma3nVisionEmbedderConfig(text_hidden_size=width)
+        ),
+        audio_embedder=Gemma3nAudioEmbedderConfig(text_hidden_size=width),
+    )
+
+
+def gemma3n_multimodal(name: str) -> Gemma3nConfig:
+    """The whole released ``Gemma3nForConditionalGeneration``: the text preset with its
+    vision and audio towers and both embedders (E2B 5 418 464 192 parameters, E4B
+    7 818 517 072, as transformers counts them), e.g.
+    ``gemma3n_multimodal("gemma3n_e2b").num_params()``."""
+    config = gemma3n_with_audio(name)
+    return config.replace(vision=gemma3n_with_vision(name).vision)
+
+
+def _gemma3n_name(name: str) -> str:
+    if name not in ("gemma3n_e2b", "gemma3n_e4b"):
+        raise KeyError(f"{name!r} is not a Gemma 3n preset; one of gemma3n_e2b, gemma3n_e4b.")
+    return name
 
 
 def presets() -> list[str]:

@@ -10,11 +10,12 @@ every multimodal id reads per-layer row 0 and the padding of soft tokens is the 
 511. The prompts hold a hard vision id and hard audio ids besides the placeholders.
 
 transformers builds ``Gemma3nForConditionalGeneration``'s vision tower through timm
-(``TimmWrapperModel``), which is not installed here (and must not be: installing it from
-PyPI replaces the CPU torch with a CUDA build). No image is fed to either model, so the
-tests stub that one construction: ``AutoModel.from_config`` returns an empty module for the
-vision config while the checkpoint is built; everything the audio path and the text model
-read (including ``embed_vision``, which embeds the hard vision tokens) is transformers' own.
+(``TimmWrapperModel``), which refuses to be built without torchvision. No image is fed to
+either model here (images, with the real timm tower, are tests/test_gemma3n_multimodal.py's),
+so the tests stub that one construction: ``AutoModel.from_config`` returns an empty module
+for the vision config while the checkpoint is built; everything the audio path and the
+text model read (including ``embed_vision``, which embeds the hard vision tokens) is
+transformers' own.
 """
 
 from __future__ import annotations
@@ -383,11 +384,12 @@ def test_load_errors(tmp_path):
     ref.gemma3n_text(text_dir)
     with pytest.raises(CheckpointError, match="text-only Gemma 3n checkpoint.*audio=True"):
         gl.load(text_dir, audio=True)
-    other = tmp_path / "gemma4"
+    # Gemma 4 has its audio tower now (tests/test_audio_gemma4.py); Gemma 3 has none.
+    other = tmp_path / "gemma3"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
     save_file({"x": np.zeros(1, np.float32)}, other / "model.safetensors")
-    with pytest.raises(CheckpointError, match="Gemma 4 audio tower.*Gemma 3n"):
+    with pytest.raises(CheckpointError, match="Gemma 3 audio tower.*Gemma 3n"):
         gl.load(other, audio=True)
 
 

@@ -109,6 +109,8 @@ __all__ = [
     "ReduceFrames",
     "SubsampleConv2d",
     "build_audio_tower",
+    "conformer_feed_forward",
+    "conformer_light_conv",
     "dense_pattern",
     "from_checkpoint",
     "from_state_dict",
@@ -468,10 +470,32 @@ class ChunkedAttentionMixer(pz.nn.Layer):
     max_past: int = dataclasses.field(metadata={"pytree_node": False})
     max_future: int = dataclasses.field(metadata={"pytree_node": False})
     valid_input: str = dataclasses.field(default=FRAME_VALID, metadata={"pytree_node": False})
+    # Gemma 4's variant (`gemmalens.audio.gemma4`); None keeps Gemma 3n's rule. The keys a
+    # query sees, as distances q - k (inclusive): Gemma 3n ``(-R, L)``.
+    visible_distances: tuple[int, int] | None = dataclasses.field(
+        default=None, metadata={"pytree_node": False}
+    )
+    # The relative embeddings: the distance the first one encodes and how many there are
+    # (Gemma 3n: ``L`` and ``L + R + 1``). Embedding ``f`` scores the context key ``f``
+    # places after the query's own chunk position, whatever distance it encodes.
+    relative_start: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    relative_count: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
     @property
     def context_size(self) -> int:
         return self.chunk_size + self.max_past + self.max_future
+
+    @property
+    def _visible(self) -> tuple[int, int]:
+        if self.visible_distances is None:
+            return (-self.max_future, self.max_past)
+        return self.visible_distances
+
+    @property
+    def _relative(self) -> tuple[int, int]:
+        start = self.max_past if self.relative_start is None else self.relative_start
+        count = self.max_past + self.max_future + 1
+        return start, count if self.relative_count is None else self.relative_count
 
     def _to_chunks(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
         """``seq`` -> ``chunk``, ``chunk_pos`` (zero-padded at the end)."""
@@ -492,13 +516,15 @@ class ChunkedAttentionMixer(pz.nn.Layer):
 
     def relative_embeddings(self, dtype: jnp.dtype) -> pz.nx.NamedArray:
         """``pos_proj`` of the sinusoids of the distances ``q - k = L, L-1, ..., -R``:
-        ``[rel_pos, heads, head_dim]``, entry ``f`` for distance ``L - f``."""
+        ``[rel_pos, heads, head_dim]``, entry ``f`` for distance ``L - f`` (with
+        ``relative_start`` / ``relative_count`` set: ``start - f`` for ``count`` entries)."""
         width = self.pos_proj.weights.value.named_shape["embedding"]
         timescales = width // 2
         # float32 as transformers computes it (a float32 arange times the increment).
         increment = np.float32(-math.log(1.0e4) / max(timescales - 1, 1))
         inv_timescales = jnp.exp(jnp.arange(timescales, dtype=jnp.float32) * increment)
-        distances = jnp.arange(self.max_past, -self.max_future - 1, -1, dtype=jnp.float32)
+        start, count = self._relative
+        distances = jnp.arange(start, start - count, -1, dtype=jnp.float32)
         scaled = distances[:, None] * inv_timescales[None, :]
         signal = jnp.concatenate([jnp.sin(scaled), jnp.cos(scaled)], axis=-1).astype(dtype)
         return self.pos_proj(pz.nx.wrap(signal).tag("rel_pos", "embedding"))
@@ -508,23 +534,28 @@ class ChunkedAttentionMixer(pz.nn.Layer):
     ) -> pz.nx.NamedArray:
         q, k, v = qkv
         frames = q.named_shape["seq"]
-        w, context, span = self.chunk_size, self.context_size, self.max_past + self.max_future
+        w, context = self.chunk_size, self.context_size
+        _, count = self._relative
+        nearest, farthest = self._visible
         q_chunks = self._to_chunks(q)
         k_context, v_context = self._to_context(k), self._to_context(v)
         valid = self._to_context(side_inputs[self.valid_input])
 
         content = pz.nx.nmap(jnp.dot)(q_chunks.untag("head_dim"), k_context.untag("head_dim"))
         # The relative term of query w and context key c is q . E[c - w]: the key's distance
-        # q - k = L - (c - w). Outside the band 0 <= c - w <= L + R it is 0 (and masked).
+        # q - k = L - (c - w). Where c - w has no embedding it is 0; outside the visible
+        # band (Gemma 3n: 0 <= c - w <= L + R) it is masked.
         relative = pz.nx.nmap(jnp.dot)(
             q_chunks.untag("head_dim"), self.relative_embeddings(q.dtype).untag("head_dim")
         )
         offset = np.arange(context)[None, :] - np.arange(w)[:, None]  # [chunk_pos, context]
-        band = (offset >= 0) & (offset <= span)
-        shift = np.clip(offset, 0, span)
-        relative = pz.nx.nmap(lambda r: jnp.where(band, r[np.arange(w)[:, None], shift], 0))(
-            relative.untag("chunk_pos", "rel_pos")
-        ).tag("chunk_pos", "context")
+        distance = self.max_past - offset
+        band = (distance >= nearest) & (distance <= farthest)
+        has_embedding = (offset >= 0) & (offset < count)
+        shift = np.clip(offset, 0, count - 1)
+        relative = pz.nx.nmap(
+            lambda r: jnp.where(has_embedding, r[np.arange(w)[:, None], shift], 0)
+        )(relative.untag("chunk_pos", "rel_pos")).tag("chunk_pos", "context")
 
         scores = self.softcap(content + relative)
         visible = pz.nx.nmap(lambda ok: ok[None, :] & band)(valid.untag("context")).tag(
@@ -749,7 +780,22 @@ def build_feed_forward(params: ParamBuilder, audio: Gemma3nAudioConfig) -> pz.nn
     """Half of the macaron feed-forward: ``x + w * post_norm(clamp(W2 silu(W1
     pre_norm(clamp(x)))))`` with ``w = conf_residual_weight``. ``params`` is its scope
     (``audio.blocks.3.ffw_start``), which also names its hooks."""
-    width, clip = audio.hidden_size, audio.gradient_clipping
+    return conformer_feed_forward(
+        params, audio.hidden_size, audio.gradient_clipping, audio.conf_residual_weight
+    )
+
+
+def conformer_feed_forward(
+    params: ParamBuilder,
+    width: int,
+    clip: float,
+    residual_weight: float,
+    linear: Any = None,
+) -> pz.nn.NamedGroup:
+    """`build_feed_forward` from plain numbers, shared with Gemma 4's conformer.
+    ``linear(name, out_axes, in_axes)`` makes the two projections (default
+    ``params.linear``; Gemma 4 passes clipped ones)."""
+    linear = linear or params.linear
     return _residual(
         params.prefix.rstrip("."),
         [
@@ -757,16 +803,16 @@ def build_feed_forward(params: ParamBuilder, audio: Gemma3nAudioConfig) -> pz.nn
             RMSNorm.build(
                 params, "pre_layer_norm", "embedding", width, CONFORMER_NORM_EPS, "plain"
             ),
-            params.linear("ffw_layer_1", {"neurons": 4 * width}, {"embedding": width}),
+            linear("ffw_layer_1", {"neurons": 4 * width}, {"embedding": width}),
             params.hook("hook_pre", NEURON_AXES),
             pz.nn.Elementwise(jax.nn.silu),
             params.hook("hook_post", NEURON_AXES),
-            params.linear("ffw_layer_2", {"embedding": width}, {"neurons": 4 * width}),
+            linear("ffw_layer_2", {"embedding": width}, {"neurons": 4 * width}),
             Clamp(clip),
             RMSNorm.build(
                 params, "post_layer_norm", "embedding", width, CONFORMER_NORM_EPS, "plain"
             ),
-            pz.nn.ConstantRescale(by=audio.conf_residual_weight),
+            pz.nn.ConstantRescale(by=residual_weight),
             params.hook("hook_out", RESID_AXES),
         ],
     )
@@ -811,24 +857,43 @@ def build_attention(params: ParamBuilder, audio: Gemma3nAudioConfig) -> LocalAtt
 def build_light_conv(params: ParamBuilder, audio: Gemma3nAudioConfig) -> pz.nn.NamedGroup:
     """The light convolution module (``params`` is ``audio.blocks.3.lconv``): RMS norm,
     GLU projection, causal depthwise convolution, clamp, RMS norm, SiLU, projection."""
-    width, eps = audio.hidden_size, audio.rms_norm_eps
+    return conformer_light_conv(
+        params,
+        audio.hidden_size,
+        audio.rms_norm_eps,
+        audio.gradient_clipping,
+        audio.conf_conv_kernel_size,
+    )
+
+
+def conformer_light_conv(
+    params: ParamBuilder,
+    width: int,
+    eps: float,
+    clip: float,
+    kernel_size: int,
+    linear: Any = None,
+) -> pz.nn.NamedGroup:
+    """`build_light_conv` from plain numbers, shared with Gemma 4's conformer (``linear``
+    as in `conformer_feed_forward`)."""
+    linear = linear or params.linear
     channels = {"conv_channel": width}
-    kernel_axes = {"group_channel": 1, "kernel": audio.conf_conv_kernel_size}
+    kernel_axes = {"group_channel": 1, "kernel": kernel_size}
     return _residual(
         params.prefix.rstrip("."),
         [
             RMSNorm.build(params, "pre_layer_norm", "embedding", width, eps, "plain"),
-            params.linear("linear_start", {"glu": 2, **channels}, {"embedding": width}),
+            linear("linear_start", {"glu": 2, **channels}, {"embedding": width}),
             GatedLinearUnit(),
             params.hook("hook_glu", LCONV_AXES),
             DepthwiseCausalConv(
                 params("depthwise_conv1d.weights", channels, kernel_axes, layout="conv")
             ),
             params.hook("hook_conv", LCONV_AXES),
-            Clamp(audio.gradient_clipping),
+            Clamp(clip),
             RMSNorm.build(params, "conv_norm", "conv_channel", width, eps, "plain"),
             pz.nn.Elementwise(jax.nn.silu),
-            params.linear("linear_end", {"embedding": width}, channels),
+            linear("linear_end", {"embedding": width}, channels),
             params.hook("hook_out", RESID_AXES),
         ],
     )

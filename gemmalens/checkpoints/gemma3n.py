@@ -6,7 +6,9 @@ and audio towers, which the text model does not read. Those files also hold key/
 projections for the KV-sharing layers, which never use them (transformers ignores them too).
 With ``audio=True`` the audio tower and ``embed_audio`` are read too (``audio.*`` labels,
 named by `gemmalens.audio.gemma3n.hf_name`), and ``embed_vision`` (``embed_vision.*``)
-where the file has it; the vision tower never is.
+where the file has it. With ``vision=True`` the MobileNetV5 tower (``vision.*``, named by
+`gemmalens.vision.mobilenetv5.hf_name`) and ``embed_vision``; without ``audio=True`` also
+``embed_audio`` (its hard path: transformers embeds the audio ids through it).
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.audio import gemma3n as audio_names
-from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
+from gemmalens.audio.merge import (
+    Gemma3nAudioEmbedderConfig,
+    Gemma3nImageEncoderConfig,
+    Gemma3nVisionEmbedderConfig,
+)
 from gemmalens.checkpoints import gemma3
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.gemma3n import Gemma3nConfig
+from gemmalens.vision import mobilenetv5
 
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 VISION_EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
+VISION_TOWER_PREFIXES = (mobilenetv5.HUB_TOWER_PREFIX, "vision_tower.timm_model.")
 
 # Labels particular to Gemma 3n; the rest follow the Gemma 3 rules (blocks.N -> layers.N, ...).
 _RENAMES = [
@@ -75,32 +83,45 @@ def vision_embedder_prefix(ckpt: CheckpointDir) -> str | None:
     return None
 
 
-def with_audio(ckpt: CheckpointDir, config: Gemma3nConfig) -> Gemma3nConfig:
-    """``config`` with the audio tower, ``embed_vision`` (when the file has it) and the
-    placeholder ids of a ``gemma3n`` checkpoint."""
+def with_towers(
+    ckpt: CheckpointDir, config: Gemma3nConfig, audio: bool, vision: bool
+) -> Gemma3nConfig:
+    """``config`` with the towers asked for, the embedders they need and the placeholder
+    ids of a ``gemma3n`` checkpoint: ``audio`` adds the audio tower, ``embed_audio`` and
+    ``embed_vision``'s hard path (when the file has it); ``vision`` the MobileNetV5 tower
+    and ``embed_vision``, and without ``audio`` ``embed_audio``'s hard path."""
     hf = ckpt.config
     if hf.get("model_type") != "gemma3n":
+        asked = " and ".join(t for t, on in (("audio", audio), ("vision", vision)) if on)
         raise CheckpointError(
             f"{ckpt.path} is a text-only Gemma 3n checkpoint (model_type "
             f"{hf.get('model_type')!r}, architectures {hf.get('architectures')}): it has no "
-            "audio tower. Load it without audio=True; Gemma3nForConditionalGeneration "
-            "checkpoints (model_type 'gemma3n') have one."
+            f"{asked} tower. Load it without {asked}=True; Gemma3nForConditionalGeneration "
+            "checkpoints (model_type 'gemma3n') have them."
         )
+    changes: dict = dict(
+        audio_token_id=int(hf.get("audio_token_id", 262_273)),
+        image_token_id=int(hf.get("image_token_id", 262_145)),
+        audio_soft_tokens_per_image=int(hf.get("audio_soft_tokens_per_image", 188)),
+    )
     try:
-        tower = audio_names.Gemma3nAudioTowerConfig.from_hf(hf)
-        vision = None
-        if vision_embedder_prefix(ckpt) is not None:
-            vision = Gemma3nVisionEmbedderConfig.from_hf(hf)
-        return dataclasses.replace(
-            config,
-            audio=tower,
-            vision_embedder=vision,
-            audio_token_id=int(hf.get("audio_token_id", 262_273)),
-            image_token_id=int(hf.get("image_token_id", 262_145)),
-            audio_soft_tokens_per_image=int(hf.get("audio_soft_tokens_per_image", 188)),
-        )
+        if audio:
+            changes["audio"] = audio_names.Gemma3nAudioTowerConfig.from_hf(hf)
+            if vision_embedder_prefix(ckpt) is not None:
+                changes["vision_embedder"] = Gemma3nVisionEmbedderConfig.from_hf(hf)
+        if vision:
+            changes["vision"] = Gemma3nImageEncoderConfig.from_hf(hf)
+            changes["vision_embedder"] = changes["vision"].embedder
+            if not audio:
+                changes["audio_embedder"] = Gemma3nAudioEmbedderConfig.from_hf(hf)
+        return dataclasses.replace(config, **changes)
     except ValueError as error:
         raise CheckpointError(f"{ckpt.path}: {error}") from None
+
+
+def with_audio(ckpt: CheckpointDir, config: Gemma3nConfig) -> Gemma3nConfig:
+    """``config`` with the audio tower (`with_towers`)."""
+    return with_towers(ckpt, config, audio=True, vision=False)
 
 
 def _vision_hf_name(label: str, prefix: str) -> str:
@@ -109,12 +130,64 @@ def _vision_hf_name(label: str, prefix: str) -> str:
     return prefix + re.sub(r"\.(weights|scale|embeddings)$", ".weight", name)
 
 
+def _tower_prefixes(ckpt: CheckpointDir, audio: bool, vision: bool) -> dict[str, str]:
+    """Where the file keeps what the towers asked for read: ``{"audio", "embed_audio",
+    "vision", "embed_vision"}`` -> prefix (``embed_vision`` beside audio only when the file
+    has it). Raises a `CheckpointError` that says what is missing."""
+    parts: dict[str, tuple[tuple[str, ...], str, str]] = {
+        "embed_audio": (
+            (audio_names.HUB_EMBEDDER_PREFIX, "embed_audio."),
+            "embedding_projection.weight",
+            "Gemma 3n audio embedder",
+        ),
+    }
+    if audio:
+        parts["audio"] = (
+            (audio_names.HUB_AUDIO_PREFIX, "audio_tower."),
+            "subsample_conv_projection.input_proj_linear.weight",
+            "Gemma 3n audio",
+        )
+    if vision:
+        parts["vision"] = (VISION_TOWER_PREFIXES, "conv_stem.conv.weight", "Gemma 3n vision")
+        parts["embed_vision"] = (
+            VISION_EMBEDDER_PREFIXES,
+            "embedding.weight",
+            "Gemma 3n vision embedder",
+        )
+    prefixes = {}
+    for part, (candidates, probe, what) in parts.items():
+        try:
+            prefixes[part] = find_prefix(ckpt, candidates, probe, what)
+        except CheckpointError as error:
+            asked = "audio=True" if part in ("audio", "embed_audio") and audio else "vision=True"
+            needs = {
+                "audio": "its audio tower",
+                "embed_audio": "embed_audio (the hard audio tokens go through it)",
+                "vision": "its vision tower",
+                "embed_vision": "embed_vision",
+            }[part]
+            raise CheckpointError(
+                f"{asked}, but this Gemma 3n checkpoint lacks {needs}: {error} Load it "
+                f"without {asked} to run the rest."
+            ) from None
+    if audio and not vision:
+        found = vision_embedder_prefix(ckpt)
+        if found is not None:
+            prefixes["embed_vision"] = found
+    return prefixes
+
+
 def load_checkpoint(
-    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None, audio: bool = False
+    ckpt: CheckpointDir,
+    dtype: jnp.dtype,
+    show_progress: bool | None,
+    audio: bool = False,
+    vision: bool = False,
 ) -> tuple[pz.nn.Layer, Gemma3nConfig]:
     """Builds the Gemma 3n text decoder of a ``gemma3n_text`` or ``gemma3n`` checkpoint;
     with ``audio``, the audio tower, ``embed_audio`` and ``embed_vision`` of a ``gemma3n``
-    one too.
+    one too; with ``vision``, the MobileNetV5 tower and ``embed_vision`` (and
+    ``embed_audio``'s hard path).
 
     Both apply the final soft-cap (30); the multimodal model's text ids beyond
     ``vocab_size_per_layer_input`` read per-layer-embedding row 0.
@@ -126,8 +199,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{ckpt.path}/config.json does not describe a valid Gemma 3n text decoder: {error}"
         ) from None
-    if audio:
-        config = with_audio(ckpt, config)
+    if audio or vision:
+        config = with_towers(ckpt, config, audio, vision)
     prefix = text_prefix(ckpt)
     ignore_text = ignored_tensors(prefix, config)
 
@@ -135,38 +208,22 @@ def load_checkpoint(
         return prefix + hf_name(label)
 
     ignore = ignore_text
-    if audio:
-        try:
-            tower = find_prefix(
-                ckpt,
-                (audio_names.HUB_AUDIO_PREFIX, "audio_tower."),
-                "subsample_conv_projection.input_proj_linear.weight",
-                "Gemma 3n audio",
-            )
-            embedder = find_prefix(
-                ckpt,
-                (audio_names.HUB_EMBEDDER_PREFIX, "embed_audio."),
-                "embedding_projection.weight",
-                "Gemma 3n audio embedder",
-            )
-        except CheckpointError as error:
-            raise CheckpointError(
-                f"audio=True, but this Gemma 3n checkpoint holds no audio tower: {error} "
-                "Load it without audio=True to run its text model."
-            ) from None
-        vision = vision_embedder_prefix(ckpt)
-        read = (tower, embedder) if vision is None else (tower, embedder, vision)
+    if audio or vision:
+        towers = _tower_prefixes(ckpt, audio, vision)
+        read = tuple(towers.values())
 
         def key_for(label: str) -> str:
             if label.startswith("audio."):
-                return audio_names.hf_name(label, tower, embedder)
+                return audio_names.hf_name(label, towers.get("audio", ""), towers["embed_audio"])
+            if label.startswith("vision."):
+                return mobilenetv5.hf_name(label, towers["vision"])
             if label.startswith("embed_vision."):
-                return _vision_hf_name(label, vision)
+                return _vision_hf_name(label, towers["embed_vision"])
             return prefix + hf_name(label)
 
         def ignore(key: str) -> bool:
-            # What the text model skips (the vision tower among it), except the audio
-            # tower and the two embedders: every one of their tensors is read.
+            # What the text model skips (the towers among it), except the towers and
+            # embedders asked for: every one of their tensors is read.
             return ignore_text(key) and not key.startswith(read)
 
     model = build_from_checkpoint(

@@ -4,7 +4,8 @@
 ``Gemma4ForConditionalGeneration`` files (the Hub's) under ``model.language_model.``, beside
 the vision and audio towers. The text model reads neither; with ``vision=True`` the vision
 tower and its embedder are read too (``vision.*`` labels, named by
-`gemmalens.vision.gemma4.hf_name`). The audio tower is never read.
+`gemmalens.vision.gemma4.hf_name`), with ``audio=True`` the audio tower and its embedder
+(``audio.*``, `gemmalens.audio.gemma4.hf_name`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.audio import gemma4 as audio_names
 from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix, text_config
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families.gemma4 import Gemma4Config
@@ -126,36 +128,82 @@ def with_vision(ckpt: CheckpointDir, config: Gemma4Config) -> Gemma4Config:
     )
 
 
+def with_audio(ckpt: CheckpointDir, config: Gemma4Config) -> Gemma4Config:
+    """``config`` with the audio encoder and placeholder ids of a ``gemma4`` checkpoint."""
+    hf = ckpt.config
+    if hf.get("model_type") != "gemma4" or not hf.get("audio_config"):
+        kind = "text-only" if hf.get("model_type") != "gemma4" else "vision-only"
+        raise CheckpointError(
+            f"{ckpt.path} is a {kind} Gemma 4 checkpoint (model_type "
+            f"{hf.get('model_type')!r}, architectures {hf.get('architectures')}, no "
+            "audio_config): it has no audio tower. Load it without audio=True; "
+            "Gemma4ForConditionalGeneration checkpoints with an audio_config (E2B, E4B) "
+            "have one."
+        )
+    try:
+        encoder = audio_names.Gemma4AudioEncoderConfig.from_hf(hf)
+    except ValueError as error:
+        raise CheckpointError(f"{ckpt.path}: {error}") from None
+    return dataclasses.replace(
+        config,
+        audio=encoder,
+        image_token_id=int(hf.get("image_token_id", 258_880)),
+        video_token_id=int(hf.get("video_token_id", 258_884)),
+        audio_token_id=int(hf.get("audio_token_id", 258_881)),
+    )
+
+
 def load_checkpoint(
-    ckpt: CheckpointDir, dtype: jnp.dtype, show_progress: bool | None, vision: bool = False
+    ckpt: CheckpointDir,
+    dtype: jnp.dtype,
+    show_progress: bool | None,
+    vision: bool = False,
+    audio: bool = False,
 ) -> tuple[pz.nn.Layer, Gemma4Config]:
     """Builds the Gemma 4 text decoder of a ``gemma4_text`` or ``gemma4`` checkpoint; with
-    ``vision``, the vision tower and ``embed_vision`` of a ``gemma4`` one too."""
+    ``vision``, the vision tower and ``embed_vision`` of a ``gemma4`` one too, with
+    ``audio`` the audio tower and ``embed_audio``."""
     hf = text_config(ckpt, "gemma4", "Gemma 4")
     config = Gemma4Config.from_hf(hf)
     prefix = text_prefix(ckpt)
     ignore_text = ignored_tensors(prefix, config)
-
-    def key_for(label: str) -> str:
-        return prefix + hf_name(label)
-
-    ignore = ignore_text
+    # label prefix -> (tensor name of a label, the tower's tensor prefixes)
+    towers: dict[str, tuple[Callable[[str], str], tuple[str, ...]]] = {}
     if vision:
         config = with_vision(ckpt, config)
         tower = find_prefix(
             ckpt, (vision_names.TOWER_PREFIX,), "patch_embedder.input_proj.weight", "Gemma 4 vision"
         )
         embedder = vision_names.EMBEDDER_PREFIX
+        towers["vision."] = (
+            lambda label: vision_names.hf_name(label, tower, embedder),
+            (tower, embedder),
+        )
+    if audio:
+        config = with_audio(ckpt, config)
+        audio_tower = find_prefix(
+            ckpt,
+            (audio_names.TOWER_PREFIX,),
+            "subsample_conv_projection.input_proj_linear.weight",
+            "Gemma 4 audio",
+        )
+        audio_embedder = audio_names.EMBEDDER_PREFIX
+        towers["audio."] = (
+            lambda label: audio_names.hf_name(label, audio_tower, audio_embedder),
+            (audio_tower, audio_embedder),
+        )
+    read = tuple(p for _, prefixes in towers.values() for p in prefixes)
 
-        def key_for(label: str) -> str:
-            if label.startswith("vision."):
-                return vision_names.hf_name(label, tower, embedder)
-            return prefix + hf_name(label)
+    def key_for(label: str) -> str:
+        for label_prefix, (tower_name, _) in towers.items():
+            if label.startswith(label_prefix):
+                return tower_name(label)
+        return prefix + hf_name(label)
 
-        def ignore(key: str) -> bool:
-            # What the text model skips (the audio tower among it), except the vision
-            # tower and its embedder: every one of their tensors is read.
-            return ignore_text(key) and not key.startswith((tower, embedder))
+    def ignore(key: str) -> bool:
+        # What the text model skips (the towers among it), except the towers asked for and
+        # their embedders: every one of their tensors is read.
+        return ignore_text(key) and not (read and key.startswith(read))
 
     model = build_from_checkpoint(
         ExpertsAsMatrices(ckpt),

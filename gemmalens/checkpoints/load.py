@@ -143,11 +143,13 @@ def load(
       rules: entries over the family's sharding rule table (`gemmalens.sharding`).
       vision: also build the vision tower of a multimodal checkpoint (Gemma 3 4B, 12B,
         27B, and T5Gemma 2's encoder: SigLIP and the projector; Gemma 4: its own tower and
-        ``embed_vision``), so that the model takes ``pixel_values``
+        ``embed_vision``; Gemma 3n: MobileNetV5 and ``embed_vision``), so that the model
+        takes ``pixel_values``
         (`gemmalens.vision.merge`). Off by default: the text model alone loads faster and
         needs less memory, and runs text exactly as with the tower.
       audio: also build the audio tower of a multimodal checkpoint (Gemma 3n: the USM
-        conformer, ``embed_audio`` and ``embed_vision``'s hard tokens), so that the model
+        conformer, ``embed_audio`` and ``embed_vision``'s hard tokens; Gemma 4 E2B / E4B:
+        its conformer and ``embed_audio``, `gemmalens.audio.gemma4`), so that the model
         takes ``input_features`` (`gemmalens.audio.merge`). Off by default, as ``vision``;
         with it, the ids of the vision and audio ranges embed as transformers'
         ``Gemma3nForConditionalGeneration`` embeds them (the text model reads them as

@@ -45,11 +45,13 @@ KV sharing: the last ``num_kv_shared_layers`` layers have no key/value projectio
 MatFormer: `matformer_config` / `matformer_submodel` cut a smaller Gemma 3n (fewer layers,
 narrower MLPs) out of a bigger one as a model of its own.
 
-Audio (``audio`` set, ``gl.load(path, audio=True)``): the embedding is an
-`gemmalens.audio.merge.EmbedWithAudio` around the conformer tower (`gemmalens.audio.gemma3n`,
-hook points ``audio.*``) and ``hook_audio_embed``: hard vision and audio tokens through
-``embed_vision`` / ``embed_audio``, the clips' soft tokens at the audio placeholders. The
-vision tower (MobileNetV5) is not built.
+Images and audio (``vision`` / ``audio`` set, ``gl.load(path, vision=True, audio=True)``):
+the embedding is a `gemmalens.audio.merge.Gemma3nMultimodalEmbedding`: hard vision and
+audio tokens through ``embed_vision`` / ``embed_audio``, each image's soft tokens
+(MobileNetV5, `gemmalens.vision.mobilenetv5`, hook points ``vision.*``, then
+``vision.hook_soft_tokens``) at its run of image placeholders (``hook_image_embed``), each
+clip's (the conformer, `gemmalens.audio.gemma3n`, ``audio.*``) at its run of audio
+placeholders (``hook_audio_embed``). Attention stays causal around both.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ import numpy as np
 from penzai import pz
 
 from gemmalens.audio.gemma3n import Gemma3nAudioTowerConfig
-from gemmalens.audio.merge import Gemma3nVisionEmbedderConfig
-from gemmalens.audio.merge import build_embedding as build_audio_embedding
+from gemmalens.audio.merge import (
+    Gemma3nAudioEmbedderConfig,
+    Gemma3nImageEncoderConfig,
+    Gemma3nVisionEmbedderConfig,
+)
+from gemmalens.audio.merge import build_embedding as build_multimodal_embedding
 from gemmalens.families.gemma3 import RopeConfig, _rope_from_hf
 from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
@@ -115,13 +121,17 @@ class Gemma3nConfig(CountsParameters):
     every layer. ``altup_coef_clip`` is kept for completeness: transformers clips the
     prediction coefficients only while training, so it is never applied here.
 
-    ``audio`` (None: a text model) adds the audio tower and ``embed_audio`` of
-    ``Gemma3nForConditionalGeneration``, and ``vision_embedder`` its ``embed_vision`` (the
-    hard vision tokens only; the vision tower is not built): the model then takes
-    ``input_features`` and puts each clip's soft tokens in its run of
-    ``audio_soft_tokens_per_image`` placeholders ``audio_token_id``
-    (`gemmalens.audio.merge`); ``num_params()`` counts the tower and the embedders too.
-    ``image_token_id`` is the image placeholder, which such a model refuses.
+    ``audio`` (None: no audio tower) adds the audio tower and ``embed_audio`` of
+    ``Gemma3nForConditionalGeneration``: the model then takes ``input_features`` and puts
+    each clip's soft tokens in its run of ``audio_soft_tokens_per_image`` placeholders
+    ``audio_token_id``. ``vision`` (None: no vision tower) adds the MobileNetV5 tower and
+    ``embed_vision``: the model takes ``pixel_values`` and puts each image's soft tokens in
+    its run of ``vision.soft_tokens_per_image`` placeholders ``image_token_id``
+    (`gemmalens.audio.merge`). ``vision_embedder`` is ``embed_vision`` (set from
+    ``vision`` when that is given; alone, beside the audio tower, it embeds the hard vision
+    tokens only), ``audio_embedder`` ``embed_audio``'s hard path for a model with vision
+    but no audio tower (transformers embeds the audio ids through it either way).
+    ``num_params()`` counts the towers and the embedders too.
     """
 
     vocab_size: int
@@ -152,6 +162,8 @@ class Gemma3nConfig(CountsParameters):
     eos_token_id: int | tuple[int, ...] = 1
     audio: Gemma3nAudioTowerConfig | None = None
     vision_embedder: Gemma3nVisionEmbedderConfig | None = None
+    vision: Gemma3nImageEncoderConfig | None = None
+    audio_embedder: Gemma3nAudioEmbedderConfig | None = None
     audio_token_id: int = 262_273
     image_token_id: int = 262_145
     audio_soft_tokens_per_image: int = 188
@@ -193,14 +205,34 @@ class Gemma3nConfig(CountsParameters):
         """The embedders write the text width, and the id ranges fit transformers' layout:
         vision hard tokens below the audio ones, the audio ones up to ``vocab_size``, whose
         last id (the padding of audio soft tokens) is an audio row."""
-        if self.vision_embedder is not None and self.audio is None:
+        if self.vision is not None:
+            if self.vision_embedder is None:
+                object.__setattr__(self, "vision_embedder", self.vision.embedder)
+            elif self.vision_embedder != self.vision.embedder:
+                raise ValueError(
+                    "vision_embedder differs from vision.embedder; with the vision tower, "
+                    "embed_vision is vision.embedder (leave vision_embedder out)."
+                )
+            if self.audio is None and self.audio_embedder is None:
+                raise ValueError(
+                    "A Gemma 3n model with its vision tower embeds the hard audio ids through "
+                    "embed_audio, as transformers does: set audio (the tower) or "
+                    "audio_embedder (its hard path alone)."
+                )
+        if self.audio is not None and self.audio_embedder is not None:
+            raise ValueError("audio_embedder is for models without the audio tower; drop it.")
+        if self.vision_embedder is not None and self.audio is None and self.vision is None:
             raise ValueError(
-                "vision_embedder embeds Gemma 3n's hard vision tokens beside the audio tower; "
-                "set audio too (gemmalens builds no Gemma 3n vision tower)."
+                "vision_embedder embeds Gemma 3n's hard vision tokens beside a tower; set "
+                "audio or vision too."
             )
-        if self.audio is None:
+        if self.audio is None and self.vision is None:
             return
-        embedders = [("audio", self.audio.text_hidden_size)]
+        embedders = []
+        if self.audio is not None:
+            embedders.append(("audio", self.audio.text_hidden_size))
+        else:
+            embedders.append(("audio", self.audio_embedder.text_hidden_size))
         if self.vision_embedder is not None:
             embedders.append(("vision", self.vision_embedder.text_hidden_size))
         for name, width in embedders:
@@ -209,7 +241,7 @@ class Gemma3nConfig(CountsParameters):
                     f"The {name} embedder writes width {width} but hidden_size is "
                     f"{self.hidden_size}; they must match."
                 )
-        audio = self.audio.audio
+        audio = self.audio.audio if self.audio is not None else self.audio_embedder
         low, high = audio.vocab_offset, audio.vocab_offset + audio.vocab_size
         if not low < self.vocab_size <= high:
             raise ValueError(
@@ -260,9 +292,26 @@ class Gemma3nConfig(CountsParameters):
             audio = changes.get("audio", self.audio)
             if audio is not None:
                 changes["audio"] = dataclasses.replace(audio, text_hidden_size=width)
-            vision = changes.get("vision_embedder", self.vision_embedder)
-            if vision is not None:
-                changes["vision_embedder"] = dataclasses.replace(vision, text_hidden_size=width)
+            tower = changes.get("vision", self.vision)
+            if tower is not None:
+                embedder = dataclasses.replace(tower.embedder, text_hidden_size=width)
+                changes["vision"] = dataclasses.replace(tower, embedder=embedder)
+                changes["vision_embedder"] = embedder
+            else:
+                vision = changes.get("vision_embedder", self.vision_embedder)
+                if vision is not None:
+                    changes["vision_embedder"] = dataclasses.replace(vision, text_hidden_size=width)
+            hard_audio = changes.get("audio_embedder", self.audio_embedder)
+            if hard_audio is not None:
+                changes["audio_embedder"] = dataclasses.replace(hard_audio, text_hidden_size=width)
+        if "vision" in changes and "vision_embedder" not in changes:
+            tower = changes["vision"]
+            if tower is not None:  # a new tower brings its embedder
+                changes["vision_embedder"] = tower.embedder
+            elif changes.get("audio", self.audio) is None:  # no tower left: a text model
+                changes["vision_embedder"] = None
+                changes.setdefault("audio_embedder", None)
+            # (Beside the audio tower, the hard vision tokens keep their embedder.)
         if "num_hidden_layers" in changes:
             layers = changes["num_hidden_layers"]
             changes.setdefault("layer_types", self.default_layer_types(layers))
@@ -493,15 +542,15 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
 
 
 def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> DecoderLM:
-    """Builds the Penzai model, taking every parameter from ``source`` (with audio: the
-    tower's parameters under ``audio.``, ``embed_vision``'s under ``embed_vision.``, the
-    embedding an `EmbedWithAudio`)."""
+    """Builds the Penzai model, taking every parameter from ``source`` (with towers:
+    their parameters under ``vision.`` / ``audio.``, ``embed_vision``'s under
+    ``embed_vision.``, the embedding a `Gemma3nMultimodalEmbedding`)."""
     params = ParamBuilder(source)
     width, streams = config.hidden_size, config.altup_num_inputs
     table, embed = embedding(params, config.vocab_size, width)
-    if config.audio is not None:
+    if config.audio is not None or config.vision is not None:
         token_embedding, hook_embed = embed
-        merged = build_audio_embedding(
+        merged = build_multimodal_embedding(
             params,
             source,
             token_embedding,
@@ -510,6 +559,9 @@ def build_gemma3n(config: Gemma3nConfig, source: ParamSource) -> DecoderLM:
             audio_token_id=config.audio_token_id,
             padding_id=config.vocab_size - 1,
             soft_tokens_per_clip=config.audio_soft_tokens_per_image,
+            vision=config.vision,
+            audio_embedder=config.audio_embedder,
+            image_token_id=config.image_token_id,
         )
         embed = [merged, hook_embed]
     blocks: pz.nn.Layer = pz.nn.Sequential(

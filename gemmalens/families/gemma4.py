@@ -37,7 +37,11 @@ What is new against Gemma 3 (every other layer comes from `gemmalens.layers`):
   ``vision.*`` and ``hook_image_embed``); the per-layer inputs read the pad row at the
   image, video and audio placeholders (their context part sees the soft tokens); with
   ``use_bidirectional_attention="vision"`` (26B, 31B) each image's tokens see each other
-  both ways on sliding layers (`gemmalens.vision.merge`). Video and audio are not built.
+  both ways on sliding layers (`gemmalens.vision.merge`).
+* Audio (``audio`` set, ``gl.load(path, audio=True)``, E2B and E4B): the embedding
+  is a `gemmalens.audio.gemma4.Gemma4EmbedWithAudio` around it (hook points ``audio.*`` and
+  ``hook_audio_embed``): each clip's soft tokens of real audio fill its run of audio
+  placeholders; attention stays causal there. Video is not built.
 
 Interventions on the routing: `force_expert`, `forbid_expert`, `ablate_expert` return
 hook dicts for ``Model.run_with_hooks`` / ``Model.hooks``.
@@ -54,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.audio.gemma4 import Gemma4AudioEncoderConfig, Gemma4EmbedWithAudio
 from gemmalens.families.hf_config import reject_unimplemented, special_token_ids
 from gemmalens.layers import (
     GatedMLP,
@@ -106,8 +111,10 @@ class Gemma4Config(CountsParameters):
     ``Gemma4ForConditionalGeneration``: the model then takes ``pixel_values`` and
     ``image_position_ids`` and puts each image's soft tokens at its run of
     ``image_token_id`` placeholders (`gemmalens.vision.merge`); ``num_params()`` counts the
-    tower too. ``video_token_id`` and ``audio_token_id`` are the other placeholders, which
-    such a model's per-layer inputs also read as the pad token.
+    tower too. ``audio`` (None: no audio) adds the audio tower and ``embed_audio``:
+    the model then takes ``input_features`` and ``input_features_mask`` and fills the
+    ``audio_token_id`` placeholders (`gemmalens.audio.gemma4`). ``video_token_id`` is the
+    other placeholder; a multimodal model's per-layer inputs read all three as the pad token.
     """
 
     vocab_size: int
@@ -142,6 +149,7 @@ class Gemma4Config(CountsParameters):
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
     vision: Gemma4ImageEncoderConfig | None = None
+    audio: Gemma4AudioEncoderConfig | None = None
     image_token_id: int = 258_880
     video_token_id: int = 258_884
     audio_token_id: int = 258_881
@@ -150,11 +158,12 @@ class Gemma4Config(CountsParameters):
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         check_layer_types(self.layer_types, self.num_hidden_layers)
-        if self.vision is not None and self.vision.text_hidden_size != self.hidden_size:
-            raise ValueError(
-                f"The vision embedder writes width {self.vision.text_hidden_size} but "
-                f"hidden_size is {self.hidden_size}; they must match."
-            )
+        for name, tower in (("vision", self.vision), ("audio", self.audio)):
+            if tower is not None and tower.text_hidden_size != self.hidden_size:
+                raise ValueError(
+                    f"The {name} embedder writes width {tower.text_hidden_size} but "
+                    f"hidden_size is {self.hidden_size}; they must match."
+                )
         for i in range(self.num_hidden_layers):
             if self.num_attention_heads % self.layer_kv_heads(i):
                 raise ValueError(
@@ -218,9 +227,10 @@ class Gemma4Config(CountsParameters):
         vision embedder's output width a new ``hidden_size``)."""
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = self.default_layer_types(changes["num_hidden_layers"])
-        vision = changes.get("vision", self.vision)
-        if "hidden_size" in changes and vision is not None:
-            changes["vision"] = dataclasses.replace(vision, text_hidden_size=changes["hidden_size"])
+        for name in ("vision", "audio"):
+            tower = changes.get(name, getattr(self, name))
+            if "hidden_size" in changes and tower is not None:
+                changes[name] = dataclasses.replace(tower, text_hidden_size=changes["hidden_size"])
         return dataclasses.replace(self, **changes)
 
     def build(self, source: ParamSource) -> DecoderLM:
@@ -232,6 +242,8 @@ class Gemma4Config(CountsParameters):
         # tower's clipping bounds and standardisation vectors are not counted.
         if label.startswith("vision.") and self.vision is not None:
             return self.vision.counts_as_parameter(label)
+        if label.startswith("audio.") and self.audio is not None:
+            return self.audio.counts_as_parameter(label)
         return not label.endswith(".layer_scalar")
 
     @classmethod
@@ -428,7 +440,8 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
 
 def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
     """Builds the Penzai model, taking every parameter from ``source`` (with a vision tower:
-    its parameters under ``vision.``, its embedding an `EmbedWithImages`)."""
+    its parameters under ``vision.``, its embedding an `EmbedWithImages`; with an audio
+    tower: under ``audio.``, wrapped in a `Gemma4EmbedWithAudio`)."""
     params = ParamBuilder(source)
     width = config.hidden_size
     table, embed = embedding(params, config.vocab_size, width)
@@ -437,6 +450,13 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
         tower = config.vision.build(source)
         embed = [
             EmbedWithImages.around(token_embedding, tower, params, config.image_token_id),
+            hook_embed,
+        ]
+    if config.audio is not None:
+        inner, hook_embed = embed
+        tower = config.audio.build(source)
+        embed = [
+            Gemma4EmbedWithAudio.around(inner, tower, params, config.audio_token_id),
             hook_embed,
         ]
     blocks: pz.nn.Layer = pz.nn.Sequential(
@@ -455,7 +475,7 @@ def build_gemma4(config: Gemma4Config, source: ParamSource) -> DecoderLM:
             config.rms_norm_eps,
             constants_in_activation_dtype=False,
         )
-        if config.vision is not None:
+        if config.vision is not None or config.audio is not None:
             # transformers' Gemma4Model reads the placeholders' rows as the pad token's.
             placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
             per_layer_inputs = dataclasses.replace(

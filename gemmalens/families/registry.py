@@ -98,7 +98,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=gemma3n_names.to_file_layout,
             residual="AltUpReadout",
             notes="AltUp streams, LAuReL, per-layer embeddings, sparse gates, KV sharing",
-            towers=("audio",),
+            towers=("vision", "audio"),
         ),
         Family(
             name="gemma4",
@@ -111,7 +111,7 @@ FAMILIES: dict[str, Family] = {
             to_file_layout=gemma4_names.to_file_layout,
             residual="ScaledReadout",
             notes="layer scalars, K=V global attention, per-layer embeddings, experts",
-            towers=("vision",),
+            towers=("vision", "audio"),
         ),
         Family(
             name="t5gemma2",

@@ -94,14 +94,15 @@ class RMSNorm(pz.nn.Layer):
 
 @pz.pytree_dataclass
 class LayerNorm(pz.nn.Layer):
-    """Layer normalisation over one named axis, with a weight and a bias (SigLIP), in float32.
+    """Layer normalisation over one named axis, with a weight and a bias (SigLIP; no bias in
+    Gemma 4's audio subsampling), in float32.
 
     ``y = (x - mean(x)) * rsqrt(var(x) + eps) * w + b`` with the biased variance, as torch's
     ``nn.LayerNorm``; the weight and bias apply in float32 before the cast back.
     """
 
     scale: pz.nn.ParameterLike[pz.nx.NamedArray]
-    bias: pz.nn.ParameterLike[pz.nx.NamedArray]
+    bias: pz.nn.ParameterLike[pz.nx.NamedArray] | None
     axis: str = dataclasses.field(metadata={"pytree_node": False})
     eps: float = dataclasses.field(metadata={"pytree_node": False})
 
@@ -112,16 +113,20 @@ class LayerNorm(pz.nn.Layer):
             return centred * jax.lax.rsqrt(jnp.mean(centred * centred) + self.eps)
 
         y = pz.nx.nmap(normalise)(x.untag(self.axis)).tag(self.axis)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale.value.astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(jnp.float32)
         return y.astype(x.dtype)
 
     @classmethod
-    def build(cls, params: ParamBuilder, name: str, axis: str, size: int, eps: float) -> LayerNorm:
+    def build(
+        cls, params: ParamBuilder, name: str, axis: str, size: int, eps: float, bias: bool = True
+    ) -> LayerNorm:
         """Builds the norm, asking ``params`` for ``{name}.scale`` (ones) and ``{name}.bias``
-        (zeros)."""
+        (zeros; none with ``bias=False``, as Gemma 4's audio subsampling)."""
         return cls(
             scale=params(f"{name}.scale", {axis: size}, init="ones"),
-            bias=params(f"{name}.bias", {axis: size}, init="zeros"),
+            bias=params(f"{name}.bias", {axis: size}, init="zeros") if bias else None,
             axis=axis,
             eps=eps,
         )

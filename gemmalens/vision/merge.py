@@ -49,6 +49,7 @@ from gemmalens.vision.gemma4 import (
     Gemma4ImageEncoderConfig,
     soft_token_counts,
 )
+from gemmalens.vision.mobilenetv5 import pixel_array
 from gemmalens.vision.siglip import PIXEL_AXES, TOKEN_AXES
 
 __all__ = [
@@ -208,6 +209,15 @@ def _no_tower_message(config: Any) -> str:
             "encoder's SigLIP tower with gl.load(path, vision=True), or build from a config "
             "with vision (T5Gemma2Config(..., vision=Gemma3VisionConfig(...)))."
         )
+    if family == "gemma3n":
+        return (
+            "This Gemma 3n model has no vision tower (it was loaded without it, or built "
+            "without one), so it takes no pixel_values or image tokens. Load a Gemma 3n "
+            "checkpoint with its MobileNetV5 tower with gl.load(path, vision=True) (and "
+            "audio=True for sound too; Gemma3nForConditionalGeneration files, model_type "
+            "'gemma3n'), or build from a config with vision "
+            "(gemmalens.presets.gemma3n_multimodal('gemma3n_e2b'))."
+        )
     if family == "gemma4":
         return (
             "This Gemma 4 model has no vision tower (it was loaded text-only, the default, or "
@@ -219,7 +229,7 @@ def _no_tower_message(config: Any) -> str:
     family = family or type(config).__name__
     return (
         f"This {family} model takes no pixel_values: gemmalens implements image input for "
-        "Gemma 3, Gemma 4 and T5Gemma 2 (gl.load(path, vision=True)) only so far."
+        "Gemma 3, Gemma 3n, Gemma 4 and T5Gemma 2 (gl.load(path, vision=True)) only so far."
     )
 
 
@@ -245,7 +255,8 @@ def _pixel_array(pixel_values: Any, config: Any) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
-def _describe_runs(runs: list[tuple[int, int, int]]) -> str:
+def describe_runs(runs: list[tuple[int, int, int]]) -> str:
+    """``row 0 [3:7] (4 tokens), ...``: placeholder runs (`image_runs`) for a message."""
     shown = ", ".join(f"row {r} [{a}:{b}] ({b - a} tokens)" for r, a, b in runs[:6])
     return shown + (", ..." if len(runs) > 6 else "")
 
@@ -260,6 +271,11 @@ def image_side_inputs(
     """Checks one call's images against its tokens and returns the side inputs the model
     reads (``pixel_values``, ``image_blocks``; Gemma 4 also ``image_position_ids``), or
     None for a call without images.
+
+    Gemma 3n (MobileNetV5) takes whole images too (``[num_images, 3, 768, 768]`` as
+    Gemma3nProcessor makes them, checked by `gemmalens.vision.mobilenetv5.pixel_array`),
+    ``vision_soft_tokens_per_image`` placeholders each, and no image blocks (its attention
+    is causal; its token types are checked by `gemmalens.audio.merge.audio_side_inputs`).
 
     Gemma 4 (`gemma4_side_inputs`) takes its processor's arrays instead: patchified
     ``pixel_values`` with ``image_position_ids`` (or `preprocess_gemma4`'s result, which
@@ -294,11 +310,14 @@ def image_side_inputs(
             )
     if vision is None:
         given = pixel_values is not None or image_position_ids is not None
-        if given or (types is not None and types.any()):
+        # Gemma 4's types also mark audio (3), which its audio path checks.
+        image_types = (1, 2) if getattr(config, "family", None) == "gemma4" else (1,)
+        if given or (types is not None and np.isin(types, image_types).any()):
             raise ValueError(_no_tower_message(config))
         return None
     if isinstance(vision, Gemma4ImageEncoderConfig):
         return gemma4_side_inputs(config, tokens, pixel_values, types, image_position_ids)
+    gemma3n = getattr(config, "family", None) == "gemma3n"
     if image_position_ids is not None:
         raise ValueError(
             "image_position_ids are Gemma 4's patch positions; this model's tower takes "
@@ -311,11 +330,15 @@ def image_side_inputs(
     if pixel_values is None:
         if runs:
             count = sum(b - a for _, a, b in runs)
+            made_by = (
+                "as Gemma3nProcessor makes them"
+                if gemma3n
+                else "(gemmalens.vision.preprocess_gemma3)"
+            )
             raise ValueError(
                 f"tokens hold {count} image token(s) (id {image_id}) in {len(runs)} run(s) but "
-                "no pixel_values were given: pass pixel_values=[num_images, 3, H, W] "
-                "(gemmalens.vision.preprocess_gemma3), one image per run, or take the image "
-                "tokens out of the prompt."
+                f"no pixel_values were given: pass pixel_values=[num_images, 3, H, W] "
+                f"{made_by}, one image per run, or take the image tokens out of the prompt."
             )
         if types is not None and types.any():
             raise ValueError(
@@ -323,22 +346,30 @@ def image_side_inputs(
                 "images, or leave token_type_ids out for a text-only call."
             )
         return None
-    pixels = _pixel_array(pixel_values, config)
-    per_image = config.vision.projector.mm_tokens_per_image
+    if gemma3n:  # MobileNetV5: whole images of a multiple of its grid, no image blocks
+        pixels = pixel_array(pixel_values, vision.vision)
+        per_image = vision.soft_tokens_per_image
+        name, made = "vision_soft_tokens_per_image", "Gemma3nProcessor writes them"
+    else:
+        pixels = _pixel_array(pixel_values, config)
+        per_image = config.vision.projector.mm_tokens_per_image
+        name, made = "mm_tokens_per_image", "gemmalens.vision.expand_gemma3_image_ids writes them"
     if len(runs) != len(pixels):
         raise ValueError(
             f"tokens hold {len(runs)} run(s) of image tokens (id {image_id}) but pixel_values "
             f"has {len(pixels)} image(s); each image needs its own run of {per_image} image "
-            "tokens (gemmalens.vision.expand_gemma3_image_ids writes them, between its "
-            f"start- and end-of-image tokens). Runs: {_describe_runs(runs) or 'none'}."
+            f"tokens ({made}, between its start- and end-of-image tokens). Runs: "
+            f"{describe_runs(runs) or 'none'}."
         )
     wrong = [run for run in runs if run[2] - run[1] != per_image]
     if wrong:
         raise ValueError(
-            f"Each image takes mm_tokens_per_image = {per_image} consecutive image tokens (id "
-            f"{image_id}); these runs differ: {_describe_runs(wrong)}. Two images need text "
+            f"Each image takes {name} = {per_image} consecutive image tokens (id "
+            f"{image_id}); these runs differ: {describe_runs(wrong)}. Two images need text "
             "between their runs (the processor puts end- and start-of-image tokens there)."
         )
+    if gemma3n:  # attention stays causal around images: no blocks
+        return {PIXEL_VALUES: pz.nx.wrap(jnp.asarray(pixels)).tag(*PIXEL_AXES)}
     if types is None:
         types = (tokens == image_id).astype(np.int32)
     return {
@@ -448,7 +479,7 @@ def gemma4_side_inputs(
     from the image placeholders when None.
 
     Raises:
-      NotImplementedError: video or audio placeholders (only the image path is built).
+      NotImplementedError: video placeholders (the video path is not built).
       ValueError: as `image_side_inputs`, with Gemma 4's shapes.
     """
     image_id = config.image_token_id
@@ -457,14 +488,24 @@ def gemma4_side_inputs(
             "token_type_ids (Gemma 4's mm_token_type_ids) must hold 0 (text), 1 (image), 2 "
             "(video) or 3 (audio) only."
         )
-    for kind, token_id in (("video", config.video_token_id), ("audio", config.audio_token_id)):
-        code = {v: k for k, v in _GEMMA4_TYPES.items()}[kind]
-        if (tokens == token_id).any() or (types is not None and (types == code).any()):
-            raise NotImplementedError(
-                f"The tokens hold {kind} placeholders (id {token_id}, or token type {code}): "
-                f"gemmalens runs Gemma 4's vision tower on images only; {kind} input is not "
-                "implemented. Take them out of the prompt."
-            )
+    if (tokens == config.video_token_id).any() or (types is not None and (types == 2).any()):
+        raise NotImplementedError(
+            f"The tokens hold video placeholders (id {config.video_token_id}, or token type "
+            "2): gemmalens runs Gemma 4's vision tower on images only; video input is not "
+            "implemented. Take them out of the prompt."
+        )
+    # Audio placeholders are the audio path's (`gemmalens.audio.gemma4.audio_side_inputs`)
+    # where the model has its audio tower.
+    audio_id = config.audio_token_id
+    if getattr(config, "audio", None) is None and (
+        (tokens == audio_id).any() or (types is not None and (types == 3).any())
+    ):
+        raise ValueError(
+            f"The tokens hold audio placeholders (id {audio_id}, or token type 3) but this "
+            "model was loaded without its audio tower: load the checkpoint with "
+            "gl.load(path, vision=True, audio=True) and pass input_features, or take them "
+            "out of the prompt."
+        )
     runs = image_runs(tokens, image_id)
     if pixel_values is None:
         if image_position_ids is not None:
@@ -492,7 +533,7 @@ def gemma4_side_inputs(
             f"tokens hold {len(runs)} run(s) of image tokens (id {image_id}) but pixel_values "
             f"has {len(pixels)} image(s); each image needs its own run of as many image "
             f"tokens as it has soft tokens ({per_image}), between its start- and "
-            f"end-of-image tokens. Runs: {_describe_runs(runs) or 'none'}."
+            f"end-of-image tokens. Runs: {describe_runs(runs) or 'none'}."
         )
     cells = pixels.shape[1] // k**2
     wrong = [

@@ -129,6 +129,46 @@ def _gemma3n_audio() -> Any:
     )
 
 
+# Gemma 3n's MobileNetV5 in small: three blocks per stage (every kind of block), 64 px
+# images fused on stage 2's 4x4 grid and pooled to 2x2: TOKENS_PER_IMAGE soft tokens.
+GEMMA3N_STAGES = (
+    ("er_r1_k3_s2_e4_c8", "er_r1_k3_s1_e4_c8", "er_r1_k3_s1_e4_c8"),
+    ("uir_r1_a3_k5_s2_e6_c16", "uir_r1_a5_k0_s1_e4_c16", "uir_r1_a3_k0_s1_e4_c16"),
+    ("uir_r1_a5_k5_s2_e6_c16", "mqa_r1_k3_h2_v2_s1_d8_c16", "uir_r1_a0_k0_s1_e2_c16"),
+    ("uir_r1_a5_k5_s2_e6_c16", "mqa_r1_k3_h2_s1_d8_c16", "uir_r1_a0_k0_s1_e2_c16"),
+)
+
+
+def _gemma3n_vision() -> Any:
+    from gemmalens.audio.merge import (
+        Gemma3nAudioEmbedderConfig,
+        Gemma3nImageEncoderConfig,
+        Gemma3nVisionEmbedderConfig,
+    )
+    from gemmalens.vision.mobilenetv5 import MobileNetV5Config
+
+    # The id layout of _gemma3n_audio; the vision tower without the audio one (embed_audio's
+    # hard path only).
+    tower = MobileNetV5Config(
+        stages=GEMMA3N_STAGES,
+        stem_size=8,
+        hidden_size=16,
+        msfa_output_resolution=2,
+        image_size=64,
+    )
+    embedder = Gemma3nVisionEmbedderConfig(
+        32, hidden_size=16, vocab_size=16, vocab_offset=VOCAB - 32
+    )
+    return _gemma3n().replace(
+        vision=Gemma3nImageEncoderConfig(tower, embedder),
+        audio_embedder=Gemma3nAudioEmbedderConfig(
+            32, hidden_size=16, vocab_size=16, vocab_offset=VOCAB - 16
+        ),
+        audio_token_id=AUDIO_TOKEN,
+        image_token_id=VOCAB - 31,
+    )
+
+
 def _gemma4() -> Any:
     import gemmalens as gl
 
@@ -234,6 +274,28 @@ def _gemma4_vision() -> Any:
     )
 
 
+GEMMA4_AUDIO_FRAMES = 8  # 8 frames of 16 mel bins: 2 soft tokens (4x subsampling)
+
+
+def _gemma4_audio() -> Any:
+    from gemmalens.audio import gemma4
+
+    # E2B's conformer layout (clipped linears), shrunk; as many blocks as text blocks.
+    tower = gemma4.Gemma4AudioEncoderConfig(
+        gemma4.Gemma4AudioConfig(
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            subsampling_conv_channels=(AUDIO_MELS, 4),
+            attention_chunk_size=4,
+            attention_context_left=5,
+            output_proj_dims=24,
+        ),
+        text_hidden_size=32,
+    )
+    return _gemma4().replace(audio=tower, audio_token_id=AUDIO_TOKEN)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     title: str
@@ -253,8 +315,10 @@ FAMILIES = {
     "gemma3_vision": Family("Gemma 3 with images", "gemma3_4b", _gemma3_vision),
     "gemma3n": Family("Gemma 3n", "gemma3n_e2b", _gemma3n),
     "gemma3n_audio": Family("Gemma 3n with audio", "gemma3n_e2b", _gemma3n_audio),
+    "gemma3n_vision": Family("Gemma 3n with images", "gemma3n_e2b", _gemma3n_vision),
     "gemma4": Family("Gemma 4 (dense)", "gemma4_e2b", _gemma4),
     "gemma4_vision": Family("Gemma 4 with images", "gemma4_e2b", _gemma4_vision),
+    "gemma4_audio": Family("Gemma 4 with audio", "gemma4_e2b", _gemma4_audio),
     "gemma4_moe": Family("Gemma 4 (mixture of experts)", "gemma4_26b_a4b", _gemma4_moe),
     "t5gemma2": Family("T5Gemma 2", "t5gemma2_270m_270m", _t5gemma2),
     "t5gemma2_vision": Family("T5Gemma 2 with images", "t5gemma2_270m_270m", _t5gemma2_vision),
@@ -410,6 +474,29 @@ HOOK_DOCS = {
 # Where a family's hook point of the same name holds something else (Gemma 4's tower beside
 # SigLIP): these lines win for that family.
 FAMILY_HOOK_DOCS = {
+    "gemma3n_vision": {
+        "vision.conv_stem.hook_out": "The stem: 3x3 convolution, stride 2 (with bias), RMS "
+        "norm over channels, GELU. [image, channel, height, width] from here on.",
+        "vision.stages.0.blocks.{i}.hook_out": "Stage 0 (edge residual blocks: a 3x3 "
+        "expanding convolution, then a 1x1 projection): each block's output.",
+        "vision.stages.1.blocks.{i}.hook_out": "Stage 1 (universal inverted residual blocks: "
+        "depthwise, 1x1 expand, depthwise, 1x1 project, layer scale).",
+        "vision.stages.2.blocks.{i}.hook_out": "Stage 2: inverted residual and attention "
+        "blocks, 1/16 of the image's side (48x48 at 768 px); fused with stage 3.",
+        "vision.stages.2.blocks.{i}.attn.hook_pattern": "Multi-query attention weights: each "
+        "pixel (query, row-major) over the keys of a grid strided 2x2 (one key and value "
+        "head shared by all query heads).",
+        "vision.stages.3.blocks.{i}.hook_out": "Stage 3: inverted residual and attention "
+        "blocks at 1/32 of the image's side.",
+        "vision.stages.3.blocks.{i}.attn.hook_pattern": "Multi-query attention weights over "
+        "every pixel of the stage's grid.",
+        "vision.hook_fused": "The multi-scale fusion adapter's output: stages 2 and 3 "
+        "concatenated at stage 2's grid, a 1x1 feed-forward, average-pooled to "
+        "msfa_output_resolution (16x16 released; 2x2 here), RMS-normed.",
+        "vision.hook_soft_tokens": "The image's soft tokens: the fused grid row by row, times "
+        "sqrt(2048), through embed_vision's soft path (norm, projection to d_model, norm): "
+        "what the image placeholders receive.",
+    },
     "gemma4_vision": {
         "vision.hook_patch_embed": "Each patch's 3 * patch_size² pixels (rescaled to "
         "[-1, 1]) through the input projection; padding patches included.",
@@ -436,6 +523,21 @@ FAMILY_HOOK_DOCS = {
         "scale.",
         "vision.hook_soft_emb_norm": "embed_vision's RMS norm (no weight) of the pooled tokens.",
         "vision.hook_projected": "The image's soft tokens: projected to d_model.",
+    },
+    "gemma4_audio": {
+        "audio.subsample.conv_0.hook_out": "The first subsampling convolution (3x3, stride "
+        "2, padded frames zeroed before it) after its LayerNorm over channels and ReLU: "
+        "[clip, time, frequency, channel].",
+        "audio.blocks.{i}.attn.hook_k": "Keys, per head, scaled by ln(1 + e) / ln 2.",
+        "audio.blocks.{i}.attn.hook_attn_scores": "Local attention logits in transformers' "
+        "chunked layout [clip, heads, chunk, query in chunk, context]: content plus "
+        "relative-position terms, soft-capped; keys 0 <= q - k < L seen, others masked.",
+        "audio.blocks.{i}.hook_resid_after_attn": "The stream after attention.",
+        "audio.hook_soft_tokens": "The tower's output (output_proj, with bias): one soft token "
+        "per subsampled frame; those of padded frames are dropped in the text stream.",
+        "audio.hook_soft_emb_norm": "embed_audio's RMS norm (no weight) of the soft tokens.",
+        "audio.hook_projected": "The soft tokens projected to d_model: what the audio "
+        "placeholders receive.",
     },
 }
 
@@ -500,7 +602,8 @@ def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
     if getattr(m.config, "vision", None) is not None:
         # One image per row: a run of image tokens between text tokens (in the encoder's
         # input, for T5Gemma 2).
-        tokens[:, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
+        # (Gemma 3n's placeholder lies in its vision id range, below the audio one.)
+        tokens[:, 1 : 1 + TOKENS_PER_IMAGE] = getattr(m.config, "image_token_id", IMAGE_TOKEN)
         tower = m.config.vision.vision
         if hasattr(tower, "image_size"):  # SigLIP: whole images
             size = tower.image_size
@@ -514,10 +617,12 @@ def _abstract_cache(family: str) -> dict[str, jax.ShapeDtypeStruct]:
                 "image_position_ids": np.broadcast_to(places, (BATCH, side * side, 2)).copy(),
             }
     if getattr(m.config, "audio", None) is not None:
-        # One clip per row: 32 frames make 2 soft tokens (4x subsampling, then every 4th).
+        # One clip per row, 2 soft tokens each: Gemma 3n makes them of 32 frames (4x
+        # subsampling, then every 4th), Gemma 4 of 8.
+        frames = GEMMA4_AUDIO_FRAMES if m.config.family == "gemma4" else AUDIO_FRAMES
         tokens[:, 1 : 1 + AUDIO_SOFT_TOKENS] = AUDIO_TOKEN
-        streams["input_features"] = np.zeros((BATCH, AUDIO_FRAMES, AUDIO_MELS), np.float32)
-        streams["input_features_mask"] = np.ones((BATCH, AUDIO_FRAMES), bool)
+        streams["input_features"] = np.zeros((BATCH, frames, AUDIO_MELS), np.float32)
+        streams["input_features_mask"] = np.ones((BATCH, frames), bool)
     if FAMILIES[family].encoder_decoder:
         streams["decoder_tokens"] = np.full((BATCH, DECODER_SEQ), 3, np.int32)
     return jax.eval_shape(lambda: dict(m.run_with_cache(tokens, **streams)[1]))
