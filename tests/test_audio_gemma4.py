@@ -410,3 +410,123 @@ def test_model_surface_and_config_with_audio(model):
         gemma4.Gemma4AudioConfig.from_hf({"model_type": "gemma3n_audio"})
     with pytest.raises(ValueError, match="'gelu'"):
         gemma4.Gemma4AudioConfig(hidden_act="gelu")
+
+
+@pytest.fixture(scope="module")
+def both(checkpoint, inputs):
+    """One prompt with an image and a clip, the model loaded with both towers, and
+    transformers' logits for it."""
+    import pathlib
+
+    import PIL.Image
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    picture = pathlib.Path(__file__).resolve().parents[1] / "docs" / "teaching" / "loss_gemma3.png"
+    image = PIL.Image.open(picture).crop((0, 0, 384, 384)).convert("RGB")
+    processed = Gemma4ImageProcessorPil()(
+        [image], return_tensors="np", patch_size=4, max_soft_tokens=70, pooling_kernel_size=2
+    )
+    count = int(processed["num_soft_tokens_per_image"][0])
+    clip = inputs["counts"][2]
+    tokens = np.array([[2, 10, BOI, *[IMAGE] * count, EOI, 11, *_run(clip), 12]])
+    types = (tokens == IMAGE) * 1 + (tokens == AUDIO) * 3
+    features, mask = inputs["features"][2:3], inputs["mask"][2:3]
+    with torch.no_grad():
+        logits = checkpoint[1](
+            input_ids=torch.as_tensor(tokens),
+            pixel_values=torch.as_tensor(processed["pixel_values"]),
+            image_position_ids=torch.as_tensor(processed["image_position_ids"]),
+            input_features=torch.as_tensor(features),
+            input_features_mask=torch.as_tensor(mask),
+            mm_token_type_ids=torch.as_tensor(types),
+        ).logits.numpy()
+    call = dict(
+        pixel_values=processed["pixel_values"],
+        image_position_ids=processed["image_position_ids"],
+        input_features=features,
+        input_features_mask=mask,
+        mm_token_type_ids=types,
+    )
+    return gl.load(checkpoint[0], vision=True, audio=True), tokens, call, logits
+
+
+def test_images_and_audio_together_match_transformers(both):
+    m, tokens, call, expected = both
+    logits = m(tokens, **call)
+    assert _diff(logits, expected) <= LOGIT_TOLERANCE
+    # Without the clip's sound (its features zeroed) the text after it reads otherwise.
+    silent = dict(call, input_features=np.zeros_like(call["input_features"]))
+    assert _diff(m(tokens, **silent), expected) > 100 * LOGIT_TOLERANCE
+
+
+def _metric(logits):
+    return logits[:, -1, 7].mean() - logits[:, -1, 9].mean()
+
+
+def test_patching_between_two_clips(model, inputs):
+    """A resid_pre sweep between two clips of the same length equals hooked runs (one
+    compiled per layer, the position traced); before the clip nothing differs."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemmalens import patching
+
+    tokens = inputs["short_tokens"]
+    clean = inputs["short"]
+    corrupted = np.random.RandomState(5).normal(size=clean.shape).astype(np.float32)
+    scores = np.asarray(
+        patching.sweep(
+            model, tokens, tokens, _metric, input_features=clean, corrupted_input_features=corrupted
+        )
+    )
+    baseline = float(_metric(model(tokens, input_features=corrupted)))
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(scores.shape[0])]
+    _, cache = model.run_with_cache(tokens, names=names, input_features=clean)
+    first_audio = int(np.flatnonzero(tokens[0] == AUDIO)[0])
+    for layer in (0, scores.shape[0] - 1):
+        value = jnp.asarray(cache[names[layer]])
+
+        @jax.jit
+        def patched(position, name=names[layer], value=value):
+            def patch(v, _):
+                return v.at[:, position].set(value[:, position])
+
+            return _metric(model.run_with_hooks(tokens, {name: patch}, input_features=corrupted))
+
+        for position in (first_audio + 1, tokens.shape[1] - 1):
+            np.testing.assert_allclose(
+                scores[layer, position], float(patched(position)), rtol=1e-4, atol=1e-5
+            )
+    np.testing.assert_allclose(scores[:, :first_audio], baseline, rtol=1e-5, atol=1e-6)
+    assert np.abs(scores[:, first_audio:] - baseline).max() > 1e-5
+
+
+def test_audio_viewer_reads_gemma4(model, cached, inputs):
+    """The audio viewer on Gemma 4: a text token's attention over each clip's soft tokens
+    is the captured pattern at that clip's placeholders (the runs are as long as the real
+    soft tokens: no padding), each token 40 ms; the encoder view is the captured chunked
+    pattern spread over frames."""
+    _, cache = cached
+    features = dict(input_features=inputs["features"], input_features_mask=inputs["mask"])
+    text = gl.widgets.AudioAttentionViewer(cache, inputs["tokens"], features, layer=1)
+    pattern = np.asarray(cache["blocks.1.attn.hook_pattern"])
+    for clip, (row, count) in enumerate([(0, inputs["counts"][0]), (0, inputs["counts"][1])]):
+        starts = np.flatnonzero(np.diff(np.r_[0, inputs["tokens"][row] == AUDIO]) == 1)
+        start = starts[clip]
+        np.testing.assert_allclose(
+            text.text_attention(clip=clip),
+            pattern[row].mean(0)[:, start : start + count],
+            atol=1e-6,
+        )
+        times = text.token_times(clip)
+        assert len(times) == count and np.allclose(times[:, 1] - times[:, 0], 0.04)
+    encoder = gl.widgets.AudioAttentionViewer(
+        cache, inputs["tokens"], features, source="encoder", layer=0
+    )
+    frames = inputs["counts"][0]
+    dense = np.asarray(
+        dense_pattern(cache["audio.blocks.0.attn.hook_pattern"], model.config.audio.audio, 13)
+    )
+    np.testing.assert_allclose(
+        encoder.encoder_attention(clip=0), dense[0].mean(0)[:frames, :frames], atol=1e-6
+    )

@@ -209,6 +209,11 @@ class Gemma4AudioConfig:
             sizes.append((sizes[-1] - 1) // 2 + 1)
         return tuple(sizes)  # type: ignore[return-value]
 
+    @property
+    def time_stride(self) -> int:
+        """Input frames per encoder frame: the two stride-2 convolutions."""
+        return 4
+
     @staticmethod
     def subsampled_frames(frames: int) -> int:
         """Soft tokens of ``frames`` input frames, padded or not: ``ceil(ceil(frames/2)/2)``."""

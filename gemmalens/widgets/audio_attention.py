@@ -98,8 +98,8 @@ class AudioLayout:
         if tower is None:
             raise ValueError(
                 "This model has no audio tower (its config's audio is None). Load a Gemma 3n "
-                "checkpoint with gl.load(path, audio=True), or build from a config with audio "
-                "(gemmalens.presets.gemma3n_with_audio('gemma3n_e2b'))."
+                "or Gemma 4 (E2B, E4B) checkpoint with gl.load(path, audio=True), or build "
+                "from a config with audio (gemmalens.presets.gemma3n_with_audio('gemma3n_e2b'))."
             )
 
         def read(*names: str, default: Any = None) -> Any:
@@ -113,11 +113,7 @@ class AudioLayout:
                 )
             return default
 
-        strides = read("sscp_conv_stride_size", default=())
-        # Gemma 4's tower has its two stride-2 convolutions in code, not in its config.
-        stride = read("time_stride", default=0) or (
-            math.prod(int(s[0]) for s in strides) if strides else 4
-        )
+        stride = read("time_stride")  # the subsampling convolutions' product
         left = read("max_past_horizon", default=-1)
         if left < 0:
             left = max(0, int(read("conf_attention_context_left", "attention_context_left")) - 1)
