@@ -24,7 +24,8 @@ def _folder_bytes(name: str) -> int:
 
 
 def test_the_models_ship_within_the_size_budget():
-    assert gl.teaching_models() == SHIPPED
+    # gemma3_vision (the picture model) has its own tests: tests/test_teaching_vision.py.
+    assert gl.teaching_models() == [*SHIPPED, "gemma3_vision"]
     # The three decoder-only models the issue asks for fit "about 30 MB"; T5Gemma 2 adds 3 MB.
     assert sum(map(_folder_bytes, DECODERS)) < 28 * 2**20
     assert _folder_bytes("t5gemma2") < 3 * 2**20

@@ -36,19 +36,45 @@ def _writers() -> dict[str, tuple[Callable[[str], str], Callable[[dict, Any], di
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
+# Where Gemma3ForConditionalGeneration's save_pretrained (transformers 5) puts each part.
+GEMMA3_MULTIMODAL_TEXT_PREFIX = "language_model.model."
+GEMMA3_MULTIMODAL_VISION_PREFIX = "vision_tower."
+GEMMA3_MULTIMODAL_PROJECTOR_PREFIX = "multi_modal_projector."
+
+
+def _gemma3_multimodal_name(label: str) -> str:
+    """A Gemma 3 label (text or ``vision.*``) as a ``gemma3`` checkpoint names the tensor."""
+    from gemmalens.checkpoints import gemma3 as gemma3_names
+    from gemmalens.vision import siglip
+
+    if label.startswith("vision."):
+        return siglip.hf_name(
+            label, GEMMA3_MULTIMODAL_VISION_PREFIX, GEMMA3_MULTIMODAL_PROJECTOR_PREFIX
+        )
+    return GEMMA3_MULTIMODAL_TEXT_PREFIX + gemma3_names.hf_name(label)
+
+
 def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict[str, np.ndarray]:
-    """Every parameter of ``model`` under its transformers name, as float32 arrays."""
+    """Every parameter of ``model`` under its transformers name, as float32 arrays.
+
+    ``model_type`` ``"gemma3"`` writes a Gemma 3 model with its vision tower as
+    Gemma3ForConditionalGeneration does (text, SigLIP tower and projector)."""
     writers = _writers()
-    if model_type not in writers:
+    multimodal = model_type == "gemma3" and getattr(config, "family", None) == "gemma3"
+    if multimodal and getattr(config, "vision", None) is not None:
+        writers = {model_type: (_gemma3_multimodal_name, lambda tensors, config: tensors)}
+    elif model_type not in writers:
         raise ValueError(
-            f"gemmalens writes {sorted(writers)} checkpoints, not {model_type!r}: use a "
-            "text-only model_type (e.g. 'gemma3_text')."
+            f"gemmalens writes {sorted(writers)} checkpoints (and 'gemma3' for a Gemma 3 "
+            f"with its vision tower), not {model_type!r}: use a text-only model_type (e.g. "
+            "'gemma3_text')."
         )
     key_for, to_file_layout = writers[model_type]
-    if getattr(config, "vision", None) is not None:
+    if getattr(config, "vision", None) is not None and not multimodal:
         raise ValueError(
-            "gemmalens writes text checkpoints and this model has a vision tower; save a "
-            "model loaded without vision=True (or built from a config with vision=None)."
+            "gemmalens writes text checkpoints, and Gemma 3 with its vision tower (model_type "
+            "'gemma3'); this model has a vision tower: save a model loaded without "
+            "vision=True (or built from a config with vision=None)."
         )
     if getattr(config, "audio", None) is not None:
         raise ValueError(
@@ -82,7 +108,8 @@ def save_checkpoint(
     """Writes ``config.json``, ``model.safetensors`` (and ``tokenizer.model``) to ``directory``.
 
     Args:
-      model: a `gemmalens.Model` (Gemma 3, 3n, 4 text; T5Gemma 2 text path).
+      model: a `gemmalens.Model` (Gemma 3, 3n, 4 text; T5Gemma 2 text path; Gemma 3 with
+        its vision tower, written as model_type ``"gemma3"``).
       directory: created if missing; existing files of the same names are replaced.
       hf_config: the transformers config dict written as ``config.json`` (its
         ``model_type`` picks the tensor names); ``model.config`` must be what it describes.

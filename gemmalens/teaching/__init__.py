@@ -3,11 +3,13 @@
     import gemmalens as gl
     m = gl.teaching_model("gemma3")        # or "gemma3n", "gemma4_moe", "t5gemma2"
     m("The capital of France is")
+    m = gl.teaching_model("gemma3_vision") # Gemma 3 with its SigLIP tower: picture questions
 
 Each is a Hugging Face checkpoint folder inside the package (``config.json``,
 ``model.safetensors``, ``tokenizer.model``), so `gemmalens.load` and transformers read it
 like any real Gemma checkpoint. ``corpus``, ``configs``, ``train`` and ``evidence`` hold
-the training text, the architectures, the training script and the measurements.
+the training text, the architectures, the training script and the measurements;
+``images`` the pictures and questions of the vision model, and its measurements.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ DESCRIPTIONS = {
     "4 layers, d_model 256",
     "t5gemma2": "T5Gemma 2 encoder-decoder (text path): 2 + 2 layers, d_model 128, trained "
     "to copy, reverse and answer questions",
+    "gemma3_vision": "Gemma 3 with images: a 2-layer SigLIP tower (32 x 32 pixels, 16 soft "
+    "tokens) and a 4-layer text decoder, d_model 128, trained to answer questions about "
+    "coloured shapes",
 }
+# Loaded with their image tower (``gl.load(path, vision=True)``).
+VISION_MODELS = ("gemma3_vision",)
 
 
 def teaching_models() -> list[str]:
@@ -49,10 +56,12 @@ def teaching_model_path(name: str = "gemma3") -> pathlib.Path:
 
 def teaching_model(name: str = "gemma3", dtype: Any = "float32") -> Any:
     """Loads teaching model ``name`` (``"gemma3"``, ``"gemma3n"``, ``"gemma4_moe"``,
-    ``"t5gemma2"``) as a `gemmalens.Model` (`gemmalens.EncoderDecoderModel` for T5Gemma 2)."""
+    ``"t5gemma2"``, ``"gemma3_vision"``) as a `gemmalens.Model`
+    (`gemmalens.EncoderDecoderModel` for T5Gemma 2; ``gemma3_vision`` with its vision tower,
+    so that it takes ``pixel_values``)."""
     from gemmalens.checkpoints.load import load
 
-    return load(teaching_model_path(name), dtype=dtype)
+    return load(teaching_model_path(name), dtype=dtype, vision=name in VISION_MODELS)
 
 
 def teaching_saes(model: Any = None) -> dict[str, Any]:

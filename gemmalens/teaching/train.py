@@ -4,8 +4,13 @@ The models are the gemmalens Penzai models themselves: their parameters are unbo
 differentiated with JAX and updated with optax, and the trained tree is written as a
 Hugging Face checkpoint that `gemmalens.load` and transformers both read.
 
-    python -m gemmalens.teaching.train                    # all three models, full setting
+    python -m gemmalens.teaching.train                    # every model, full setting
     python -m gemmalens.teaching.train --tiny --steps 30  # seconds on a CPU
+    python -m gemmalens.teaching.train --models gemma3_vision   # the picture model only
+
+The vision model (``gemma3_vision``) trains on picture questions
+(`gemmalens.teaching.images`) with the shipped text models' tokenizer, for
+``--image-steps`` steps; trained alone, it updates only its own entry of ``report.json``.
 
 Outputs: ``--out`` (default ``gemmalens/assets/teaching``) gets one checkpoint folder per
 model plus ``NOTICE``; ``--report`` (default ``docs/teaching``) gets the loss curves, the
@@ -37,8 +42,11 @@ from gemmalens.checkpoints.save import save_checkpoint
 from gemmalens.encdec import named_tokens, seq2seq_side_inputs
 from gemmalens.families import registry
 from gemmalens.layers.hooks import capture, hook_points
-from gemmalens.teaching import configs, corpus
+from gemmalens.layers.transformer import with_positions
+from gemmalens.teaching import configs, corpus, images
 from gemmalens.tokenizer import Tokenizer, train_gemma_tokenizer
+from gemmalens.vision.merge import IMAGE_BLOCKS, PIXEL_VALUES
+from gemmalens.vision.siglip import PIXEL_AXES
 
 # The model_type each family writes -> its config class (from the family registry).
 FAMILY_CONFIGS = {
@@ -54,6 +62,14 @@ DEFAULT_MIXTURE = {
     "chat": 0.05,
 }
 _ROUTER_HOOKS = "blocks.*.moe.hook_router_logits"
+# The vocabulary the shipped models share; picture questions are spelled in it.
+SHIPPED_TOKENIZER = (
+    pathlib.Path(__file__).resolve().parent.parent
+    / "assets"
+    / "teaching"
+    / "gemma3"
+    / "tokenizer.model"
+)
 _CAPTURE_LABEL = "train/"
 
 
@@ -75,6 +91,24 @@ class Settings:
     # Characters of documentation prose (None: all of it).
     docs_chars: int | None = None
     vocab_size: int = configs.VOCAB_SIZE
+    # The picture-question model (`configs.VISION_MODELS`) trains with these instead.
+    image_steps: int = 2000
+    image_batch_size: int = 64
+    # At 2e-3 the picture model learns the answers' words and never reads the picture (its
+    # tower's output turns constant); with 32 rows it may read it and then stop; at 1e-3
+    # with 64 rows it reads it from step 200 on (docs/teaching-models.md).
+    image_learning_rate: float = 1e-3
+
+    def for_images(self) -> Settings:
+        """The settings a vision model trains with: its own steps, batch size and rate."""
+        warmup = min(self.warmup_steps, max(1, self.image_steps // 10))
+        return dataclasses.replace(
+            self,
+            steps=self.image_steps,
+            batch_size=self.image_batch_size,
+            learning_rate=self.image_learning_rate,
+            warmup_steps=warmup,
+        )
 
 
 # ----------------------------------------------------------------------------------- data
@@ -229,13 +263,36 @@ def _load_balance_loss(router_logits: list[jax.Array], top_k: int) -> jax.Array:
     return jnp.mean(jnp.stack(losses))
 
 
+def _answer_loss(model: pz.nn.Layer, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean cross-entropy of the answer tokens of a picture-question batch
+    (`images.ImageQuestions.batch`): the decoder runs on every position but unembeds only
+    the few that say an answer token, most of a small model's cost otherwise."""
+    tokens = named_tokens(batch["tokens"])
+    side = {
+        PIXEL_VALUES: pz.nx.wrap(batch["pixel_values"]).tag(*PIXEL_AXES),
+        IMAGE_BLOCKS: pz.nx.wrap(batch["image_blocks"]).tag("batch", "seq"),
+    }
+    side = with_positions(tokens, side)
+    h = model.final_norm(model.blocks(model.embed(tokens, **side), **side), **side)
+    hidden = h.unwrap("batch", "seq", "embedding")  # [batch, seq, d_model]
+    at = jnp.take_along_axis(hidden, batch["loss_positions"][..., None], axis=1)
+    logits = model.unembed(pz.nx.wrap(at).tag("batch", "seq", "embedding"), **side)
+    log_probs = jax.nn.log_softmax(logits.unwrap("batch", "seq", "vocab").astype(jnp.float32))
+    picked = jnp.take_along_axis(log_probs, batch["loss_targets"][..., None], axis=-1)[..., 0]
+    weights = batch["loss_weights"].astype(jnp.float32)
+    return -(picked * weights).sum() / weights.sum()
+
+
 class Trainer:
     """Holds the unbound model, its parameters and the optimiser state of one run."""
 
     def __init__(self, hf_config: dict[str, Any], settings: Settings):
         self.hf_config = hf_config
         self.settings = settings
-        self.config = FAMILY_CONFIGS[hf_config["model_type"]].from_hf(hf_config)
+        if hf_config["model_type"] == "gemma3":  # with the vision tower
+            self.config = images.model_config(hf_config)
+        else:
+            self.config = FAMILY_CONFIGS[hf_config["model_type"]].from_hf(hf_config)
         model = self.config.build(gl.RandomInit(seed=settings.seed))
         unbound, params = pz.unbind_params(model, freeze=True)
         self.top_k = hf_config.get("top_k_experts") or 0
@@ -265,6 +322,9 @@ class Trainer:
             inputs = (named_tokens(batch["tokens"]), named_tokens(batch["decoder_tokens"]))
             logits, values = model.stateless_call(self.state, inputs, **side)
             target, mask = batch["decoder_tokens"], batch["decoder_mask"]
+        elif "pixel_values" in batch:  # picture questions: the loss is on the answers only
+            loss = _answer_loss(pz.bind_variables(self._plain, params), batch)
+            return loss, (loss, jnp.zeros(()))
         else:
             logits, values = model.stateless_call(self.state, named_tokens(batch["tokens"]))
             target, mask = batch["tokens"], None
@@ -280,7 +340,8 @@ class Trainer:
         return optax.apply_updates(params, updates), opt_state, loss, balance
 
     def step(self, batch: np.ndarray | dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-        """One optimiser step on ``[batch, seq]`` tokens (or an encoder-decoder batch dict)."""
+        """One optimiser step on ``[batch, seq]`` tokens (or an encoder-decoder or
+        picture-question batch dict)."""
         if not isinstance(batch, dict):
             batch = {"tokens": batch}
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -356,10 +417,22 @@ def run(
     """Builds the corpus and tokenizer, trains ``names``, writes checkpoints and report.
 
     ``tokenizer``: an existing ``tokenizer.model`` to use instead of training one (so that
-    retrained models keep the vocabulary of the models they replace)."""
+    retrained models keep the vocabulary of the models they replace).
+
+    Vision models alone (`configs.VISION_MODELS`) need no text corpus: they use
+    ``tokenizer`` or else the shipped text models' tokenizer, and their entries are
+    written into the ``report.json`` already in ``report_dir``, the rest of it kept."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
+    report_path = report_dir / "report.json"
+    if all(name in configs.VISION_MODELS for name in names):
+        tokenizer_path = pathlib.Path(tokenizer or SHIPPED_TOKENIZER)
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
+        return _train_models(
+            names, out, report_dir, settings, evidence, progress, tokenizer, None, report, started
+        )
     docs = _documentation(settings)
     if tokenizer is None:
         tokenizer_path = build_tokenizer(docs, out / "tokenizer.model", settings).path
@@ -384,13 +457,36 @@ def run(
         "jax": jax.__version__,
         "models": {},
     }
+    return _train_models(
+        names, out, report_dir, settings, evidence, progress, tokenizer, data, report, started
+    )
+
+
+def _train_models(
+    names: Sequence[str],
+    out: pathlib.Path,
+    report_dir: pathlib.Path,
+    settings: Settings,
+    evidence: Callable[..., dict[str, Any]] | None,
+    progress: bool,
+    tokenizer: Tokenizer,
+    data: TrainingData | None,
+    report: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Trains, saves and measures each of ``names``, updating ``report`` after each."""
     seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
         hf = configs.hf_config(name, tiny=settings.tiny)
-        source = seq2seq if hf.get("is_encoder_decoder", False) else data
-        trainer, history = train(hf, source, settings, name, progress)
+        vision = name in configs.VISION_MODELS
+        model_settings = settings.for_images() if vision else settings
+        if vision:
+            source = images.ImageQuestions(tokenizer, model_settings.batch_size)
+        else:
+            source = seq2seq if hf.get("is_encoder_decoder", False) else data
+        trainer, history = train(hf, source, model_settings, name, progress)
         model = trainer.model(tokenizer)
-        directory = save_checkpoint(model, out / name, hf, tokenizer=tokenizer_path)
+        directory = save_checkpoint(model, out / name, hf, tokenizer=tokenizer.path)
         entry = {
             "parameters": int(trainer.config.num_params()),
             "checkpoint_bytes": (directory / "model.safetensors").stat().st_size,
@@ -399,14 +495,23 @@ def run(
             "first_loss": history["loss"][0],
             "final_loss": float(np.mean(history["loss"][-50:])),
         }
+        if vision:  # its own steps and data, beside the text models' shared ones
+            entry["settings"] = {
+                key: getattr(model_settings, key)
+                for key in ("steps", "batch_size", "learning_rate", "warmup_steps", "seed")
+            }
+            entry["task"] = source.describe()
         _plot_loss(history, name, report_dir / f"loss_{name}.png")
         if evidence is not None:
-            shipped = gl.load(directory)
-            entry["evidence"] = evidence(name, shipped, source, report_dir)
+            shipped = gl.load(directory, vision=vision)
+            measure = images.measure if vision else evidence
+            entry["evidence"] = measure(name, shipped, source, report_dir)
         report["models"][name] = entry
         (report_dir / f"loss_{name}.json").write_text(json.dumps(history["loss"]))
-        # Written after every model, so that a run cut short keeps what it finished.
-        report["total_seconds"] = time.perf_counter() - started
+        # Written after every model, so that a run cut short keeps what it finished. A
+        # vision-only run leaves the text run's total alone.
+        if data is not None:
+            report["total_seconds"] = time.perf_counter() - started
         (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "NOTICE").write_text(NOTICE)
     return report
@@ -423,9 +528,14 @@ def remeasure(
     report_path = report_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
     tokenizer = Tokenizer.from_file(out / names[0] / "tokenizer.model")
-    data = TrainingData(tokenizer, _documentation(settings), settings)
+    text = [name for name in names if name not in configs.VISION_MODELS]
+    data = TrainingData(tokenizer, _documentation(settings), settings) if text else None
     seq2seq = Seq2SeqData(tokenizer, settings)
     for name in names:
+        if name in configs.VISION_MODELS:
+            found = images.measure(name, gl.load(out / name, vision=True), None, report_dir)
+            report["models"].setdefault(name, {})["evidence"] = found
+            continue
         encoder_decoder = configs.hf_config(name).get("is_encoder_decoder", False)
         source = seq2seq if encoder_decoder else data
         found = measure(name, gl.load(out / name), source, report_dir)
@@ -471,6 +581,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument(
+        "--image-steps", type=int, default=Settings.image_steps, help="steps of the vision model"
+    )
+    parser.add_argument("--image-batch-size", type=int, default=Settings.image_batch_size)
     parser.add_argument("--tiny", action="store_true", help="tiny widths and corpus (CPU, tests)")
     parser.add_argument("--no-evidence", action="store_true", help="skip the evidence figures")
     parser.add_argument(
@@ -482,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="no training: measure the checkpoints already in --out and update --report",
     )
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     settings = Settings(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -489,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tiny=args.tiny,
         seq_len=64 if args.tiny else Settings.seq_len,
         warmup_steps=min(Settings.warmup_steps, max(1, args.steps // 10)),
+        image_steps=args.image_steps,
+        image_batch_size=args.image_batch_size,
     )
     if args.evidence_only:
         remeasure(args.models, args.out, args.report, settings)
@@ -504,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{name}: loss {entry['first_loss']:.2f} -> {entry['final_loss']:.2f} in "
             f"{entry['train_seconds']:.0f} s on {entry['device']}; {args.out / name}"
         )
-    print(f"report: {args.report / 'report.json'} ({report['total_seconds']:.0f} s in all)")
+    print(f"report: {args.report / 'report.json'} ({time.perf_counter() - started:.0f} s in all)")
     return 0
 
 
