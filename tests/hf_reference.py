@@ -134,6 +134,33 @@ TINY_GEMMA3N = dict(
     eos_token_id=1,
 )
 
+# Gemma 3n in small with an audio tower (the multimodal tests): two text layers, ids laid
+# out as released (text below 256, hard vision tokens 256..383, hard audio 384..511).
+TINY_GEMMA3N_TWO_LAYERS = dict(
+    TINY_GEMMA3N,
+    vocab_size=512,
+    vocab_size_per_layer_input=256,
+    num_hidden_layers=2,
+    layer_types=["sliding_attention", "full_attention"],
+    intermediate_size=[96, 64],
+    num_kv_shared_layers=0,
+)
+# A one-block conformer over the feature extractor's 128 mel bins (128 -> 64 -> 32).
+TINY_GEMMA3N_AUDIO = dict(
+    vocab_size=128,
+    vocab_offset=384,
+    input_feat_size=128,
+    hidden_size=32,
+    conf_attention_chunk_size=3,
+    conf_attention_context_left=4,
+    conf_attention_context_right=1,
+    conf_num_attention_heads=4,
+    conf_num_hidden_layers=1,
+    conf_conv_kernel_size=3,
+    conf_reduction_factor=4,
+    sscp_conv_channel_size=(6, 4),
+)
+
 
 def gemma3n_text(
     directory: pathlib.Path, seed: int = 0, **overrides

@@ -66,31 +66,8 @@ PER_IMAGE = 4  # msfa_output_resolution**2
 BOS, BOI, EOI, BOA = 2, 254, 256, 255
 IMAGE, VISION_ID, EOA, AUDIO, AUDIO_HARD = 257, 300, 384, 385, 450
 MODEL_ARGS = {"channel_multiplier": 0.05, "msfa_output_resolution": 2}
-TEXT = {
-    **ref.TINY_GEMMA3N,
-    "vocab_size": 512,
-    "vocab_size_per_layer_input": 256,
-    "num_hidden_layers": 2,
-    "layer_types": ["sliding_attention", "full_attention"],
-    "intermediate_size": [96, 64],
-    "activation_sparsity_pattern": [0.95, 0.0],
-    "num_kv_shared_layers": 0,
-}
-AUDIO_CONFIG = dict(
-    vocab_size=128,
-    vocab_offset=384,
-    input_feat_size=128,
-    hidden_size=32,
-    rms_norm_eps=1e-5,
-    conf_attention_chunk_size=3,
-    conf_attention_context_left=4,
-    conf_attention_context_right=1,
-    conf_num_attention_heads=4,
-    conf_num_hidden_layers=1,
-    conf_conv_kernel_size=3,
-    conf_reduction_factor=4,
-    sscp_conv_channel_size=(6, 4),
-)
+TEXT = {**ref.TINY_GEMMA3N_TWO_LAYERS, "activation_sparsity_pattern": [0.95, 0.0]}
+AUDIO_CONFIG = {**ref.TINY_GEMMA3N_AUDIO, "rms_norm_eps": 1e-5}
 VISION_CONFIG = dict(model_args=MODEL_ARGS, vocab_size=128, vocab_offset=256, rms_norm_eps=1e-5)
 # The released stages' blocks in timm's notation (channels before the multiplier), fewer.
 SMALL_STAGES = (
