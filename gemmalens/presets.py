@@ -172,9 +172,7 @@ def gemma4_with_audio(name: str) -> Gemma4Config:
             f"{name!r} has no audio tower: Gemma 4 E2B and E4B do (gemma4_e2b, gemma4_e4b)."
         )
     config = PRESETS[name]
-    return config.replace(
-        audio=Gemma4AudioEncoderConfig(Gemma4AudioConfig(), config.hidden_size)
-    )
+    return config.replace(audio=Gemma4AudioEncoderConfig(Gemma4AudioConfig(), config.hidden_size))
 
 
 def gemma4_multimodal(name: str) -> Gemma4Config:
