@@ -450,7 +450,7 @@ def _no_tower_message(config: Any) -> str:
     family = family or type(config).__name__
     return (
         f"This {family} model takes no input_features: gemmalens implements audio input for "
-        "Gemma 3n only so far (gl.load(path, audio=True))."
+        "Gemma 3n and Gemma 4 (E2B, E4B) so far (gl.load(path, audio=True))."
     )
 
 
