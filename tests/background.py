@@ -7,7 +7,9 @@ machine one core is idle most of the time. A module declares such processes as `
 a module-level ``BACKGROUND`` dict; ``tests/conftest.py`` moves that module's tests to the
 end of the run and starts its jobs when collection is done, one at a time on a worker
 thread; the tests then take each job's `Finished` result with `result` (which runs the
-job on the spot when it was not started, e.g. when the module is run on its own).
+job on the spot when it was not started, e.g. when the module is run on its own). Under
+pytest-xdist (the test command runs two workers) nothing is started ahead: a job runs
+when its test needs it, while the other worker goes on with its own files.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(session, config, items):
         return
     later = [item for its in with_jobs.values() for item in its]
     items[:] = [item for item in items if getattr(item, "module", None) not in with_jobs] + later
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist every worker collects every test but runs only its share: a
+        # job runs when its test needs it, beside the other worker's tests.
+        return
     jobs = []
     for module, its in with_jobs.items():
         names = [name for item in its for name in (item.name, *getattr(item, "fixturenames", ()))]
