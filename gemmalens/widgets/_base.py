@@ -200,6 +200,20 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any], hint: str = "") 
     raise ViewerError(f"{name} must be {valid}, got {value!r}.{hint}")
 
 
+MEAN_HEAD = -1  # the ``head`` value that shows the mean over heads
+
+
+def check_head(value: Any, heads: int) -> int:
+    """``value`` if it is a head of ``heads`` or `MEAN_HEAD`, else a `ViewerError`."""
+    return check_choice("head", value, [MEAN_HEAD, *range(heads)], " (-1: mean over heads)")
+
+
+def select_head(pattern: np.ndarray, head: int) -> np.ndarray:
+    """``pattern [..., head, query, key]`` at one head, or its mean over heads for
+    `MEAN_HEAD`: ``[..., query, key]``."""
+    return pattern.mean(axis=-3) if head == MEAN_HEAD else pattern[..., head, :, :]
+
+
 # ----------------------------------------------------------------------------- JSON
 
 

@@ -20,20 +20,22 @@ from gemmalens.layers.attention import AttentionMask, DotProductAttention
 from gemmalens.layers.merged_attention import MergedDotProductAttention
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
+    MEAN_HEAD,
     LayerViewer,
     ViewerError,
     batch_row,
     check_choice,
+    check_head,
     ids_of,
     layers_with,
     options_list,
     require_layers,
+    select_head,
     token_labels,
     tokenizer_of,
 )
 
 PATTERN_HOOK = "{prefix}blocks.{layer}.attn.hook_pattern"
-MEAN_HEAD = -1  # the ``head`` value that shows the mean over heads
 
 # Colours of the cells a query cannot see (also in the JavaScript, for the widget).
 FUTURE_COLOUR = "#eeeeee"  # masked by causality (keys after the query)
@@ -464,9 +466,7 @@ class AttentionViewer(LayerViewer):
 
     @traitlets.validate("head")
     def _check_head(self, proposal: Any) -> int:
-        return check_choice(
-            "head", proposal["value"], self._head_values(self.part), " (-1: mean over heads)"
-        )
+        return check_head(proposal["value"], self._heads[self.part])
 
     @traitlets.observe("tokens")
     def _forget_selection_past_the_end(self, change: Any) -> None:
@@ -488,7 +488,7 @@ class AttentionViewer(LayerViewer):
         layer = self.layer if layer is None else check_choice("layer", layer, layers)
         head = self.head if head is None else head
         weights = self._patterns[part, layer]
-        return weights.mean(axis=0) if head == MEAN_HEAD else weights[head]
+        return select_head(weights, head)
 
     def _compute(self, controls: Mapping[str, Any]) -> dict[str, Any]:
         # Parts can differ in depth and heads: another part keeps the nearest layer and head.

@@ -21,14 +21,17 @@ from matplotlib.figure import Figure
 from gemmalens.audio.features import GEMMA3N_AUDIO, AudioFeatures
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
+    MEAN_HEAD,
     Viewer,
     check_choice,
+    check_head,
     layers_with,
     options_list,
+    select_head,
     token_labels,
     tokenizer_of,
 )
-from gemmalens.widgets.image_attention import MEAN_HEAD, png_data_url
+from gemmalens.widgets.image_attention import png_data_url
 
 TEXT_PATTERN = "blocks.{layer}.attn.hook_pattern"
 ENCODER_PATTERN = "audio.blocks.{layer}.attn.hook_pattern"
@@ -467,9 +470,7 @@ class AudioAttentionViewer(Viewer):
 
     @traitlets.validate("head")
     def _check_head(self, proposal: Any) -> int:
-        return check_choice(
-            "head", proposal["value"], list(range(-1, self._heads)), " (-1: mean over heads)"
-        )
+        return check_head(proposal["value"], self._heads)
 
     @traitlets.validate("clip")
     def _check_clip(self, proposal: Any) -> int:
@@ -488,9 +489,6 @@ class AudioAttentionViewer(Viewer):
 
     # ------------------------------------------------------------------ data
 
-    def _head_of(self, pattern: np.ndarray, head: int) -> np.ndarray:
-        return pattern.mean(axis=-3) if head == MEAN_HEAD else pattern[..., head, :, :]
-
     def text_attention(
         self, layer: int | None = None, head: int | None = None, clip: int | None = None
     ) -> np.ndarray:
@@ -502,7 +500,7 @@ class AudioAttentionViewer(Viewer):
         head = self.head if head is None else head
         clip = self.clip if clip is None else check_choice("clip", clip, self._clips)
         _, start, stop = self._runs[clip]
-        return self._head_of(self._patterns[layer], head)[:, start:stop]
+        return select_head(self._patterns[layer], head)[:, start:stop]
 
     def encoder_attention(
         self, layer: int | None = None, head: int | None = None, clip: int | None = None
@@ -515,7 +513,7 @@ class AudioAttentionViewer(Viewer):
         head = self.head if head is None else head
         clip = self.clip if clip is None else check_choice("clip", clip, self._clips)
         real = self._real_frames[clip]
-        return self._head_of(self._patterns[layer][clip], head)[:real, :real]
+        return select_head(self._patterns[layer][clip], head)[:real, :real]
 
     def token_times(self, clip: int | None = None) -> np.ndarray:
         """``[real soft token, 2]`` start and stop seconds of each soft token of real audio

@@ -17,15 +17,17 @@ from matplotlib.patches import Rectangle
 
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
+    MEAN_HEAD,
     Viewer,
     check_choice,
+    check_head,
     layers_with,
     options_list,
+    select_head,
     token_labels,
     tokenizer_of,
 )
 
-MEAN_HEAD = -1
 # The text patterns whose keys hold the image tokens, by kind of model.
 TEXT_PATTERN = "blocks.{layer}.attn.hook_pattern"
 # T5Gemma 2's images are in the encoder: the decoder's cross part reads them.
@@ -367,9 +369,7 @@ class ImageAttentionViewer(Viewer):
 
     @traitlets.validate("head")
     def _check_head(self, proposal: Any) -> int:
-        return check_choice(
-            "head", proposal["value"], list(range(-1, self._heads)), " (-1: mean over heads)"
-        )
+        return check_head(proposal["value"], self._heads)
 
     @traitlets.validate("image")
     def _check_image(self, proposal: Any) -> int:
@@ -391,8 +391,7 @@ class ImageAttentionViewer(Viewer):
     # ------------------------------------------------------------------ data
 
     def _pattern(self, layer: int, head: int) -> np.ndarray:
-        pattern = self._patterns[layer]
-        return pattern.mean(axis=-3) if head == MEAN_HEAD else pattern[..., head, :, :]
+        return select_head(self._patterns[layer], head)
 
     def _image_url(self, image: int) -> str:
         if image not in self._display:
