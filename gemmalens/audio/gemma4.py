@@ -73,7 +73,7 @@ from gemmalens.audio.gemma3n import (
     conformer_light_conv,
     subsample_mask,
 )
-from gemmalens.audio.merge import feature_arrays
+from gemmalens.audio.merge import _no_tower_message, feature_arrays
 from gemmalens.families.hf_config import expect_model_type
 from gemmalens.layers.attention import QKV_AXES
 from gemmalens.layers.embeddings import TanhSoftCap
@@ -633,16 +633,6 @@ def soft_token_counts(input_features_mask: np.ndarray) -> list[int]:
     return [int(n) for n in mask[:, index].sum(axis=1)]
 
 
-def _no_tower_message() -> str:
-    return (
-        "This Gemma 4 model has no audio tower (it was loaded without it, the default, or "
-        "built without one), so it takes no input_features. Load a Gemma 4 checkpoint with "
-        "its audio tower with gl.load(path, audio=True) (Gemma4ForConditionalGeneration "
-        "files with an audio_config: E2B, E4B), or build from a config with audio "
-        "(gemmalens.presets.gemma4_with_audio('gemma4_e2b'))."
-    )
-
-
 def audio_side_inputs(
     config: Any,
     tokens: np.ndarray,
@@ -689,7 +679,7 @@ def audio_side_inputs(
         # A text model reads placeholders as tokens (as Gemma4ForCausalLM); one with a
         # vision tower refuses them (`gemmalens.vision.merge.gemma4_side_inputs`).
         if input_features is not None or input_features_mask is not None:
-            raise ValueError(_no_tower_message())
+            raise ValueError(_no_tower_message(config))
         return None
     if input_features is None:
         if input_features_mask is not None:

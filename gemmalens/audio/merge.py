@@ -447,6 +447,14 @@ def _no_tower_message(config: Any) -> str:
             "(Gemma3nForConditionalGeneration files, model_type 'gemma3n'), or build from a "
             "config with audio (gemmalens.presets.gemma3n_with_audio('gemma3n_e2b'))."
         )
+    if family == "gemma4":
+        return (
+            "This Gemma 4 model has no audio tower (it was loaded without it, the default, or "
+            "built without one), so it takes no input_features. Load a Gemma 4 checkpoint with "
+            "its audio tower with gl.load(path, audio=True) (Gemma4ForConditionalGeneration "
+            "files with an audio_config: E2B, E4B), or build from a config with audio "
+            "(gemmalens.presets.gemma4_with_audio('gemma4_e2b'))."
+        )
     family = family or type(config).__name__
     return (
         f"This {family} model takes no input_features: gemmalens implements audio input for "
