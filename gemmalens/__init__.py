@@ -65,11 +65,13 @@ def build(
     *,
     mesh: Any = None,
     rules: dict[str, Any] | None = None,
+    stack_layers: bool = False,
 ) -> Model:
     """A randomly initialised model of ``config`` (a config or a preset name).
 
     Matrices are normal(0, 0.02), norm weights at their identity value. With ``mesh``
     (and ``rules``), each parameter is made directly in its sharding (`gemmalens.sharding`).
+    ``stack_layers``: as in `gemmalens.load` (`Model.stacked`).
     """
     if isinstance(config, str):
         config = preset(config)
@@ -78,7 +80,13 @@ def build(
     if mesh is None:
         if rules is not None:
             raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
-        return surface(config.build(source), config, tokenizer)
+        m = surface(config.build(source), config, tokenizer)
+        return m.stacked(donate=True) if stack_layers else m
+    if stack_layers:
+        raise NotImplementedError(
+            "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet. "
+            "Build with one of the two."
+        )
     placement = sharding.fit_for_build(config.build, config.family, mesh, rules)
     with sharding.placing(placement):
         m = surface(config.build(source), config, tokenizer)

@@ -27,6 +27,7 @@ from penzai import pz
 
 from gemmalens import residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
+from gemmalens.layers import stacking
 from gemmalens.layers.hooks import HookFn, hook_points, intervene
 from gemmalens.layers.hooks import capture as capture_hooks
 
@@ -160,6 +161,33 @@ class Model:
         for name in self._CARRIED:
             setattr(out, name, changes.get(name, getattr(self, name)))
         return out
+
+    def stacked(self, donate: bool = False) -> Model:
+        """This model with its layers stacked (`gemmalens.layers.stacking`): each block
+        parameter of one name and shape stored in one array with a layer axis, and blocks
+        that repeat run as one compiled loop, so compile time no longer grows with depth.
+
+        Everything else is as before: per-layer hook names, captures, interventions,
+        patching, Treescope's per-block view; values agree with the unstacked model to
+        float rounding. ``donate=True`` frees this model's per-layer arrays as they are
+        copied (``self`` is unusable afterwards), so the peak memory is the model plus one
+        stack; ``gl.load(path, stack_layers=True)`` does this.
+        """
+        if self.placement is not None:
+            raise NotImplementedError(
+                "This model is placed on a mesh, and stacked layers cannot be placed on a "
+                "mesh yet (gemmalens.sharding places per-layer parameters): use it unstacked."
+            )
+        return self.with_tree(stacking.stack_tree(self._model, donate=donate))
+
+    def unstacked(self) -> Model:
+        """This model with every layer's parameters its own arrays again (a copy)."""
+        return self.with_tree(stacking.unstack_tree(self._model))
+
+    @property
+    def is_stacked(self) -> bool:
+        """Whether the layers are stacked (`stacked`)."""
+        return stacking.is_stacked(self._model)
 
     @property
     def model(self) -> pz.nn.Layer:

@@ -65,6 +65,7 @@ from gemmalens.layers.hooks import HookPoint, InterveneHook, intervene
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.rope import ApplyRoPE
+from gemmalens.layers.stacking import LayerSlice
 from gemmalens.layers.transformer import DecoderLM, positions_from_mask
 
 if TYPE_CHECKING:
@@ -476,7 +477,7 @@ def _canonical(block: pz.nn.NamedGroup, index: int) -> pz.nn.NamedGroup:
     )
     block = (
         pz.select(block)
-        .at_instances_of(pz.ParameterValue)
+        .at_instances_of((pz.ParameterValue, LayerSlice))  # a stacked layer: its slice
         .apply(lambda p: pz.ParameterValue(value=p.value, label="block"))
     )
     return dataclasses.replace(block, name="block")

@@ -441,6 +441,11 @@ def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> An
     """
     from gemmalens.layers.params import apply_once  # params imports this module
 
+    if getattr(m, "is_stacked", False):
+        raise NotImplementedError(
+            "This model's layers are stacked (m.stacked()), and stacked layers cannot be "
+            "placed on a mesh yet: shard m.unstacked() instead."
+        )
     placement = Placement.fit(mesh, m.config.family, _param_shapes(m.model), rules)
 
     def place(param: pz.Parameter) -> pz.Parameter:

@@ -118,6 +118,7 @@ def load(
     rules: dict[str, Any] | None = None,
     vision: bool = False,
     audio: bool = False,
+    stack_layers: bool = False,
 ) -> Model:
     """Loads a local Gemma checkpoint directory; nothing is ever downloaded.
 
@@ -154,11 +155,21 @@ def load(
         with it, the ids of the vision and audio ranges embed as transformers'
         ``Gemma3nForConditionalGeneration`` embeds them (the text model reads them as
         ``Gemma3nForCausalLM`` does, from its own table).
+      stack_layers: store each block parameter of one name and shape as one stacked array
+        and run repeating blocks as one compiled loop (`gemmalens.Model.stacked`): the
+        first call of a deep model compiles in a fraction of the time. Each stack replaces
+        its per-layer arrays as it is made, so the model is never held twice. Not with
+        ``mesh`` yet.
 
     Returns:
       a `gemmalens.Model`.
     """
     dtype = _dtype(dtype)
+    if stack_layers and mesh is not None:
+        raise NotImplementedError(
+            "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet. "
+            "Load with one of the two."
+        )
     fmt = detect_format(path)
     ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")
@@ -200,4 +211,4 @@ def load(
     m = getattr(config, "surface_class", Model)(model, config, tokenizer)
     m.checkpoint_format = fmt.name
     m.placement = request.placement if request is not None else None
-    return m
+    return m.stacked(donate=True) if stack_layers else m

@@ -20,6 +20,7 @@ import numpy as np
 from penzai import pz
 from safetensors.numpy import save_file
 
+from gemmalens.layers import stacking
 from gemmalens.layers.params import ShapeOnly
 
 
@@ -83,8 +84,7 @@ def checkpoint_tensors(model: pz.nn.Layer, config: Any, model_type: str) -> dict
         )
     shapes = ShapeOnly()
     config.build(shapes)
-    _, params = pz.unbind_params(model)
-    values = {p.label: p.value for p in params}
+    values = stacking.parameter_values(model)
     missing = [r.label for r in shapes.requests if r.label not in values]
     if missing:
         raise ValueError(

@@ -82,6 +82,7 @@ from gemmalens.layers import (
     HookPoint,
     ParamBuilder,
     RMSNorm,
+    stacking,
 )
 from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
 from gemmalens.layers.builders import (
@@ -698,6 +699,5 @@ def matformer_submodel(
     if not isinstance(model.config, Gemma3nConfig):
         raise TypeError(f"MatFormer sub-models are cut from Gemma 3n models, not {model!r}.")
     config = matformer_config(model.config, layers, intermediate_size)
-    _, parameters = pz.unbind_params(model.model)
-    by_label = {p.label: p.value for p in parameters}
+    by_label = stacking.parameter_values(model.model)
     return Model(config.build(_SlicedParams(by_label, layers)), config, model.tokenizer)

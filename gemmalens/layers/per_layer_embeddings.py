@@ -32,6 +32,7 @@ from penzai import pz
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
+from gemmalens.layers.stacking import LayerNumber
 from gemmalens.layers.transformer import PER_LAYER_INPUTS
 
 __all__ = ["PER_LAYER_INPUTS", "PerLayerInputGate", "PerLayerInputs"]
@@ -151,7 +152,7 @@ class PerLayerInputGate(pz.nn.Layer):
     the result is added (wrap in `pz.nn.Residual` for a plain residual stream).
     """
 
-    layer_index: int = dataclasses.field(metadata={"pytree_node": False})
+    layer_index: LayerNumber
     gate: pz.nn.Linear
     hook_per_layer_input: HookPoint
     projection: pz.nn.Linear
@@ -163,7 +164,7 @@ class PerLayerInputGate(pz.nn.Layer):
                 f"{self.hook_per_layer_input.name} needs the side input {PER_LAYER_INPUTS!r} "
                 "(the output of PerLayerInputs); the model's top level passes it to the blocks."
             )
-        own = side_inputs[PER_LAYER_INPUTS][{"layer": self.layer_index}]
+        own = side_inputs[PER_LAYER_INPUTS][{"layer": self.layer_index.value}]
         own = self.hook_per_layer_input(own, **side_inputs)
         gated = pz.nx.nmap(lambda g: jax.nn.gelu(g, approximate=True))(self.gate(x)) * own
         return self.norm(self.projection(gated))
@@ -183,7 +184,7 @@ class PerLayerInputGate(pz.nn.Layer):
         ``per_layer_projection.weights`` and ``post_per_layer_input_norm.scale`` (the
         transformers names, minus ``.weight``); the hook is ``{hook_prefix}hook_per_layer_input``."""
         return cls(
-            layer_index=layer_index,
+            layer_index=LayerNumber(layer_index),
             gate=params.linear(
                 "per_layer_input_gate", {"per_layer": d_per_layer}, {"embedding": d_model}
             ),

@@ -1,0 +1,356 @@
+"""Real sizes: first call, capture, cache and steady speed, gemmalens beside transformers.
+
+    python benchmarks/real_size_speed.py --out real_size_speed.json   # on one H200 / H100
+    python benchmarks/real_size_speed.py --tiny                       # the same code, CPU
+
+Each measurement runs in a fresh process (so "first call" means a new process's first
+call, and memory is given back between cases), with random bfloat16 weights of the real
+presets. gemmalens builds its model directly (`gl.build`), stacked (`Model.stacked`) or
+not; transformers builds the same architecture from the matching config (`to_hf`) with its
+own random initialisation, sdpa attention. Rows:
+
+* ``first call``: the time from the first call to its logits (tracing, compiling, running);
+* ``new capture set``: the first `run_with_cache` of every ``hook_resid_post`` (one more
+  program to compile), then its steady time;
+* ``second process``: a new process's first call with the compilation cache the first
+  process filled;
+* ``steady``: the median of five calls after the first;
+* the patching sweep of Gemma 3 1B (``resid_pre`` at every layer and position of one
+  64-token prompt): first call and steady.
+
+Prints a Markdown table and writes the raw figures as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (preset, shapes [(batch, length)]) per measured model.
+REAL = {
+    "gemma3_27b_text": [(1, 4096)],
+    "gemma4_26b_a4b": [(1, 4096), (8, 1024)],
+    "gemma4_31b": [(1, 4096)],
+}
+TINY_SHAPES = [(1, 64)]
+SWEEP_PRESET, SWEEP_LENGTH = "gemma3_1b", 64
+
+
+def tiny_config(name: str) -> Any:
+    """The preset with tiny widths and its real layer pattern (CPU smoke runs)."""
+    import gemmalens as gl
+
+    config = gl.preset(name)
+    changes: dict[str, Any] = dict(
+        vocab_size=512, hidden_size=64, num_attention_heads=2, num_key_value_heads=1
+    )
+    if config.family == "gemma3":
+        changes.update(intermediate_size=128, head_dim=16, query_pre_attn_scalar=16)
+    elif config.family == "gemma4":
+        changes.update(
+            intermediate_size=128,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+        )
+        if getattr(config, "num_experts", None):
+            changes.update(num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    return config.replace(**{k: v for k, v in changes.items() if hasattr(config, k)})
+
+
+def config_for(name: str, tiny: bool) -> Any:
+    import gemmalens as gl
+
+    return tiny_config(name) if tiny else gl.preset(name)
+
+
+def sync(value: Any) -> Any:
+    import jax
+
+    jax.block_until_ready(value)
+    return value
+
+
+def steady(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def tokens(batch: int, length: int, vocab: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, vocab, (batch, length), dtype=np.int32)
+
+
+# ------------------------------------------------------------------------- one process
+
+
+def ours(name: str, stacked: bool, tiny: bool, captures: bool) -> dict:
+    """gemmalens in this process: build, first call, steady, capture set."""
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+    from gemmalens.layers import stacking
+
+    config = config_for(name, tiny)
+    dtype = jnp.float32 if tiny else jnp.bfloat16
+    started = time.perf_counter()
+    m = gl.build(config, dtype=dtype, stack_layers=stacked)
+    sync(m.model)
+    out: dict[str, Any] = {"build_s": time.perf_counter() - started}
+    if stacked:
+        out["runs"] = {k: [list(r) for r in v] for k, v in stacking.runs(m.model).items()}
+    for batch, length in TINY_SHAPES if tiny else REAL[name]:
+        ids = tokens(batch, length, config.vocab_size)
+        started = time.perf_counter()
+        sync(m(ids))
+        row = {"first_call_s": time.perf_counter() - started}
+        row["steady_s"] = steady(lambda ids=ids: sync(m(ids)))
+        if captures:
+            names = [n for n in m.hook_names if n.endswith("hook_resid_post")]
+            started = time.perf_counter()
+            sync(m.run_with_cache(ids, names))
+            row["capture_first_s"] = time.perf_counter() - started
+            row["capture_steady_s"] = steady(
+                lambda ids=ids, names=names: sync(m.run_with_cache(ids, names)), 3
+            )
+            captures = False  # one shape is enough
+        out[f"{batch}x{length}"] = row
+    return out
+
+
+def ours_sweep(stacked: bool, tiny: bool) -> dict:
+    """The patching sweep of every layer and position (``resid_pre``), first and steady."""
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+    from gemmalens import patching
+
+    config = config_for(SWEEP_PRESET, tiny)
+    m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
+    clean = tokens(1, SWEEP_LENGTH, config.vocab_size)
+    corrupted = clean.copy()
+    corrupted[0, 5] = 7
+
+    def metric(logits):
+        return logits[:, -1, 11].mean() - logits[:, -1, 12].mean()
+
+    def run():
+        return sync(patching.sweep(m, clean, corrupted, metric, site="resid_pre"))
+
+    started = time.perf_counter()
+    scores = run()
+    first = time.perf_counter() - started
+    return {"sites": int(scores.size), "first_call_s": first, "steady_s": steady(run)}
+
+
+def theirs(name: str, tiny: bool) -> dict:
+    """transformers (sdpa) in this process: random init, first call, steady."""
+    import torch
+    import transformers
+
+    from gemmalens.families.hf_config import to_hf
+
+    config = config_for(name, tiny)
+    hf = to_hf(config)
+    model_type = hf.pop("model_type")
+    classes = {
+        "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM"),
+    }
+    config_class, model_class = classes[model_type]
+    hf_config = getattr(transformers, config_class)(**hf)
+    hf_config._attn_implementation = "sdpa"
+    device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if tiny else torch.bfloat16
+    started = time.perf_counter()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = getattr(transformers, model_class)(hf_config).eval()
+    out: dict[str, Any] = {"build_s": time.perf_counter() - started, "device": device}
+
+    def torch_sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for batch, length in TINY_SHAPES if tiny else REAL[name]:
+        ids = torch.as_tensor(tokens(batch, length, config.vocab_size), device=device)
+
+        def call(ids=ids):
+            with torch.no_grad():
+                model(ids, use_cache=False)
+            torch_sync()
+
+        started = time.perf_counter()
+        call()
+        out[f"{batch}x{length}"] = {
+            "first_call_s": time.perf_counter() - started,
+            "steady_s": steady(call),
+        }
+    return out
+
+
+CASES = {"ours": ours, "ours_sweep": ours_sweep, "theirs": theirs}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) -> dict:
+    """Runs one case in a fresh Python process and returns its figures (or the error)."""
+    command = [sys.executable, __file__, "--case", case, "--kwargs", json.dumps(kwargs)]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    result = json.loads(lines[-1])
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def measure(
+    tiny: bool, names: list[str], timeout: float, log, unstacked: list[str] | None = None
+) -> dict:
+    """Every case; ``log(results, name, what, row)`` after each."""
+    results: dict[str, Any] = {"tiny": tiny, "versions": versions(), "models": {}}
+    cache = tempfile.mkdtemp(prefix="gemmalens-cache-")
+    off = {"GEMMALENS_COMPILATION_CACHE": "off"}
+    sweep: dict[str, Any] = {}
+    results["sweep"] = {SWEEP_PRESET: sweep}
+    for stacked in (True, False):
+        key = "stacked" if stacked else "unstacked"
+        sweep[key] = in_process("ours_sweep", off, timeout, stacked=stacked, tiny=tiny)
+        log(results, SWEEP_PRESET, f"sweep, {key}", sweep[key])
+    for name in names:
+        rows: dict[str, Any] = {}
+        results["models"][name] = rows
+        # A cold cache of its own: the first process compiles, the second reads.
+        own_cache = {"GEMMALENS_COMPILATION_CACHE": os.path.join(cache, name)}
+        rows["stacked"] = in_process(
+            "ours", own_cache, timeout, name=name, stacked=True, tiny=tiny, captures=True
+        )
+        log(results, name, "stacked", rows["stacked"])
+        rows["stacked_second_process"] = in_process(
+            "ours", own_cache, timeout, name=name, stacked=True, tiny=tiny, captures=False
+        )
+        log(results, name, "stacked, second process", rows["stacked_second_process"])
+        if unstacked is None or name in unstacked:
+            rows["unstacked"] = in_process(
+                "ours", off, timeout, name=name, stacked=False, tiny=tiny, captures=True
+            )
+            log(results, name, "unstacked", rows["unstacked"])
+        rows["transformers"] = in_process("theirs", off, timeout, name=name, tiny=tiny)
+        log(results, name, "transformers", rows["transformers"])
+    return results
+
+
+def versions() -> dict:
+    import jax
+
+    out = {"python": platform.python_version(), "jax": jax.__version__}
+    try:
+        import torch
+        import transformers
+
+        out.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    devices = jax.devices()
+    out["device"] = devices[0].device_kind if devices else "none"
+    return out
+
+
+def table(results: dict) -> str:
+    def seconds(row: dict, *keys: str) -> str:
+        for key in keys:
+            row = row.get(key, {}) if isinstance(row, dict) else {}
+        return f"{row:.2f} s" if isinstance(row, (int, float)) else "–"
+
+    lines = [
+        "| model | shape | first call: stacked / unstacked / transformers | new capture set: "
+        "stacked / unstacked | second process (warm cache) | steady: stacked / unstacked / "
+        "transformers | speed-up vs transformers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results["models"].items():
+        rows = {"unstacked": {}, "transformers": {}, "stacked_second_process": {}, **rows}
+        shapes = [k for k in rows["stacked"] if "x" in k and k[0].isdigit()]
+        for shape in shapes:
+            ours_s = rows["stacked"].get(shape, {}).get("steady_s")
+            theirs_s = rows["transformers"].get(shape, {}).get("steady_s")
+            ratio = f"{theirs_s / ours_s:.2f}x" if ours_s and theirs_s else "–"
+            lines.append(
+                f"| {name} | {shape} | {seconds(rows, 'stacked', shape, 'first_call_s')} / "
+                f"{seconds(rows, 'unstacked', shape, 'first_call_s')} / "
+                f"{seconds(rows, 'transformers', shape, 'first_call_s')} | "
+                f"{seconds(rows, 'stacked', shape, 'capture_first_s')} / "
+                f"{seconds(rows, 'unstacked', shape, 'capture_first_s')} | "
+                f"{seconds(rows, 'stacked_second_process', shape, 'first_call_s')} | "
+                f"{seconds(rows, 'stacked', shape, 'steady_s')} / "
+                f"{seconds(rows, 'unstacked', shape, 'steady_s')} / "
+                f"{seconds(rows, 'transformers', shape, 'steady_s')} | {ratio} |"
+            )
+    for name, sweep in results.get("sweep", {}).items():
+        lines.append(
+            f"| {name} sweep ({sweep['stacked'].get('sites', '?')} sites) | 1x{SWEEP_LENGTH} | "
+            f"{seconds(sweep, 'stacked', 'first_call_s')} / "
+            f"{seconds(sweep, 'unstacked', 'first_call_s')} / – | | | "
+            f"{seconds(sweep, 'stacked', 'steady_s')} / "
+            f"{seconds(sweep, 'unstacked', 'steady_s')} / – | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
+    parser.add_argument("--out", type=Path, help="write the raw figures as JSON here")
+    parser.add_argument("--models", nargs="+", default=list(REAL), choices=list(REAL))
+    parser.add_argument(
+        "--unstacked", nargs="*", choices=list(REAL), help="models also measured unstacked (all)"
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(CASES[args.case](**json.loads(args.kwargs))), flush=True)
+        return None
+
+    def log(results, name, what, row):
+        print(f"{name}, {what}: {json.dumps(row)[:400]}", flush=True)
+        if args.out:  # keep what is measured if a later case runs out of time
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    results = measure(args.tiny, args.models, args.timeout, log, args.unstacked)
+    print(table(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Layer stacking: blocks of the same shape keep one stored array per parameter and run as
+one compiled loop body, so that compile time does not grow with depth.
+
+Two pieces, both invisible to the analyses:
+
+* **Stacked storage.** Every parameter of a block stack (``blocks.{i}.*``,
+  ``encoder.blocks.{i}.*``, ``vision.blocks.{i}.*``, ...) of one name and shape lives in
+  one `pz.Parameter` whose value has a leading positional *layer* axis, labelled with a
+  ``*`` for the layer (``blocks.*.attn.q_proj.weights``). In the tree, each block still
+  holds its own parameter, now a `LayerSlice`: a view with the per-layer label
+  (``blocks.17.attn.q_proj.weights``) whose ``.value`` is that layer's slice. So the tree
+  keeps its per-layer shape: Treescope shows every block, hook names and captures stay
+  per layer, and editing a block (a LoRA adapter, a spliced SAE, a new weight) edits that
+  block alone.
+* **Scanned execution.** `ScannedSequential` replaces a stack's `pz.nn.Sequential`. When
+  it is traced it compares its blocks, finds runs of repeating periods (Gemma 3's five
+  local and one global layer; one period of one block where all layers are alike) and runs
+  each run as `jax.lax.scan` over the repeats, reading each layer's weights from the stacks
+  by the loop counter. Blocks that differ from their neighbours (an edited block, a
+  KV-sharing producer, a block holding its own layer index) run as they are.
+
+Hooks inside a scanned run keep their per-layer meaning: an intervention at
+``blocks.17.attn.hook_pattern`` becomes a `jax.lax.switch` on the loop counter, so only
+layer 17 runs it, under ``vmap`` and ``grad`` too; captures are returned by the loop and
+written to each layer's own cache entry. A block whose set of captured hooks differs from
+its neighbours' (one captured layer among many) runs on its own, so the loop never carries
+values nobody asked for.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
+
+# A stack's parameters: "<stack>.blocks.<index>.<rest>" (the stack prefix may be empty).
+_BLOCK_LABEL = re.compile(r"^(?P<stack>(?:.*\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
+# The longest period looked for (Gemma 3's is 6; Gemma 4's 6; room for others).
+MAX_PERIOD = 8
+
+
+def take_layer(stacked: pz.nx.NamedArray, index: Any) -> pz.nx.NamedArray:
+    """The slice ``index`` of a stacked value (a leading positional layer axis, then the
+    parameter's named axes). ``index`` may be traced (a loop counter)."""
+    if isinstance(stacked, pz.nx.NamedArray) and len(stacked.positional_shape) == 1:
+        # The stored layout, indexed directly (an `nmap` costs more to trace, once per
+        # parameter of every layer).
+        return pz.nx.NamedArray(named_axes=stacked.named_axes, data_array=stacked.data_array[index])
+    return pz.nx.nmap(lambda layers: layers[index])(stacked)
+
+
+@pz.pytree_dataclass
+class LayerSlice(pz.Struct):
+    """One layer's parameter, stored as slice ``index`` of a shared stack.
+
+    Reads like a `pz.Parameter`: ``.value`` is this layer's value (named axes as the
+    unstacked parameter had), ``.label`` its per-layer label. ``stack`` is the
+    `pz.Parameter` (or its frozen value) that every layer's slice shares.
+    """
+
+    stack: Any
+    index: int = dataclasses.field(metadata={"pytree_node": False})
+    label: str = dataclasses.field(metadata={"pytree_node": False})
+
+    @property
+    def value(self) -> pz.nx.NamedArray:
+        return take_layer(self.stack.value, self.index)
+
+    def treescope_color(self) -> str:
+        return "#a0b0c9"
+
+
+@pz.pytree_dataclass
+class LayerNumber(pz.Struct):
+    """A block's own layer number, where a layer reads per-layer data by it (Gemma 3n's
+    and Gemma 4's per-layer inputs). Inside a scanned run ``value`` is the loop's
+    (traced) layer number; elsewhere the int."""
+
+    value: int = dataclasses.field(metadata={"pytree_node": False})
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopNumber:
+    value: Any
+
+
+def _stack_key(label: str, value: pz.nx.NamedArray) -> tuple[Hashable, ...] | None:
+    match = _BLOCK_LABEL.match(label)
+    if match is None:
+        return None
+    shape = tuple(value.named_shape.items())
+    return (match["stack"], match["rest"], shape, str(value.dtype))
+
+
+def _is_block_stack(layer: Any) -> bool:
+    return (
+        type(layer) is pz.nn.Sequential
+        and len(layer.sublayers) >= 2
+        and all(
+            isinstance(b, pz.nn.NamedGroup) and _BLOCK_NAME.match(b.name) for b in layer.sublayers
+        )
+    )
+
+
+def stack_tree(tree: Any, donate: bool = False) -> Any:
+    """``tree`` with its block stacks' parameters stored stacked (`LayerSlice` views) and
+    its block stacks run by `ScannedSequential`.
+
+    ``donate``: delete each per-layer array once it is copied into its stack, so that the
+    peak memory is the model plus one stack (the input tree is unusable afterwards).
+    """
+    params = pz.select(tree).at_instances_of(pz.Parameter).get_sequence()
+    groups: dict[tuple, list[pz.Parameter]] = collections.defaultdict(list)
+    seen: set[int] = set()
+    for param in params:
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        key = _stack_key(param.label, param.value)
+        if key is not None:
+            groups[key].append(param)
+    names = collections.Counter((stack, rest) for stack, rest, *_ in groups)
+    slices: dict[int, LayerSlice] = {}
+    for (stack_name, rest, shape, _), members in groups.items():
+        label = f"{stack_name}.*.{rest}"
+        if names[(stack_name, rest)] > 1:
+            label += "[" + ",".join(f"{a}={n}" for a, n in shape) + "]"
+        axes = tuple(members[0].value.named_shape)
+        arrays = [m.value.unwrap(*axes) for m in members]
+        stacked = jnp.stack(arrays)
+        if donate:
+            for array in arrays:
+                if isinstance(array, jax.Array) and not array.is_deleted():
+                    array.delete()
+        value = pz.nx.NamedArray(named_axes=collections.OrderedDict(shape), data_array=stacked)
+        stack = pz.Parameter(value=value, label=label)
+        for index, member in enumerate(members):
+            slices[id(member)] = LayerSlice(stack=stack, index=index, label=member.label)
+    stacked_tree = (
+        pz.select(tree)
+        .at_instances_of(pz.Parameter)
+        .where(lambda p: id(p) in slices)
+        .apply(lambda p: slices[id(p)])
+    )
+    return (
+        pz.select(stacked_tree)
+        .at_instances_of(pz.nn.Sequential)
+        .where(_is_block_stack)
+        .apply(lambda seq: ScannedSequential(sublayers=list(seq.sublayers)))
+    )
+
+
+def unstack_tree(tree: Any) -> Any:
+    """The inverse of `stack_tree`: every `LayerSlice` becomes its own parameter again (a
+    copy of its slice) and every `ScannedSequential` a plain `pz.nn.Sequential`."""
+
+    def own(view: LayerSlice) -> pz.Parameter:
+        return pz.Parameter(value=view.value, label=view.label)
+
+    tree = pz.select(tree).at_instances_of(LayerSlice).apply(own)
+    return (
+        pz.select(tree)
+        .at_instances_of(ScannedSequential)
+        .apply(lambda seq: pz.nn.Sequential(sublayers=list(seq.sublayers)))
+    )
+
+
+def parameter_values(tree: Any) -> dict[str, pz.nx.NamedArray]:
+    """Every parameter's value by its per-layer label (``blocks.3.attn.q_proj.weights``),
+    whether stored on its own or as a slice of a stack."""
+    _, params = pz.unbind_params(tree)
+    values = {p.label: p.value for p in params if ".*." not in p.label}
+    for view in pz.select(tree).at_instances_of(LayerSlice).get_sequence():
+        values[view.label] = view.value
+    return values
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether ``tree`` stores any parameter stacked."""
+    return bool(pz.select(tree).at_instances_of(LayerSlice).count())
+
+
+# ---------------------------------------------------------------------------- execution
+
+
+def _is_unit(node: Any) -> bool:
+    return isinstance(node, (LayerSlice, HookPoint, LayerNumber))
+
+
+def _contents(block: Any) -> Any:
+    return block.sublayers if isinstance(block, pz.nn.NamedGroup) else block
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """A block split into its structure and its leaves (slices and hooks kept whole)."""
+
+    block: Any
+    treedef: Any
+    leaves: list[Any]
+    signature: Hashable
+
+
+def _flatten(block: Any) -> _Flat:
+    leaves, treedef = jax.tree.flatten(_contents(block), is_leaf=_is_unit)
+    prefix = block.name + "." if isinstance(block, pz.nn.NamedGroup) else ""
+    keys: list[Hashable] = []
+    for leaf in leaves:
+        if isinstance(leaf, LayerSlice):
+            keys.append(("slice", leaf.stack.label))
+        elif isinstance(leaf, LayerNumber):
+            keys.append(("layer number",))
+        elif isinstance(leaf, HookPoint):
+            # Interventions are per layer inside a run (a switch); captures are not: a
+            # block whose captured hooks differ from its neighbours' runs on its own.
+            keys.append(("hook", _relative(leaf.name, prefix), leaf.axes, _captures(leaf)))
+        else:
+            keys.append(("leaf", id(leaf)))
+    return _Flat(block, treedef, leaves, (treedef, tuple(keys)))
+
+
+def _captures(hook: HookPoint) -> bool:
+    return isinstance(hook, CaptureHook)
+
+
+def plan_runs(signatures: Sequence[Hashable], max_period: int = MAX_PERIOD) -> list[tuple]:
+    """Splits blocks into runs: ``("scan", start, period, repeats)`` where the blocks
+    ``start .. start + period * repeats`` repeat with ``period``, ``("one", index)`` for a
+    block that runs alone. Takes, at each position, the period that covers most blocks
+    (the shortest on a tie)."""
+    plan: list[tuple] = []
+    n = len(signatures)
+    i = 0
+    while i < n:
+        best_period, best_repeats = 1, 1
+        for period in range(1, min(max_period, (n - i) // 2) + 1):
+            head = signatures[i : i + period]
+            repeats = 1
+            while (
+                i + (repeats + 1) * period <= n
+                and signatures[i + repeats * period : i + (repeats + 1) * period] == head
+            ):
+                repeats += 1
+            if repeats >= 2 and repeats * period > best_period * best_repeats:
+                best_period, best_repeats = period, repeats
+        if best_repeats >= 2:
+            plan.append(("scan", i, best_period, best_repeats))
+            i += best_period * best_repeats
+        else:
+            plan.append(("one", i))
+            i += 1
+    return plan
+
+
+@dataclasses.dataclass
+class _LoopHook:
+    """Stands in a scanned block for one hook position: runs the repeat's own
+    intervention (a switch on the loop counter) and hands captured values to the loop."""
+
+    hooks: tuple[HookPoint, ...]
+    counter: Any
+    captured: dict[Any, Any]
+    key: Any
+
+    @property
+    def name(self) -> str:
+        return self.hooks[0].name
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return self.hooks[0].axes
+
+    def __call__(self, value: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        fns = [getattr(h, "fn", None) for h in self.hooks]
+        if any(fn is not None for fn in fns):
+            order = tuple(value.named_shape)
+
+            def branch(hook: HookPoint, fn: Any) -> Any:
+                if fn is None:
+                    return lambda v: v
+                intervene = InterveneHook(name=hook.name, axes=hook.axes, fn=fn)
+                return lambda v: intervene(v).order_as(*order)
+
+            branches = [branch(h, fn) for h, fn in zip(self.hooks, fns)]
+            value = value.order_as(*order)
+            value = jax.lax.switch(self.counter, branches, value)
+        if _captures(self.hooks[0]):
+            self.captured[self.key] = self.hooks[0].to_user(value)
+        return value
+
+
+def _scan_run(
+    flats: Sequence[_Flat], period: int, repeats: int, h: Any, side_inputs: dict[str, Any]
+) -> Any:
+    template = flats[:period]
+    tables: dict[tuple[int, int], jax.Array] = {}
+    hooks: dict[tuple[int, int], tuple[HookPoint, ...]] = {}
+    for j, flat in enumerate(template):
+        for q, leaf in enumerate(flat.leaves):
+            column = [flats[r * period + j].leaves[q] for r in range(repeats)]
+            if isinstance(leaf, LayerSlice):
+                tables[j, q] = jnp.asarray([s.index for s in column], jnp.int32)
+            elif isinstance(leaf, LayerNumber):
+                tables[j, q] = jnp.asarray([n.value for n in column], jnp.int32)
+            elif isinstance(leaf, HookPoint):
+                hooks[j, q] = tuple(column)
+
+    def body(carry, counter):
+        captured: dict[Any, Any] = {}
+        for j, flat in enumerate(template):
+            leaves = []
+            for q, leaf in enumerate(flat.leaves):
+                if isinstance(leaf, LayerSlice):
+                    value = take_layer(leaf.stack.value, tables[j, q][counter])
+                    leaves.append(pz.ParameterValue(value=value, label=leaf.label))
+                elif isinstance(leaf, LayerNumber):
+                    leaves.append(_LoopNumber(tables[j, q][counter]))
+                elif isinstance(leaf, HookPoint):
+                    leaves.append(_LoopHook(hooks[j, q], counter, captured, (j, q)))
+                else:
+                    leaves.append(leaf)
+            contents = jax.tree.unflatten(flat.treedef, leaves)
+            block = (
+                dataclasses.replace(flat.block, sublayers=contents)
+                if isinstance(flat.block, pz.nn.NamedGroup)
+                else contents
+            )
+            carry = block(carry, **side_inputs)
+        return carry, captured
+
+    order = _axis_orders(h)
+
+    def loop(carry, counter):
+        carry, captured = body(carry, counter)
+        return _in_order(carry, order), captured
+
+    h, stacked = jax.lax.scan(loop, _in_order(h, order), jnp.arange(repeats))
+    for key, values in stacked.items():
+        for r, hook in enumerate(hooks[key]):
+            hook.sink.value = values[r]
+    return h
+
+
+def _is_named(node: Any) -> bool:
+    return isinstance(node, pz.nx.NamedArrayBase)
+
+
+def _axis_orders(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: tuple(x.named_shape) if _is_named(x) else None, tree, is_leaf=_is_named
+    )
+
+
+def _in_order(tree: Any, orders: Any) -> Any:
+    """A loop carry with each named array's axes in one fixed order (a block may hand back
+    a view with its axes permuted, which `jax.lax.scan` would see as another type)."""
+    return jax.tree.map(
+        lambda x, order: x.order_as(*order) if _is_named(x) else x,
+        tree,
+        orders,
+        is_leaf=_is_named,
+    )
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # sublayers
+class ScannedSequential(pz.nn.Sequential):
+    """A stack of blocks that runs repeating blocks as one loop (`jax.lax.scan`).
+
+    Holds the blocks exactly as `pz.nn.Sequential` does (``sublayers``, one per layer);
+    only the way they run differs. The result equals running them one after another.
+    """
+
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
+        flats = [_flatten(block) for block in self.sublayers]
+        for run in plan_runs([f.signature for f in flats]):
+            if run[0] == "one":
+                value = self.sublayers[run[1]](value, **side_inputs)
+            else:
+                _, start, period, repeats = run
+                run_flats = flats[start : start + period * repeats]
+                value = _scan_run(run_flats, period, repeats, value, side_inputs)
+        return value
+
+    def treescope_color(self) -> str:
+        return "#6d9dc5"
+
+
+def runs(tree: Any) -> dict[str, list[tuple]]:
+    """How each block stack of ``tree`` runs, by stack: `plan_runs`' list, e.g.
+    ``{"blocks": [("scan", 0, 6, 10), ("scan", 60, 1, 2)]}`` for Gemma 3 27B (ten repeats
+    of its six-layer period, then two local layers)."""
+    out = {}
+    for seq in pz.select(tree).at_instances_of(ScannedSequential).get_sequence():
+        name = seq.sublayers[0].name.rsplit(".", 1)[0]
+        out[name] = plan_runs([_flatten(block).signature for block in seq.sublayers])
+    return out
