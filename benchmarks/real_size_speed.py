@@ -234,36 +234,40 @@ def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) ->
 def measure(
     tiny: bool, names: list[str], timeout: float, log, unstacked: list[str] | None = None
 ) -> dict:
-    """Every case; ``log(results, name, what, row)`` after each."""
+    """Every case, the floors' own first (a short lease keeps what matters most);
+    ``log(results, name, what, row)`` after each."""
     results: dict[str, Any] = {"tiny": tiny, "versions": versions(), "models": {}}
     cache = tempfile.mkdtemp(prefix="gemmalens-cache-")
     off = {"GEMMALENS_COMPILATION_CACHE": "off"}
     sweep: dict[str, Any] = {}
     results["sweep"] = {SWEEP_PRESET: sweep}
-    for stacked in (True, False):
-        key = "stacked" if stacked else "unstacked"
-        sweep[key] = in_process("ours_sweep", off, timeout, stacked=stacked, tiny=tiny)
-        log(results, SWEEP_PRESET, f"sweep, {key}", sweep[key])
     for name in names:
-        rows: dict[str, Any] = {}
-        results["models"][name] = rows
-        # A cold cache of its own: the first process compiles, the second reads.
-        own_cache = {"GEMMALENS_COMPILATION_CACHE": os.path.join(cache, name)}
-        rows["stacked"] = in_process(
-            "ours", own_cache, timeout, name=name, stacked=True, tiny=tiny, captures=True
-        )
-        log(results, name, "stacked", rows["stacked"])
-        rows["stacked_second_process"] = in_process(
-            "ours", own_cache, timeout, name=name, stacked=True, tiny=tiny, captures=False
-        )
-        log(results, name, "stacked, second process", rows["stacked_second_process"])
+        results["models"][name] = {}
+
+    def own_cache(name: str) -> dict[str, str]:
+        # A cold cache per model: the first process compiles, the second reads.
+        return {"GEMMALENS_COMPILATION_CACHE": os.path.join(cache, name)}
+
+    cases = []  # (where, key, case, env, kwargs)
+    for name in names:
+        kwargs = dict(name=name, stacked=True, tiny=tiny, captures=True)
+        cases.append((results["models"][name], "stacked", "ours", own_cache(name), kwargs))
+    for name in names:
+        kwargs = dict(name=name, stacked=True, tiny=tiny, captures=False)
+        where = results["models"][name]
+        cases.append((where, "stacked_second_process", "ours", own_cache(name), kwargs))
+    cases.append((sweep, "stacked", "ours_sweep", off, dict(stacked=True, tiny=tiny)))
+    for name in names:
+        kwargs = dict(name=name, tiny=tiny)
+        cases.append((results["models"][name], "transformers", "theirs", off, kwargs))
+    for name in names:
         if unstacked is None or name in unstacked:
-            rows["unstacked"] = in_process(
-                "ours", off, timeout, name=name, stacked=False, tiny=tiny, captures=True
-            )
-            log(results, name, "unstacked", rows["unstacked"])
-        rows["transformers"] = in_process("theirs", off, timeout, name=name, tiny=tiny)
-        log(results, name, "transformers", rows["transformers"])
+            kwargs = dict(name=name, stacked=False, tiny=tiny, captures=True)
+            cases.append((results["models"][name], "unstacked", "ours", off, kwargs))
+    cases.append((sweep, "unstacked", "ours_sweep", off, dict(stacked=False, tiny=tiny)))
+    for where, key, case, env, kwargs in cases:
+        where[key] = in_process(case, env, timeout, **kwargs)
+        log(results, kwargs.get("name", SWEEP_PRESET), f"{case} {key}", where[key])
     return results
 
 

@@ -47,6 +47,7 @@ from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.kv_sharing import SharedKVAttention
 from gemmalens.layers.params import apply_once
+from gemmalens.layers.stacking import LayerSlice
 from gemmalens.lens import Model
 
 __all__ = [
@@ -126,7 +127,9 @@ def _projection_name(module: str) -> str:
 def _projections(tree: pz.nn.Layer) -> list[str]:
     """Every plain projection of the model a LoRA can wrap, by module name."""
     found = pz.select(tree).at_instances_of(pz.nn.Linear).get_sequence()
-    return [_module_of(p) for p in found if isinstance(p.weights, pz.Parameter | pz.ParameterValue)]
+    # A stacked layer's weights are a view (`LayerSlice`) with the same label.
+    plain = (pz.Parameter, pz.ParameterValue, LayerSlice)
+    return [_module_of(p) for p in found if isinstance(p.weights, plain)]
 
 
 def _matcher(targets: str | Sequence[str], tree: pz.nn.Layer) -> Callable[[str], bool]:

@@ -260,3 +260,21 @@ def test_donated_arrays_are_freed_and_meshes_refused():
     )
     with pytest.raises(NotImplementedError, match="unstacked"):
         gl.sharding.shard(stacked, mesh=None)
+
+
+def test_adapters_and_saes_attach_to_stacked_layers():
+    """A LoRA adapter or a spliced SAE edits its block: that block leaves the loop and
+    the result equals the per-layer model's."""
+    from gemmalens import lora, sae
+
+    m = gl.teaching_model("gemma3")
+    stacked = m.stacked()
+    tokens = TOKENS[:1]
+    adapted = lora.attach(stacked, rank=4, seed=1)
+    close(lora.attach(m, rank=4, seed=1)(tokens), adapted(tokens))
+    close(lora.merge(lora.attach(m, rank=4, seed=1))(tokens), lora.merge(adapted)(tokens))
+    dictionary = gl.teaching_saes()["resid_post"]
+    spliced = sae.splice(stacked, dictionary, include_error=False)
+    close(sae.splice(m, dictionary, include_error=False)(tokens), spliced(tokens))
+    layer = int(dictionary.hook_in.split(".")[1])
+    assert ("one", layer) in stacking.runs(spliced.model)["blocks"]
