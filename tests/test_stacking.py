@@ -226,6 +226,12 @@ def test_tree_keeps_per_layer_labels_and_views(pairs):
         view.value.unwrap(*view.value.named_shape),
         values["blocks.3.attn.q_proj.weights"].unwrap(*view.value.named_shape),
     )
+    # Treescope shows each block with its per-layer views, not the stacks again.
+    import treescope
+
+    text = treescope.render_to_text(m.model.blocks.sublayers[3])
+    assert "label='blocks.3.attn.q_proj.weights'" in text
+    assert "layer 3 of blocks.*.attn.q_proj.weights (7 layers |" in text
     # The unstacked copy is the per-layer model again.
     back = m.unstacked()
     assert not back.is_stacked

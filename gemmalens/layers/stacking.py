@@ -78,6 +78,24 @@ class LayerSlice(pz.Struct):
     def treescope_color(self) -> str:
         return "#a0b0c9"
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # One line per layer: its label and where it lives, not the whole stack again.
+        from treescope import repr_lib
+
+        stored = getattr(self.stack, "value", None)
+        where = f"layer {self.index} of {self.stack.label}"
+        if isinstance(stored, pz.nx.NamedArrayBase):
+            axes = ", ".join(f"{n}:{s}" for n, s in stored.named_shape.items())
+            where += f" ({stored.positional_shape[0]} layers | {axes}, {stored.dtype})"
+        return repr_lib.render_object_constructor(
+            type(self),
+            {"label": self.label, "stored_as": where},
+            path,
+            subtree_renderer,
+            roundtrippable=False,
+            color=self.treescope_color(),
+        )
+
 
 @pz.pytree_dataclass
 class LayerNumber(pz.Struct):
