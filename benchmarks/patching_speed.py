@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import median_seconds  # noqa: E402  (beside this script)
+
 import gemmalens as gl  # noqa: E402
 from gemmalens import patching  # noqa: E402
 
@@ -96,13 +97,7 @@ def settings(tiny: bool) -> dict:
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def block(value):

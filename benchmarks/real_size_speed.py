@@ -1,7 +1,10 @@
 """Real sizes: first call, capture, cache and steady speed, gemmalens beside transformers.
 
     python benchmarks/real_size_speed.py --out real_size_speed.json   # on one H200 / H100
-    python benchmarks/real_size_speed.py --tiny                       # the same code, CPU
+    python benchmarks/real_size_speed.py --tiny                       # smoke run, CPU
+
+``--tiny`` keeps each preset's layer pattern at tiny widths and 14 layers
+(``REAL_SIZE_SPEED_DEPTH=real`` keeps the real depth: the CPU figures in the notes).
 
 Each measurement runs in a fresh process (so "first call" means a new process's first
 call, and memory is given back between cases), with random bfloat16 weights of the real
@@ -27,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from typing import Any
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import median_seconds  # noqa: E402  (beside this script)
 
 # (preset, shapes [(batch, length)]) per measured model.
 REAL = {
@@ -49,14 +52,17 @@ TINY_SHAPES = [(1, 64)]
 SWEEP_PRESET, SWEEP_LENGTH = "gemma3_1b", 64
 
 
-def tiny_config(name: str) -> Any:
-    """The preset with tiny widths and its real layer pattern (CPU smoke runs)."""
+def tiny_config(name: str, smoke: bool = True) -> Any:
+    """The preset with tiny widths and its layer pattern (CPU runs): its real depth, or
+    14 layers for a smoke run (``smoke``)."""
     import gemmalens as gl
 
     config = gl.preset(name)
     changes: dict[str, Any] = dict(
         vocab_size=512, hidden_size=64, num_attention_heads=2, num_key_value_heads=1
     )
+    if smoke:  # two periods and a remainder: enough to loop, quick to compile
+        changes["num_hidden_layers"] = 14
     if config.family == "gemma3":
         changes.update(intermediate_size=128, head_dim=16, query_pre_attn_scalar=16)
     elif config.family == "gemma4":
@@ -74,7 +80,9 @@ def tiny_config(name: str) -> Any:
 def config_for(name: str, tiny: bool) -> Any:
     import gemmalens as gl
 
-    return tiny_config(name) if tiny else gl.preset(name)
+    if tiny:
+        return tiny_config(name, smoke=os.environ.get("REAL_SIZE_SPEED_DEPTH") != "real")
+    return gl.preset(name)
 
 
 def sync(value: Any) -> Any:
@@ -85,12 +93,8 @@ def sync(value: Any) -> Any:
 
 
 def steady(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median of ``repeats`` calls made after the first (which the caller timed)."""
+    return median_seconds(fn, repeats, warmup=False)
 
 
 def tokens(batch: int, length: int, vocab: int) -> Any:
@@ -332,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
     parser.add_argument("--out", type=Path, help="write the raw figures as JSON here")
-    parser.add_argument("--models", nargs="+", default=list(REAL), choices=list(REAL))
+    parser.add_argument(
+        "--models", nargs="+", choices=list(REAL), help="(all; --tiny: 27B and 26B-A4B)"
+    )
     parser.add_argument(
         "--unstacked", nargs="*", choices=list(REAL), help="models also measured unstacked (all)"
     )
@@ -349,11 +355,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.out:  # keep what is measured if a later case runs out of time
             args.out.write_text(json.dumps(results, indent=2) + "\n")
 
-    results = measure(args.tiny, args.models, args.timeout, log, args.unstacked)
+    models = args.models or (["gemma3_27b_text", "gemma4_26b_a4b"] if args.tiny else list(REAL))
+    unstacked = args.unstacked
+    if args.tiny and unstacked is None:
+        unstacked = models[:1]
+    results = measure(args.tiny, models, args.timeout, log, unstacked)
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    failed = [what for what, row in _rows(results) if "error" in row]
+    if args.tiny and failed:  # a smoke run fails loudly; a real run keeps what it measured
+        sys.exit(f"failed: {failed}")
     return results
+
+
+def _rows(results: dict) -> list[tuple[str, dict]]:
+    rows = [(f"{n} {k}", r) for n, rs in results["models"].items() for k, r in rs.items()]
+    rows += [(f"{n} sweep {k}", r) for n, rs in results["sweep"].items() for k, r in rs.items()]
+    return rows
 
 
 if __name__ == "__main__":
