@@ -12,13 +12,18 @@ import gemmalens as gl
 from gemmalens import patching
 
 ENC, DEC = 6, 4
-CHANGED = 2  # the position where a corrupted input differs
+# The position where a corrupted input differs, and the seed of the random inputs: chosen so
+# that every kind of site below moves the metric on the shipped teaching model (each test
+# checks it does). On random tokens the model's last prediction often ignores one changed
+# token, and then a sweep is flat and its comparison with the loop says little.
+CHANGED = 3
+SEED = 1
 
 
 @pytest.fixture(scope="module")
 def setup():
     m = gl.teaching_model("t5gemma2")
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(SEED)
     encoder = rng.randint(3, 4000, (2, ENC))
     corrupted_encoder = encoder.copy()
     corrupted_encoder[:, CHANGED] = (encoder[:, CHANGED] + 777) % 3990 + 3
@@ -77,7 +82,7 @@ def _loop(m, runs, metric, hook, axis, units):
 CASES = [
     # site, hook, unit axis, what is corrupted, units the loop checks
     ("encoder.resid_pre", "encoder.blocks.{}.hook_resid_pre", 1, "encoder", [1, CHANGED, 4]),
-    ("decoder.resid_pre", "decoder.blocks.{}.hook_resid_pre", 1, "decoder", [1, CHANGED, 3]),
+    ("decoder.resid_pre", "decoder.blocks.{}.hook_resid_pre", 1, "decoder", [1, 2, CHANGED]),
     ("decoder.z", "decoder.blocks.{}.attn.hook_z", 2, "encoder", [0, 3]),
     ("decoder.cross_pattern", "decoder.blocks.{}.attn.hook_cross_pattern", 1, "encoder", [0, 3]),
 ]

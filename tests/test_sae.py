@@ -258,9 +258,11 @@ def test_matches_saelens_on_the_same_files(files, tmp_path, monkeypatch):
 
 def test_splice_with_error_term_leaves_logits_unchanged(m, saes, spliced, tokens, spliced_cache):
     # Like with like: a run capturing every hook compiles differently from a plain call
-    # (the two differ by ~1e-5 on the unspliced model too).
+    # (the two differ by ~1e-5 on the unspliced model too). Float rounding grows with the
+    # logits, so the bound is relative to the largest one.
     logits, _ = spliced_cache
-    assert float(jnp.abs(logits - m.run_with_cache(tokens)[0]).max()) <= 1e-5
+    largest = float(jnp.abs(logits).max())
+    assert float(jnp.abs(logits - m.run_with_cache(tokens)[0]).max()) <= 5e-7 * largest
     sae_only = S.splice(m, [saes["res"], saes["z"]])
     assert float(jnp.abs(sae_only(tokens) - m(tokens)).max()) <= 1e-5
     # The spliced MLP is the same computation, compiled in another fusion: float rounding.
