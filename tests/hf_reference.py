@@ -7,6 +7,7 @@ weights to constants, which would hide a wrong ``1 + w``).
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,21 @@ TINY_GEMMA3 = dict(
     bos_token_id=2,
     eos_token_id=1,
 )
+
+
+def on_demand(tmp_path_factory, builders: dict, wrap) -> Callable:
+    """``get(name)``: ``wrap(name, directory)`` of the tiny checkpoint ``builders[name]``
+    saves, made on first use and kept (module fixtures share one per family)."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            directory = tmp_path_factory.mktemp(name)
+            builders[name](directory)
+            made[name] = wrap(name, directory)
+        return made[name]
+
+    return get
 
 
 def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:

@@ -59,7 +59,6 @@ class Family:
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
-    made = {}
     builders = {
         "gemma3": lambda d: ref.gemma3_text(d),
         "gemma3n": lambda d: ref.gemma3n_text(d),
@@ -68,14 +67,7 @@ def families(tmp_path_factory):
         "t5gemma2": lambda d: ref.t5gemma2(d),
     }
 
-    def get(name):
-        if name not in made:
-            directory = tmp_path_factory.mktemp(name)
-            builders[name](directory)
-            made[name] = Family(name, directory)
-        return made[name]
-
-    return get
+    return ref.on_demand(tmp_path_factory, builders, Family)
 
 
 def _relative(actual, expected) -> float:

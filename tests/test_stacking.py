@@ -75,16 +75,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    made = {}
-
-    def get(name):
-        if name not in made:
-            directory = tmp_path_factory.mktemp(name)
-            BUILDERS[name](directory)
-            made[name] = Pair(name, directory)
-        return made[name]
-
-    return get
+    return ref.on_demand(tmp_path_factory, BUILDERS, Pair)
 
 
 def scanned_layers(m) -> dict[str, list[int]]:
