@@ -31,6 +31,7 @@ from gemmalens.families.gemma3 import Gemma3Config
 from gemmalens.families.gemma3n import Gemma3nConfig
 from gemmalens.families.gemma4 import Gemma4Config
 from gemmalens.families.t5gemma2 import T5Gemma2Config
+from gemmalens.layers import stacking
 from gemmalens.layers.params import RandomInit
 from gemmalens.lens import ActivationCache, Model
 from gemmalens.presets import preset, presets
@@ -83,10 +84,7 @@ def build(
         m = surface(config.build(source), config, tokenizer)
         return m.stacked(donate=True) if stack_layers else m
     if stack_layers:
-        raise NotImplementedError(
-            "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet. "
-            "Build with one of the two."
-        )
+        raise NotImplementedError(stacking.MESH_REFUSAL)
     placement = sharding.fit_for_build(config.build, config.family, mesh, rules)
     with sharding.placing(placement):
         m = surface(config.build(source), config, tokenizer)

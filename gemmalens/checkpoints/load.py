@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from gemmalens import sharding
 from gemmalens.checkpoints.safetensors_files import CheckpointDir, CheckpointError
 from gemmalens.families import registry
+from gemmalens.layers import stacking
 from gemmalens.lens import Model
 from gemmalens.tokenizer import Tokenizer
 
@@ -166,10 +167,7 @@ def load(
     """
     dtype = _dtype(dtype)
     if stack_layers and mesh is not None:
-        raise NotImplementedError(
-            "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet. "
-            "Load with one of the two."
-        )
+        raise NotImplementedError(stacking.MESH_REFUSAL)
     fmt = detect_format(path)
     ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")

@@ -44,6 +44,11 @@ from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
 # A stack's parameters: "<stack>.blocks.<index>.<rest>" (the stack prefix may be empty).
 _BLOCK_LABEL = re.compile(r"^(?P<stack>(?:.*\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
+#: Why ``stack_layers=True`` and ``mesh=`` do not go together (`gemmalens.load`, `build`).
+MESH_REFUSAL = (
+    "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet "
+    "(gemmalens.sharding places per-layer parameters); pass one of the two."
+)
 # The longest period looked for (Gemma 3's is 6; Gemma 4's 6; room for others).
 MAX_PERIOD = 8
 
@@ -401,9 +406,14 @@ class ScannedSequential(pz.nn.Sequential):
     only the way they run differs. The result equals running them one after another.
     """
 
-    def __call__(self, value: Any, **side_inputs: Any) -> Any:
+    def plan(self) -> tuple[list[_Flat], list[tuple]]:
+        """Each block flattened, and `plan_runs`' split of the blocks into runs."""
         flats = [_flatten(block) for block in self.sublayers]
-        for run in plan_runs([f.signature for f in flats]):
+        return flats, plan_runs([f.signature for f in flats])
+
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
+        flats, plan = self.plan()
+        for run in plan:
             if run[0] == "one":
                 value = self.sublayers[run[1]](value, **side_inputs)
             else:
@@ -423,5 +433,5 @@ def runs(tree: Any) -> dict[str, list[tuple]]:
     out = {}
     for seq in pz.select(tree).at_instances_of(ScannedSequential).get_sequence():
         name = seq.sublayers[0].name.rsplit(".", 1)[0]
-        out[name] = plan_runs([_flatten(block).signature for block in seq.sublayers])
+        out[name] = seq.plan()[1]
     return out
