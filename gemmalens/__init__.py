@@ -81,8 +81,9 @@ def build(
     if mesh is None:
         if rules is not None:
             raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
-        m = surface(config.build(source), config, tokenizer)
-        return m.stacked(donate=True) if stack_layers else m
+        if stack_layers:  # each stack made in one piece, never layer by layer
+            return surface(stacking.build_stacked(config.build, source), config, tokenizer)
+        return surface(config.build(source), config, tokenizer)
     if stack_layers:
         raise NotImplementedError(stacking.MESH_REFUSAL)
     placement = sharding.fit_for_build(config.build, config.family, mesh, rules)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -196,7 +197,8 @@ def load(
             request = sharding.PlacementRequest(mesh, family, rules)
         elif rules is not None:
             raise ValueError("rules place parameters on a mesh: pass mesh= as well.")
-        with sharding.requesting(request):
+        stacked = stacking.stacked_builds() if stack_layers else contextlib.nullcontext()
+        with sharding.requesting(request), stacked:
             model, config = LOADERS[model_type](ckpt, dtype, show_progress, **options)
     else:
         raise CheckpointError(

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -17,6 +18,7 @@ from gemmalens.checkpoints.safetensors_files import (
     CheckpointError,
     check_tensor_set,
 )
+from gemmalens.layers import stacking
 from gemmalens.layers.params import ParamRequest, ShapeOnly, from_numpy
 
 # Small checkpoints (tests, teaching models) load silently.
@@ -61,7 +63,7 @@ class CheckpointParams:
             else None
         )
 
-    def __call__(self, request: ParamRequest) -> pz.Parameter:
+    def _read(self, request: ParamRequest) -> np.ndarray:
         key = self.key_for(request.label)
         array = self.ckpt.array(key)
         if tuple(array.shape) != request.linear_shape:
@@ -69,10 +71,19 @@ class CheckpointParams:
                 f"Tensor {key!r} has shape {tuple(array.shape)}, expected {request.linear_shape} "
                 f"for {request.label}."
             )
-        param = from_numpy(request, array, self.dtype)
         if self._bar is not None:
             self._bar.update(array.nbytes)
-        return param
+        return array
+
+    def __call__(self, request: ParamRequest) -> pz.Parameter:
+        return from_numpy(request, self._read(request), self.dtype)
+
+    def stack(self, requests: list[ParamRequest]) -> jax.Array:
+        """The tensors of ``requests`` (one per layer) stacked on the host and copied to the
+        device once, ``[layer, ...]`` (`stacking.build_stacked`): the device never holds a
+        per-layer copy, and host memory holds one stack at a time."""
+        host = np.stack([np.asarray(self._read(r)).reshape(r.shape) for r in requests])
+        return jnp.asarray(host, dtype=self.dtype)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -126,6 +137,8 @@ def build_from_checkpoint(
     total = sum(math.prod(ckpt.shape(k)) * np.dtype(ckpt.dtype(k)).itemsize for k in expected)
     source = CheckpointParams(ckpt, key_for, dtype, show_progress, total)
     try:
+        if stacking.building_stacked():
+            return stacking.build_stacked(build, source)
         with sharding.placing_requested((r.label, r.axes) for r in shapes.requests):
             return build(source)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol
@@ -86,6 +87,11 @@ def _wrap(request: ParamRequest, value: jax.Array) -> pz.Parameter:
     )
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stack: jax.Array, value: jax.Array, index: int) -> jax.Array:
+    return stack.at[index].set(value)
+
+
 @dataclasses.dataclass
 class RandomInit:
     """Random initialisation: normal(0, std) for matrices, zeros/ones where asked.
@@ -98,23 +104,31 @@ class RandomInit:
     dtype: jnp.dtype = jnp.float32
     std: float = 0.02
 
-    def __call__(self, request: ParamRequest) -> pz.Parameter:
-        def make() -> jax.Array:
-            if request.init == "zeros":
-                return jnp.zeros(request.shape, self.dtype)
-            if request.init == "ones":
-                return jnp.ones(request.shape, self.dtype)
-            if request.init in ("inf", "-inf"):
-                return jnp.full(request.shape, float(request.init), self.dtype)
-            key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
-            return (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(
-                self.dtype
-            )
+    def value(self, request: ParamRequest) -> jax.Array:
+        """The parameter's initial value (traceable: `stack` runs it inside one program)."""
+        if request.init == "zeros":
+            return jnp.zeros(request.shape, self.dtype)
+        if request.init == "ones":
+            return jnp.ones(request.shape, self.dtype)
+        if request.init in ("inf", "-inf"):
+            return jnp.full(request.shape, float(request.init), self.dtype)
+        key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
+        return (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(self.dtype)
 
+    def __call__(self, request: ParamRequest) -> pz.Parameter:
         placement = sharding.active()
         if placement is None:
-            return _wrap(request, make())
-        return _wrap(request, placement.make(request.axes, make))
+            return _wrap(request, self.value(request))
+        return _wrap(request, placement.make(request.axes, lambda: self.value(request)))
+
+    def stack(self, requests: list[ParamRequest]) -> jax.Array:
+        """The values of ``requests`` (one per layer, one shape) stacked ``[layer, ...]``
+        (`stacking.build_stacked`): the stack is allocated in one piece first, then each
+        layer's value, made exactly as `__call__` makes it, is written into it."""
+        stack = jnp.zeros((len(requests), *requests[0].shape), self.dtype)
+        for index, request in enumerate(requests):
+            stack = _write_layer(stack, self.value(request), index)
+        return stack
 
 
 @dataclasses.dataclass
