@@ -97,16 +97,40 @@ def refuse_multimodal_prompts(config: Any, prompt_ids: np.ndarray, call: str) ->
             )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+def _distinct(leaves: list) -> tuple[list, tuple[int, ...]]:
+    """The distinct leaves (by identity) and, for each leaf, its place among them. A
+    stacked model holds each stack once per layer (`LayerSlice`); passed once, a compiled
+    program sees the stack as one argument, not one per layer."""
+    places: dict[int, int] = {}
+    distinct, index = [], []
+    for leaf in leaves:
+        place = places.setdefault(id(leaf), len(distinct))
+        if place == len(distinct):
+            distinct.append(leaf)
+        index.append(place)
+    return distinct, tuple(index)
+
+
 def _run(forward, treedef, leaves, inputs):
     # The model comes as its leaves (flattened once per model): flattening a Penzai tree
     # on every call costs about a millisecond, a tenth of a small model's forward pass.
-    return forward(jax.tree.unflatten(treedef, leaves), *inputs)
+    distinct, index = _distinct(leaves)
+    return _run_distinct(forward, treedef, index, distinct, inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run_distinct(forward, treedef, index, distinct, inputs):
+    return forward(jax.tree.unflatten(treedef, [distinct[i] for i in index]), *inputs)
+
+
 def _run_stateful(forward_stateful, treedef, leaves, inputs):
-    model, state = jax.tree.unflatten(treedef, leaves)
+    distinct, index = _distinct(leaves)
+    return _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs):
+    model, state = jax.tree.unflatten(treedef, [distinct[i] for i in index])
     return forward_stateful(model, state, *inputs)
 
 

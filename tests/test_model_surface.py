@@ -132,10 +132,10 @@ def test_sliding_window_pattern_edges(model):
 
 def test_plain_call_does_not_retrace(model):
     model(TOKENS)
-    before = lens._run._cache_size()
+    before = lens._run_distinct._cache_size()
     model(TOKENS + 1)
     model(np.asarray(TOKENS, np.int64))
-    assert lens._run._cache_size() == before
+    assert lens._run_distinct._cache_size() == before
 
 
 def test_hooks_replace_values(model):
