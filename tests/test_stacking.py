@@ -20,6 +20,7 @@ import gemmalens as gl
 from gemmalens import patching
 from gemmalens.checkpoints.save import save_checkpoint
 from gemmalens.layers import stacking
+from gemmalens.layers.params import RandomInit
 from tests import hf_reference as ref
 
 S, F = "sliding_attention", "full_attention"
@@ -82,12 +83,12 @@ def scanned_layers(m) -> dict[str, list[int]]:
     """The layers of each stack that run inside a loop."""
     out = {}
     for stack, plan in stacking.runs(m.model).items():
-        out[stack] = [
-            layer
-            for kind, start, *rest in plan
-            if kind == "scan"
-            for layer in range(start, start + rest[0] * rest[1])
-        ]
+        out[stack] = []
+        for kind, start, *rest in plan:
+            if kind == "loop":
+                out[stack] += range(start, rest[0])
+            elif kind == "scan":
+                out[stack] += range(start, start + rest[0] * rest[1])
     return out
 
 
@@ -107,18 +108,39 @@ def test_logits_and_every_hook_agree(pairs, name):
 
 
 def test_plans_follow_each_family_pattern(pairs):
-    """Which layers loop, family by family (the tiny layouts above)."""
-    assert stacking.runs(pairs("gemma3").stacked.model) == {
+    """Which layers loop, family by family (the tiny layouts above): one loop over the
+    stack, with one kind of block per distinct structure (local and global attention)."""
+    assert stacking.runs(pairs("gemma3").stacked.model) == {"blocks": [("loop", 0, 7, 2)]}
+    # Layers 4 and 5 publish keys and values, 6 and 7 read them: each runs on its own.
+    for name in ("gemma3n", "gemma4_e2b"):
+        assert stacking.runs(pairs(name).stacked.model)["blocks"] == [
+            ("loop", 0, 4, 2),
+            *[("one", i) for i in range(4, 8)],
+        ]
+    assert stacking.runs(pairs("gemma4_moe").stacked.model) == {"blocks": [("loop", 0, 6, 2)]}
+    assert stacking.runs(pairs("t5gemma2").stacked.model) == {
+        "encoder.blocks": [("loop", 0, 4, 2)],
+        "decoder.blocks": [("loop", 0, 4, 2)],
+    }
+
+
+def test_periods_loop_like_kinds(pairs, monkeypatch):
+    """The other loop style (`stacking.LOOP_STYLE = "periods"`: one copy of each block of
+    the repeating period) gives the same values."""
+    pair = pairs("gemma3")
+    kinds = pair.stacked.run_with_cache(TOKENS)
+    monkeypatch.setattr(stacking, "LOOP_STYLE", "periods")
+    assert stacking.runs(pair.stacked.model) == {
         "blocks": [("scan", 0, 1, 5), ("one", 5), ("one", 6)]
     }
-    # Layers 4 and 5 publish keys and values (each is one of a kind); 6 and 7 read them.
-    assert scanned_layers(pairs("gemma3n").stacked)["blocks"][:4] == [0, 1, 2, 3]
-    assert scanned_layers(pairs("gemma4_e2b").stacked)["blocks"][:4] == [0, 1, 2, 3]
-    assert stacking.runs(pairs("gemma4_moe").stacked.model) == {"blocks": [("scan", 0, 3, 2)]}
-    assert stacking.runs(pairs("t5gemma2").stacked.model) == {
-        "encoder.blocks": [("scan", 0, 2, 2)],
-        "decoder.blocks": [("scan", 0, 2, 2)],
-    }
+    jax.clear_caches()  # the compiled forward would otherwise be the kinds loop's
+    periods = pair.stacked.with_tree(pair.stacked.model).run_with_cache(TOKENS)
+    m = pair.stacked
+    jaxpr = jax.make_jaxpr(lambda: m.logits_of(m._frozen, jnp.asarray(TOKENS), None))()
+    assert "cond[" not in str(jaxpr)  # no switch between kinds
+    close(kinds[0], periods[0])
+    for hook in kinds[1].keys():
+        close(kinds[1][hook], periods[1][hook])
 
 
 def test_plan_runs_finds_the_longest_period():
@@ -153,6 +175,66 @@ def corrupted_tokens():
     corrupted = TOKENS.copy()
     corrupted[:, 2] = 7
     return corrupted
+
+
+def _equations(jaxpr) -> int:
+    """Equations of a jaxpr, those of its loops' and branches' bodies included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _equations(inner)
+    return count
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_sweep_loops_over_layers_and_equals_a_loop_of_forwards(pairs, site, monkeypatch):
+    """The shared-runs sweep runs every block but the last as one loop over layers (two
+    kinds of block here: local and global attention). It equals a Python loop of patched
+    forwards, on the per-layer model (whose blocks it copies into stacks) and on the
+    stacked one (whose stacks it indexes), and so does its unrolled form (per-layer models
+    whose block weights exceed `patching.STACK_COPY_LIMIT_BYTES`)."""
+    from tests.test_patching import _loop_sweep
+
+    pair = pairs("gemma3")
+    assert patching.shares_runs(pair.plain._frozen)
+    expected = _loop_sweep(pair.plain, TOKENS, corrupted_tokens(), metric, site)
+    assert np.ptp(expected) > 1e-3
+    for m in (pair.plain, pair.stacked):
+        close(expected, patching.sweep(m, TOKENS, corrupted_tokens(), metric, site=site), 1e-4)
+    monkeypatch.setattr(patching, "STACK_COPY_LIMIT_BYTES", 0)
+    jax.clear_caches()
+    unrolled = patching.sweep(pair.plain, TOKENS, corrupted_tokens(), metric, site=site)
+    close(expected, unrolled, 1e-4)
+
+
+def test_sweep_program_does_not_grow_with_depth():
+    """The traced sweep of a stacked model has as many equations at 24 layers as at 12."""
+
+    def size(layers: int) -> int:
+        config = gl.preset("gemma3_1b").replace(
+            num_hidden_layers=layers,
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+        )
+        m = gl.build(config, stack_layers=True)
+        corrupted = corrupted_tokens()
+        runs = patching._prepare_runs(m, TOKENS, corrupted, None, None, {}, patching._Media.of())
+        names = patching.site_names(m, "resid_pre")
+        program, args, kwargs = patching._sweep_program(
+            m, runs, names, metric, "resid_pre", None, None
+        )
+        return _equations(jax.make_jaxpr(lambda *a: program(*a, **kwargs))(*args).jaxpr)
+
+    assert size(12) == size(24)
 
 
 @pytest.mark.parametrize("name", ["gemma3", "t5gemma2"])
@@ -256,6 +338,34 @@ def test_compiled_program_does_not_grow_with_depth():
     assert size(24, False) > 1.8 * size(12, False)
 
 
+def test_stacked_build_makes_each_stack_in_one_piece(monkeypatch):
+    """``gl.build(..., stack_layers=True)`` writes each stack directly (`RandomInit.stack`):
+    the same values as stacking the per-layer model, and no per-layer copy of a stacked
+    parameter is ever made."""
+    config = gl.preset("gemma3_1b").replace(
+        num_hidden_layers=4, vocab_size=256, hidden_size=32, intermediate_size=64
+    )
+    made: list[str] = []
+    original = RandomInit.value
+
+    def recording(self, request):
+        made.append(request.label)
+        return original(self, request)
+
+    monkeypatch.setattr(RandomInit, "value", recording)
+    direct = gl.build(config, stack_layers=True)
+    # Every value is made once, inside the program that writes its stack (or on its own).
+    assert len(made) == len(set(made)) == len(stacking.parameter_values(direct.model))
+    monkeypatch.setattr(RandomInit, "value", original)
+    plain = gl.build(config)
+    ours, theirs = (stacking.parameter_values(m.model) for m in (direct, plain))
+    assert ours.keys() == theirs.keys()
+    for label, value in theirs.items():
+        axes = tuple(value.named_shape)
+        np.testing.assert_array_equal(ours[label].unwrap(*axes), value.unwrap(*axes), label)
+    close(plain(TOKENS), direct(TOKENS))
+
+
 def test_donated_arrays_are_freed_and_meshes_refused():
     m = gl.build(gl.preset("gemma3_1b").replace(num_hidden_layers=2, vocab_size=256))
 
@@ -288,3 +398,48 @@ def test_adapters_and_saes_attach_to_stacked_layers():
     close(sae.splice(m, dictionary, include_error=False)(tokens), spliced(tokens))
     layer = int(dictionary.hook_in.split(".")[1])
     assert ("one", layer) in stacking.runs(spliced.model)["blocks"]
+
+
+def test_a_stack_is_one_argument_of_the_compiled_forward(pairs):
+    """Every layer's view holds the same stack; the compiled forward takes it once, not
+    once per layer (at 27B, 62 layers would count as 3 TB of arguments)."""
+    from gemmalens import lens
+
+    m = pairs("gemma3").stacked
+    distinct, index = lens._distinct(m._leaves)
+    stacks = {
+        id(s.stack.value.data_array)
+        for s in pz.select(m.model).at_instances_of(stacking.LayerSlice).get_sequence()
+    }
+    assert len(index) == len(m._leaves) and len(distinct) < len(m._leaves)
+    held = {id(leaf) for leaf in distinct}
+    assert stacks <= held
+    assert sum(id(leaf) in stacks for leaf in distinct) == len(stacks)
+    argument_bytes = sum(leaf.nbytes for leaf in distinct)
+    model_bytes = sum(v.data_array.nbytes for v in stacking.parameter_values(m.model).values())
+    assert argument_bytes <= model_bytes
+
+
+def test_a_loop_keeps_attention_fused_where_nothing_is_hooked(monkeypatch):
+    """Inside a loop, a hook position that no layer uses is a bare hook point, so the
+    attention of a stacked model takes the fused kernel (no [seq, seq] weights) exactly
+    where the per-layer model does; capturing the pattern switches both to explicit."""
+    from gemmalens.layers.attention import DotProductAttention
+
+    calls = []
+    original = DotProductAttention._explicit
+
+    def explicit(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DotProductAttention, "_explicit", explicit)
+    config = gl.preset("gemma3_1b").replace(
+        num_hidden_layers=7, vocab_size=256, hidden_size=32, intermediate_size=64
+    )
+    m = gl.build(config, stack_layers=True)
+    assert stacking.runs(m.model)["blocks"][0][0] == "loop"
+    m(TOKENS)
+    assert calls == []
+    m.run_with_cache(TOKENS, "blocks.*.attn.hook_pattern")
+    assert calls  # traced explicitly, once per kind of block in the loop

@@ -30,6 +30,8 @@ values nobody asked for.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import re
 from collections.abc import Hashable, Sequence
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
+from gemmalens.layers.kv_sharing import KVProducer, SharedKVAttention
 
 # A stack's parameters: "<stack>.blocks.<index>.<rest>" (the stack prefix may be empty).
 _BLOCK_LABEL = re.compile(r"^(?P<stack>(?:.*\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -49,6 +52,8 @@ MESH_REFUSAL = (
     "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet "
     "(gemmalens.sharding places per-layer parameters); pass one of the two."
 )
+# Layers that publish or read values through a side input shared by the whole stack.
+_SHARES_STATE = (KVProducer, SharedKVAttention)
 # The longest period looked for (Gemma 3's is 6; Gemma 4's 6; room for others).
 MAX_PERIOD = 8
 
@@ -134,14 +139,112 @@ def _is_block_stack(layer: Any) -> bool:
     )
 
 
-def stack_tree(tree: Any, donate: bool = False) -> Any:
+class _FromValues:
+    """Stacks made from the per-layer values the tree holds."""
+
+    def __init__(self, donate: bool):
+        self.donate = donate
+
+    def stack(self, members: list[pz.Parameter]) -> jax.Array:
+        axes = tuple(members[0].value.named_shape)
+        arrays = [m.value.unwrap(*axes) for m in members]
+        stacked = jnp.stack(arrays)
+        if self.donate:
+            for array in arrays:
+                if isinstance(array, jax.Array) and not array.is_deleted():
+                    array.delete()
+        return stacked
+
+    def single(self, param: pz.Parameter) -> pz.Parameter:
+        return param
+
+
+class _FromSource:
+    """Stacks made directly by a `ParamSource` from the requests a placeholder build
+    recorded: each stack is written once, in one piece, and no per-layer copy of a stacked
+    parameter ever exists (no second copy of the model, no freed per-layer arrays leaving
+    the device memory in pieces too small for the next stack)."""
+
+    def __init__(self, source: Any, requests: dict[str, Any]):
+        self.source, self.requests = source, requests
+
+    def stack(self, members: list[pz.Parameter]) -> jax.Array:
+        requests = [self.requests[m.label] for m in members]
+        make = getattr(self.source, "stack", None)
+        if make is not None:
+            return make(requests)
+        # A source without a stacked form: one layer at a time, each freed once copied.
+        return _FromValues(donate=True).stack([self.source(r) for r in requests])
+
+    def single(self, param: pz.Parameter) -> pz.Parameter:
+        return self.source(self.requests[param.label])
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # value, label
+class _Placeholder(pz.ParameterValue):
+    """A parameter not made yet: its value is a `jax.ShapeDtypeStruct` (`build_stacked`)."""
+
+
+@dataclasses.dataclass
+class _Placeholders:
+    """A `ParamSource` that records each request and returns a parameter holding only its
+    shape (`build_stacked` fills it in)."""
+
+    dtype: Any
+    requests: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, request: Any) -> _Placeholder:
+        self.requests[request.label] = request
+        shape = jax.ShapeDtypeStruct(request.shape, self.dtype)
+        value = pz.nx.NamedArray(named_axes=collections.OrderedDict(request.axes), data_array=shape)
+        return _Placeholder(value=value, label=request.label)
+
+
+_BUILD_STACKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "build_stacked", default=False
+)
+
+
+@contextlib.contextmanager
+def stacked_builds():
+    """Inside this, checkpoint readers build their trees stacked (`build_stacked`):
+    ``gemmalens.load(..., stack_layers=True)``."""
+    token = _BUILD_STACKED.set(True)
+    try:
+        yield
+    finally:
+        _BUILD_STACKED.reset(token)
+
+
+def building_stacked() -> bool:
+    """Whether a reader should build stacked (`stacked_builds`)."""
+    return _BUILD_STACKED.get()
+
+
+def build_stacked(build: Any, source: Any) -> Any:
+    """``build(source)`` with its block stacks stacked (as `stack_tree` makes them), each
+    stack made directly by ``source``: its ``stack(requests)`` method where it has one (a
+    random initialisation writes each stack in one program; a checkpoint stacks on the
+    host and copies once), else one layer at a time. The peak memory is the model's."""
+    placeholders = _Placeholders(source.dtype)
+    tree = build(placeholders)
+    return stack_tree(tree, filler=_FromSource(source, placeholders.requests))
+
+
+# What `stack_tree` stacks: parameters, and placeholders of parameters to be made.
+_OWN = (pz.Parameter, _Placeholder)
+
+
+def stack_tree(tree: Any, donate: bool = False, filler: Any = None) -> Any:
     """``tree`` with its block stacks' parameters stored stacked (`LayerSlice` views) and
     its block stacks run by `ScannedSequential`.
 
     ``donate``: delete each per-layer array once it is copied into its stack, so that the
     peak memory is the model plus one stack (the input tree is unusable afterwards).
+    ``filler``: where the values come from (`build_stacked`); the tree's own by default.
     """
-    params = pz.select(tree).at_instances_of(pz.Parameter).get_sequence()
+    filler = filler or _FromValues(donate)
+    params = pz.select(tree).at_instances_of(_OWN).get_sequence()
     groups: dict[tuple, list[pz.Parameter]] = collections.defaultdict(list)
     seen: set[int] = set()
     for param in params:
@@ -152,28 +255,27 @@ def stack_tree(tree: Any, donate: bool = False) -> Any:
         if key is not None:
             groups[key].append(param)
     names = collections.Counter((stack, rest) for stack, rest, *_ in groups)
-    slices: dict[int, LayerSlice] = {}
+    replaced: dict[int, Any] = {}
     for (stack_name, rest, shape, _), members in groups.items():
         label = f"{stack_name}.*.{rest}"
         if names[(stack_name, rest)] > 1:
             label += "[" + ",".join(f"{a}={n}" for a, n in shape) + "]"
-        axes = tuple(members[0].value.named_shape)
-        arrays = [m.value.unwrap(*axes) for m in members]
-        stacked = jnp.stack(arrays)
-        if donate:
-            for array in arrays:
-                if isinstance(array, jax.Array) and not array.is_deleted():
-                    array.delete()
-        value = pz.nx.NamedArray(named_axes=collections.OrderedDict(shape), data_array=stacked)
+        value = pz.nx.NamedArray(
+            named_axes=collections.OrderedDict(shape), data_array=filler.stack(members)
+        )
         stack = pz.Parameter(value=value, label=label)
         for index, member in enumerate(members):
-            slices[id(member)] = LayerSlice(stack=stack, index=index, label=member.label)
-    stacked_tree = (
-        pz.select(tree)
-        .at_instances_of(pz.Parameter)
-        .where(lambda p: id(p) in slices)
-        .apply(lambda p: slices[id(p)])
-    )
+            replaced[id(member)] = LayerSlice(stack=stack, index=index, label=member.label)
+    singles: dict[int, Any] = {}
+
+    def replace(param: pz.Parameter) -> Any:
+        if id(param) in replaced:
+            return replaced[id(param)]
+        if id(param) not in singles:  # a shared parameter stays one object
+            singles[id(param)] = filler.single(param)
+        return singles[id(param)]
+
+    stacked_tree = pz.select(tree).at_instances_of(_OWN).apply(replace)
     return (
         pz.select(stacked_tree)
         .at_instances_of(pz.nn.Sequential)
@@ -288,6 +390,50 @@ def plan_runs(signatures: Sequence[Hashable], max_period: int = MAX_PERIOD) -> l
     return plan
 
 
+def _loopable(flat: _Flat) -> bool:
+    # Only slices, hooks and layer numbers vary; anything else (a block's own parameter)
+    # makes the block run on its own, and so does a block that hands values to later
+    # blocks through a side input (a KV-sharing producer or consumer).
+    if pz.select(flat.block).at_instances_of(_SHARES_STATE).count():
+        return False
+    return all(key[0] != "leaf" for key in flat.signature[1])
+
+
+def _captured_names(flat: _Flat) -> frozenset:
+    return frozenset(key[1] for key in flat.signature[1] if key[0] == "hook" and key[3])
+
+
+def plan_loops(flats: Sequence[_Flat]) -> list[tuple]:
+    """Splits blocks into loops: ``("loop", start, stop, kinds)`` where blocks ``start ..
+    stop - 1`` run as one loop over layers, each layer choosing its kind of block (its
+    distinct structure: Gemma 3's local and global layers are two kinds) by a switch on
+    the loop counter; ``("one", index)`` for a block that runs alone (one holding its own
+    parameters or shared state). The blocks of a loop capture the same hooks."""
+    plan: list[tuple] = []
+    i, n = 0, len(flats)
+    while i < n:
+        j = i + 1
+        if _loopable(flats[i]):
+            while (
+                j < n
+                and _loopable(flats[j])
+                and _captured_names(flats[j]) == _captured_names(flats[i])
+            ):
+                j += 1
+        if j - i >= 2:
+            plan.append(("loop", i, j, len({f.signature for f in flats[i:j]})))
+        else:
+            plan.append(("one", i))
+        i = j
+    return plan
+
+
+#: How `ScannedSequential` loops: ``"kinds"`` (`plan_loops`: one copy of each kind of
+#: block in the compiled program) or ``"periods"`` (`plan_runs`: one copy of each block of
+#: the repeating period, no switch).
+LOOP_STYLE = "kinds"
+
+
 @dataclasses.dataclass
 class _LoopHook:
     """Stands in a scanned block for one hook position: runs the repeat's own
@@ -325,6 +471,15 @@ class _LoopHook:
         return value
 
 
+def _loop_hook(hooks: tuple[HookPoint, ...], counter: Any, captured: dict, key: Any) -> Any:
+    """What stands at a hook position inside a loop: the bare hook point where no layer
+    intervenes or captures there (so that layers that test for bare hooks, such as
+    attention choosing its fused kernel, see one), else a `_LoopHook`."""
+    if not _captures(hooks[0]) and all(getattr(h, "fn", None) is None for h in hooks):
+        return HookPoint(name=hooks[0].name, axes=hooks[0].axes)
+    return _LoopHook(hooks, counter, captured, key)
+
+
 def _scan_run(
     flats: Sequence[_Flat], period: int, repeats: int, h: Any, side_inputs: dict[str, Any]
 ) -> Any:
@@ -352,7 +507,7 @@ def _scan_run(
                 elif isinstance(leaf, LayerNumber):
                     leaves.append(_LoopNumber(tables[j, q][counter]))
                 elif isinstance(leaf, HookPoint):
-                    leaves.append(_LoopHook(hooks[j, q], counter, captured, (j, q)))
+                    leaves.append(_loop_hook(hooks[j, q], counter, captured, (j, q)))
                 else:
                     leaves.append(leaf)
             contents = jax.tree.unflatten(flat.treedef, leaves)
@@ -375,6 +530,87 @@ def _scan_run(
         for r, hook in enumerate(hooks[key]):
             hook.sink.value = values[r]
     return h
+
+
+class _KindsDiffer(Exception):
+    """The kinds of block in a loop return values of different shapes (`_loop_run`)."""
+
+
+def _in_block(flat: _Flat, hook: HookPoint) -> str:
+    """The hook's name within its block (``attn.hook_pattern``)."""
+    prefix = flat.block.name + "." if isinstance(flat.block, pz.nn.NamedGroup) else ""
+    return _relative(hook.name, prefix)
+
+
+def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> Any:
+    """`plan_loops`' loop over ``flats``: `jax.lax.scan` over the layers, each step a
+    `jax.lax.switch` on the layer's kind, reading its weights from the stacks by its place
+    among the layers of its kind."""
+    kinds: dict[Hashable, list[int]] = {}
+    for i, flat in enumerate(flats):
+        kinds.setdefault(flat.signature, []).append(i)
+    kind_of = jnp.zeros(len(flats), jnp.int32)
+    slot_of = jnp.zeros(len(flats), jnp.int32)
+    sinks: dict[tuple[int, str], HookPoint] = {}
+    branches = []
+    order = _axis_orders(h)
+    for k, members in enumerate(kinds.values()):
+        kind_of = kind_of.at[jnp.asarray(members)].set(k)
+        slot_of = slot_of.at[jnp.asarray(members)].set(jnp.arange(len(members)))
+        template = flats[members[0]]
+        columns: list[Any] = []
+        for q, leaf in enumerate(template.leaves):
+            column = [flats[i].leaves[q] for i in members]
+            if isinstance(leaf, LayerSlice):
+                columns.append(jnp.asarray([v.index for v in column], jnp.int32))
+            elif isinstance(leaf, LayerNumber):
+                columns.append(jnp.asarray([v.value for v in column], jnp.int32))
+            elif isinstance(leaf, HookPoint):
+                columns.append(tuple(column))
+                if _captures(leaf):
+                    for i, hook in zip(members, column):
+                        sinks[i, _in_block(flats[i], hook)] = hook
+            else:
+                columns.append(None)
+        branches.append(_kind_branch(template, columns, side_inputs, order))
+
+    def step(carry, layer):
+        return jax.lax.switch(kind_of[layer], branches, carry, slot_of[layer])
+
+    try:
+        h, stacked = jax.lax.scan(step, _in_order(h, order), jnp.arange(len(flats)))
+    except TypeError as error:  # the kinds' steps return different types
+        if "branch" in str(error):
+            raise _KindsDiffer(str(error)) from error
+        raise
+    for (i, name), hook in sinks.items():
+        hook.sink.value = stacked[name][i]
+    return h
+
+
+def _kind_branch(template: _Flat, columns: list[Any], side_inputs: dict[str, Any], order):
+    def branch(carry, slot):
+        captured: dict[Any, Any] = {}
+        leaves = []
+        for leaf, column in zip(template.leaves, columns):
+            if isinstance(leaf, LayerSlice):
+                value = take_layer(leaf.stack.value, column[slot])
+                leaves.append(pz.ParameterValue(value=value, label=leaf.label))
+            elif isinstance(leaf, LayerNumber):
+                leaves.append(_LoopNumber(column[slot]))
+            elif isinstance(leaf, HookPoint):
+                leaves.append(_loop_hook(column, slot, captured, _in_block(template, leaf)))
+            else:
+                leaves.append(leaf)
+        contents = jax.tree.unflatten(template.treedef, leaves)
+        block = (
+            dataclasses.replace(template.block, sublayers=contents)
+            if isinstance(template.block, pz.nn.NamedGroup)
+            else contents
+        )
+        return _in_order(block(carry, **side_inputs), order), captured
+
+    return branch
 
 
 def _is_named(node: Any) -> bool:
@@ -407,18 +643,39 @@ class ScannedSequential(pz.nn.Sequential):
     """
 
     def plan(self) -> tuple[list[_Flat], list[tuple]]:
-        """Each block flattened, and `plan_runs`' split of the blocks into runs."""
+        """Each block flattened, and the split of the blocks into runs: `plan_loops`, or
+        `plan_runs` where `LOOP_STYLE` is ``"periods"``."""
         flats = [_flatten(block) for block in self.sublayers]
-        return flats, plan_runs([f.signature for f in flats])
+        if LOOP_STYLE == "periods":
+            return flats, plan_runs([f.signature for f in flats])
+        return flats, plan_loops(flats)
 
     def __call__(self, value: Any, **side_inputs: Any) -> Any:
         flats, plan = self.plan()
         for run in plan:
             if run[0] == "one":
                 value = self.sublayers[run[1]](value, **side_inputs)
+            elif run[0] == "loop":
+                value = self._loop(flats[run[1] : run[2]], run[1], value, side_inputs)
             else:
                 _, start, period, repeats = run
                 run_flats = flats[start : start + period * repeats]
+                value = _scan_run(run_flats, period, repeats, value, side_inputs)
+        return value
+
+    def _loop(self, flats: list[_Flat], start: int, value: Any, side_inputs: dict) -> Any:
+        try:
+            return _loop_run(flats, value, side_inputs)
+        except _KindsDiffer:
+            pass
+        # Kinds whose captured values differ in shape (Gemma 4's global and local queries)
+        # cannot share one loop step: repeating periods loop instead.
+        for run in plan_runs([f.signature for f in flats]):
+            if run[0] == "one":
+                value = self.sublayers[start + run[1]](value, **side_inputs)
+            else:
+                _, first, period, repeats = run
+                run_flats = flats[first : first + period * repeats]
                 value = _scan_run(run_flats, period, repeats, value, side_inputs)
         return value
 
