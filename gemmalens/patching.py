@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.layers import stacking
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
 from gemmalens.layers.hooks import HookPoint, InterveneHook, intervene
@@ -466,21 +467,38 @@ def _take_rows(x: pz.nx.NamedArray, index: np.ndarray) -> pz.nx.NamedArray:
     return pz.nx.nmap(lambda a: a[index])(x.untag("seq")).tag("seq")
 
 
-def _canonical(block: pz.nn.NamedGroup, index: int) -> pz.nn.NamedGroup:
+def _canonical(block: pz.nn.NamedGroup, index: int, keep_slices: bool = False) -> pz.nn.NamedGroup:
     """``block`` with names that do not mention its index, so that blocks of one kind have
-    one tree structure and one traced program."""
+    one tree structure and one traced program. A stacked layer's `LayerSlice` becomes its
+    slice, or stays a view into its stack (``keep_slices``: a loop indexes the stack)."""
     prefix = f"blocks.{index}."
     block = (
         pz.select(block)
         .at_instances_of(HookPoint)
         .apply(lambda hp: dataclasses.replace(hp, name=hp.name.removeprefix(prefix)))
     )
+    if keep_slices:
+        block = (
+            pz.select(block)
+            .at_instances_of(LayerSlice)
+            .apply(lambda v: _StackRef(v.stack.value, v.index, v.stack.label))
+        )
     block = (
         pz.select(block)
-        .at_instances_of((pz.ParameterValue, LayerSlice))  # a stacked layer: its slice
+        .at_instances_of((pz.ParameterValue, LayerSlice))
         .apply(lambda p: pz.ParameterValue(value=p.value, label="block"))
     )
     return dataclasses.replace(block, name="block")
+
+
+@dataclasses.dataclass(frozen=True)
+class _StackRef:
+    """A stacked layer's parameter inside a sweep's loop: its stack, index and stack label
+    (`_canonical` with ``keep_slices``)."""
+
+    stack: Any
+    index: int
+    label: str
 
 
 def _patched(value: jax.Array, lead: int, dst: np.ndarray, src: np.ndarray, patch) -> jax.Array:
@@ -679,28 +697,130 @@ def _sweep_shared(
     first, _ = walker.walk(model.embed, pz.nx.wrap(tokens).tag("batch", "seq"), rows)
     first = first.unwrap(*_RESID)
 
-    # groups[L]: the runs patched in block L, with the clean and corrupted runs. Each block
-    # runs over the groups begun so far in a loop: it is compiled once, not once per group.
-    groups = first[None]
-    for j, block in enumerate(model.blocks.sublayers):
-        if j:
-            groups = jnp.concatenate([groups, groups[0][:, plan.start_index][None]])
-        block = _canonical(block, j)
-        prune = plan.read is not None and j == plan.layers - 1
-
-        def step(args, block=block, prune=prune):
-            x, patch = args
-            return _shared_block(
-                block, x, positions, patch, plan=plan, prune=prune, rows_sharding=rows_sharding
-            )
-
-        groups = jax.lax.map(step, (groups, jnp.arange(j + 1) == j))
+    groups = _run_groups(model.blocks.sublayers, first, positions, plan, rows_sharding)
     return jax.lax.map(
         lambda x: _shared_scores(
             model.final_norm, model.unembed, x, positions, plan=plan, metric=metric
         ),
         groups,
     )
+
+
+# Above this many bytes of block weights, a per-layer (unstacked) model's sweep runs its
+# blocks one after another rather than copying their weights into stacks for one loop.
+STACK_COPY_LIMIT_BYTES = 4 * 2**30
+
+
+def _run_groups(blocks, first, positions, plan: _Plan, rows_sharding) -> jax.Array:
+    """Every group through every block: ``[layers, batch, rows, d_model]``.
+
+    Group ``L`` holds the runs patched in block ``L`` (with the clean and corrupted runs);
+    it begins at block ``L`` as a copy of group 0 (`_Plan.start_index`), and block ``L``
+    then runs over groups ``0 .. L``. The blocks before the last run as one loop over
+    layers (`jax.lax.scan`), each layer choosing its kind of block (Gemma 3's local or
+    global) by `jax.lax.switch` and reading its weights from stacks by the loop counter,
+    so the program holds one copy of each kind of block whatever the depth. The last
+    block, which may keep only the rows the metric reads, runs on its own."""
+    layers = len(blocks)
+    last = layers - 1
+    refs = [_canonical(block, j, keep_slices=True) for j, block in enumerate(blocks[:last])]
+    weight_bytes = sum(
+        leaf.nbytes
+        for block in refs
+        for leaf in jax.tree.leaves(block, is_leaf=_is_slice)
+        if not _is_slice(leaf)
+    )
+    groups = jnp.zeros((layers, *first.shape), first.dtype).at[0].set(first)
+
+    def run_block(block, groups, layer, count, prune=False):
+        """``block`` (layer ``layer``) over groups ``0 .. count - 1``, patching group
+        ``layer``."""
+
+        def one(g, x):
+            return _shared_block(
+                block, x, positions, g == layer, plan=plan, prune=prune, rows_sharding=rows_sharding
+            )
+
+        return jax.lax.map(lambda args: one(*args), (jnp.arange(count), groups[:count]))
+
+    if last and weight_bytes > STACK_COPY_LIMIT_BYTES:  # a large per-layer model: unrolled
+        for j in range(last):
+            groups = groups.at[j].set(groups[0][:, plan.start_index])
+            groups = groups.at[: j + 1].set(run_block(_canonical(blocks[j], j), groups, j, j + 1))
+    elif last:
+        groups = _loop_over_layers(refs, groups, positions, plan, rows_sharding)
+    groups = groups.at[last].set(groups[0][:, plan.start_index])
+    prune = plan.read is not None
+    return run_block(_canonical(blocks[last], last), groups, last, layers, prune=prune)
+
+
+def _is_slice(node: Any) -> bool:
+    return isinstance(node, _StackRef)
+
+
+def _loop_over_layers(blocks, groups, positions, plan: _Plan, rows_sharding) -> jax.Array:
+    """`_run_groups`' loop: blocks ``0 .. len(blocks) - 1`` over the groups begun so far."""
+    kinds: dict[Any, list[int]] = {}
+    flat = [jax.tree.flatten(block, is_leaf=_is_slice) for block in blocks]
+    for j, (leaves, treedef) in enumerate(flat):
+        signature = (treedef,) + tuple(
+            ("slice", leaf.label) if _is_slice(leaf) else (leaf.shape, str(leaf.dtype))
+            for leaf in leaves
+        )
+        kinds.setdefault(signature, []).append(j)
+    kind_of = np.zeros(len(blocks), np.int32)
+    slot_of = np.zeros(len(blocks), np.int32)
+    branches = []
+    for k, members in enumerate(kinds.values()):
+        kind_of[members] = k
+        slot_of[members] = np.arange(len(members))
+        template, treedef = flat[members[0]]
+        columns = []
+        for q, leaf in enumerate(template):
+            if _is_slice(leaf):  # a stacked model: index its stack, copy nothing
+                index = jnp.asarray([flat[j][0][q].index for j in members], jnp.int32)
+                columns.append((leaf.stack, index))
+            else:
+                columns.append((jnp.stack([flat[j][0][q] for j in members]), None))
+        branches.append(_kind_branch(treedef, columns, positions, plan, rows_sharding))
+    kind_of, slot_of = jnp.asarray(kind_of), jnp.asarray(slot_of)
+
+    def step(groups, layer):
+        groups = groups.at[layer].set(groups[0][:, plan.start_index])
+        return jax.lax.switch(kind_of[layer], branches, groups, layer, slot_of[layer]), None
+
+    return jax.lax.scan(step, groups, jnp.arange(len(blocks)))[0]
+
+
+def _kind_branch(treedef, columns, positions, plan: _Plan, rows_sharding):
+    """One kind of block at layer ``layer`` (its ``slot``-th member), over groups
+    ``0 .. layer`` (a loop whose length is the layer: compiled once)."""
+
+    def branch(groups, layer, slot):
+        leaves = []
+        for values, index in columns:
+            if index is None:
+                leaves.append(values[slot])
+            else:
+                value = stacking.take_layer(values, index[slot])
+                leaves.append(pz.ParameterValue(value=value, label="block"))
+        block = jax.tree.unflatten(treedef, leaves)
+
+        def one(g, groups):
+            x = _shared_block(
+                block,
+                groups[g],
+                positions,
+                g == layer,
+                plan=plan,
+                prune=False,
+                rows_sharding=rows_sharding,
+            )
+            return groups.at[g].set(x)
+
+        return jax.lax.fori_loop(0, layer + 1, one, groups)
+
+    return branch
 
 
 # --------------------------------------------------------------- the general form
