@@ -19,7 +19,9 @@ own random initialisation, sdpa attention. Rows:
   process filled;
 * ``steady``: the median of five calls after the first;
 * the patching sweep of Gemma 3 1B (``resid_pre`` at every layer and position of one
-  64-token prompt): first call and steady.
+  64-token prompt): first call and steady;
+* load + first forward of a Gemma 3 4B checkpoint (transformers' random weights, saved
+  with ``save_pretrained``, bfloat16): ``gl.load`` stacked and not, ``from_pretrained``.
 
 Prints a Markdown table and writes the raw figures as JSON (``--out``).
 """
@@ -50,6 +52,7 @@ REAL = {
 }
 TINY_SHAPES = [(1, 64)]
 SWEEP_PRESET, SWEEP_LENGTH = "gemma3_1b", 64
+LOAD_PRESET, LOAD_LENGTH = "gemma3_4b_text", 128
 
 
 def tiny_config(name: str, smoke: bool = True) -> Any:
@@ -92,6 +95,15 @@ def sync(value: Any) -> Any:
     return value
 
 
+def peak_memory() -> dict:
+    """The device's peak memory in use so far, where it reports one (GPUs)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {} if peak is None else {"peak_gib": peak / 2**30}
+
+
 def steady(fn, repeats: int = 5) -> float:
     """The median of ``repeats`` calls made after the first (which the caller timed)."""
     return median_seconds(fn, repeats, warmup=False)
@@ -125,7 +137,7 @@ def ours(name: str, stacked: bool, tiny: bool, captures: bool) -> dict:
         ids = tokens(batch, length, config.vocab_size)
         started = time.perf_counter()
         sync(m(ids))
-        row = {"first_call_s": time.perf_counter() - started}
+        row = {"first_call_s": time.perf_counter() - started, **peak_memory()}
         row["steady_s"] = steady(lambda ids=ids: sync(m(ids)))
         if captures:
             names = [n for n in m.hook_names if n.endswith("hook_resid_post")]
@@ -168,26 +180,11 @@ def ours_sweep(stacked: bool, tiny: bool) -> dict:
 def theirs(name: str, tiny: bool) -> dict:
     """transformers (sdpa) in this process: random init, first call, steady."""
     import torch
-    import transformers
-
-    from gemmalens.families.hf_config import to_hf
 
     config = config_for(name, tiny)
-    hf = to_hf(config)
-    model_type = hf.pop("model_type")
-    classes = {
-        "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-        "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM"),
-    }
-    config_class, model_class = classes[model_type]
-    hf_config = getattr(transformers, config_class)(**hf)
-    hf_config._attn_implementation = "sdpa"
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
-    dtype = torch.float32 if tiny else torch.bfloat16
     started = time.perf_counter()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = getattr(transformers, model_class)(hf_config).eval()
+    model = hf_model(config, device, torch.float32 if tiny else torch.bfloat16)
     out: dict[str, Any] = {"build_s": time.perf_counter() - started, "device": device}
 
     def torch_sync():
@@ -211,7 +208,152 @@ def theirs(name: str, tiny: bool) -> dict:
     return out
 
 
-CASES = {"ours": ours, "ours_sweep": ours_sweep, "theirs": theirs}
+def hf_model(config: Any, device: str, dtype: Any) -> Any:
+    """transformers' causal LM of ``config`` with its own random initialisation."""
+    import torch
+    import transformers
+
+    from gemmalens.families.hf_config import to_hf
+
+    hf = to_hf(config)
+    model_type = hf.pop("model_type")
+    classes = {
+        "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM"),
+    }
+    config_class, model_class = classes[model_type]
+    hf_config = getattr(transformers, config_class)(**hf)
+    hf_config._attn_implementation = "sdpa"
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        return getattr(transformers, model_class)(hf_config).eval()
+
+
+def save_checkpoint(directory: str, tiny: bool) -> dict:
+    """Writes transformers' random ``LOAD_PRESET`` (bfloat16) as a checkpoint folder."""
+    import torch
+
+    device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    model = hf_model(config_for(LOAD_PRESET, tiny), device, torch.bfloat16)
+    started = time.perf_counter()
+    model.save_pretrained(directory)
+    return {"save_s": time.perf_counter() - started}
+
+
+def ours_load(directory: str, tiny: bool, stacked: bool) -> dict:
+    """``gl.load`` of the checkpoint, then the first forward of 1 x LOAD_LENGTH tokens."""
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+
+    started = time.perf_counter()
+    m = gl.load(directory, dtype=jnp.bfloat16, stack_layers=stacked)
+    sync(m.model)
+    loaded = time.perf_counter()
+    sync(m(tokens(1, LOAD_LENGTH, m.config.vocab_size)))
+    done = time.perf_counter()
+    return {"load_s": loaded - started, "first_call_s": done - loaded, "total_s": done - started}
+
+
+def theirs_load(directory: str, tiny: bool) -> dict:
+    """transformers' ``from_pretrained`` of the checkpoint, then its first forward."""
+    import torch
+    import transformers
+
+    device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.bfloat16, device_map=device, attn_implementation="sdpa"
+    ).eval()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    loaded = time.perf_counter()
+    ids = torch.as_tensor(tokens(1, LOAD_LENGTH, model.config.vocab_size), device=device)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {"load_s": loaded - started, "first_call_s": done - loaded, "total_s": done - started}
+
+
+def phases(jitted: Any, *args: Any, **kwargs: Any) -> dict:
+    """Where a first call's time goes: tracing, lowering, compiling, running (JAX's
+    ahead-of-time steps, in one process with the compilation cache off)."""
+    started = time.perf_counter()
+    traced = jitted.trace(*args, **kwargs)
+    t_traced = time.perf_counter()
+    lowered = traced.lower()
+    t_lowered = time.perf_counter()
+    compiled = lowered.compile()
+    t_compiled = time.perf_counter()
+    return {
+        "trace_s": t_traced - started,
+        "lower_s": t_lowered - t_traced,
+        "compile_s": t_compiled - t_lowered,
+        "hlo_lines": lowered.as_text().count("\n"),
+        "compiled": compiled,
+    }
+
+
+def ours_phases(name: str, tiny: bool, variant: str = "preset") -> dict:
+    """The phases (`phases`) of a stacked model's first forward, and of the Gemma 3 1B
+    sweep (``name`` = ``SWEEP_PRESET``). ``variant``: ``"periods"`` loops over the repeating
+    period (`stacking.LOOP_STYLE`) instead of kinds of block; ``"all_global"`` makes every
+    layer global (one kind of block), to see what each block in the loop costs to
+    compile."""
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+    from gemmalens import lens, patching
+    from gemmalens.layers import stacking
+
+    config = config_for(name, tiny)
+    if variant == "periods":
+        stacking.LOOP_STYLE = "periods"
+    if variant == "all_global":
+        config = config.replace(layer_types=("full_attention",) * config.num_hidden_layers)
+    dtype = jnp.float32 if tiny else jnp.bfloat16
+    m = gl.build(config, dtype=dtype, stack_layers=name != SWEEP_PRESET)
+    if name == SWEEP_PRESET:
+        clean = tokens(1, SWEEP_LENGTH, config.vocab_size)
+        corrupted = clean.copy()
+        corrupted[0, 5] = 7
+
+        def metric(logits):
+            return logits[:, -1, 11].mean() - logits[:, -1, 12].mean()
+
+        # The sweep's own steps (private: a diagnostic, not an API).
+        runs = patching._prepare_runs(m, clean, corrupted, None, None, {}, patching._Media.of())
+        names = patching.site_names(m, "resid_pre")
+        program, args, kwargs = patching._sweep_program(
+            m, runs, names, metric, "resid_pre", None, None
+        )
+        out = phases(program, *args, **kwargs)
+        compiled = out.pop("compiled")
+        started = time.perf_counter()
+        sync(compiled(*args))
+    else:
+        batch, length = TINY_SHAPES[0] if tiny else REAL[name][0]
+        inputs = m._prepare(tokens(batch, length, config.vocab_size), None, {})
+        distinct, index = lens._distinct(m._leaves)
+        out = phases(lens._run_distinct, m.logits_of, m._treedef, index, distinct, inputs)
+        compiled = out.pop("compiled")
+        started = time.perf_counter()
+        sync(compiled(distinct, inputs))
+    out["run_s"] = time.perf_counter() - started
+    return out
+
+
+CASES = {
+    "ours_phases": ours_phases,
+    "ours": ours,
+    "ours_sweep": ours_sweep,
+    "theirs": theirs,
+    "save_checkpoint": save_checkpoint,
+    "ours_load": ours_load,
+    "theirs_load": theirs_load,
+}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -236,7 +378,12 @@ def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) ->
 
 
 def measure(
-    tiny: bool, names: list[str], timeout: float, log, unstacked: list[str] | None = None
+    tiny: bool,
+    names: list[str],
+    timeout: float,
+    log,
+    unstacked: list[str] | None = None,
+    workdir: str | None = None,
 ) -> dict:
     """Every case, the floors' own first (a short lease keeps what matters most);
     ``log(results, name, what, row)`` after each."""
@@ -256,11 +403,22 @@ def measure(
     for name in names:
         kwargs = dict(name=name, stacked=True, tiny=tiny, captures=True)
         cases.append((results["models"][name], "stacked", "ours", own_cache(name), kwargs))
+    cases.append((sweep, "stacked", "ours_sweep", off, dict(stacked=True, tiny=tiny)))
+    cases.append((sweep, "unstacked", "ours_sweep", off, dict(stacked=False, tiny=tiny)))
+    load: dict[str, Any] = {}
+    results["load"] = {LOAD_PRESET: load}
+    directory = os.path.join(workdir or cache, "checkpoint")
+    for key, case, kwargs in [
+        ("checkpoint", "save_checkpoint", dict(directory=directory, tiny=tiny)),
+        ("stacked", "ours_load", dict(directory=directory, tiny=tiny, stacked=True)),
+        ("transformers", "theirs_load", dict(directory=directory, tiny=tiny)),
+        ("unstacked", "ours_load", dict(directory=directory, tiny=tiny, stacked=False)),
+    ]:
+        cases.append((load, key, case, off, kwargs))
     for name in names:
         kwargs = dict(name=name, stacked=True, tiny=tiny, captures=False)
         where = results["models"][name]
         cases.append((where, "stacked_second_process", "ours", own_cache(name), kwargs))
-    cases.append((sweep, "stacked", "ours_sweep", off, dict(stacked=True, tiny=tiny)))
     for name in names:
         kwargs = dict(name=name, tiny=tiny)
         cases.append((results["models"][name], "transformers", "theirs", off, kwargs))
@@ -268,10 +426,10 @@ def measure(
         if unstacked is None or name in unstacked:
             kwargs = dict(name=name, stacked=False, tiny=tiny, captures=True)
             cases.append((results["models"][name], "unstacked", "ours", off, kwargs))
-    cases.append((sweep, "unstacked", "ours_sweep", off, dict(stacked=False, tiny=tiny)))
     for where, key, case, env, kwargs in cases:
         where[key] = in_process(case, env, timeout, **kwargs)
-        log(results, kwargs.get("name", SWEEP_PRESET), f"{case} {key}", where[key])
+        what = kwargs.get("name", LOAD_PRESET if "load" in case or "save" in case else SWEEP_PRESET)
+        log(results, what, f"{case} {key}", where[key])
     return results
 
 
@@ -329,6 +487,14 @@ def table(results: dict) -> str:
             f"{seconds(sweep, 'stacked', 'steady_s')} / "
             f"{seconds(sweep, 'unstacked', 'steady_s')} / – | |"
         )
+    for name, load in results.get("load", {}).items():
+        lines.append(
+            f"| {name}: load + first forward 1x{LOAD_LENGTH} | | "
+            f"{seconds(load, 'stacked', 'total_s')} / {seconds(load, 'unstacked', 'total_s')} / "
+            f"{seconds(load, 'transformers', 'total_s')} (load "
+            f"{seconds(load, 'stacked', 'load_s')} / {seconds(load, 'unstacked', 'load_s')} / "
+            f"{seconds(load, 'transformers', 'load_s')}) | | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -339,6 +505,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--models", nargs="+", choices=list(REAL), help="(all; --tiny: 26B-A4B)")
     parser.add_argument(
         "--unstacked", nargs="*", choices=list(REAL), help="models also measured unstacked (all)"
+    )
+    parser.add_argument(
+        "--workdir", help="where the checkpoint for the load row is written (/dev/shm: RAM)"
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
@@ -357,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     unstacked = args.unstacked
     if args.tiny and unstacked is None:
         unstacked = models[:1]
-    results = measure(args.tiny, models, args.timeout, log, unstacked)
+    results = measure(args.tiny, models, args.timeout, log, unstacked, args.workdir)
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -370,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 def _rows(results: dict) -> list[tuple[str, dict]]:
     rows = [(f"{n} {k}", r) for n, rs in results["models"].items() for k, r in rs.items()]
     rows += [(f"{n} sweep {k}", r) for n, rs in results["sweep"].items() for k, r in rs.items()]
+    rows += [(f"{n} load {k}", r) for n, rs in results["load"].items() for k, r in rs.items()]
     return rows
 
 
