@@ -58,6 +58,20 @@ def streams(name: str) -> dict:
     return {"decoder_tokens": DECODER_TOKENS} if name == "t5gemma2" else {}
 
 
+def tiny_gemma3(layers: int):
+    """Gemma 3 1B's layer pattern at tiny widths and ``layers`` layers."""
+    return gl.preset("gemma3_1b").replace(
+        num_hidden_layers=layers,
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+    )
+
+
 def close(a, b, relative=RELATIVE) -> None:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     finite = np.isfinite(a)
@@ -215,16 +229,7 @@ def test_sweep_program_does_not_grow_with_depth():
     """The traced sweep of a stacked model has as many equations at 24 layers as at 12."""
 
     def size(layers: int) -> int:
-        config = gl.preset("gemma3_1b").replace(
-            num_hidden_layers=layers,
-            vocab_size=256,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-        )
+        config = tiny_gemma3(layers)
         m = gl.build(config, stack_layers=True)
         corrupted = corrupted_tokens()
         runs = patching._prepare_runs(m, TOKENS, corrupted, None, None, {}, patching._Media.of())
@@ -316,16 +321,7 @@ def test_compiled_program_does_not_grow_with_depth():
     (one loop body); the per-layer model's doubles."""
 
     def size(layers: int, stacked: bool) -> int:
-        config = gl.preset("gemma3_1b").replace(
-            num_hidden_layers=layers,
-            vocab_size=256,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-        )
+        config = tiny_gemma3(layers)
         m = gl.build(config, stack_layers=stacked)
         leaves, treedef = m._leaves, m._treedef
 

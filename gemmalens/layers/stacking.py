@@ -484,38 +484,18 @@ def _scan_run(
     flats: Sequence[_Flat], period: int, repeats: int, h: Any, side_inputs: dict[str, Any]
 ) -> Any:
     template = flats[:period]
-    tables: dict[tuple[int, int], jax.Array] = {}
-    hooks: dict[tuple[int, int], tuple[HookPoint, ...]] = {}
-    for j, flat in enumerate(template):
-        for q, leaf in enumerate(flat.leaves):
-            column = [flats[r * period + j].leaves[q] for r in range(repeats)]
-            if isinstance(leaf, LayerSlice):
-                tables[j, q] = jnp.asarray([s.index for s in column], jnp.int32)
-            elif isinstance(leaf, LayerNumber):
-                tables[j, q] = jnp.asarray([n.value for n in column], jnp.int32)
-            elif isinstance(leaf, HookPoint):
-                hooks[j, q] = tuple(column)
+    columns = {
+        j: [
+            _column(leaf, [flats[r * period + j].leaves[q] for r in range(repeats)])
+            for q, leaf in enumerate(flat.leaves)
+        ]
+        for j, flat in enumerate(template)
+    }
 
     def body(carry, counter):
         captured: dict[Any, Any] = {}
         for j, flat in enumerate(template):
-            leaves = []
-            for q, leaf in enumerate(flat.leaves):
-                if isinstance(leaf, LayerSlice):
-                    value = take_layer(leaf.stack.value, tables[j, q][counter])
-                    leaves.append(pz.ParameterValue(value=value, label=leaf.label))
-                elif isinstance(leaf, LayerNumber):
-                    leaves.append(_LoopNumber(tables[j, q][counter]))
-                elif isinstance(leaf, HookPoint):
-                    leaves.append(_loop_hook(hooks[j, q], counter, captured, (j, q)))
-                else:
-                    leaves.append(leaf)
-            contents = jax.tree.unflatten(flat.treedef, leaves)
-            block = (
-                dataclasses.replace(flat.block, sublayers=contents)
-                if isinstance(flat.block, pz.nn.NamedGroup)
-                else contents
-            )
+            block = _in_loop(flat, columns[j], counter, captured, lambda leaf, q, j=j: (j, q))
             carry = block(carry, **side_inputs)
         return carry, captured
 
@@ -526,10 +506,23 @@ def _scan_run(
         return _in_order(carry, order), captured
 
     h, stacked = jax.lax.scan(loop, _in_order(h, order), jnp.arange(repeats))
-    for key, values in stacked.items():
-        for r, hook in enumerate(hooks[key]):
+    for (j, q), values in stacked.items():
+        for r, hook in enumerate(columns[j][q]):
             hook.sink.value = values[r]
     return h
+
+
+def _column(leaf: Any, column: list[Any]) -> Any:
+    """What a loop reads for one leaf position across its layers: the stack indices of
+    a `LayerSlice`, the layer numbers of a `LayerNumber` (both int32 arrays), the hooks of
+    a `HookPoint` (a tuple); None for a leaf every layer shares."""
+    if isinstance(leaf, LayerSlice):
+        return jnp.asarray([v.index for v in column], jnp.int32)
+    if isinstance(leaf, LayerNumber):
+        return jnp.asarray([v.value for v in column], jnp.int32)
+    if isinstance(leaf, HookPoint):
+        return tuple(column)
+    return None
 
 
 class _KindsDiffer(Exception):
@@ -558,20 +551,12 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
         kind_of = kind_of.at[jnp.asarray(members)].set(k)
         slot_of = slot_of.at[jnp.asarray(members)].set(jnp.arange(len(members)))
         template = flats[members[0]]
-        columns: list[Any] = []
+        columns = []
         for q, leaf in enumerate(template.leaves):
-            column = [flats[i].leaves[q] for i in members]
-            if isinstance(leaf, LayerSlice):
-                columns.append(jnp.asarray([v.index for v in column], jnp.int32))
-            elif isinstance(leaf, LayerNumber):
-                columns.append(jnp.asarray([v.value for v in column], jnp.int32))
-            elif isinstance(leaf, HookPoint):
-                columns.append(tuple(column))
-                if _captures(leaf):
-                    for i, hook in zip(members, column):
-                        sinks[i, _in_block(flats[i], hook)] = hook
-            else:
-                columns.append(None)
+            columns.append(_column(leaf, [flats[i].leaves[q] for i in members]))
+            if isinstance(leaf, HookPoint) and _captures(leaf):
+                for i, hook in zip(members, columns[-1]):
+                    sinks[i, _in_block(flats[i], hook)] = hook
         branches.append(_kind_branch(template, columns, side_inputs, order))
 
     def step(carry, layer):
@@ -591,26 +576,33 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
 def _kind_branch(template: _Flat, columns: list[Any], side_inputs: dict[str, Any], order):
     def branch(carry, slot):
         captured: dict[Any, Any] = {}
-        leaves = []
-        for leaf, column in zip(template.leaves, columns):
-            if isinstance(leaf, LayerSlice):
-                value = take_layer(leaf.stack.value, column[slot])
-                leaves.append(pz.ParameterValue(value=value, label=leaf.label))
-            elif isinstance(leaf, LayerNumber):
-                leaves.append(_LoopNumber(column[slot]))
-            elif isinstance(leaf, HookPoint):
-                leaves.append(_loop_hook(column, slot, captured, _in_block(template, leaf)))
-            else:
-                leaves.append(leaf)
-        contents = jax.tree.unflatten(template.treedef, leaves)
-        block = (
-            dataclasses.replace(template.block, sublayers=contents)
-            if isinstance(template.block, pz.nn.NamedGroup)
-            else contents
+        block = _in_loop(
+            template, columns, slot, captured, lambda leaf, q: _in_block(template, leaf)
         )
         return _in_order(block(carry, **side_inputs), order), captured
 
     return branch
+
+
+def _in_loop(flat: _Flat, columns: list[Any], index: Any, captured: dict, hook_key) -> Any:
+    """``flat``'s block as one step of a loop runs it: entry ``index`` (traced) of each
+    leaf's column, i.e. the layer's slice of each stack, its layer number, its hooks
+    (`_loop_hook`, capturing into ``captured`` under ``hook_key(leaf, q)``)."""
+    leaves = []
+    for q, (leaf, column) in enumerate(zip(flat.leaves, columns)):
+        if isinstance(leaf, LayerSlice):
+            value = take_layer(leaf.stack.value, column[index])
+            leaves.append(pz.ParameterValue(value=value, label=leaf.label))
+        elif isinstance(leaf, LayerNumber):
+            leaves.append(_LoopNumber(column[index]))
+        elif isinstance(leaf, HookPoint):
+            leaves.append(_loop_hook(column, index, captured, hook_key(leaf, q)))
+        else:
+            leaves.append(leaf)
+    contents = jax.tree.unflatten(flat.treedef, leaves)
+    if isinstance(flat.block, pz.nn.NamedGroup):
+        return dataclasses.replace(flat.block, sublayers=contents)
+    return contents
 
 
 def _is_named(node: Any) -> bool:
