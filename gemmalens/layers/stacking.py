@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 
 from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
@@ -337,11 +338,14 @@ class _Flat:
     treedef: Any
     leaves: list[Any]
     signature: Hashable
+    prefix: str  # the block's hook-name prefix (``blocks.17.``)
 
 
-def _flatten(block: Any) -> _Flat:
+def _flatten(block: Any, prefix: str | None = None) -> _Flat:
+    """``block`` (or a part of one: ``prefix`` is then its block's) as a `_Flat`."""
     leaves, treedef = jax.tree.flatten(_contents(block), is_leaf=_is_unit)
-    prefix = block.name + "." if isinstance(block, pz.nn.NamedGroup) else ""
+    if prefix is None:
+        prefix = block.name + "." if isinstance(block, pz.nn.NamedGroup) else ""
     keys: list[Hashable] = []
     for leaf in leaves:
         if isinstance(leaf, LayerSlice):
@@ -354,7 +358,7 @@ def _flatten(block: Any) -> _Flat:
             keys.append(("hook", _relative(leaf.name, prefix), leaf.axes, _captures(leaf)))
         else:
             keys.append(("leaf", id(leaf)))
-    return _Flat(block, treedef, leaves, (treedef, tuple(keys)))
+    return _Flat(block, treedef, leaves, (treedef, tuple(keys)), prefix)
 
 
 def _captures(hook: HookPoint) -> bool:
@@ -531,36 +535,41 @@ class _KindsDiffer(Exception):
 
 def _in_block(flat: _Flat, hook: HookPoint) -> str:
     """The hook's name within its block (``attn.hook_pattern``)."""
-    prefix = flat.block.name + "." if isinstance(flat.block, pz.nn.NamedGroup) else ""
-    return _relative(hook.name, prefix)
+    return _relative(hook.name, flat.prefix)
+
+
+def _parts(flats: Sequence[_Flat]) -> list[list[_Flat]]:
+    """The blocks cut at their top-level sublayers (norm-and-attention, hook, MLP, ...):
+    ``parts[p][i]`` is part ``p`` of block ``i``. Blocks whose top levels do not line up
+    stay whole (one part)."""
+    groups = [f.block for f in flats]
+    if not all(isinstance(b, pz.nn.NamedGroup) for b in groups):
+        return [list(flats)]
+    if len({len(b.sublayers) for b in groups}) != 1:
+        return [list(flats)]
+    return [
+        [_flatten(f.block.sublayers[p], f.prefix) for f in flats]
+        for p in range(len(groups[0].sublayers))
+    ]
 
 
 def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> Any:
-    """`plan_loops`' loop over ``flats``: `jax.lax.scan` over the layers, each step a
-    `jax.lax.switch` on the layer's kind, reading its weights from the stacks by its place
-    among the layers of its kind."""
-    kinds: dict[Hashable, list[int]] = {}
-    for i, flat in enumerate(flats):
-        kinds.setdefault(flat.signature, []).append(i)
-    kind_of = jnp.zeros(len(flats), jnp.int32)
-    slot_of = jnp.zeros(len(flats), jnp.int32)
-    sinks: dict[tuple[int, str], HookPoint] = {}
-    branches = []
+    """`plan_loops`' loop over ``flats``: `jax.lax.scan` over the layers. Each step runs
+    the block's parts (`_parts`) in turn: a part alike in every layer (Gemma 3's MLP) runs
+    as it is, reading the layer's weights from the stacks by the loop counter; a part that
+    differs between kinds of layer (local and global attention) is a `jax.lax.switch` on
+    the layer's kind, reading its weights by the layer's place among its kind. So the
+    program holds each distinct part once."""
     order = _axis_orders(h)
-    for k, members in enumerate(kinds.values()):
-        kind_of = kind_of.at[jnp.asarray(members)].set(k)
-        slot_of = slot_of.at[jnp.asarray(members)].set(jnp.arange(len(members)))
-        template = flats[members[0]]
-        columns = []
-        for q, leaf in enumerate(template.leaves):
-            columns.append(_column(leaf, [flats[i].leaves[q] for i in members]))
-            if isinstance(leaf, HookPoint) and _captures(leaf):
-                for i, hook in zip(members, columns[-1]):
-                    sinks[i, _in_block(flats[i], hook)] = hook
-        branches.append(_kind_branch(template, columns, side_inputs, order))
+    sinks: dict[tuple[int, str], HookPoint] = {}
+    steps = [_part_step(part, side_inputs, order, sinks) for part in _parts(flats)]
 
     def step(carry, layer):
-        return jax.lax.switch(kind_of[layer], branches, carry, slot_of[layer])
+        captured: dict[Any, Any] = {}
+        for run_part in steps:
+            carry, got = run_part(carry, layer)
+            captured.update(got)
+        return carry, captured
 
     try:
         h, stacked = jax.lax.scan(step, _in_order(h, order), jnp.arange(len(flats)))
@@ -571,6 +580,35 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
     for (i, name), hook in sinks.items():
         hook.sink.value = stacked[name][i]
     return h
+
+
+def _part_step(part: list[_Flat], side_inputs: dict[str, Any], order, sinks: dict) -> Any:
+    """``fn(carry, layer) -> (carry, captured)`` for one part of every layer's block."""
+    kinds: dict[Hashable, list[int]] = {}
+    for i, flat in enumerate(part):
+        kinds.setdefault(flat.signature, []).append(i)
+    kind_of = np.zeros(len(part), np.int32)
+    slot_of = np.zeros(len(part), np.int32)
+    branches = []
+    for k, members in enumerate(kinds.values()):
+        kind_of[members] = k
+        slot_of[members] = np.arange(len(members))
+        template = part[members[0]]
+        columns = []
+        for q, leaf in enumerate(template.leaves):
+            columns.append(_column(leaf, [part[i].leaves[q] for i in members]))
+            if isinstance(leaf, HookPoint) and _captures(leaf):
+                for i, hook in zip(members, columns[-1]):
+                    sinks[i, _in_block(part[i], hook)] = hook
+        branches.append(_kind_branch(template, columns, side_inputs, order))
+    if len(branches) == 1:  # alike in every layer: the slot is the layer
+        return branches[0]
+    kind_of, slot_of = jnp.asarray(kind_of), jnp.asarray(slot_of)
+
+    def switch(carry, layer):
+        return jax.lax.switch(kind_of[layer], branches, carry, slot_of[layer])
+
+    return switch
 
 
 def _kind_branch(template: _Flat, columns: list[Any], side_inputs: dict[str, Any], order):
