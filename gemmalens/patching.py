@@ -760,20 +760,18 @@ def _is_slice(node: Any) -> bool:
 
 def _loop_over_layers(blocks, groups, positions, plan: _Plan, rows_sharding) -> jax.Array:
     """`_run_groups`' loop: blocks ``0 .. len(blocks) - 1`` over the groups begun so far."""
-    kinds: dict[Any, list[int]] = {}
     flat = [jax.tree.flatten(block, is_leaf=_is_slice) for block in blocks]
-    for j, (leaves, treedef) in enumerate(flat):
-        signature = (treedef,) + tuple(
+    signatures = [
+        (treedef,)
+        + tuple(
             ("slice", leaf.label) if _is_slice(leaf) else (leaf.shape, str(leaf.dtype))
             for leaf in leaves
         )
-        kinds.setdefault(signature, []).append(j)
-    kind_of = np.zeros(len(blocks), np.int32)
-    slot_of = np.zeros(len(blocks), np.int32)
+        for leaves, treedef in flat
+    ]
+    kinds, kind_of, slot_of = stacking.group_kinds(signatures)
     branches = []
-    for k, members in enumerate(kinds.values()):
-        kind_of[members] = k
-        slot_of[members] = np.arange(len(members))
+    for members in kinds:
         template, treedef = flat[members[0]]
         columns = []
         for q, leaf in enumerate(template):

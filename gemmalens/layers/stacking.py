@@ -538,6 +538,21 @@ def _in_block(flat: _Flat, hook: HookPoint) -> str:
     return _relative(hook.name, flat.prefix)
 
 
+def group_kinds(signatures: Sequence[Hashable]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """Layers grouped by kind (equal signatures), in order of first appearance: the members
+    of each kind, and for each layer its kind and its place among its kind's members (the
+    tables a loop's `jax.lax.switch` reads by the loop counter)."""
+    kinds: dict[Hashable, list[int]] = {}
+    for i, signature in enumerate(signatures):
+        kinds.setdefault(signature, []).append(i)
+    kind_of = np.zeros(len(signatures), np.int32)
+    slot_of = np.zeros(len(signatures), np.int32)
+    for k, members in enumerate(kinds.values()):
+        kind_of[members] = k
+        slot_of[members] = np.arange(len(members))
+    return list(kinds.values()), kind_of, slot_of
+
+
 def _parts(flats: Sequence[_Flat]) -> list[list[_Flat]]:
     """The blocks cut at their top-level sublayers (norm-and-attention, hook, MLP, ...):
     ``parts[p][i]`` is part ``p`` of block ``i``. Blocks whose top levels do not line up
@@ -584,15 +599,9 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
 
 def _part_step(part: list[_Flat], side_inputs: dict[str, Any], order, sinks: dict) -> Any:
     """``fn(carry, layer) -> (carry, captured)`` for one part of every layer's block."""
-    kinds: dict[Hashable, list[int]] = {}
-    for i, flat in enumerate(part):
-        kinds.setdefault(flat.signature, []).append(i)
-    kind_of = np.zeros(len(part), np.int32)
-    slot_of = np.zeros(len(part), np.int32)
+    kinds, kind_of, slot_of = group_kinds([flat.signature for flat in part])
     branches = []
-    for k, members in enumerate(kinds.values()):
-        kind_of[members] = k
-        slot_of[members] = np.arange(len(members))
+    for members in kinds:
         template = part[members[0]]
         columns = []
         for q, leaf in enumerate(template.leaves):
