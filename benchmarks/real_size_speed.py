@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+# CUDA's own pool: under JAX's default allocator the stacked 27B runs out of memory on an
+# 80 GB card (free memory in pieces; docs/stacking.md). Ignored off the GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import median_seconds  # noqa: E402  (beside this script)
