@@ -190,17 +190,24 @@ def split_sites() -> dict:
         entry = {"difference": biggest(a, b), "scale": scale(a), "shape": list(b.shape)}
         # The cost analysis counts a loop's body once (a chunk; a group of the shared runs):
         # split and whole programs have the same loops, so their ratio is each device's
-        # share of the work.
+        # share of the work. The shared runs' blocks are counted in their unrolled form
+        # (one copy per layer, as `patching.STACK_COPY_LIMIT_BYTES = 0` gives): in the loop
+        # over layers the cost analysis sees one block, and the replicated attention and
+        # metric then weigh more than their share of the work.
         runs = patching._prepare_runs(sharded, TOKENS, CORRUPTED, None, None, decoder)
         names = patching.site_names(sharded, site)
-        programs = [
-            patching._sweep_program(
-                sharded, runs, names, metric, site, chunk, "auto", split_sites=split
-            )
-            for split in (True, False)
-        ]
-        entry["program"] = programs[0][0].__name__
-        entry["flops_split"], entry["flops_whole"] = (flops(*p) for p in programs)
+        limit, patching.STACK_COPY_LIMIT_BYTES = patching.STACK_COPY_LIMIT_BYTES, 0
+        try:
+            programs = [
+                patching._sweep_program(
+                    sharded, runs, names, metric, site, chunk, "auto", split_sites=split
+                )
+                for split in (True, False)
+            ]
+            entry["program"] = programs[0][0].__name__
+            entry["flops_split"], entry["flops_whole"] = (flops(*p) for p in programs)
+        finally:
+            patching.STACK_COPY_LIMIT_BYTES = limit
         out[label] = entry
     jax.clear_caches()
     return out

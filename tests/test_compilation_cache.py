@@ -88,7 +88,7 @@ def test_a_second_process_loads_the_forward_the_first_compiled(tmp_path):
     assert first["info"]["min_compile_time_secs"] == 0.0
     assert first["forward_hits"] == 0  # an empty directory cannot hit
     written = _files(cache)
-    assert any(name.startswith("jit__run-") for name in written), written
+    assert any(name.startswith("jit__run_distinct-") for name in written), written
     assert first["info"]["entries"] == len([n for n in written if n.endswith("-cache")])
     assert first["info"]["size_bytes"] == sum(p.stat().st_size for p in cache.iterdir())
 
