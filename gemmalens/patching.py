@@ -723,6 +723,22 @@ def _run_groups(blocks, first, positions, plan: _Plan, rows_sharding) -> jax.Arr
     block, which may keep only the rows the metric reads, runs on its own."""
     layers = len(blocks)
     last = layers - 1
+
+    def run(block, x, patch, prune=False):
+        return _shared_block(
+            block, x, positions, patch, plan=plan, prune=prune, rows_sharding=rows_sharding
+        )
+
+    def begin(groups, layer):  # group ``layer`` starts as group 0's clean and corrupted runs
+        return groups.at[layer].set(groups[0][:, plan.start_index])
+
+    def run_block(block, groups, layer, count, prune=False):
+        """``block`` (layer ``layer``) over groups ``0 .. count - 1``, patching group
+        ``layer``."""
+        patches = jnp.arange(count) == layer
+        return jax.lax.map(lambda args: run(block, *args, prune), (groups[:count], patches))
+
+    groups = jnp.zeros((layers, *first.shape), first.dtype).at[0].set(first)
     refs = [_canonical(block, j, keep_slices=True) for j, block in enumerate(blocks[:last])]
     weight_bytes = sum(
         leaf.nbytes
@@ -730,26 +746,13 @@ def _run_groups(blocks, first, positions, plan: _Plan, rows_sharding) -> jax.Arr
         for leaf in jax.tree.leaves(block, is_leaf=_is_slice)
         if not _is_slice(leaf)
     )
-    groups = jnp.zeros((layers, *first.shape), first.dtype).at[0].set(first)
-
-    def run_block(block, groups, layer, count, prune=False):
-        """``block`` (layer ``layer``) over groups ``0 .. count - 1``, patching group
-        ``layer``."""
-
-        def one(g, x):
-            return _shared_block(
-                block, x, positions, g == layer, plan=plan, prune=prune, rows_sharding=rows_sharding
-            )
-
-        return jax.lax.map(lambda args: one(*args), (jnp.arange(count), groups[:count]))
-
-    if last and weight_bytes > STACK_COPY_LIMIT_BYTES:  # a large per-layer model: unrolled
+    if weight_bytes <= STACK_COPY_LIMIT_BYTES:
+        groups = _loop_over_layers(refs, groups, run, begin)
+    else:  # a large per-layer model: its blocks one after another
         for j in range(last):
-            groups = groups.at[j].set(groups[0][:, plan.start_index])
+            groups = begin(groups, j)
             groups = groups.at[: j + 1].set(run_block(_canonical(blocks[j], j), groups, j, j + 1))
-    elif last:
-        groups = _loop_over_layers(refs, groups, positions, plan, rows_sharding)
-    groups = groups.at[last].set(groups[0][:, plan.start_index])
+    groups = begin(groups, last)
     prune = plan.read is not None
     return run_block(_canonical(blocks[last], last), groups, last, layers, prune=prune)
 
@@ -758,8 +761,12 @@ def _is_slice(node: Any) -> bool:
     return isinstance(node, _StackRef)
 
 
-def _loop_over_layers(blocks, groups, positions, plan: _Plan, rows_sharding) -> jax.Array:
-    """`_run_groups`' loop: blocks ``0 .. len(blocks) - 1`` over the groups begun so far."""
+def _loop_over_layers(blocks, groups, run, begin) -> jax.Array:
+    """`_run_groups`' loop: blocks ``0 .. len(blocks) - 1`` over the groups begun so far
+    (``run(block, x, patch)`` one block on one group; ``begin(groups, layer)`` a new
+    group)."""
+    if not blocks:
+        return groups
     flat = [jax.tree.flatten(block, is_leaf=_is_slice) for block in blocks]
     signatures = [
         (treedef,)
@@ -780,17 +787,17 @@ def _loop_over_layers(blocks, groups, positions, plan: _Plan, rows_sharding) -> 
                 columns.append((leaf.stack, index))
             else:
                 columns.append((jnp.stack([flat[j][0][q] for j in members]), None))
-        branches.append(_kind_branch(treedef, columns, positions, plan, rows_sharding))
+        branches.append(_kind_branch(treedef, columns, run))
     kind_of, slot_of = jnp.asarray(kind_of), jnp.asarray(slot_of)
 
     def step(groups, layer):
-        groups = groups.at[layer].set(groups[0][:, plan.start_index])
+        groups = begin(groups, layer)
         return jax.lax.switch(kind_of[layer], branches, groups, layer, slot_of[layer]), None
 
     return jax.lax.scan(step, groups, jnp.arange(len(blocks)))[0]
 
 
-def _kind_branch(treedef, columns, positions, plan: _Plan, rows_sharding):
+def _kind_branch(treedef, columns, run):
     """One kind of block at layer ``layer`` (its ``slot``-th member), over groups
     ``0 .. layer`` (a loop whose length is the layer: compiled once)."""
 
@@ -805,16 +812,7 @@ def _kind_branch(treedef, columns, positions, plan: _Plan, rows_sharding):
         block = jax.tree.unflatten(treedef, leaves)
 
         def one(g, groups):
-            x = _shared_block(
-                block,
-                groups[g],
-                positions,
-                g == layer,
-                plan=plan,
-                prune=False,
-                rows_sharding=rows_sharding,
-            )
-            return groups.at[g].set(x)
+            return groups.at[g].set(run(block, groups[g], g == layer))
 
         return jax.lax.fori_loop(0, layer + 1, one, groups)
 

@@ -691,30 +691,26 @@ class ScannedSequential(pz.nn.Sequential):
 
     def __call__(self, value: Any, **side_inputs: Any) -> Any:
         flats, plan = self.plan()
+        return self._run(flats, plan, value, side_inputs)
+
+    def _run(self, flats: list[_Flat], plan: list[tuple], value: Any, side_inputs: dict) -> Any:
+        """Runs ``plan`` (`plan_loops` or `plan_runs` over ``flats``, its indices relative
+        to ``flats[0]``)."""
         for run in plan:
             if run[0] == "one":
-                value = self.sublayers[run[1]](value, **side_inputs)
+                value = flats[run[1]].block(value, **side_inputs)
             elif run[0] == "loop":
-                value = self._loop(flats[run[1] : run[2]], run[1], value, side_inputs)
+                run_flats = flats[run[1] : run[2]]
+                try:
+                    value = _loop_run(run_flats, value, side_inputs)
+                except _KindsDiffer:
+                    # Kinds whose captured values differ in shape (Gemma 4's global and
+                    # local queries) cannot share one loop step: repeating periods instead.
+                    periods = plan_runs([f.signature for f in run_flats])
+                    value = self._run(run_flats, periods, value, side_inputs)
             else:
                 _, start, period, repeats = run
                 run_flats = flats[start : start + period * repeats]
-                value = _scan_run(run_flats, period, repeats, value, side_inputs)
-        return value
-
-    def _loop(self, flats: list[_Flat], start: int, value: Any, side_inputs: dict) -> Any:
-        try:
-            return _loop_run(flats, value, side_inputs)
-        except _KindsDiffer:
-            pass
-        # Kinds whose captured values differ in shape (Gemma 4's global and local queries)
-        # cannot share one loop step: repeating periods loop instead.
-        for run in plan_runs([f.signature for f in flats]):
-            if run[0] == "one":
-                value = self.sublayers[start + run[1]](value, **side_inputs)
-            else:
-                _, first, period, repeats = run
-                run_flats = flats[first : first + period * repeats]
                 value = _scan_run(run_flats, period, repeats, value, side_inputs)
         return value
 
