@@ -81,7 +81,7 @@ from gemmalens.checkpoints.parameters import build_from_checkpoint, find_prefix
 from gemmalens.checkpoints.safetensors_files import TensorIndex
 from gemmalens.families.hf_config import expect_model_type
 from gemmalens.layers.attention import QKV_AXES
-from gemmalens.layers.embeddings import TanhSoftCap
+from gemmalens.layers.embeddings import TanhSoftCap, take_rows
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.params import CountsParameters, ParamBuilder, ParamSource
@@ -672,7 +672,7 @@ class AudioEmbedder(pz.nn.Layer):
                 )
         if not isinstance(ids, pz.nx.NamedArrayBase):
             ids = pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
-        rows = pz.nx.nmap(lambda t, i: t[i - self.vocab_offset])(table.untag("vocab"), ids)
+        rows = take_rows(table, ids, lambda i: i - self.vocab_offset)
         return self.project(self.hard_embedding_norm(rows))
 
 

@@ -58,6 +58,7 @@ from gemmalens.audio.gemma3n import (
     Gemma3nAudioConfig,
     Gemma3nAudioTowerConfig,
 )
+from gemmalens.layers.embeddings import take_rows
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.params import CountsParameters, ParamBuilder, ParamSource
@@ -209,7 +210,7 @@ class HardTokenEmbedder(pz.nn.Layer):
 
     def __call__(self, ids: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         table = self.embedding.value
-        rows = pz.nx.nmap(lambda t, i: t[i - self.vocab_offset])(table.untag("vocab"), ids)
+        rows = take_rows(table, ids, lambda i: i - self.vocab_offset)
         return self.project(self.hard_embedding_norm(rows))
 
     def embed_ids(self, ids: pz.nx.NamedArray) -> pz.nx.NamedArray:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers.embeddings import take_rows
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
@@ -100,14 +101,14 @@ class PerLayerInputs(pz.nn.Layer):
         table = self.token_table.value
         vocab = table.named_shape["vocab"]
 
-        def lookup(rows, token):
+        def row_of(token):
             token = jnp.where((token >= 0) & (token < vocab), token, self.out_of_range_row)
             if self.placeholder_ids:
                 placeholder = jnp.isin(token, jnp.asarray(self.placeholder_ids))
                 token = jnp.where(placeholder, self.placeholder_row, token)
-            return jnp.take(rows, token, axis=0)
+            return token
 
-        token_part = pz.nx.nmap(lookup)(table.untag("vocab"), tokens)
+        token_part = take_rows(table, tokens, row_of)
         token_part = token_part * jnp.asarray(self.token_scale, jnp.float32).astype(table.dtype)
         return _times(context + token_part, self.combine_scale, self.constants_in_activation_dtype)
 
