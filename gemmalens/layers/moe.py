@@ -396,8 +396,11 @@ def grouped_experts(
     gate, up = jnp.split(fused, 2, axis=-1)
     hidden = jax.nn.gelu(gate, approximate=True) * up
     out = grouped_matmul(hidden, down, group_sizes, implementation)
-    # Back to token-major order, then the weighted sum over each token's k experts.
-    out = jnp.zeros_like(out).at[order].set(out)
+    # Back to token-major order, then the weighted sum over each token's k experts. The
+    # rows are gathered through the inverse permutation (a scatter of a few integers): a
+    # scatter of the rows themselves took 14% of the 26B-A4B's forward on an H100.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    out = out[inverse]
     out = out.astype(jnp.float32) * picked[:, None]
     out = out.reshape(-1, top_k, d_model).sum(axis=1)
     return out.astype(x.dtype).reshape(*lead, d_model)
