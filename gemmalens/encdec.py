@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens import sampling
+from gemmalens import compiling, sampling
 from gemmalens.cache import ActivationCache
 from gemmalens.layers.hooks import HookFn
 from gemmalens.layers.hooks import capture as capture_hooks
@@ -165,7 +165,7 @@ def seq2seq_stateful(
     )
 
 
-@jax.jit
+@compiling.jit
 def _encode(encoder, state, tokens, mask, images=None):
     side = {"token_positions": column_positions(tokens, mask), **(images or {})}
     if mask is None:
@@ -174,7 +174,7 @@ def _encode(encoder, state, tokens, mask, images=None):
     return hidden.unwrap("batch", "seq", "embedding"), values
 
 
-@jax.jit
+@compiling.jit
 def _decode(decoder, decoder_tokens, decoder_mask, hidden_states, encoder_mask):
     encoder_output = pz.nx.wrap(hidden_states).tag(*RESID_AXES)
     logits = decoder(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens import residual, sampling
+from gemmalens import compiling, residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
 from gemmalens.layers import stacking
 from gemmalens.layers.hooks import HookFn, hook_points, intervene
@@ -118,7 +117,7 @@ def _run(forward, treedef, leaves, inputs):
     return _run_distinct(forward, treedef, index, distinct, inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@compiling.jit(static_argnums=(0, 1, 2))
 def _run_distinct(forward, treedef, index, distinct, inputs):
     return forward(jax.tree.unflatten(treedef, [distinct[i] for i in index]), *inputs)
 
@@ -128,7 +127,7 @@ def _run_stateful(forward_stateful, treedef, leaves, inputs):
     return _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@compiling.jit(static_argnums=(0, 1, 2))
 def _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs):
     model, state = jax.tree.unflatten(treedef, [distinct[i] for i in index])
     return forward_stateful(model, state, *inputs)

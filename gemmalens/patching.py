@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens import compiling
 from gemmalens.layers import stacking
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
@@ -672,7 +673,7 @@ def _shared_scores(final_norm, unembed, x, positions, *, plan, metric):
     return jax.vmap(lambda one: jnp.asarray(metric(one)))(full)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "metric", "rows_sharding"))
+@compiling.jit(static_argnames=("plan", "metric", "rows_sharding"))
 def _sweep_shared(
     model, clean, corrupted, clean_mask, corrupted_mask, *, plan, metric, rows_sharding=None
 ):
@@ -835,8 +836,7 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
     return selected.reshape(shape)
 
 
-@functools.partial(
-    jax.jit,
+@compiling.jit(
     static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward", "site_sharding"),
 )
 def _sweep_vmapped(
@@ -1337,7 +1337,7 @@ def _sweep_program(
     return _sweep_vmapped, (m._frozen, clean_values, inputs), kwargs
 
 
-@functools.partial(jax.jit, static_argnames=("names", "metric", "forward"))
+@compiling.jit(static_argnames=("names", "metric", "forward"))
 def _metric_and_grads(model, zeros, inputs, *, names, metric, forward):
     def run(deltas):
         # Adding a zero offset at each hook makes d metric / d offset = d metric / d value.

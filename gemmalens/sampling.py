@@ -13,13 +13,13 @@ is one ``jax.jit`` call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens import compiling
 from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
 from gemmalens.layers.hooks import HookPoint
@@ -442,13 +442,13 @@ def generate_tokens(
 _STATIC = ("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=_STATIC)
+@compiling.jit(static_argnums=(0, 1), static_argnames=_STATIC)
 def _generate_program(treedef, empty_caches, leaves, tokens, mask, key, **options):
     model, captures = jax.tree.unflatten(treedef, leaves)
     return _decode(model, empty_caches.make(), captures, tokens, mask, key, **options)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@compiling.jit(static_argnames=_STATIC)
 def _generate(
     model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
 ):

@@ -237,7 +237,9 @@ def test_sweep_program_does_not_grow_with_depth():
         program, args, kwargs = patching._sweep_program(
             m, runs, names, metric, "resid_pre", None, None
         )
-        return _equations(jax.make_jaxpr(lambda *a: program(*a, **kwargs))(*args).jaxpr)
+        # The program's own trace: it compiles with gemmalens' XLA options, which JAX
+        # takes only on a top-level jit (so not inside make_jaxpr).
+        return _equations(program.trace(*args, **kwargs).jaxpr.jaxpr)
 
     assert size(12) == size(24)
 

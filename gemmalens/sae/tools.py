@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens import compiling
 from gemmalens.layers.attention import Attention
 from gemmalens.layers.embeddings import TiedUnembed
 from gemmalens.layers.hooks import HookFn
@@ -85,7 +85,7 @@ class TopActivations:
         ]
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "forward", "k"))
+@compiling.jit(static_argnames=("treedef", "forward", "k"))
 def _batch_top(leaves, inputs, valid, features, *, treedef, forward, k):
     model, state = jax.tree.unflatten(treedef, leaves)
     _, values = forward(model, state, *inputs)

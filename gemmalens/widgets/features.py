@@ -3,7 +3,6 @@ it writes, and which features fire on a prompt."""
 
 from __future__ import annotations
 
-import functools
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from gemmalens import compiling
 from gemmalens import sae as gl_sae
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.widgets import _figures
@@ -37,7 +37,7 @@ TABS = {"feature": "Feature", "prompt": "Prompt"}
 RAISE_COLOUR, LOWER_COLOUR = "#4393c3", "#d6604d"
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "forward"))
+@compiling.jit(static_argnames=("treedef", "forward"))
 def _batch_activations(leaves, inputs, valid, index, *, treedef, forward):
     """One batch of the corpus: how many real tokens each feature fired on ``[d_sae]``, and
     the activations of the features ``index`` ``[batch, seq, len(index)]`` (0 at padding)."""
