@@ -65,7 +65,8 @@ def take_layer(stacked: pz.nx.NamedArray, index: Any) -> pz.nx.NamedArray:
     if isinstance(stacked, pz.nx.NamedArray) and len(stacked.positional_shape) == 1:
         # The stored layout, indexed directly (an `nmap` costs more to trace, once per
         # parameter of every layer).
-        return pz.nx.NamedArray(named_axes=stacked.named_axes, data_array=stacked.data_array[index])
+        layer = jax.lax.dynamic_index_in_dim(stacked.data_array, index, keepdims=False)
+        return pz.nx.NamedArray(named_axes=stacked.named_axes, data_array=layer)
     return pz.nx.nmap(lambda layers: layers[index])(stacked)
 
 
@@ -516,14 +517,41 @@ def _scan_run(
     return h
 
 
+@dataclasses.dataclass(frozen=True)
+class _Progression:
+    """The integers ``start, start + step, ...`` indexed by a loop counter: ``self[i]`` is
+    ``start + step * i``, arithmetic on the counter rather than a read of a table."""
+
+    start: int
+    step: int
+
+    def __getitem__(self, index: Any) -> Any:
+        if (self.start, self.step) == (0, 1):
+            return index
+        return self.start + self.step * index
+
+
+def _integers(values: list[int]) -> Any:
+    """``values`` as a loop indexes them: a `_Progression` where they are evenly spaced
+    (the common case: a stack's layers in order), else an int32 table.
+
+    XLA sees a slice at ``start + step * counter`` as a function of the loop's counter;
+    at an entry of a table it sees only some number. The former lets XLA:GPU's
+    dynamic-slice fusion read a layer's weights in place instead of copying them first."""
+    steps = {b - a for a, b in zip(values, values[1:])}
+    if len(steps) <= 1:
+        return _Progression(values[0], steps.pop() if steps else 1)
+    return jnp.asarray(values, jnp.int32)
+
+
 def _column(leaf: Any, column: list[Any]) -> Any:
     """What a loop reads for one leaf position across its layers: the stack indices of
-    a `LayerSlice`, the layer numbers of a `LayerNumber` (both int32 arrays), the hooks of
-    a `HookPoint` (a tuple); None for a leaf every layer shares."""
+    a `LayerSlice`, the layer numbers of a `LayerNumber` (`_integers`), the hooks of a
+    `HookPoint` (a tuple); None for a leaf every layer shares."""
     if isinstance(leaf, LayerSlice):
-        return jnp.asarray([v.index for v in column], jnp.int32)
+        return _integers([v.index for v in column])
     if isinstance(leaf, LayerNumber):
-        return jnp.asarray([v.value for v in column], jnp.int32)
+        return _integers([v.value for v in column])
     if isinstance(leaf, HookPoint):
         return tuple(column)
     return None
@@ -579,15 +607,19 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
     sinks: dict[tuple[int, str], HookPoint] = {}
     steps = [_part_step(part, side_inputs, order, sinks) for part in _parts(flats)]
 
-    def step(carry, layer):
+    def step(carry, _):
+        # The counter rides in the carry (not as scanned inputs, `jnp.arange`): a value
+        # XLA can follow from the loop's induction variable.
+        layer, carry = carry
         captured: dict[Any, Any] = {}
         for run_part in steps:
             carry, got = run_part(carry, layer)
             captured.update(got)
-        return carry, captured
+        return (layer + 1, carry), captured
 
     try:
-        h, stacked = jax.lax.scan(step, _in_order(h, order), jnp.arange(len(flats)))
+        start = (jnp.zeros((), jnp.int32), _in_order(h, order))
+        (_, h), stacked = jax.lax.scan(step, start, None, length=len(flats))
     except TypeError as error:  # the kinds' steps return different types
         if "branch" in str(error):
             raise _KindsDiffer(str(error)) from error
