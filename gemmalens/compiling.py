@@ -63,3 +63,45 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
     if fun is None:
         return functools.partial(jit, **kwargs)
     return jax.jit(fun, compiler_options=dict(XLA_OPTIONS) or None, **kwargs)
+
+
+def distinct_leaves(leaves: list) -> tuple[list, tuple[int, ...]]:
+    """The distinct leaves (by identity) and, for each leaf, its place among them. A
+    stacked model holds each stack once per layer (`LayerSlice`); passed once, a compiled
+    program sees the stack as one argument, not one per layer."""
+    places: dict[int, int] = {}
+    distinct, index = [], []
+    for leaf in leaves:
+        place = places.setdefault(id(leaf), len(distinct))
+        if place == len(distinct):
+            distinct.append(leaf)
+        index.append(place)
+    return distinct, tuple(index)
+
+
+@jax.tree_util.register_pytree_node_class
+class Distinct:
+    """A tree (a model, or a model and its state) that hands a compiled program each
+    distinct array once: a stacked model's layers all hold the same stacks, which passed
+    as a plain tree would be arguments once per layer. ``.tree()`` inside the program
+    gives the tree back, every layer reading the one argument."""
+
+    def __init__(self, treedef: Any, leaves: list) -> None:
+        self.treedef, self.leaves = treedef, leaves
+
+    @classmethod
+    def of(cls, tree: Any) -> Distinct:
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(treedef, leaves)
+
+    def tree(self) -> Any:
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+    def tree_flatten(self) -> tuple[list, tuple]:
+        distinct, index = distinct_leaves(self.leaves)
+        return distinct, (self.treedef, index)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, distinct: list) -> Distinct:
+        treedef, index = aux
+        return cls(treedef, [distinct[i] for i in index])

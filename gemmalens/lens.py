@@ -96,18 +96,7 @@ def refuse_multimodal_prompts(config: Any, prompt_ids: np.ndarray, call: str) ->
             )
 
 
-def _distinct(leaves: list) -> tuple[list, tuple[int, ...]]:
-    """The distinct leaves (by identity) and, for each leaf, its place among them. A
-    stacked model holds each stack once per layer (`LayerSlice`); passed once, a compiled
-    program sees the stack as one argument, not one per layer."""
-    places: dict[int, int] = {}
-    distinct, index = [], []
-    for leaf in leaves:
-        place = places.setdefault(id(leaf), len(distinct))
-        if place == len(distinct):
-            distinct.append(leaf)
-        index.append(place)
-    return distinct, tuple(index)
+_distinct = compiling.distinct_leaves
 
 
 def _run(forward, treedef, leaves, inputs):

@@ -60,6 +60,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import compiling
+from gemmalens.compiling import Distinct
 from gemmalens.layers import stacking
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
@@ -684,6 +685,7 @@ def _sweep_shared(
     per-token layers (projections, MLPs, norms), most of the work, each run on a device's
     share of the rows. Attention gathers every run's rows (collectives XLA inserts), mixes
     them on every device and scatters back."""
+    model = model.tree()  # a `Distinct`
     batch, seq = clean.shape
 
     def positions(mask):
@@ -855,6 +857,7 @@ def _sweep_vmapped(
     of a 1-D array, `gemmalens.sharding.Placement.site_sharding`) splits the sites across
     its mesh axis: the vmapped axis is laid out by it, so each device (with its slice of
     the model) runs its share of the sites."""
+    model = model.tree()  # a `Distinct`
     layers, units = len(names), clean_values[0].shape[unit_axis]
 
     def patched_metric(site: jax.Array) -> jax.Array:
@@ -1318,7 +1321,7 @@ def _sweep_program(
         plan = _shared_plan(
             m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions
         )
-        args = (m._frozen, clean, corrupted, clean_mask, corrupted_mask)
+        args = (Distinct.of(m._frozen), clean, corrupted, clean_mask, corrupted_mask)
         kwargs = dict(plan=plan, metric=metric, rows_sharding=rows_sharding)
         return _sweep_shared, args, kwargs
     clean_values = runs.capture(m, runs.clean, names)
@@ -1334,11 +1337,13 @@ def _sweep_program(
         forward=runs.forward,
         site_sharding=site_sharding,
     )
-    return _sweep_vmapped, (m._frozen, clean_values, inputs), kwargs
+    return _sweep_vmapped, (Distinct.of(m._frozen), clean_values, inputs), kwargs
 
 
 @compiling.jit(static_argnames=("names", "metric", "forward"))
 def _metric_and_grads(model, zeros, inputs, *, names, metric, forward):
+    model = model.tree()  # a `Distinct`
+
     def run(deltas):
         # Adding a zero offset at each hook makes d metric / d offset = d metric / d value.
         fns = {n: (lambda d: lambda value, name: value + d)(deltas[i]) for i, n in enumerate(names)}
@@ -1408,7 +1413,12 @@ def attribution_patching(
         _check_feature_widths(names, clean_values)
     zeros = [jnp.zeros_like(v) for v in corrupted_values]
     _, grads = _metric_and_grads(
-        m._frozen, zeros, runs.corrupted, names=names, metric=metric, forward=runs.forward
+        Distinct.of(m._frozen),
+        zeros,
+        runs.corrupted,
+        names=names,
+        metric=metric,
+        forward=runs.forward,
     )
     scores = []
     for clean, corrupted, grad in zip(clean_values, corrupted_values, grads):

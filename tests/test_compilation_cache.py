@@ -180,3 +180,22 @@ def test_default_location_and_configure_at_run_time(tmp_path):
     assert len([n for n in _files(default) if n.endswith("-cache")]) == 1
     assert len([n for n in _files(elsewhere) if n.endswith("-cache")]) == 1
     assert result["jax_dir"] is None and not result["info"]["enabled"]
+
+
+def test_compiler_options_default_and_opt_out():
+    """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion unless
+    GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
+    script = "import json, gemmalens as gl; print(json.dumps(gl.compiling.XLA_OPTIONS))"
+    seen = {}
+    for value in ("", "xla"):
+        env = {**os.environ, "GEMMALENS_XLA_OPTIONS": value, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen[value] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen[""] == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_dynamic_slice_fusion": True,
+    }
+    assert seen["xla"] == {}

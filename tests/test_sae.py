@@ -19,6 +19,7 @@ import gemmalens as gl
 from gemmalens import patching
 from gemmalens import sae as S
 from gemmalens.checkpoints.safetensors_files import CheckpointError
+from gemmalens.compiling import Distinct
 
 D, WIDTH, LAYER, TC_LAYER, Z_LAYER = 256, 48, 2, 3, 1
 
@@ -387,7 +388,7 @@ def test_attribution_is_gradient_times_activation(saes, spliced, tokens, spliced
     after = f"blocks.{LAYER + 1}.hook_resid_pre"
     inputs = spliced._prepare(tokens, None, {})
     _, (grad,) = patching._metric_and_grads(
-        spliced._frozen,
+        Distinct.of(spliced._frozen),
         [jnp.zeros_like(cache[after])],
         inputs,
         names=(after,),

@@ -418,6 +418,52 @@ def test_a_stack_is_one_argument_of_the_compiled_forward(pairs):
     assert argument_bytes <= model_bytes
 
 
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_sweeps_and_attribution_take_each_stack_once(pairs, site):
+    """The sweep (shared runs for resid_pre, vmapped for a head site) and attribution hand
+    their compiled programs the model as `compiling.Distinct`: each stack is one argument,
+    not one per layer, and the tree inside is the model again."""
+    from gemmalens import compiling
+
+    m = pairs("gemma3").stacked
+    runs = patching._prepare_runs(
+        m, TOKENS, corrupted_tokens(), None, None, {}, patching._Media.of()
+    )
+    names = patching.site_names(m, site)
+    _, args, _ = patching._sweep_program(m, runs, names, metric, site, None, None)
+    model_leaves = jax.tree.leaves(m._frozen)
+    arguments = jax.tree.leaves(args[0])
+    assert isinstance(args[0], compiling.Distinct)
+    assert len(arguments) < len(model_leaves)
+    assert len({id(a) for a in arguments}) == len(arguments) == len({id(a) for a in model_leaves})
+    rebuilt = jax.tree.unflatten(jax.tree.structure(args[0]), arguments).tree()
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(m._frozen)
+    assert all(a is b for a, b in zip(jax.tree.leaves(rebuilt), model_leaves))
+
+
+def test_integer_columns_are_progressions_where_evenly_spaced():
+    """A loop reads a stack at ``start + step * counter`` where the layers are evenly
+    spaced (XLA can then fuse the slice into the matrix products), from a table else."""
+    progression = stacking._integers([3, 5, 7, 9])
+    assert isinstance(progression, stacking._Progression)
+    assert [progression[i] for i in range(4)] == [3, 5, 7, 9]
+    assert stacking._integers([0, 1, 2])[jnp.int32(2)] == 2
+    assert stacking._integers([4])[0] == 4
+    table = stacking._integers([0, 1, 3])
+    assert not isinstance(table, stacking._Progression)
+    assert [int(table[i]) for i in range(3)] == [0, 1, 3]
+
+
+def test_embedding_lookup_does_not_transpose_the_table():
+    """The token lookup gathers whole rows of the table as stored: no transpose (a copy
+    of the whole table) in the program."""
+    m = gl.build(tiny_gemma3(2))
+    text = jax.jit(lambda t: m.logits_of(m._frozen, t, None)).lower(jnp.asarray(TOKENS)).as_text()
+    vocab, width = m.config.vocab_size, m.config.hidden_size
+    assert f"tensor<{vocab}x{width}x" in text
+    assert f"-> tensor<{width}x{vocab}x" not in text
+
+
 def test_a_loop_keeps_attention_fused_where_nothing_is_hooked(monkeypatch):
     """Inside a loop, a hook position that no layer uses is a bare hook point, so the
     attention of a stacked model takes the fused kernel (no [seq, seq] weights) exactly

@@ -12,6 +12,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import compiling
+from gemmalens.compiling import Distinct
 from gemmalens.layers.attention import Attention
 from gemmalens.layers.embeddings import TiedUnembed
 from gemmalens.layers.hooks import HookFn
@@ -85,9 +86,9 @@ class TopActivations:
         ]
 
 
-@compiling.jit(static_argnames=("treedef", "forward", "k"))
-def _batch_top(leaves, inputs, valid, features, *, treedef, forward, k):
-    model, state = jax.tree.unflatten(treedef, leaves)
+@compiling.jit(static_argnames=("forward", "k"))
+def _batch_top(plan, inputs, valid, features, *, forward, k):
+    model, state = plan.tree()
     _, values = forward(model, state, *inputs)
     acts = values[0].value[..., features].astype(jnp.float32)  # [batch, seq, F]
     acts = jnp.where(valid[..., None], acts, -jnp.inf)
@@ -114,7 +115,7 @@ def top_activations(
         raise ValueError(f"corpus_tokens must be [n, seq] ids; got shape {tokens.shape}.")
     n, seq = tokens.shape
     unbound, state = m._capture_plan([sae.hook_name("features")])
-    treedef, leaves = m._flat_plan(unbound, state)
+    plan = Distinct(*m._flat_plan(unbound, state))
     kk = min(k, batch_size * seq)
     best_v = np.full((len(index), 0), -np.inf, np.float32)
     best_s = np.zeros((len(index), 0), np.int64)
@@ -133,7 +134,7 @@ def top_activations(
         valid = rows != m.config.pad_token_id
         valid[real:] = False
         vals, idx = _batch_top(
-            leaves, inputs, jnp.asarray(valid), index, treedef=treedef, forward=m.captured_run, k=kk
+            plan, inputs, jnp.asarray(valid), index, forward=m.captured_run, k=kk
         )
         vals, idx = np.asarray(vals), np.asarray(idx)
         best_v = np.concatenate([best_v, vals], 1)
@@ -253,7 +254,7 @@ def attribute(
     _, values = m._captured(inputs, list(names))
     zeros = [jnp.zeros_like(values[n]) for n in names]
     value, grads = patching._metric_and_grads(
-        m._frozen, zeros, inputs, names=names, metric=metric, forward=m.logits_of
+        Distinct.of(m._frozen), zeros, inputs, names=names, metric=metric, forward=m.logits_of
     )
     features, error = {}, {}
     for i, sae in enumerate(chosen):

@@ -7,7 +7,6 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import traitlets
@@ -18,6 +17,7 @@ from matplotlib.patches import Rectangle
 from gemmalens import compiling
 from gemmalens import sae as gl_sae
 from gemmalens.checkpoints.safetensors_files import CheckpointError
+from gemmalens.compiling import Distinct
 from gemmalens.widgets import _figures
 from gemmalens.widgets._base import (
     MAX_STATIC_VALUES,
@@ -37,11 +37,11 @@ TABS = {"feature": "Feature", "prompt": "Prompt"}
 RAISE_COLOUR, LOWER_COLOUR = "#4393c3", "#d6604d"
 
 
-@compiling.jit(static_argnames=("treedef", "forward"))
-def _batch_activations(leaves, inputs, valid, index, *, treedef, forward):
+@compiling.jit(static_argnames=("forward",))
+def _batch_activations(plan, inputs, valid, index, *, forward):
     """One batch of the corpus: how many real tokens each feature fired on ``[d_sae]``, and
     the activations of the features ``index`` ``[batch, seq, len(index)]`` (0 at padding)."""
-    model, state = jax.tree.unflatten(treedef, leaves)
+    model, state = plan.tree()
     _, values = forward(model, state, *inputs)
     acts = values[0].value.astype(jnp.float32)  # [batch, seq, d_sae]
     counts = ((acts > 0) & valid[..., None]).sum((0, 1))
@@ -373,7 +373,7 @@ class FeatureViewer(Viewer):
         is never counted, as in `top_activations`)."""
         m = self._spliced
         unbound, state = m._capture_plan([self._hook])
-        treedef, leaves = m._flat_plan(unbound, state)
+        plan = Distinct(*m._flat_plan(unbound, state))
         index = jnp.asarray(np.asarray(features, np.int32))
         n, seq = self._corpus.shape
         size = self._batch_size
@@ -392,12 +392,7 @@ class FeatureViewer(Viewer):
             valid = rows != m.config.pad_token_id
             valid[real:] = False
             batch_counts, chosen = _batch_activations(
-                leaves,
-                m._prepare(rows, None, {}),
-                jnp.asarray(valid),
-                index,
-                treedef=treedef,
-                forward=m.captured_run,
+                plan, m._prepare(rows, None, {}), jnp.asarray(valid), index, forward=m.captured_run
             )
             counts += np.asarray(batch_counts)
             acts[start : start + real] = np.asarray(chosen)[:real]
