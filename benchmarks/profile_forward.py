@@ -1,0 +1,179 @@
+"""Where a forward pass spends its time: the device's kernels over a few steady calls.
+
+    python benchmarks/profile_forward.py gemma4_26b_a4b --shape 1x4096   # on a GPU
+    python benchmarks/profile_forward.py gemma3_27b_text --unstacked
+    python benchmarks/profile_forward.py gemma4_26b_a4b --tiny           # smoke run, CPU
+
+Builds the preset with random bfloat16 weights (stacked unless ``--unstacked``; tiny widths
+with ``--tiny``, as `real_size_speed.py` makes them), runs the forward once to compile,
+then records ``--repeats`` calls with JAX's profiler and sums the time of each kernel the
+device ran. Prints the kernels that took the most time: the name the device reports (a
+cuBLAS GEMM, a Triton or Mosaic kernel, an XLA fusion) and the operation of the program
+that launched it (its HLO name and JAX's name for it, where the profile records them;
+``--hlo`` writes the optimised program, to look the HLO names up).
+
+Each row gives milliseconds per call and the share of the summed kernel time. Off the GPU
+the host's XLA threads are summed instead, which says less (they overlap). Writes the
+rows as JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_size_speed  # noqa: E402  (beside this script: presets at tiny widths, tokens)
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
+    """``({kernel: ns}, {kernel: operation}, where)``: each kernel's time summed over a
+    profile's device lines (the host's XLA threads when no device plane was recorded), and
+    the program operation that launched it; ``where`` also names the statistics the events
+    carried."""
+    from jax.profiler import ProfileData
+
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    profile = ProfileData.from_file(path)
+    planes = [p for p in profile.planes if p.name.startswith("/device:")]
+    where = "device"
+    if not planes:
+        planes = [p for p in profile.planes if p.name == "/host:CPU"]
+        where = "host XLA threads"
+    by_kernel: collections.Counter = collections.Counter()
+    operation_of: dict[str, str] = {}
+    stat_names: set[str] = set()
+    for plane in planes:
+        for line in plane.lines:
+            # A GPU plane lists each kernel on its stream's line and again on summary
+            # lines ("XLA Ops", "XLA Modules", ...): the streams alone count each once.
+            if where == "device" and not line.name.startswith("Stream"):
+                continue
+            if where != "device" and "XLA" not in line.name:
+                continue
+            for event in line.events:
+                by_kernel[event.name] += int(event.duration_ns)
+                stats = dict(event.stats)
+                stat_names.update(stats)
+                if event.name not in operation_of:
+                    parts = (stats.get("hlo_op"), stats.get("tf_op"))
+                    operation_of[event.name] = " ".join(str(p) for p in parts if p)
+    return dict(by_kernel), operation_of, f"{where}; stats: {sorted(stat_names)}"
+
+
+def top(
+    times: dict[str, int], operation_of: dict[str, str], calls: int, limit: int
+) -> list[dict[str, Any]]:
+    total = sum(times.values()) or 1
+    rows = sorted(times.items(), key=lambda item: -item[1])[:limit]
+    return [
+        {
+            "kernel": name,
+            "operation": operation_of.get(name, ""),
+            "ms_per_call": ns / calls / 1e6,
+            "share": ns / total,
+        }
+        for name, ns in rows
+    ]
+
+
+def profile(
+    preset: str,
+    batch: int,
+    length: int,
+    stacked: bool,
+    tiny: bool,
+    repeats: int,
+    limit: int,
+    hlo: Path | None = None,
+) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+    from gemmalens import lens
+
+    config = real_size_speed.config_for(preset, tiny)
+    m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
+    ids = real_size_speed.tokens(batch, length, config.vocab_size)
+    jax.block_until_ready(m(ids))
+    started = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(m(ids))
+    wall = (time.perf_counter() - started) / repeats
+    trace_dir = tempfile.mkdtemp(prefix="gemmalens-profile-")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(repeats):
+            jax.block_until_ready(m(ids))
+    by_kernel, operation_of, where = kernel_times(trace_dir)
+    if hlo:  # the program as XLA optimised it: what each kernel's operation is
+        inputs = m._prepare(ids, None, {})
+        distinct, index = lens._distinct(m._leaves)
+        lowered = lens._run_distinct.lower(m.logits_of, m._treedef, index, distinct, inputs)
+        hlo.write_text(lowered.compile().as_text())
+    return {
+        "preset": preset,
+        "shape": f"{batch}x{length}",
+        "stacked": stacked,
+        "tiny": tiny,
+        "device": jax.devices()[0].device_kind,
+        "wall_ms_per_call": wall * 1e3,
+        "summed_ms_per_call": sum(by_kernel.values()) / repeats / 1e6,
+        "summed_over": where,
+        "kernels": top(by_kernel, operation_of, repeats, limit),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "preset",
+        nargs="?",
+        default="gemma4_26b_a4b",
+        choices=sorted(real_size_speed.REAL) + ["gemma3_1b"],
+    )
+    parser.add_argument("--shape", help="batch x length (1x4096; --tiny: 1x64)")
+    parser.add_argument("--unstacked", action="store_true", help="per-layer parameters")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25, help="rows per table")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--hlo", type=Path, help="write the optimised program (HLO) here")
+    args = parser.parse_args(argv)
+    shape = args.shape or ("1x64" if args.tiny else "1x4096")
+    batch, length = (int(n) for n in shape.lower().split("x"))
+    result = profile(
+        args.preset,
+        batch,
+        length,
+        not args.unstacked,
+        args.tiny,
+        args.repeats,
+        args.top,
+        args.hlo,
+    )
+    print(
+        f"{result['preset']} {result['shape']} ({'stacked' if result['stacked'] else 'per-layer'}"
+        f", {result['device']}): {result['wall_ms_per_call']:.2f} ms a call, kernels "
+        f"{result['summed_ms_per_call']:.2f} ms ({result['summed_over']})"
+    )
+    print("\n| kernel | operation | ms a call | share |\n|---|---|---:|---:|")
+    for row in result["kernels"]:
+        print(
+            f"| `{row['kernel'][:60]}` | `{row['operation'][:90]}` | "
+            f"{row['ms_per_call']:.3f} | {row['share']:.1%} |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
