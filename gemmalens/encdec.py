@@ -38,7 +38,7 @@ from penzai import pz
 
 from gemmalens import compiling, sampling
 from gemmalens.cache import ActivationCache
-from gemmalens.layers.hooks import HookFn
+from gemmalens.layers.hooks import HookFn, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
 from gemmalens.layers.merged_attention import (
     ENCODER_OUTPUT,
@@ -160,8 +160,8 @@ def seq2seq_stateful(
 ):
     """``model.stateless_call`` of an `EncoderDecoder` tree: ``(logits, new state)``."""
     side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images)
-    return model.stateless_call(
-        state, (named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side
+    return stateless_call(
+        model, state, (named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side
     )
 
 
@@ -170,7 +170,7 @@ def _encode(encoder, state, tokens, mask, images=None):
     side = {"token_positions": column_positions(tokens, mask), **(images or {})}
     if mask is None:
         side["positions_are_arange"] = True
-    hidden, values = encoder.stateless_call(state, named_tokens(tokens), **side)
+    hidden, values = stateless_call(encoder, state, named_tokens(tokens), **side)
     return hidden.unwrap("batch", "seq", "embedding"), values
 
 

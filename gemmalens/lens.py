@@ -27,7 +27,7 @@ from penzai import pz
 from gemmalens import compiling, residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
 from gemmalens.layers import stacking
-from gemmalens.layers.hooks import HookFn, hook_points, intervene
+from gemmalens.layers.hooks import HookFn, hook_points, intervene, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
@@ -71,8 +71,8 @@ def decoder_stateful(
     model: Any, state: list, tokens: jax.Array, attention_mask: Any, extra: Any = None
 ) -> Any:
     """``model.stateless_call`` on token ids: ``(logits, new state)`` of a capturing tree."""
-    return model.stateless_call(
-        state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask, extra)
+    return stateless_call(
+        model, state, pz.nx.wrap(tokens).tag("batch", "seq"), **_side_inputs(attention_mask, extra)
     )
 
 

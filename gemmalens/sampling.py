@@ -22,7 +22,7 @@ from penzai import pz
 from gemmalens import compiling
 from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
-from gemmalens.layers.hooks import HookPoint
+from gemmalens.layers.hooks import HookPoint, stateless_call
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.transformer import positions_from_mask
 
@@ -468,7 +468,8 @@ def _decode(
     empty_captures = captures
 
     def forward(caches, tokens, positions):
-        logits, values = model.stateless_call(
+        logits, values = stateless_call(
+            model,
             [*caches, *empty_captures],
             pz.nx.wrap(tokens).tag("batch", "seq"),
             token_positions=positions,

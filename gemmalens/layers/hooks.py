@@ -111,13 +111,25 @@ def hook_points(model: Any) -> list[HookPoint]:
     return list(pz.select(model).at_instances_of(HookPoint).get_sequence())
 
 
+def _swap_hooks(model: Any, names: Any, swap: Callable[[HookPoint], Any]) -> Any:
+    """``model`` with each hook point named in ``names`` replaced by ``swap(point)``.
+
+    A plain `jax.tree.map` stopping at hook points: the same walk through Penzai's
+    selectors, which build a selection of every node, took seven times as long (0.50 s
+    against 0.07 s for a 62-layer model on a CPU)."""
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, HookPoint) and node.name in names:
+            return swap(node)
+        return node
+
+    return jax.tree.map(visit, model, is_leaf=lambda node: isinstance(node, HookPoint))
+
+
 def intervene(model: Any, fns: dict[str, HookFn]) -> Any:
     """Swaps the hook points named in ``fns`` for `InterveneHook`s running ``fns[name]``."""
-    return (
-        pz.select(model)
-        .at_instances_of(HookPoint)
-        .where(lambda hp: hp.name in fns)
-        .apply(lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name]))
+    return _swap_hooks(
+        model, fns, lambda hp: InterveneHook(name=hp.name, axes=hp.axes, fn=fns[hp.name])
     )
 
 
@@ -129,9 +141,18 @@ def capture(model: Any, names: set[str], label_prefix: str) -> Any:
         sink = pz.StateVariable(value=None, label=label_prefix + hp.name)
         return CaptureHook(name=hp.name, axes=hp.axes, sink=sink, fn=getattr(hp, "fn", None))
 
-    return (
-        pz.select(model)
-        .at_instances_of(HookPoint)
-        .where(lambda hp: hp.name in names)
-        .apply(to_capture)
-    )
+    return _swap_hooks(model, names, to_capture)
+
+
+def stateless_call(model: Any, state: Any, argument: Any, /, **side_inputs: Any) -> Any:
+    """``model.stateless_call(state, argument, **side_inputs)`` (Penzai's) for a model
+    that holds no live variables, as every tree passed into a compiled program is:
+    ``(result, new state)``.
+
+    Penzai's version first freezes the model's variables, a walk of the whole tree that
+    finds nothing to freeze here and took half a second at every trace of a 62-layer
+    model on a CPU (a third of a first `run_with_cache`'s Python time)."""
+    mutable = [value.unfreeze_as_copy() for value in state]
+    bound, bound_argument, bound_side = pz.bind_variables((model, argument, side_inputs), mutable)
+    result = bound(bound_argument, **bound_side)
+    return result, tuple(variable.freeze() for variable in mutable)

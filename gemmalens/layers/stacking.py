@@ -395,13 +395,18 @@ def plan_runs(signatures: Sequence[Hashable], max_period: int = MAX_PERIOD) -> l
     return plan
 
 
-def _loopable(flat: _Flat) -> bool:
+def _loopable(flat: _Flat, shares_state: dict) -> bool:
     # Only slices, hooks and layer numbers vary; anything else (a block's own parameter)
     # makes the block run on its own, and so does a block that hands values to later
-    # blocks through a side input (a KV-sharing producer or consumer).
-    if pz.select(flat.block).at_instances_of(_SHARES_STATE).count():
+    # blocks through a side input (a KV-sharing producer or consumer). Blocks of one tree
+    # structure are alike in that: ``shares_state`` keeps the answer per structure (the
+    # search walks the whole block, 3 ms a block on a CPU, at every trace).
+    if any(key[0] == "leaf" for key in flat.signature[1]):
         return False
-    return all(key[0] != "leaf" for key in flat.signature[1])
+    treedef = flat.signature[0]
+    if treedef not in shares_state:
+        shares_state[treedef] = bool(pz.select(flat.block).at_instances_of(_SHARES_STATE).count())
+    return not shares_state[treedef]
 
 
 def _captured_names(flat: _Flat) -> frozenset:
@@ -415,13 +420,14 @@ def plan_loops(flats: Sequence[_Flat]) -> list[tuple]:
     the loop counter; ``("one", index)`` for a block that runs alone (one holding its own
     parameters or shared state). The blocks of a loop capture the same hooks."""
     plan: list[tuple] = []
+    shares_state: dict[Any, bool] = {}
     i, n = 0, len(flats)
     while i < n:
         j = i + 1
-        if _loopable(flats[i]):
+        if _loopable(flats[i], shares_state):
             while (
                 j < n
-                and _loopable(flats[j])
+                and _loopable(flats[j], shares_state)
                 and _captured_names(flats[j]) == _captured_names(flats[i])
             ):
                 j += 1
