@@ -41,6 +41,11 @@ from typing import Any
 
 import jax
 
+try:  # JAX has no public test for "no trace under way" (`_at_top_level`)
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - a JAX without it
+    _trace_state_clean = None
+
 #: The environment variable read at import: ``xla`` compiles with XLA's own defaults.
 ENV_VAR = "GEMMALENS_XLA_OPTIONS"
 
@@ -57,12 +62,36 @@ XLA_OPTIONS: dict[str, Any] = (
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
     """`jax.jit` with `XLA_OPTIONS` (usable bare, or with keywords as a decorator).
 
-    For gemmalens' entry points only: JAX takes compiler options on a top-level jit, so
-    such a function cannot be called inside another `jax.jit` or `jax.make_jaxpr` (trace
-    it with its own ``.trace(...)`` instead)."""
+    JAX takes compiler options only on a top-level jit. Called inside another trace
+    (`jax.jit`, `jax.eval_shape`, `jax.make_jaxpr`), the function is staged into that
+    program as a plain jit, and the outer program's options apply."""
     if fun is None:
         return functools.partial(jit, **kwargs)
-    return jax.jit(fun, compiler_options=dict(XLA_OPTIONS) or None, **kwargs)
+    return _Jitted(fun, kwargs)
+
+
+class _Jitted:
+    """A function jitted twice: with `XLA_OPTIONS` for top-level calls, without them for
+    calls inside another trace. Other attributes (``lower``, ``trace`` ...) are the
+    top-level one's."""
+
+    def __init__(self, fun: Callable, kwargs: dict[str, Any]) -> None:
+        self._top_level = jax.jit(fun, compiler_options=dict(XLA_OPTIONS) or None, **kwargs)
+        self._nested = jax.jit(fun, **kwargs)
+        functools.update_wrapper(self, fun)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        jitted = self._top_level if _at_top_level() else self._nested
+        return jitted(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._top_level, name)
+
+
+def _at_top_level() -> bool:
+    """Whether no trace is under way (a call here compiles a program of its own). Without
+    JAX's private test, the safe side: no options."""
+    return bool(_trace_state_clean()) if _trace_state_clean is not None else False
 
 
 def distinct_leaves(leaves: list) -> tuple[list, tuple[int, ...]]:

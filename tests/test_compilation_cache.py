@@ -199,3 +199,33 @@ def test_compiler_options_default_and_opt_out():
         "xla_gpu_enable_dynamic_slice_fusion": True,
     }
     assert seen["xla"] == {}
+
+
+def test_compiled_entry_points_run_inside_other_traces():
+    """gemmalens' programs carry compiler options, which JAX takes only on a top-level
+    jit: inside another trace (eval_shape, jit, make_jaxpr) they run as plain jits."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import gemmalens as gl
+    from gemmalens import compiling
+
+    @compiling.jit
+    def double(x):
+        return x * 2
+
+    assert float(double(1.5)) == 3.0
+    assert float(jax.jit(lambda x: double(x) + 1)(1.5)) == 4.0
+    assert jax.eval_shape(double, jnp.ones(3)).shape == (3,)
+    assert "mul" in str(jax.make_jaxpr(double)(1.5))
+    m = gl.teaching_model("gemma3")
+    tokens = np.arange(3, 11)[None]
+
+    def logits_and_values():
+        logits, cache = m.run_with_cache(tokens, "*hook_resid_post")
+        return logits, dict(cache.items())
+
+    logits, values = jax.eval_shape(logits_and_values)
+    assert logits.shape == (1, 8, m.config.vocab_size)
+    assert len(values) == m.config.num_hidden_layers
