@@ -14,22 +14,23 @@ captures, generation, patching sweeps, attribution, the SAE and feature tools):
   products; with it, cuBLAS and the grouped-expert kernel read the weights in place.
 
 Measured with random bfloat16 weights at 1 x 4096 tokens (``benchmarks/real_size_speed.py
---case ours_phases``, 2026-12-05), XLA's defaults against these options:
+--case ours_phases``, 2026-12-05), before against after:
 
-* Gemma 3 27B, stacked, H200: compile 3.79 s against 2.05 s; steady forward 0.373 s
-  against 0.371 s.
-* The same on an H100, Triton GEMMs off only: compile 4.95 s against 2.40 s; steady
-  0.389 s against 0.390 s.
-* Gemma 4 26B-A4B, stacked, H200: steady 0.136 s with Triton GEMMs off, 0.110 s with
-  dynamic-slice fusion as well (the copies of its experts' weights had taken a fifth of
-  the forward). On an H100, 0.198 s under XLA's defaults, 0.183 s with Triton off.
+* Gemma 3 27B, stacked, H100, Triton GEMMs off only: compile 4.95 s against 2.40 s;
+  steady 0.389 s against 0.390 s.
+* The same on an H200, Triton GEMMs off, then dynamic-slice fusion added: compile 3.79 s
+  against 2.05 s; steady 0.373 s against 0.371 s.
+* Gemma 4 26B-A4B, stacked, H200: steady 0.136 s with Triton GEMMs off, 0.110 s once
+  loops also indexed their stacks by counter arithmetic and dynamic-slice fusion was on
+  (the copies of its experts' weights had taken a fifth of the forward). On an H100, 0.198 s under XLA's defaults, 0.183 s with Triton off.
 * The Gemma 3 1B patching sweep of 1,664 sites, H100, Triton GEMMs off only: compile
   8.20 s against 3.59 s; steady 0.162 s against 0.171 s (6% slower).
 
 `XLA_OPTIONS` is read when gemmalens is imported. To compile with XLA's own defaults, set
 the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
-options apply to gemmalens' own top-level programs only (JAX takes options only there);
-``XLA_FLAGS`` still sets the rest, and where both name an option, these win.
+options apply to gemmalens' own programs called at the top level (JAX takes options only
+there; inside another trace they run as plain jits); ``XLA_FLAGS`` still sets the rest,
+and where both name an option, these win.
 """
 
 from __future__ import annotations
