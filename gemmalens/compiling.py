@@ -31,6 +31,9 @@ the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalen
 options apply to gemmalens' own programs called at the top level (JAX takes options only
 there; inside another trace they run as plain jits); ``XLA_FLAGS`` still sets the rest,
 and where both name an option, these win.
+
+`Distinct` is how those programs take a model: each distinct array once, so that a stacked
+model's stacks, which every layer holds, are one argument each.
 """
 
 from __future__ import annotations
