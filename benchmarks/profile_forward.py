@@ -99,6 +99,7 @@ def profile(
 
     import gemmalens as gl
     from gemmalens import lens
+    from gemmalens.compiling import Distinct
 
     config = real_size_speed.config_for(preset, tiny)
     m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
@@ -115,8 +116,8 @@ def profile(
     by_kernel, operation_of, where = kernel_times(trace_dir)
     if hlo:  # the program as XLA optimised it: what each kernel's operation is
         inputs = m._prepare(ids, None, {})
-        distinct, index = lens._distinct(m._leaves)
-        lowered = lens._run_distinct.lower(m.logits_of, m._treedef, index, distinct, inputs)
+        model = Distinct(m._treedef, m._leaves)
+        lowered = lens._run_distinct.lower(m.logits_of, model, inputs)
         hlo.write_text(lowered.compile().as_text())
     return {
         "preset": preset,

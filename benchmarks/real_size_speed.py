@@ -309,6 +309,7 @@ def ours_phases(name: str, tiny: bool, variant: str = "preset") -> dict:
 
     import gemmalens as gl
     from gemmalens import lens, patching
+    from gemmalens.compiling import Distinct
     from gemmalens.layers import stacking
 
     config = config_for(name, tiny)
@@ -340,12 +341,12 @@ def ours_phases(name: str, tiny: bool, variant: str = "preset") -> dict:
     else:
         batch, length = TINY_SHAPES[0] if tiny else REAL[name][0]
         inputs = m._prepare(tokens(batch, length, config.vocab_size), None, {})
-        distinct, index = lens._distinct(m._leaves)
-        out = phases(lens._run_distinct, m.logits_of, m._treedef, index, distinct, inputs)
+        model = Distinct(m._treedef, m._leaves)
+        out = phases(lens._run_distinct, m.logits_of, model, inputs)
         compiled = out.pop("compiled")
 
         def run():
-            return sync(compiled(distinct, inputs))
+            return sync(compiled(model, inputs))
 
     started = time.perf_counter()
     run()

@@ -26,6 +26,7 @@ from penzai import pz
 
 from gemmalens import compiling, residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
+from gemmalens.compiling import Distinct
 from gemmalens.layers import stacking
 from gemmalens.layers.hooks import HookFn, hook_points, intervene, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
@@ -96,29 +97,24 @@ def refuse_multimodal_prompts(config: Any, prompt_ids: np.ndarray, call: str) ->
             )
 
 
-_distinct = compiling.distinct_leaves
-
-
 def _run(forward, treedef, leaves, inputs):
     # The model comes as its leaves (flattened once per model): flattening a Penzai tree
     # on every call costs about a millisecond, a tenth of a small model's forward pass.
-    distinct, index = _distinct(leaves)
-    return _run_distinct(forward, treedef, index, distinct, inputs)
+    return _run_distinct(forward, Distinct(treedef, leaves), inputs)
 
 
-@compiling.jit(static_argnums=(0, 1, 2))
-def _run_distinct(forward, treedef, index, distinct, inputs):
-    return forward(jax.tree.unflatten(treedef, [distinct[i] for i in index]), *inputs)
+@compiling.jit(static_argnums=0)
+def _run_distinct(forward, model, inputs):
+    return forward(model.tree(), *inputs)
 
 
 def _run_stateful(forward_stateful, treedef, leaves, inputs):
-    distinct, index = _distinct(leaves)
-    return _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs)
+    return _run_stateful_distinct(forward_stateful, Distinct(treedef, leaves), inputs)
 
 
-@compiling.jit(static_argnums=(0, 1, 2))
-def _run_stateful_distinct(forward_stateful, treedef, index, distinct, inputs):
-    model, state = jax.tree.unflatten(treedef, [distinct[i] for i in index])
+@compiling.jit(static_argnums=0)
+def _run_stateful_distinct(forward_stateful, plan, inputs):
+    model, state = plan.tree()
     return forward_stateful(model, state, *inputs)
 
 
@@ -214,6 +210,12 @@ class Model:
         self._flat_plans: dict[int, tuple[pz.nn.Layer, Any, list]] = {}
         self._generation_programs: dict[Any, sampling.GenerationProgram] = {}
         self._hook_names = [hp.name for hp in hook_points(value)]
+
+    @property
+    def _frozen_distinct(self) -> Distinct:
+        """The frozen model as compiled programs take it (`compiling.Distinct`), from the
+        leaves flattened once per model."""
+        return Distinct(self._treedef, self._leaves)
 
     def __repr__(self) -> str:
         family = getattr(self.config, "family", type(self.config).__name__)

@@ -60,7 +60,6 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import compiling
-from gemmalens.compiling import Distinct
 from gemmalens.layers import stacking
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
@@ -1321,7 +1320,7 @@ def _sweep_program(
         plan = _shared_plan(
             m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions
         )
-        args = (Distinct.of(m._frozen), clean, corrupted, clean_mask, corrupted_mask)
+        args = (m._frozen_distinct, clean, corrupted, clean_mask, corrupted_mask)
         kwargs = dict(plan=plan, metric=metric, rows_sharding=rows_sharding)
         return _sweep_shared, args, kwargs
     clean_values = runs.capture(m, runs.clean, names)
@@ -1337,7 +1336,7 @@ def _sweep_program(
         forward=runs.forward,
         site_sharding=site_sharding,
     )
-    return _sweep_vmapped, (Distinct.of(m._frozen), clean_values, inputs), kwargs
+    return _sweep_vmapped, (m._frozen_distinct, clean_values, inputs), kwargs
 
 
 @compiling.jit(static_argnames=("names", "metric", "forward"))
@@ -1413,7 +1412,7 @@ def attribution_patching(
         _check_feature_widths(names, clean_values)
     zeros = [jnp.zeros_like(v) for v in corrupted_values]
     _, grads = _metric_and_grads(
-        Distinct.of(m._frozen),
+        m._frozen_distinct,
         zeros,
         runs.corrupted,
         names=names,

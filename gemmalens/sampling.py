@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens import compiling
+from gemmalens.compiling import Distinct
 from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
 from gemmalens.layers.hooks import HookPoint, stateless_call
@@ -434,17 +435,16 @@ def generate_tokens(
     program: GenerationProgram, tokens: jax.Array, mask: jax.Array, key: jax.Array, **options
 ):
     """Runs `_generate` on a prepared program: same options and results."""
-    return _generate_program(
-        program.treedef, program.caches, program.leaves, tokens, mask, key, **options
-    )
+    plan = Distinct(program.treedef, program.leaves)
+    return _generate_program(program.caches, plan, tokens, mask, key, **options)
 
 
 _STATIC = ("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
 
 
-@compiling.jit(static_argnums=(0, 1), static_argnames=_STATIC)
-def _generate_program(treedef, empty_caches, leaves, tokens, mask, key, **options):
-    model, captures = jax.tree.unflatten(treedef, leaves)
+@compiling.jit(static_argnums=0, static_argnames=_STATIC)
+def _generate_program(empty_caches, plan, tokens, mask, key, **options):
+    model, captures = plan.tree()  # a `Distinct`
     return _decode(model, empty_caches.make(), captures, tokens, mask, key, **options)
 
 

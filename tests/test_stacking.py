@@ -401,10 +401,10 @@ def test_adapters_and_saes_attach_to_stacked_layers():
 def test_a_stack_is_one_argument_of_the_compiled_forward(pairs):
     """Every layer's view holds the same stack; the compiled forward takes it once, not
     once per layer (at 27B, 62 layers would count as 3 TB of arguments)."""
-    from gemmalens import lens
+    from gemmalens import compiling
 
     m = pairs("gemma3").stacked
-    distinct, index = lens._distinct(m._leaves)
+    distinct, index = compiling.distinct_leaves(m._leaves)
     stacks = {
         id(s.stack.value.data_array)
         for s in pz.select(m.model).at_instances_of(stacking.LayerSlice).get_sequence()

@@ -254,7 +254,7 @@ def attribute(
     _, values = m._captured(inputs, list(names))
     zeros = [jnp.zeros_like(values[n]) for n in names]
     value, grads = patching._metric_and_grads(
-        Distinct.of(m._frozen), zeros, inputs, names=names, metric=metric, forward=m.logits_of
+        m._frozen_distinct, zeros, inputs, names=names, metric=metric, forward=m.logits_of
     )
     features, error = {}, {}
     for i, sae in enumerate(chosen):
