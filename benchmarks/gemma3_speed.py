@@ -153,7 +153,9 @@ def tokens_for(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray
     return np.random.RandomState(seed).randint(3, vocab, (batch, length)).astype(np.int32)
 
 
-def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> dict:
+def measure_speed(
+    setup: dict, directory: Path, decode_only: bool = False, forward_only: bool = False
+) -> dict:
     config, repeats = setup["config"], setup["repeats"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = load_transformers(directory, setup["dtype"], "sdpa")
@@ -174,6 +176,8 @@ def measure_speed(setup: dict, directory: Path, decode_only: bool = False) -> di
         )  # fmt: skip
         print("forward", json.dumps(results["forward"][-1]), flush=True)
         del ids
+    if forward_only:
+        return results
 
     decode = setup["decode"]
     # On a GPU, decode steps can run attention and the feed-forward block as kernels of
@@ -325,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--decode-only", action="store_true", help="measure decoding only")
     parser.add_argument(
+        "--forward-only", action="store_true", help="measure the forward (throughput, MFU) only"
+    )
+    parser.add_argument(
         "--cases",
         help="decode cases as BATCHxPROMPT,... (default: all; e.g. 8x128,8x2048)",
     )
@@ -350,6 +357,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         make_checkpoint(directory, setup["config"], setup["dtype"])
+        if args.forward_only:
+            results = measure_speed(setup, directory, forward_only=True)
+            results["versions"] = versions()
+            results["command"] = "python benchmarks/gemma3_speed.py --forward-only"
+            print(json.dumps(results["versions"]))
+            print(json.dumps(results["forward"]))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2))
+            return results
         if args.decode_only:
             results = measure_speed(setup, directory, decode_only=True)
             results["versions"] = versions()
