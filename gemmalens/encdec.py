@@ -38,6 +38,7 @@ from penzai import pz
 
 from gemmalens import compiling, sampling
 from gemmalens.cache import ActivationCache
+from gemmalens.compiling import Distinct
 from gemmalens.layers.hooks import HookFn, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
 from gemmalens.layers.merged_attention import (
@@ -166,7 +167,8 @@ def seq2seq_stateful(
 
 
 @compiling.jit
-def _encode(encoder, state, tokens, mask, images=None):
+def _encode(plan: Distinct, tokens, mask, images=None):
+    encoder, state = plan.tree()  # ``Distinct.of((encoder, state))``
     side = {"token_positions": column_positions(tokens, mask), **(images or {})}
     if mask is None:
         side["positions_are_arange"] = True
@@ -175,7 +177,8 @@ def _encode(encoder, state, tokens, mask, images=None):
 
 
 @compiling.jit
-def _decode(decoder, decoder_tokens, decoder_mask, hidden_states, encoder_mask):
+def _decode(plan: Distinct, decoder_tokens, decoder_mask, hidden_states, encoder_mask):
+    decoder = plan.tree()  # ``Distinct.of(decoder)``
     encoder_output = pz.nx.wrap(hidden_states).tag(*RESID_AXES)
     logits = decoder(
         named_tokens(decoder_tokens),
@@ -341,7 +344,7 @@ class EncoderDecoderModel(Model):
         tokens, mask, images = self._encoder_inputs(
             tokens, attention_mask, pixel_values, token_type_ids
         )
-        hidden, _ = _encode(self._frozen.encoder, [], tokens, mask, images)
+        hidden, _ = _encode(Distinct.of((self._frozen.encoder, [])), tokens, mask, images)
         return EncoderOutput(hidden, mask)
 
     def decode(
@@ -364,7 +367,7 @@ class EncoderDecoderModel(Model):
                 f"have {decoder_tokens.shape[0]}."
             )
         return _decode(
-            self._frozen.decoder,
+            Distinct.of(self._frozen.decoder),
             decoder_tokens,
             decoder_mask,
             hidden,
@@ -423,7 +426,9 @@ class EncoderDecoderModel(Model):
         encoder, encoder_state = pz.unbind_state_vars(model.encoder)
         encoder_mask = None if mask.all() else jnp.asarray(mask)
         hidden, encoder_values = _encode(
-            encoder, [v.freeze() for v in encoder_state], jnp.asarray(tokens), encoder_mask
+            Distinct.of((encoder, [v.freeze() for v in encoder_state])),
+            jnp.asarray(tokens),
+            encoder_mask,
         )
         decoder = fix_encoder_keys_values(
             model.decoder,
@@ -442,8 +447,7 @@ class EncoderDecoderModel(Model):
         unbound, state = pz.unbind_state_vars(decoder)
         start = np.full((len(rows), 1), self.config.decoder_start_token_id, np.int32)
         new_tokens, prompt_values, step_values = sampling._generate(
-            unbound,
-            [v.freeze() for v in state],
+            Distinct.of((unbound, [v.freeze() for v in state])),
             jnp.asarray(start),
             jnp.ones_like(jnp.asarray(start)),
             jax.random.key(seed),

@@ -450,10 +450,12 @@ def _generate_program(empty_caches, plan, tokens, mask, key, **options):
 
 @compiling.jit(static_argnames=_STATIC)
 def _generate(
-    model, state, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
+    plan: Distinct, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
 ):
-    """Prefill then scan. Returns new tokens [batch, max_new_tokens], the prefill captures
-    and the per-step captures (stacked along a leading step axis)."""
+    """Prefill then scan, for ``plan = Distinct.of((model, state))`` (the state holding the
+    KV caches and capture slots). Returns new tokens [batch, max_new_tokens], the prefill
+    captures and the per-step captures (stacked along a leading step axis)."""
+    model, state = plan.tree()
     caches, captures = _split(state, _KV_LABEL)
     return _decode(
         model, caches, captures, tokens, mask, key,

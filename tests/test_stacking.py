@@ -285,6 +285,43 @@ def test_generation_agrees(pairs):
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(stacked))
 
 
+def test_encoder_decoder_programs_take_each_stack_once(pairs, monkeypatch):
+    """T5Gemma 2's own programs (encode, decode, generate) agree stacked and per-layer and
+    hand the compiled program each stack once (`compiling.Distinct`), as the forward does."""
+    from gemmalens import compiling, encdec, sampling
+
+    plans = []
+
+    def spy(fn):
+        def recording(plan, *args, **kwargs):
+            plans.append(plan)
+            return fn(plan, *args, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(encdec, "_encode", spy(encdec._encode))
+    monkeypatch.setattr(encdec, "_decode", spy(encdec._decode))
+    monkeypatch.setattr(sampling, "_generate", spy(sampling._generate))
+    pair = pairs("t5gemma2")
+    prompt = TOKENS[:1, :5]
+    new = {}
+    for key in ("plain", "stacked"):
+        m = getattr(pair, key)
+        plans.clear()
+        new[key] = m.generate(prompt, max_new_tokens=5, stop_at_eos=False).tokens
+        new[key + "_logits"] = m.decode(DECODER_TOKENS, m.encode(TOKENS))
+        assert len(plans) == 4  # generate: encode, then decode steps; encode; decode
+        assert all(isinstance(plan, compiling.Distinct) for plan in plans)
+        if key == "stacked":
+            for plan in plans:
+                arguments = jax.tree.leaves(plan)
+                assert len(arguments) < len(plan.leaves)  # the stacks once, not per layer
+                assert len({id(a) for a in arguments}) == len(arguments)
+    np.testing.assert_array_equal(np.asarray(new["plain"]), np.asarray(new["stacked"]))
+    close(new["plain_logits"], new["stacked_logits"], 1e-4)
+    assert np.abs(np.asarray(new["plain_logits"])).max() > 1e-4
+
+
 def test_saved_checkpoint_is_per_layer(pairs, tmp_path):
     pair = pairs("gemma3")
     hf_config = json.loads((pair.directory / "config.json").read_text())
