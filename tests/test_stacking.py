@@ -286,9 +286,11 @@ def test_generation_agrees(pairs):
 
 
 def test_encoder_decoder_programs_take_each_stack_once(pairs, monkeypatch):
-    """T5Gemma 2's own programs (encode, decode, generate) agree stacked and per-layer and
-    hand the compiled program each stack once (`compiling.Distinct`), as the forward does."""
+    """T5Gemma 2's own programs (encode, decode, generate and its cross keys and values)
+    agree stacked and per-layer and hand the compiled program each stack once
+    (`compiling.Distinct`), as the forward does."""
     from gemmalens import compiling, encdec, sampling
+    from gemmalens.layers import merged_attention
 
     plans = []
 
@@ -302,6 +304,7 @@ def test_encoder_decoder_programs_take_each_stack_once(pairs, monkeypatch):
     monkeypatch.setattr(encdec, "_encode", spy(encdec._encode))
     monkeypatch.setattr(encdec, "_decode", spy(encdec._decode))
     monkeypatch.setattr(sampling, "_generate", spy(sampling._generate))
+    monkeypatch.setattr(merged_attention, "_project", spy(merged_attention._project))
     pair = pairs("t5gemma2")
     prompt = TOKENS[:1, :5]
     new = {}
@@ -310,7 +313,7 @@ def test_encoder_decoder_programs_take_each_stack_once(pairs, monkeypatch):
         plans.clear()
         new[key] = m.generate(prompt, max_new_tokens=5, stop_at_eos=False).tokens
         new[key + "_logits"] = m.decode(DECODER_TOKENS, m.encode(TOKENS))
-        assert len(plans) == 4  # generate: encode, then decode steps; encode; decode
+        assert len(plans) == 5  # generate: encode, cross keys, decode steps; encode; decode
         assert all(isinstance(plan, compiling.Distinct) for plan in plans)
         if key == "stacked":
             for plan in plans:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.compiling import Distinct
 from gemmalens.layers.attention import KV_AXES, PATTERN_AXES, QKV_AXES, Attention, AttentionMask
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.rope import ApplyRoPE
@@ -248,7 +249,8 @@ def merge_with_encoder(attention: Attention) -> Attention:
 
 
 @jax.jit
-def _project(cross_layers: list[EncoderKeysValues], encoder_output, encoder_positions):
+def _project(plan: Distinct, encoder_output, encoder_positions):
+    cross_layers = plan.tree()  # ``Distinct.of(list of EncoderKeysValues)``: each stack once
     side_inputs = {ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: encoder_positions}
     return [layer(None, **side_inputs) for layer in cross_layers]
 
@@ -264,7 +266,8 @@ def fix_encoder_keys_values(
     parameters (`pz.freeze_params`).
     """
     selection = pz.select(decoder).at_instances_of(EncoderKeysValues)
-    computed = _project(list(selection.get_sequence()), encoder_output, encoder_positions)
+    cross_layers = Distinct.of(list(selection.get_sequence()))
+    computed = _project(cross_layers, encoder_output, encoder_positions)
     return selection.set_sequence(
         [FixedEncoderKeysValues(c.keys, c.values, c.positions) for c in computed]
     )
