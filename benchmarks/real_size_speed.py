@@ -121,13 +121,15 @@ def tokens(batch: int, length: int, vocab: int) -> Any:
 # ------------------------------------------------------------------------- one process
 
 
-def ours(name: str, stacked: bool, tiny: bool, captures: bool) -> dict:
-    """gemmalens in this process: build, first call, steady, capture set."""
+def ours(name: str, stacked: bool, tiny: bool, captures: bool, loop_unroll: int = 1) -> dict:
+    """gemmalens in this process: build, first call, steady, capture set (``loop_unroll``:
+    `stacking.LOOP_UNROLL`, layers per loop step)."""
     import jax.numpy as jnp
 
     import gemmalens as gl
     from gemmalens.layers import stacking
 
+    stacking.LOOP_UNROLL = loop_unroll
     config = config_for(name, tiny)
     dtype = jnp.float32 if tiny else jnp.bfloat16
     started = time.perf_counter()

@@ -121,6 +121,38 @@ def test_logits_and_every_hook_agree(pairs, name):
         close(plain_cache[hook], cache[hook])
 
 
+def test_unrolled_loop_agrees(pairs, monkeypatch):
+    """Two layers per loop step (`stacking.LOOP_UNROLL`; 7 layers, so a remainder step)
+    give the same logits and captures as one, with an intervention inside the loop, and
+    the same values as the per-layer model."""
+    pair = pairs("gemma3")
+    assert stacking.runs(pair.stacked.model) == {"blocks": [("loop", 0, 7, 2)]}
+    hooks = {"blocks.3.hook_resid_pre": lambda value, name: value * 2.0}
+
+    def run(m):
+        jax.clear_caches()  # the setting is read when a program is traced
+        with m.hooks(hooks):
+            return m.run_with_cache(TOKENS, names="blocks.*.hook_resid_post")
+
+    logits, cache = run(pair.stacked)
+    monkeypatch.setattr(stacking, "LOOP_UNROLL", 2)
+    unrolled_logits, unrolled_cache = run(pair.stacked)
+    plain_logits, plain_cache = run(pair.plain)
+    assert len(cache.keys()) == 7 and list(cache.keys()) == list(unrolled_cache.keys())
+    for ours, reference in [(logits, unrolled_logits), (plain_logits, unrolled_logits)]:
+        close(ours, reference)
+    for hook in cache.keys():
+        close(cache[hook], unrolled_cache[hook])
+        close(plain_cache[hook], unrolled_cache[hook])
+    m = pair.stacked
+    program = str(jax.make_jaxpr(lambda t: m.logits_of(m._frozen, t, None))(jnp.asarray(TOKENS)))
+    assert "unroll=2" in program  # the setting reached the loop
+    unhooked = pair.plain.run_with_cache(TOKENS, names="blocks.6.hook_resid_post")[1]
+    assert not np.allclose(
+        unhooked["blocks.6.hook_resid_post"], plain_cache["blocks.6.hook_resid_post"]
+    )
+
+
 def test_plans_follow_each_family_pattern(pairs):
     """Which layers loop, family by family (the tiny layouts above): one loop over the
     stack, with one kind of block per distinct structure (local and global attention)."""

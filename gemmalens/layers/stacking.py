@@ -443,6 +443,11 @@ def plan_loops(flats: Sequence[_Flat]) -> list[tuple]:
 #: block in the compiled program) or ``"periods"`` (`plan_runs`: one copy of each block of
 #: the repeating period, no switch).
 LOOP_STYLE = "kinds"
+#: Layers per step of a loop over kinds (`jax.lax.scan`'s ``unroll``): 1 keeps the program
+#: smallest; more lets XLA schedule across neighbouring layers, at that multiple of the
+#: loop body's compile time. Like `LOOP_STYLE`, read when a program is traced: set it
+#: before the first call (programs already compiled keep theirs).
+LOOP_UNROLL = 1
 
 
 @dataclasses.dataclass
@@ -625,7 +630,9 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
 
     try:
         start = (jnp.zeros((), jnp.int32), _in_order(h, order))
-        (_, h), stacked = jax.lax.scan(step, start, None, length=len(flats))
+        (_, h), stacked = jax.lax.scan(
+            step, start, None, length=len(flats), unroll=min(LOOP_UNROLL, len(flats))
+        )
     except TypeError as error:  # the kinds' steps return different types
         if "branch" in str(error):
             raise _KindsDiffer(str(error)) from error
