@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke run)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    parser.add_argument("--decode-only", action="store_true", help="measure decoding only")
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--decode-only", action="store_true", help="measure decoding only")
+    only.add_argument(
         "--forward-only", action="store_true", help="measure the forward (throughput, MFU) only"
     )
     parser.add_argument(
@@ -357,26 +358,23 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         make_checkpoint(directory, setup["config"], setup["dtype"])
-        if args.forward_only:
-            results = measure_speed(setup, directory, forward_only=True)
-            results["versions"] = versions()
-            results["command"] = "python benchmarks/gemma3_speed.py --forward-only"
-            print(json.dumps(results["versions"]))
-            print(json.dumps(results["forward"]))
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=2))
-            return results
-        if args.decode_only:
-            results = measure_speed(setup, directory, decode_only=True)
+        if args.forward_only or args.decode_only:  # one part of the measurements
+            results = measure_speed(
+                setup, directory, decode_only=args.decode_only, forward_only=args.forward_only
+            )
             results["versions"] = versions()
             results["command"] = (
-                "python benchmarks/gemma3_speed.py --decode-only"
+                "python benchmarks/gemma3_speed.py"
+                + (" --forward-only" if args.forward_only else " --decode-only")
                 + (" --tiny" if args.tiny else "")
-                + (f" --cases {args.cases}" if args.cases else "")
+                + (f" --cases {args.cases}" if args.cases and args.decode_only else "")
             )
             print(json.dumps(results["versions"]))
-            print(json.dumps(results["decode"]))
-            print(decode_table(results))
+            if args.forward_only:
+                print(json.dumps(results["forward"]))
+            else:
+                print(json.dumps(results["decode"]))
+                print(decode_table(results))
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2))
             return results

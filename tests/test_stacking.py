@@ -26,10 +26,10 @@ from tests import hf_reference as ref
 S, F = "sliding_attention", "full_attention"
 TOKENS = np.random.RandomState(5).randint(3, 250, (2, 9))
 DECODER_TOKENS = np.random.RandomState(6).randint(3, 250, (2, 6))
-# Relative to each value's largest entry: float32 rounding of a reordered computation.
-# float32 rounding: a loop and a chain of layers may add in another order, and XLA's CPU
-# kernels round differently from one processor to another (an AMD EPYC gave 2.1e-5 where
-# the machines before it stayed below 2e-5); a wrong layer or weight is off by orders more.
+# Relative to each value's largest entry: float32 rounding of a reordered computation (a
+# loop and a chain of layers may add in another order), and XLA's CPU kernels round
+# differently from one processor to another (an AMD EPYC gave 2.1e-5 where the machines
+# before it stayed below 2e-5); a wrong layer or weight is off by orders more.
 RELATIVE = 5e-5
 
 BUILDERS = {
