@@ -68,6 +68,51 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
     return dict(by_kernel), operation_of, f"{where}; stats: {sorted(stat_names)}"
 
 
+def device_timeline(trace_dir: str, calls: int, limit: int = 8) -> dict[str, Any] | None:
+    """Where the device sat idle inside the ``calls`` profiled calls: the time from a call's
+    first kernel to its last, the time kernels covered (overlaps merged), and the largest
+    gaps between one kernel's end and the next one's start, with the kernels on either
+    side. The ``calls - 1`` largest gaps are taken to be those between calls (the host
+    waiting for the result, then dispatching the next call) and left out. None without a
+    device plane (the CPU)."""
+    from jax.profiler import ProfileData
+
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    planes = [p for p in ProfileData.from_file(path).planes if p.name.startswith("/device:")]
+    if not planes:
+        return None
+    kernels = sorted(
+        (event.start_ns, event.end_ns, event.name)
+        for line in planes[0].lines
+        if line.name.startswith("Stream")
+        for event in line.events
+    )
+    if not kernels:
+        return {"lines": [line.name for line in planes[0].lines]}
+    busy, gaps = 0, []
+    reached, before = kernels[0][0], kernels[0][2]
+    for start, end, name in kernels:
+        if start > reached:
+            gaps.append((start - reached, before, name))
+        busy += max(0, end - max(start, reached))
+        if end > reached:
+            reached, before = end, name
+    gaps.sort(reverse=True)
+    between, inside = gaps[: calls - 1], gaps[calls - 1 :]
+    span = reached - kernels[0][0] - sum(gap for gap, _, _ in between)
+    return {
+        "span_ms_per_call": span / calls / 1e6,
+        "busy_ms_per_call": busy / calls / 1e6,
+        "idle_ms_per_call": (span - busy) / calls / 1e6,
+        "gaps_per_call": len(inside) / calls,
+        "between_calls_ms": [gap / 1e6 for gap, _, _ in between],
+        "largest_gaps": [
+            {"us": ns / 1e3, "after": after, "before": following}
+            for ns, after, following in inside[:limit]
+        ],
+    }
+
+
 def top(
     times: dict[str, int], operation_of: dict[str, str], calls: int, limit: int
 ) -> list[dict[str, Any]]:
@@ -109,11 +154,18 @@ def profile(
     for _ in range(repeats):
         jax.block_until_ready(m(ids))
     wall = (time.perf_counter() - started) / repeats
+    dispatch = []  # host time until the call returns, its kernels queued or running
+    for _ in range(repeats):
+        started = time.perf_counter()
+        logits = m(ids)
+        dispatch.append(time.perf_counter() - started)
+        jax.block_until_ready(logits)
     trace_dir = tempfile.mkdtemp(prefix="gemmalens-profile-")
     with jax.profiler.trace(trace_dir):
         for _ in range(repeats):
             jax.block_until_ready(m(ids))
     by_kernel, operation_of, where = kernel_times(trace_dir)
+    timeline = device_timeline(trace_dir, repeats)
     if hlo:  # the program as XLA optimised it: what each kernel's operation is
         inputs = m._prepare(ids, None, {})
         model = Distinct(m._treedef, m._leaves)
@@ -128,6 +180,8 @@ def profile(
         "wall_ms_per_call": wall * 1e3,
         "summed_ms_per_call": sum(by_kernel.values()) / repeats / 1e6,
         "summed_over": where,
+        "dispatch_ms": min(dispatch) * 1e3,
+        "timeline": timeline,
         "kernels": top(by_kernel, operation_of, repeats, limit),
     }
 
@@ -148,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--hlo", type=Path, help="write the optimised program (HLO) here")
     args = parser.parse_args(argv)
+    real_size_speed.use_memory_settings(ours=True)  # before JAX starts
     shape = args.shape or ("1x64" if args.tiny else "1x4096")
     batch, length = (int(n) for n in shape.lower().split("x"))
     result = profile(
@@ -165,6 +220,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f", {result['device']}): {result['wall_ms_per_call']:.2f} ms a call, kernels "
         f"{result['summed_ms_per_call']:.2f} ms ({result['summed_over']})"
     )
+    print(f"host dispatch (until the call returns): {result['dispatch_ms']:.2f} ms")
+    timeline = result["timeline"]
+    if timeline and "span_ms_per_call" in timeline:
+        print(
+            f"device, per call: span {timeline['span_ms_per_call']:.2f} ms, kernels busy "
+            f"{timeline['busy_ms_per_call']:.2f} ms, idle {timeline['idle_ms_per_call']:.2f} ms "
+            f"in {timeline['gaps_per_call']:.0f} gaps; largest:"
+        )
+        for gap in timeline["largest_gaps"]:
+            print(f"  {gap['us']:.0f} us between {gap['after'][:50]} and {gap['before'][:50]}")
     print("\n| kernel | operation | ms a call | share |\n|---|---|---:|---:|")
     for row in result["kernels"]:
         print(

@@ -39,10 +39,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
-# CUDA's own pool: under JAX's default allocator the stacked 27B runs out of memory on an
-# 80 GB card (free memory in pieces; docs/stacking.md). Ignored off the GPU.
-os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
+# gemmalens' cases run under JAX's default (BFC) allocator, as a user's notebook does, taking
+# 95% of the card up front (JAX's default is 75%): without preallocation the stacked 27B runs
+# out of memory on an 80 GB card (free memory in pieces), and CUDA's own pool
+# (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async) avoids that but ran the 27B 1-3% slower (run k,
+# docs/benchmarks.md). Other processes (transformers) leave JAX without preallocation.
+# Memory settings in the environment win. Ignored off the GPU.
+GEMMALENS_MEMORY = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION": ".95",
+}
+_USER_MEMORY = [
+    key
+    for key in (
+        "XLA_PYTHON_CLIENT_PREALLOCATE",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "XLA_PYTHON_CLIENT_ALLOCATOR",
+    )
+    if key in os.environ
+]
+
+
+def use_memory_settings(ours: bool) -> None:
+    """Sets this process's JAX memory options (before JAX starts): `GEMMALENS_MEMORY` for a
+    gemmalens case, no preallocation otherwise; nothing when the user set any of them."""
+    if not _USER_MEMORY:
+        os.environ.update(GEMMALENS_MEMORY if ours else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import median_seconds  # noqa: E402  (beside this script)
@@ -528,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
+        use_memory_settings(args.case.startswith("ours"))  # JAX is imported lazily, later
         print(json.dumps(CASES[args.case](**json.loads(args.kwargs))), flush=True)
         return None
 
