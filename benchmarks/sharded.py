@@ -64,7 +64,8 @@ def _args(argv=None):
 
 ARGS = _args()
 if ARGS.tiny:  # must be set before JAX starts
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -37,7 +37,9 @@ RELATIVE = 1e-5
 BACKGROUND = {
     "sharding_check": background.Job(
         ("-m", "tests.sharding_check", "{out}/results.json", str(MESH["model"]), str(MESH["data"])),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+        },
         timeout=600,
         needed_by=("results",),  # the fixture below
     )
