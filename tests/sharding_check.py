@@ -99,7 +99,8 @@ def compare(name: str, mesh) -> dict:
     a = one.generate(prompts, max_new_tokens=6, stop_at_eos=False)
     b = sharded.generate(prompts, max_new_tokens=6, stop_at_eos=False)
     out["greedy_equal"] = bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)))
-    out["greedy_tokens"] = np.asarray(a.tokens).tolist()
+    out["greedy_tokens"] = [np.asarray(a.tokens).tolist(), np.asarray(b.tokens).tolist()]
+    out["greedy_tie_gaps"] = tie_gaps(one, a, b, name == "t5gemma2")
 
     shapes = gl.sharding.device_shapes(sharded)
     out["devices_holding_params"] = len({d for per in shapes.values() for d in per})
@@ -112,6 +113,27 @@ def compare(name: str, mesh) -> dict:
     _, params = pz.unbind_params(one.model)
     out["full"] = {p.label: dict(p.value.named_shape) for p in params if p.label in out["shards"]}
     return out
+
+
+def tie_gaps(one, a, b, encoder_decoder: bool) -> list[float]:
+    """Where two greedy generations part, how far apart the one-device model put the two
+    tokens chosen there: its logits for the shared prefix (a full forward), the chosen
+    token's minus the other's. A gap of float32 rounding is a tie that either way of
+    summing may break (the teaching models meet such near-ties); one beyond it is a
+    disagreement. One entry per row whose tokens differ, at the first difference."""
+    ta, tb = np.asarray(a.tokens), np.asarray(b.tokens)
+    gaps = []
+    for row in np.flatnonzero((ta != tb).any(axis=1)):
+        step = int(np.flatnonzero(ta[row] != tb[row])[0])
+        prompt = np.asarray(a.prompt_tokens)[row][np.asarray(a.prompt_mask)[row] > 0]
+        if encoder_decoder:  # the prompt is the encoder's input; the decoder starts afresh
+            start = [one.config.decoder_start_token_id]
+            decoder = np.asarray([start + ta[row, :step].tolist()])
+            logits = np.asarray(one(prompt[None], decoder_tokens=decoder))[0, -1]
+        else:
+            logits = np.asarray(one(np.concatenate([prompt, ta[row, :step]])[None]))[0, -1]
+        gaps.append(float(logits[ta[row, step]] - logits[tb[row, step]]))
+    return gaps
 
 
 def kv_cache(mesh) -> dict:

@@ -65,7 +65,12 @@ def test_sharded_runs_equal_one_device(results, family):
     # Sweep metrics are logit differences (of logit scale); attribution estimates likewise.
     assert r["sweep"] <= RELATIVE * scale
     assert r["attribution"] <= RELATIVE * scale
-    assert r["greedy_equal"], r["greedy_tokens"]
+    # Greedy tokens agree, or part only at a near-tie of the one-device logits (two tokens
+    # within rounding of each other, which the two ways of summing break differently).
+    assert r["greedy_equal"] or all(gap <= RELATIVE * scale for gap in r["greedy_tie_gaps"]), (
+        r["greedy_tokens"],
+        r["greedy_tie_gaps"],
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
