@@ -43,21 +43,19 @@ from typing import Any
 # 95% of the card up front (JAX's default is 75%): without preallocation the stacked 27B runs
 # out of memory on an 80 GB card (free memory in pieces), and CUDA's own pool
 # (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async) avoids that but ran the 27B 1-3% slower (run k,
-# docs/benchmarks.md). Other processes (transformers) leave JAX without preallocation.
-# Memory settings in the environment win. Ignored off the GPU.
+# docs/benchmarks.md). Other processes (transformers, and this script's driver, which asks
+# JAX for the device's name) leave JAX without preallocation. Memory settings in the
+# environment win. Ignored off the GPU.
 GEMMALENS_MEMORY = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
     "XLA_PYTHON_CLIENT_MEM_FRACTION": ".95",
 }
-_USER_MEMORY = [
-    key
-    for key in (
-        "XLA_PYTHON_CLIENT_PREALLOCATE",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION",
-        "XLA_PYTHON_CLIENT_ALLOCATOR",
-    )
-    if key in os.environ
-]
+_MEMORY_KEYS = (
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_ALLOCATOR",
+)
+_USER_MEMORY = [key for key in _MEMORY_KEYS if key in os.environ]
 
 
 def use_memory_settings(ours: bool) -> None:
@@ -65,6 +63,17 @@ def use_memory_settings(ours: bool) -> None:
     gemmalens case, no preallocation otherwise; nothing when the user set any of them."""
     if not _USER_MEMORY:
         os.environ.update(GEMMALENS_MEMORY if ours else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+
+
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a case's process: this one's, without the memory options this
+    process chose for itself (the case chooses its own), plus ``extra``."""
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _MEMORY_KEYS or key in _USER_MEMORY
+    }
+    return {**inherited, **extra}
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -400,7 +409,7 @@ def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) ->
     started = time.perf_counter()
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+            command, capture_output=True, text=True, timeout=timeout, env=child_environment(env)
         )
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish in {timeout:.0f} s"}
@@ -550,8 +559,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # JAX is imported lazily, later. The driver starts it too (`versions`), so it must not
+    # take the card from its cases.
+    use_memory_settings(ours=bool(args.case) and args.case.startswith("ours"))
     if args.case:
-        use_memory_settings(args.case.startswith("ours"))  # JAX is imported lazily, later
         print(json.dumps(CASES[args.case](**json.loads(args.kwargs))), flush=True)
         return None
 

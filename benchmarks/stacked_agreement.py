@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--real", nargs="*", default=[], help="real presets too (bfloat16)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    real_size_speed.use_memory_settings(ours=True)  # before JAX starts
     import jax
 
     results: dict[str, Any] = {
