@@ -10,7 +10,9 @@ Each measurement runs in a fresh process (so "first call" means a new process's 
 call, and memory is given back between cases), with random bfloat16 weights of the real
 presets. gemmalens builds its model directly (`gl.build`), stacked (`Model.stacked`) or
 not; transformers builds the same architecture from the matching config (`to_hf`) with its
-own random initialisation, sdpa attention. Rows:
+own random initialisation, sdpa attention. The smoke run shares processes between cases
+(``--grouped``, its default: `groups`), since starting a process that imports torch or
+JAX took most of its time; its figures mean nothing anyway. Rows:
 
 * ``first call``: the time from the first call to its logits (tracing, compiling, running);
 * ``new capture set``: the first `run_with_cache` of every ``hook_resid_post`` (one more
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +424,60 @@ def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) ->
     return result
 
 
+def in_one_process(
+    cases: list[tuple[str, dict[str, Any]]], env: dict[str, str], timeout: float
+) -> list[dict]:
+    """Runs ``(case, kwargs)`` pairs one after another in one fresh Python process and
+    returns their figures in order (each its own error where it failed; every one the
+    process's error where the process did). ``process_s`` is the whole process's."""
+    command = [sys.executable, __file__, "--cases", json.dumps(cases)]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout * len(cases),
+            env=child_environment(env),
+        )
+    except subprocess.TimeoutExpired:
+        return [{"error": f"did not finish in {timeout * len(cases):.0f} s"} for _ in cases]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    if done.returncode != 0 or not lines:
+        return [{"error": (done.stderr or done.stdout)[-2000:]} for _ in cases]
+    results = json.loads(lines[-1])
+    seconds = time.perf_counter() - started
+    return [{**result, "process_s": seconds} for result in results]
+
+
+def run_cases(cases: list[tuple[str, dict[str, Any]]]) -> list[dict]:
+    """The cases in this process, in order; a failing case gives its traceback and the
+    next one still runs."""
+    results = []
+    for case, kwargs in cases:
+        try:
+            results.append(CASES[case](**kwargs))
+        except Exception:
+            results.append({"error": traceback.format_exc()[-2000:]})
+    return results
+
+
+def groups(cases: list[tuple]) -> list[list[tuple]]:
+    """``(where, key, case, env, kwargs)`` cases in shared processes (``--grouped``): one per
+    side (gemmalens or transformers) and environment, transformers' first (gemmalens'
+    loads read the checkpoint it writes); a ``"second_process"`` case keeps a process of
+    its own, after the case that filled its compilation cache."""
+    shared: dict[tuple, list[tuple]] = {}
+    for index, case in enumerate(cases):
+        _, key, name, env, _ = case
+        side = name.startswith("ours")
+        group = (side, tuple(sorted(env.items())))
+        if key.endswith("second_process"):
+            group += (index,)
+        shared.setdefault(group, []).append(case)
+    return sorted(shared.values(), key=lambda group: group[0][2].startswith("ours"))
+
+
 def measure(
     tiny: bool,
     names: list[str],
@@ -428,9 +485,11 @@ def measure(
     log,
     unstacked: list[str] | None = None,
     workdir: str | None = None,
+    grouped: bool = False,
 ) -> dict:
     """Every case, the floors' own first (a short lease keeps what matters most);
-    ``log(results, name, what, row)`` after each."""
+    ``log(results, name, what, row)`` after each. ``grouped``: in shared processes
+    (`groups`), for a smoke run."""
     results: dict[str, Any] = {"tiny": tiny, "versions": versions(), "models": {}}
     cache = tempfile.mkdtemp(prefix="gemmalens-cache-")
     off = {"GEMMALENS_COMPILATION_CACHE": "off"}
@@ -472,10 +531,22 @@ def measure(
         if unstacked is None or name in unstacked:
             kwargs = dict(name=name, stacked=False, tiny=tiny, captures=True)
             cases.append((results["models"][name], "unstacked", "ours", off, kwargs))
-    for where, key, case, env, kwargs in cases:
-        where[key] = in_process(case, env, timeout, **kwargs)
+
+    def done(where, key, case, kwargs):
         what = kwargs.get("name", LOAD_PRESET if "load" in case or "save" in case else SWEEP_PRESET)
         log(results, what, f"{case} {key}", where[key])
+
+    if grouped:
+        for group in groups(cases):
+            env = group[0][3]
+            rows = in_one_process([(case, kwargs) for _, _, case, _, kwargs in group], env, timeout)
+            for (where, key, case, _, kwargs), row in zip(group, rows):
+                where[key] = row
+                done(where, key, case, kwargs)
+        return results
+    for where, key, case, env, kwargs in cases:
+        where[key] = in_process(case, env, timeout, **kwargs)
+        done(where, key, case, kwargs)
     return results
 
 
@@ -556,14 +627,25 @@ def main(argv: list[str] | None = None) -> dict | None:
         "--workdir", help="where the checkpoint for the load row is written (/dev/shm: RAM)"
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
+    parser.add_argument(
+        "--grouped",
+        action=argparse.BooleanOptionalAction,
+        help="share processes between cases (default with --tiny): quicker, figures not comparable",
+    )
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help=argparse.SUPPRESS)  # [[case, kwargs], ...]
     args = parser.parse_args(argv)
+    cases = json.loads(args.cases) if args.cases else None
     # JAX is imported lazily, later. The driver starts it too (`versions`), so it must not
     # take the card from its cases.
-    use_memory_settings(ours=bool(args.case) and args.case.startswith("ours"))
+    first_case = args.case or (cases[0][0] if cases else "")  # a group is of one side
+    use_memory_settings(ours=first_case.startswith("ours"))
     if args.case:
         print(json.dumps(CASES[args.case](**json.loads(args.kwargs))), flush=True)
+        return None
+    if cases:
+        print(json.dumps(run_cases(cases)), flush=True)
         return None
 
     def log(results, name, what, row):
@@ -575,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     unstacked = args.unstacked
     if args.tiny and unstacked is None:
         unstacked = models[:1]
-    results = measure(args.tiny, models, args.timeout, log, unstacked, args.workdir)
+    grouped = args.tiny if args.grouped is None else args.grouped
+    results = measure(args.tiny, models, args.timeout, log, unstacked, args.workdir, grouped)
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
