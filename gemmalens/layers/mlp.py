@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
 
 _MLP_AXES = ("batch", "seq", "neurons")
+
+# Whether a gated block computes ``gelu(gate) * up`` of a prompt as one kernel
+# (`gemmalens.kernels.gated_product`) instead of XLA's three. "off" (the default) never;
+# "auto" on a single Hopper GPU (H100, H200) in bfloat16 or float16 where the sizes tile
+# and neither ``hook_pre`` nor ``hook_pre_linear`` is hooked; "on" also with several
+# devices; "reference" takes the kernel's path with XLA's arithmetic in place of the
+# kernel, on any backend (for tests). Off by default because it does not pay yet: at Gemma
+# 3 27B's sizes on an H100 the kernel saves 1 % of the forward's device time, and its
+# launches cost the host more than that (docs/benchmarks.md, "A fused gated product").
+# Read when a program is traced: a program already compiled keeps its choice until
+# `jax.clear_caches()`. The environment variable GEMMALENS_PROMPT_MLP_KERNEL sets it at
+# import.
+PROMPT_MLP_KERNEL = os.environ.get("GEMMALENS_PROMPT_MLP_KERNEL", "off").strip().lower()
+_PROMPT_MLP_CHOICES = ("auto", "on", "off", "reference")
 
 # transformers' ACT2FN names of the activations a plain `MLP` supports.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -43,6 +60,9 @@ class GatedMLP(pz.nn.Layer):
     down_proj: pz.nn.Layer
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        fused = _fused_gated_product(self, x)
+        if fused is not None:
+            return self.down_proj(self.hook_post(fused, **side_inputs))
         gate = self.hook_pre(self.gate_proj(x), **side_inputs)
         if self.gate_sparsity is not None:
             gate = self.gate_sparsity(gate, **side_inputs)
@@ -72,6 +92,99 @@ class GatedMLP(pz.nn.Layer):
             hook_post=HookPoint(f"{hook_prefix}hook_post", _MLP_AXES),
             down_proj=linear("down_proj", {"embedding": d_model}, {"neurons": d_mlp}),
         )
+
+
+def _gated_reference(x: jax.Array, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``gelu(x @ gate.T) * (x @ up.T)`` as XLA computes it, for ``x`` [..., d_model]."""
+    gated = jax.nn.gelu(jnp.einsum("...d,hd->...h", x, gate), approximate=True)
+    return gated * jnp.einsum("...d,hd->...h", x, up)
+
+
+def _kernel_or_reference(x: jax.Array, gate: jax.Array, up: jax.Array) -> jax.Array:
+    from gemmalens.kernels import gated_product
+
+    rows = math.prod(x.shape[:-1])
+    if PROMPT_MLP_KERNEL == "reference" or not gated_product.supported(rows, *gate.shape[::-1]):
+        return _gated_reference(x, gate, up)
+    flat = gated_product.gated_product(x.reshape(rows, x.shape[-1]), gate, up)
+    return flat.reshape(*x.shape[:-1], gate.shape[0])
+
+
+@jax.custom_batching.custom_vmap
+def _batched_as_rows(x: jax.Array, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`_kernel_or_reference`, whose batch of inputs against shared weights is more rows
+    for the kernel (which has no batching rule of its own); other batches run XLA's."""
+    return _kernel_or_reference(x, gate, up)
+
+
+@_batched_as_rows.def_vmap
+def _batched_as_rows_rule(axis_size, in_batched, x, gate, up):
+    x_batched, gate_batched, up_batched = in_batched
+    if x_batched and not gate_batched and not up_batched:
+        return _batched_as_rows(x, gate, up), True
+    axes = tuple(0 if batched else None for batched in in_batched)
+    return jax.vmap(_gated_reference, in_axes=axes)(x, gate, up), True
+
+
+@jax.custom_jvp
+def _gated_product(x: jax.Array, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The kernel where it applies, XLA's arithmetic elsewhere; differentiated through
+    XLA's formula (the kernel has no derivative of its own)."""
+    return _batched_as_rows(x, gate, up)
+
+
+@_gated_product.defjvp
+def _gated_product_jvp(primals, tangents):
+    return jax.jvp(_gated_reference, primals, tangents)
+
+
+def _fused_gated_product(mlp: GatedMLP, x: pz.nx.NamedArray) -> pz.nx.NamedArray | None:
+    """``gelu(gate(x)) * up(x)`` through `_gated_product` when `PROMPT_MLP_KERNEL` lets it
+    and nothing needs the gate or the up projection on its own; else None."""
+    if PROMPT_MLP_KERNEL not in _PROMPT_MLP_CHOICES:
+        raise ValueError(
+            f"Unknown PROMPT_MLP_KERNEL {PROMPT_MLP_KERNEL!r}; choose one of "
+            f"{', '.join(map(repr, _PROMPT_MLP_CHOICES))} (gemmalens.layers.mlp)."
+        )
+    if PROMPT_MLP_KERNEL == "off" or mlp.gate_sparsity is not None:
+        return None
+    if not all(type(hook) is HookPoint for hook in (mlp.hook_pre, mlp.hook_pre_linear)):
+        return None
+    if PROMPT_MLP_KERNEL != "reference" and not _on_hopper(PROMPT_MLP_KERNEL == "on"):
+        return None
+    weights = [_stored_matrix(linear) for linear in (mlp.gate_proj, mlp.up_proj)]
+    if any(w is None for w in weights) or not isinstance(x, pz.nx.NamedArray):
+        return None
+    if x.positional_shape or "embedding" not in x.named_shape or "neurons" in x.named_shape:
+        return None
+    if PROMPT_MLP_KERNEL != "reference" and not (
+        x.dtype == weights[0].dtype == weights[1].dtype and x.dtype in (jnp.bfloat16, jnp.float16)
+    ):
+        return None
+    others = tuple(name for name in x.named_shape if name != "embedding")
+    hidden = _gated_product(x.unwrap(*others, "embedding"), *weights)
+    return pz.nx.wrap(hidden).tag(*others, "neurons")
+
+
+def _stored_matrix(linear: pz.nn.Layer) -> jax.Array | None:
+    """A plain linear's weights as stored, ``[neurons, embedding]``, or None (any other
+    layer, or another storage order, which the kernel would have to transpose)."""
+    if type(linear) is not pz.nn.Linear:
+        return None
+    value = getattr(linear.weights, "value", None)
+    if not isinstance(value, pz.nx.NamedArray) or tuple(value.named_axes) != (
+        "neurons",
+        "embedding",
+    ):
+        return None
+    return value.data_array
+
+
+def _on_hopper(several_devices_ok: bool) -> bool:
+    devices = jax.devices()
+    if devices[0].platform != "gpu" or (len(devices) > 1 and not several_devices_ok):
+        return False
+    return str(getattr(devices[0], "compute_capability", "")).startswith("9.")
 
 
 @pz.pytree_dataclass
