@@ -39,6 +39,23 @@ DECODER = RS.randint(3, 400, (2, 5))
 DECODER[:, 0] = 2
 
 
+def metric(logits):
+    """Every sweep's metric here: one function, so that a one-device sweep one part of the
+    check already compiled is not compiled again by another."""
+    return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
+
+
+_ONE_DEVICE: dict = {}
+
+
+def one_device(name: str):
+    """Teaching model ``name`` on one device, loaded once: the parts of the check compare
+    against the same model, so its programs (the same in several parts) compile once."""
+    if name not in _ONE_DEVICE:
+        _ONE_DEVICE[name] = gl.teaching_model(name)
+    return _ONE_DEVICE[name]
+
+
 def scale(a) -> float:
     a = np.abs(np.asarray(a, np.float64))
     return max(1.0, float(a[a < 1e30].max(initial=0.0)))
@@ -49,7 +66,7 @@ def biggest(a, b) -> float:
 
 
 def compare(name: str, mesh) -> dict:
-    one = gl.teaching_model(name)
+    one = one_device(name)
     sharded = gl.load(gl.teaching_model_path(name), mesh=mesh)
     streams = {"decoder_tokens": DECODER} if name == "t5gemma2" else {}
     out = {"rules": sharded.sharding_rules, "replicated": list(sharded.placement.replicated)}
@@ -73,9 +90,6 @@ def compare(name: str, mesh) -> dict:
         one.run_with_hooks(TOKENS, hooks, **streams),
         sharded.run_with_hooks(TOKENS, hooks, **streams),
     )
-
-    def metric(logits):
-        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
 
     prefix = "decoder." if name == "t5gemma2" else ""
     kwargs = (
@@ -141,7 +155,7 @@ def kv_cache(mesh) -> dict:
     their KV heads over the model axis and their rows over the data axis."""
     from gemmalens import sampling
 
-    config = dataclasses.replace(gl.teaching_model("gemma3").config, num_key_value_heads=4)
+    config = dataclasses.replace(one_device("gemma3").config, num_key_value_heads=4)
     one = gl.build(config, seed=1)
     sharded = gl.sharding.shard(one, mesh)
     program = sampling.prepare(sharded._frozen, 2, 16, sharded.placement)
@@ -193,15 +207,12 @@ def split_sites() -> dict:
     mesh = gl.sharding.make_mesh(model=2, data=4)
     out = {}
 
-    def metric(logits):
-        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
-
     for name, chunk, label in [
         ("gemma3", None, "shared"),
         ("gemma3", 16, "chunked"),
         ("t5gemma2", None, "vmapped"),
     ]:
-        one = gl.teaching_model(name)
+        one = one_device(name)
         sharded = gl.load(gl.teaching_model_path(name), mesh=mesh)
         site, decoder = "resid_pre", dict.fromkeys(DECODER_KEYWORDS)
         if name == "t5gemma2":
@@ -273,7 +284,7 @@ def sequence() -> dict:
 
     seq_mesh = gl.sharding.make_mesh(model=2, seq=4)
     for name in ("gemma3", "t5gemma2"):
-        one = gl.teaching_model(name)
+        one = one_device(name)
         sharded = gl.load(gl.teaching_model_path(name), mesh=seq_mesh)
         streams = {"decoder_tokens": LONG[:, :8]} if name == "t5gemma2" else {}
         out[name] = captures(one, sharded, **streams)
@@ -292,10 +303,9 @@ def sequence() -> dict:
             out["padded_shape"] = list(padded.shape)
             out["padded"] = biggest(one(TOKENS), sharded(padded, attention_mask=mask)[:, :9])
             out["padded_scale"] = scale(one(TOKENS))
-        jax.clear_caches()
 
     # The data axis as the sequence split: the batch then stays whole.
-    one = gl.teaching_model("gemma3")
+    one = one_device("gemma3")
     on_data = gl.load(
         gl.teaching_model_path("gemma3"),
         mesh=gl.sharding.make_mesh(model=2, data=4),
@@ -310,9 +320,6 @@ def sequence() -> dict:
     )
     corrupted = LONG.copy()
     corrupted[:, 10] = (corrupted[:, 10] + 100) % 400 + 3
-
-    def metric(logits):
-        return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
 
     a = patching.sweep(one, LONG, corrupted, metric)
     b = patching.sweep(mixed, LONG, corrupted, metric)
@@ -332,7 +339,6 @@ def main(path: str, model: int = 2, data: int = 2) -> None:
         start = time.perf_counter()
         results[name] = compare(name, mesh)
         results[name]["seconds"] = time.perf_counter() - start
-        jax.clear_caches()
     results["kv_cache"] = kv_cache(mesh)
     results["bad"] = bad_meshes()
     for name, case in (("sites", split_sites), ("seq", sequence)):
