@@ -97,6 +97,7 @@ from gemmalens.layers.builders import (
     final_norm,
     unembedding,
 )
+from gemmalens.layers.direct import Residual
 from gemmalens.layers.kv_sharing import (
     KVSharingScope,
     kv_sharing_sources,
@@ -500,7 +501,7 @@ def build_block(config: Gemma3nConfig, params: ParamBuilder, index: int) -> pz.n
                 ),
             ),
             block.hook("hook_resid_mid", RESID_AXES),
-            pz.nn.Residual(
+            Residual(
                 pz.nn.Sequential(
                     [
                         norm("pre_feedforward_layernorm"),

@@ -78,6 +78,7 @@ from gemmalens.layers.builders import (
     final_norm,
     unembedding,
 )
+from gemmalens.layers.direct import Residual
 from gemmalens.layers.kv_sharing import (
     KVSharingScope,
     kv_sharing_sources,
@@ -432,7 +433,7 @@ def build_block(config: Gemma4Config, params: ParamBuilder, index: int) -> pz.nn
             block, prefix, index, width, config.hidden_size_per_layer_input, eps
         )
         after.append(
-            pz.nn.Residual(pz.nn.Sequential([gate, block.hook("hook_per_layer_out", RESID_AXES)]))
+            Residual(pz.nn.Sequential([gate, block.hook("hook_per_layer_out", RESID_AXES)]))
         )
     after.append(LayerScalar(block("layer_scalar", {}, init="ones")))
     return dataclasses.replace(group, sublayers=[*body, *after, hook_resid_post])

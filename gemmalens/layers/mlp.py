@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers.direct import elementwise
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
 
@@ -67,7 +68,7 @@ class GatedMLP(pz.nn.Layer):
         if self.gate_sparsity is not None:
             gate = self.gate_sparsity(gate, **side_inputs)
         up = self.hook_pre_linear(self.up_proj(x), **side_inputs)
-        hidden = pz.nx.nmap(lambda g: jax.nn.gelu(g, approximate=True))(gate) * up
+        hidden = elementwise(lambda g, u: jax.nn.gelu(g, approximate=True) * u, gate, up)
         hidden = self.hook_post(hidden, **side_inputs)
         return self.down_proj(hidden)
 
@@ -169,7 +170,7 @@ def _fused_gated_product(mlp: GatedMLP, x: pz.nx.NamedArray) -> pz.nx.NamedArray
 def _stored_matrix(linear: pz.nn.Layer) -> jax.Array | None:
     """A plain linear's weights as stored, ``[neurons, embedding]``, or None (any other
     layer, or another storage order, which the kernel would have to transpose)."""
-    if type(linear) is not pz.nn.Linear:
+    if not isinstance(linear, pz.nn.Linear):
         return None
     value = getattr(linear.weights, "value", None)
     if not isinstance(value, pz.nx.NamedArray) or tuple(value.named_axes) != (

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers.direct import plain
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
 
@@ -44,19 +45,40 @@ class RMSNorm(pz.nn.Layer):
         if self.hook_scale is not None:
             return self._with_scale_hook(x, **side_inputs).astype(dtype)
 
-        def normalise(v: jax.Array) -> jax.Array:
-            v = v.astype(jnp.float32)
-            mean_square = jnp.mean(v * v)
-            if self.form == "one_plus":
-                return v * jax.lax.rsqrt(mean_square + self.eps)
-            return v * jnp.power(mean_square + self.eps, -0.5)
+        fast = self._on_the_data(x)
+        if fast is not None:
+            return fast
 
-        y = pz.nx.nmap(normalise)(x.untag(self.axis)).tag(self.axis)
+        y = pz.nx.nmap(self._normalise)(x.untag(self.axis)).tag(self.axis)
         if self.form == "one_plus":
             y = y * (1.0 + self.scale.value.astype(jnp.float32))
         elif self.form == "plain":
             y = y * self.scale.value.astype(jnp.float32)
         return y.astype(dtype)
+
+    def _normalise(self, v: jax.Array, axis: int = -1) -> jax.Array:
+        v = v.astype(jnp.float32)
+        mean_square = jnp.mean(v * v, axis=axis, keepdims=True)
+        if self.form == "one_plus":
+            return v * jax.lax.rsqrt(mean_square + self.eps)
+        return v * jnp.power(mean_square + self.eps, -0.5)
+
+    def _on_the_data(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray | None:
+        """The same arithmetic on ``x``'s array, the scale broadcast along the normalised
+        axis (`gemmalens.layers.direct` says why); None where that does not apply
+        (positional axes, a view, a scale with other axes)."""
+        if not plain(x):
+            return None
+        scale = None if self.scale is None else self.scale.value
+        if scale is not None and (not plain(scale) or tuple(scale.named_axes) != (self.axis,)):
+            return None
+        axis = list(x.named_axes).index(self.axis)
+        y = self._normalise(x.data_array, axis)
+        if self.form != "none":
+            weight = scale.data_array.astype(jnp.float32)
+            weight = weight.reshape([-1 if i == axis else 1 for i in range(y.ndim)])
+            y = y * (1.0 + weight if self.form == "one_plus" else weight)
+        return pz.nx.NamedArray(named_axes=x.named_axes, data_array=y.astype(x.dtype))
 
     def _with_scale_hook(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         # The divisor keeps ``self.axis`` with size 1 so the hook shows [batch, pos, 1]; it

@@ -28,6 +28,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import sharding
+from gemmalens.layers.direct import Linear
 from gemmalens.layers.hooks import HookPoint
 
 # "inf" / "-inf": bounds that clip nothing (Gemma 4's clipped linears before training).
@@ -224,8 +225,9 @@ class ParamBuilder:
         in_axes: dict[str, int],
         layout: Layout = "linear",
     ) -> pz.nn.Linear:
-        """A bias-free `pz.nn.Linear` whose weights are labelled ``{name}.weights``."""
-        return pz.nn.Linear(
+        """A bias-free linear layer (`gemmalens.layers.direct.Linear`, penzai's
+        `pz.nn.Linear` traced faster) whose weights are labelled ``{name}.weights``."""
+        return Linear(
             weights=self(f"{name}.weights", out_axes, in_axes, layout=layout),
             in_axis_names=tuple(in_axes),
             out_axis_names=tuple(out_axes),

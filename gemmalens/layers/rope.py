@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.layers.direct import plain
+
 RopeType = Literal["default", "linear", "proportional"]
 
 
@@ -82,10 +84,38 @@ class ApplyRoPE(pz.nn.Layer):
             )
         )
 
+        fast = self._on_the_data(x, positions, inv_freq)
+        if fast is not None:
+            return fast
+
         def one(v, position):
             return rotate_pairs(v, position, inv_freq)
 
         return pz.nx.nmap(one)(x.untag(self.axis), positions).tag(self.axis)
+
+    def _on_the_data(
+        self, x: pz.nx.NamedArray, positions: pz.nx.NamedArray, inv_freq: jax.Array
+    ) -> pz.nx.NamedArray | None:
+        """`rotate_pairs`' arithmetic on ``x``'s array, the angles broadcast over its other
+        axes (`gemmalens.layers.direct` says why); None where that does not apply
+        (positional axes, views, positions with axes ``x`` lacks)."""
+        if not (plain(x) and plain(positions)):
+            return None
+        names = list(x.named_axes)
+        if self.axis in positions.named_axes or not set(positions.named_axes) <= set(names):
+            return None
+        at = names.index(self.axis)
+        shape = [x.named_axes[n] if n in positions.named_axes else 1 for n in names]
+        order = [n for n in names if n in positions.named_axes]
+        position = positions.unwrap(*order).reshape(shape).astype(jnp.float32)
+        frequencies = inv_freq.reshape([-1 if i == at else 1 for i in range(len(names))])
+        angles = position * frequencies
+        angles = jnp.concatenate([angles, angles], axis=at)
+        v = x.data_array
+        cos, sin = jnp.cos(angles).astype(v.dtype), jnp.sin(angles).astype(v.dtype)
+        first, second = jnp.split(v, 2, axis=at)
+        rotated_half = jnp.concatenate([-second, first], axis=at)
+        return pz.nx.NamedArray(named_axes=x.named_axes, data_array=v * cos + rotated_half * sin)
 
 
 @pz.pytree_dataclass

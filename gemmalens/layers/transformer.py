@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers.direct import Residual
 from gemmalens.layers.params import ParamBuilder
 
 RESID_AXES = ("batch", "seq", "embedding")
@@ -58,11 +59,11 @@ def residual_block(
         name=block.prefix.rstrip("."),
         sublayers=[
             block.hook("hook_resid_pre", RESID_AXES),
-            pz.nn.Residual(
+            Residual(
                 pz.nn.Sequential([*attention_branch, block.hook("hook_attn_out", RESID_AXES)])
             ),
             block.hook("hook_resid_mid", RESID_AXES),
-            pz.nn.Residual(pz.nn.Sequential([*mlp_branch, block.hook("hook_mlp_out", RESID_AXES)])),
+            Residual(pz.nn.Sequential([*mlp_branch, block.hook("hook_mlp_out", RESID_AXES)])),
             block.hook("hook_resid_post", RESID_AXES),
         ],
     )
