@@ -1,12 +1,11 @@
 """Named-axis arithmetic computed on the arrays directly, for quick tracing.
 
 Penzai computes on named arrays through ``nmap``, which traces one ``vmap`` per named
-axis. The result is the same program, but tracing it is slow: before these, the
-projections, residual sums, norms and RoPE were most of the time a small model's first
-call took on the CPU, and a second of a stacked 26B-A4B's first call on the GPU. Here the
-same operations are written on the underlying arrays wherever the inputs are plain
-`pz.nx.NamedArray`s; anything else (views, positional axes, unexpected shapes) takes
-penzai's own path, with its checks and messages.
+axis. The program is the same, but tracing it is slow: the projections, residual sums,
+norms and RoPE were most of a small model's first call on the CPU, and two thirds of the
+tracing of a stacked model. Here the same operations are written on the underlying arrays
+wherever the inputs are plain named arrays (`pz.nx.NamedArray`); anything else (views,
+positional axes, unexpected shapes) takes penzai's own path, with its checks and messages.
 
 - `Linear`: `pz.nn.Linear` whose contraction is one ``dot_general``;
 - `Residual`: `pz.nn.Residual` whose sum is one ``add``;
