@@ -34,12 +34,10 @@ def elementwise(fn: Callable[..., jax.Array], *arrays: pz.nx.NamedArray) -> pz.n
     every argument is plain and names the same axes (any order: the others are transposed
     to the first's), else through ``nmap``."""
     first = arrays[0]
-    if not all(plain(a) and a.named_axes.keys() == first.named_axes.keys() for a in arrays):
-        return pz.nx.nmap(fn)(*arrays)
+    if not all(plain(a) and a.named_axes == dict(first.named_axes) for a in arrays):
+        return pz.nx.nmap(fn)(*arrays)  # also for nmap's message about mismatched sizes
     names = tuple(first.named_axes)
     data = [a.data_array if tuple(a.named_axes) == names else a.unwrap(*names) for a in arrays]
-    if any(a.named_axes[n] != first.named_axes[n] for a in arrays for n in names):
-        return pz.nx.nmap(fn)(*arrays)  # for nmap's message about the sizes
     return pz.nx.NamedArray(named_axes=first.named_axes, data_array=fn(*data))
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from gemmalens.layers.direct import elementwise
+from gemmalens.layers.direct import elementwise, plain
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
 
@@ -154,9 +154,9 @@ def _fused_gated_product(mlp: GatedMLP, x: pz.nx.NamedArray) -> pz.nx.NamedArray
     if PROMPT_MLP_KERNEL != "reference" and not _on_hopper(PROMPT_MLP_KERNEL == "on"):
         return None
     weights = [_stored_matrix(linear) for linear in (mlp.gate_proj, mlp.up_proj)]
-    if any(w is None for w in weights) or not isinstance(x, pz.nx.NamedArray):
+    if any(w is None for w in weights) or not plain(x):
         return None
-    if x.positional_shape or "embedding" not in x.named_shape or "neurons" in x.named_shape:
+    if "embedding" not in x.named_shape or "neurons" in x.named_shape:
         return None
     if PROMPT_MLP_KERNEL != "reference" and not (
         x.dtype == weights[0].dtype == weights[1].dtype and x.dtype in (jnp.bfloat16, jnp.float16)
@@ -173,10 +173,7 @@ def _stored_matrix(linear: pz.nn.Layer) -> jax.Array | None:
     if not isinstance(linear, pz.nn.Linear):
         return None
     value = getattr(linear.weights, "value", None)
-    if not isinstance(value, pz.nx.NamedArray) or tuple(value.named_axes) != (
-        "neurons",
-        "embedding",
-    ):
+    if not plain(value) or tuple(value.named_axes) != ("neurons", "embedding"):
         return None
     return value.data_array
 

@@ -47,16 +47,21 @@ def inverse_frequencies(
 GRID_POSITIONS = "grid_positions"
 
 
-def rotate_pairs(v: jax.Array, position: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """One vector ``v`` (``[d]``) rotated by ``position``: pairs ``(j, j + d/2)`` turn by
-    ``position * inv_freq[j]``. cos and sin are computed in float32 and cast to ``v``'s
-    dtype, as transformers does."""
-    half = v.shape[0] // 2
-    angles = position.astype(jnp.float32) * inv_freq
-    angles = jnp.concatenate([angles, angles])
+def rotate_pairs(
+    v: jax.Array, position: jax.Array, inv_freq: jax.Array, axis: int = -1
+) -> jax.Array:
+    """``v`` rotated by ``position`` along ``axis`` (of size ``d``): pairs ``(j, j + d/2)``
+    turn by ``position * inv_freq[j]``. ``position`` broadcasts against ``v`` with size 1
+    along ``axis`` (a scalar for one vector). cos and sin are computed in float32 and cast
+    to ``v``'s dtype, as transformers does."""
+    axis = axis % v.ndim
+    frequencies = inv_freq.reshape([-1 if i == axis else 1 for i in range(v.ndim)])
+    angles = jnp.asarray(position).astype(jnp.float32) * frequencies
+    angles = jnp.concatenate([angles, angles], axis=axis)
     cos = jnp.cos(angles).astype(v.dtype)
     sin = jnp.sin(angles).astype(v.dtype)
-    rotated_half = jnp.concatenate([-v[half:], v[:half]])
+    first, second = jnp.split(v, 2, axis=axis)
+    rotated_half = jnp.concatenate([-second, first], axis=axis)
     return v * cos + rotated_half * sin
 
 
@@ -96,26 +101,19 @@ class ApplyRoPE(pz.nn.Layer):
     def _on_the_data(
         self, x: pz.nx.NamedArray, positions: pz.nx.NamedArray, inv_freq: jax.Array
     ) -> pz.nx.NamedArray | None:
-        """`rotate_pairs`' arithmetic on ``x``'s array, the angles broadcast over its other
-        axes (`gemmalens.layers.direct` says why); None where that does not apply
-        (positional axes, views, positions with axes ``x`` lacks)."""
+        """`rotate_pairs` on ``x``'s array, the positions broadcast over its other axes
+        (`gemmalens.layers.direct` says why); None where that does not apply (positional
+        axes, views, positions with axes ``x`` lacks)."""
         if not (plain(x) and plain(positions)):
             return None
         names = list(x.named_axes)
         if self.axis in positions.named_axes or not set(positions.named_axes) <= set(names):
             return None
-        at = names.index(self.axis)
         shape = [x.named_axes[n] if n in positions.named_axes else 1 for n in names]
         order = [n for n in names if n in positions.named_axes]
-        position = positions.unwrap(*order).reshape(shape).astype(jnp.float32)
-        frequencies = inv_freq.reshape([-1 if i == at else 1 for i in range(len(names))])
-        angles = position * frequencies
-        angles = jnp.concatenate([angles, angles], axis=at)
-        v = x.data_array
-        cos, sin = jnp.cos(angles).astype(v.dtype), jnp.sin(angles).astype(v.dtype)
-        first, second = jnp.split(v, 2, axis=at)
-        rotated_half = jnp.concatenate([-second, first], axis=at)
-        return pz.nx.NamedArray(named_axes=x.named_axes, data_array=v * cos + rotated_half * sin)
+        position = positions.unwrap(*order).reshape(shape)
+        rotated = rotate_pairs(x.data_array, position, inv_freq, axis=names.index(self.axis))
+        return pz.nx.NamedArray(named_axes=x.named_axes, data_array=rotated)
 
 
 @pz.pytree_dataclass
