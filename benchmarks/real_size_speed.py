@@ -406,30 +406,13 @@ CASES = {
 # ----------------------------------------------------------------------------- driver
 
 
-def in_process(case: str, env: dict[str, str], timeout: float, **kwargs: Any) -> dict:
-    """Runs one case in a fresh Python process and returns its figures (or the error)."""
-    command = [sys.executable, __file__, "--case", case, "--kwargs", json.dumps(kwargs)]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=child_environment(env)
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr or done.stdout)[-2000:]}
-    result = json.loads(lines[-1])
-    result["process_s"] = time.perf_counter() - started
-    return result
-
-
 def in_one_process(
     cases: list[tuple[str, dict[str, Any]]], env: dict[str, str], timeout: float
 ) -> list[dict]:
-    """Runs ``(case, kwargs)`` pairs one after another in one fresh Python process and
-    returns their figures in order (each its own error where it failed; every one the
-    process's error where the process did). ``process_s`` is the whole process's."""
+    """Runs ``(case, kwargs)`` pairs one after another in one fresh Python process (a real
+    run: one pair a process) and returns their figures in order (each its own error where
+    it failed; every one the process's error where the process did). ``process_s`` is the
+    whole process's."""
     command = [sys.executable, __file__, "--cases", json.dumps(cases)]
     started = time.perf_counter()
     try:
@@ -536,17 +519,12 @@ def measure(
         what = kwargs.get("name", LOAD_PRESET if "load" in case or "save" in case else SWEEP_PRESET)
         log(results, what, f"{case} {key}", where[key])
 
-    if grouped:
-        for group in groups(cases):
-            env = group[0][3]
-            rows = in_one_process([(case, kwargs) for _, _, case, _, kwargs in group], env, timeout)
-            for (where, key, case, _, kwargs), row in zip(group, rows):
-                where[key] = row
-                done(where, key, case, kwargs)
-        return results
-    for where, key, case, env, kwargs in cases:
-        where[key] = in_process(case, env, timeout, **kwargs)
-        done(where, key, case, kwargs)
+    for group in groups(cases) if grouped else [[case] for case in cases]:
+        env = group[0][3]
+        rows = in_one_process([(case, kwargs) for _, _, case, _, kwargs in group], env, timeout)
+        for (where, key, case, _, kwargs), row in zip(group, rows, strict=True):
+            where[key] = row
+            done(where, key, case, kwargs)
     return results
 
 

@@ -18,6 +18,7 @@ the layout of what came back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -45,15 +46,11 @@ def metric(logits):
     return logits[:, -1, 7].mean() - logits[:, -1, 11].mean()
 
 
-_ONE_DEVICE: dict = {}
-
-
+@functools.cache
 def one_device(name: str):
     """Teaching model ``name`` on one device, loaded once: the parts of the check compare
     against the same model, so its programs (the same in several parts) compile once."""
-    if name not in _ONE_DEVICE:
-        _ONE_DEVICE[name] = gl.teaching_model(name)
-    return _ONE_DEVICE[name]
+    return gl.teaching_model(name)
 
 
 def scale(a) -> float:
