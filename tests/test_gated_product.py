@@ -57,9 +57,30 @@ def _call(m, name):
     return np.asarray(m(TOKENS, **extra))
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def _gemma4_with_per_layer_inputs():
+    """A tiny Gemma 4 E2B (per-layer inputs, shared keys and values; no teaching model)."""
+    config = gl.preset("gemma4_e2b")
+    config = config.replace(
+        vocab_size=512,
+        vocab_size_per_layer_input=512,
+        hidden_size=64,
+        hidden_size_per_layer_input=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_global_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        intermediate_size=128,
+        num_hidden_layers=7,
+        layer_types=config.layer_types[:7],
+        num_kv_shared_layers=2,
+    )
+    return gl.build(config)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_e2b", "gemma4_moe", "t5gemma2"])
 def test_the_kernels_path_gives_the_plain_blocks_logits(prompt_kernel, name):
-    m = gl.teaching_model(name)
+    m = _gemma4_with_per_layer_inputs() if name == "gemma4_e2b" else gl.teaching_model(name)
     for form in (m, m.stacked()):
         prompt_kernel("off")
         plain = _call(form, name)
