@@ -1,7 +1,7 @@
 """The XLA options gemmalens compiles its programs with, chosen for short first calls and
 for loops over stacked layers.
 
-gemmalens passes these XLA:GPU options to the programs it compiles (the forward passes,
+gemmalens passes two XLA:GPU options to the programs it compiles (the forward passes,
 captures, generation, patching sweeps, attribution, the SAE and feature tools):
 
 * **No Triton GEMMs** (``xla_gpu_enable_triton_gemm``). By default XLA:GPU autotunes
@@ -12,10 +12,6 @@ captures, generation, patching sweeps, attribution, the SAE and feature tools):
   layers (`gemmalens.layers.stacking`) reads each layer's weights as a slice of a stack at
   the loop's counter. Without this option XLA copies the slice out before the matrix
   products; with it, cuBLAS and the grouped-expert kernel read the weights in place.
-* **No latency-hiding scheduler** (``xla_gpu_enable_latency_hiding_scheduler``), in a
-  process with one device only (`ONE_DEVICE_OPTIONS`). That scheduler orders a program so
-  that communication between devices overlaps computation; with one device there is
-  nothing to overlap, and it took a second or more of the compile of programs with loops.
 
 Measured with random bfloat16 weights at 1 x 4096 tokens (``benchmarks/real_size_speed.py
 --case ours_phases``, 2026-12-05), before against after:
@@ -29,16 +25,9 @@ Measured with random bfloat16 weights at 1 x 4096 tokens (``benchmarks/real_size
   (the copies of its experts' weights had taken a fifth of the forward). On an H100, 0.198 s under XLA's defaults, 0.183 s with Triton off.
 * The Gemma 3 1B patching sweep of 1,664 sites, H100, Triton GEMMs off only: compile
   8.20 s against 3.59 s; steady 0.162 s against 0.171 s (6% slower).
-* The latency-hiding scheduler off (2026-12-06, one H100, first calls of fresh processes,
-  ``--case ours``): the stacked 27B's first call 3.64 s against 2.57 s, the 1B sweep's
-  5.93 s against 3.19 s, the 26B-A4B's 9.31 s against 9.10 s and 12.84 s against 10.38 s;
-  steady speed unchanged (27B per-layer 0.3610 s against 0.3597 s, the mean of three
-  processes each; stacked 0.379 s against 0.381 s; 26B-A4B 0.124 s against 0.123 s;
-  sweep 0.119 s against 0.117 s) and the same peak memory.
 
-`XLA_OPTIONS` and `ONE_DEVICE_OPTIONS` are read when gemmalens is imported (the number of
-devices at a program's first call). To compile with XLA's own defaults, set the
-environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
+`XLA_OPTIONS` is read when gemmalens is imported. To compile with XLA's own defaults, set
+the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
 options apply to gemmalens' own programs called at the top level (JAX takes options only
 there; inside another trace they run as plain jits); ``XLA_FLAGS`` still sets the rest,
 and where both name an option, these win.
@@ -67,23 +56,11 @@ ENV_VAR = "GEMMALENS_XLA_OPTIONS"
 #: XLA debug options passed to every program gemmalens compiles (empty: XLA's defaults).
 #: Options for another backend are ignored (these are XLA:GPU's), so the CPU and TPU
 #: compile as before.
-_XLA_DEFAULTS = os.environ.get(ENV_VAR, "").strip().lower() == "xla"
 XLA_OPTIONS: dict[str, Any] = (
     {}
-    if _XLA_DEFAULTS
+    if os.environ.get(ENV_VAR, "").strip().lower() == "xla"
     else {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}
 )
-
-#: Added to `XLA_OPTIONS` where the process has one device (`options`).
-ONE_DEVICE_OPTIONS: dict[str, Any] = (
-    {} if _XLA_DEFAULTS else {"xla_gpu_enable_latency_hiding_scheduler": False}
-)
-
-
-def options() -> dict[str, Any]:
-    """The options gemmalens' programs compile with in this process: `XLA_OPTIONS`, and
-    `ONE_DEVICE_OPTIONS` where JAX sees one device."""
-    return {**XLA_OPTIONS, **(ONE_DEVICE_OPTIONS if jax.device_count() == 1 else {})}
 
 
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
@@ -103,22 +80,15 @@ class _Jitted:
     top-level one's."""
 
     def __init__(self, fun: Callable, kwargs: dict[str, Any]) -> None:
-        self._fun, self._kwargs = fun, kwargs
+        self._top_level = jax.jit(fun, compiler_options=dict(XLA_OPTIONS) or None, **kwargs)
         self._nested = jax.jit(fun, **kwargs)
         functools.update_wrapper(self, fun)
-
-    @functools.cached_property
-    def _top_level(self) -> Any:
-        # Built at the first call, when JAX knows its devices (not at import).
-        return jax.jit(self._fun, compiler_options=options() or None, **self._kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         jitted = self._top_level if _at_top_level() else self._nested
         return jitted(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # not yet set (a copy, an unpickling): no recursion
-            raise AttributeError(name)
         return getattr(self._top_level, name)
 
 

@@ -183,34 +183,22 @@ def test_default_location_and_configure_at_run_time(tmp_path):
 
 
 def test_compiler_options_default_and_opt_out():
-    """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion, and without
-    the latency-hiding scheduler where the process has one device, unless
-    GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import). Its programs
-    are lowered with those options (JAX keeps them on the lowering)."""
-    script = (
-        "import json, gemmalens as gl\n"
-        "double = gl.compiling.jit(lambda x: x * 2)\n"
-        "lowered = dict(double.lower(1.0)._lowering._compiler_options_kvs)\n"
-        "print(json.dumps([gl.compiling.XLA_OPTIONS, gl.compiling.options(), lowered]))"
-    )
+    """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion unless
+    GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
+    script = "import json, gemmalens as gl; print(json.dumps(gl.compiling.XLA_OPTIONS))"
     seen = {}
-    for value, devices in (("", 1), ("", 4), ("xla", 1)):
-        env = {
-            **os.environ,
-            "GEMMALENS_XLA_OPTIONS": value,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        }
+    for value in ("", "xla"):
+        env = {**os.environ, "GEMMALENS_XLA_OPTIONS": value, "JAX_PLATFORMS": "cpu"}
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        seen[value, devices] = json.loads(done.stdout.strip().splitlines()[-1])
-    always = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}
-    one_device = {**always, "xla_gpu_enable_latency_hiding_scheduler": False}
-    assert seen["", 1] == [always, one_device, one_device]
-    assert seen["", 4] == [always, always, always]
-    assert seen["xla", 1] == [{}, {}, {}]
+        seen[value] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen[""] == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_dynamic_slice_fusion": True,
+    }
+    assert seen["xla"] == {}
 
 
 def test_compiled_entry_points_run_inside_other_traces():
