@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_size_speed  # noqa: E402  (beside this script: presets at tiny widths, tokens)
+import profile_forward  # noqa: E402  (beside this script: arguments, models, descriptions)
+import real_size_speed  # noqa: E402  (presets at tiny widths, tokens, memory settings)
 
 
 def region_times(trace_dir: str, python: bool) -> tuple[dict[str, int], dict[str, int]]:
@@ -88,16 +89,12 @@ def profile(
     preset: str, batch: int, length: int, stacked: bool, tiny: bool, limit: int, python: bool
 ) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
 
-    import gemmalens as gl
     from gemmalens import lens
     from gemmalens.compiling import Distinct
 
-    config = real_size_speed.config_for(preset, tiny)
-    m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
-    jax.block_until_ready(m.model)
-    inputs = m._prepare(real_size_speed.tokens(batch, length, config.vocab_size), None, {})
+    m = profile_forward.built(preset, stacked, tiny)
+    inputs = m._prepare(real_size_speed.tokens(batch, length, m.config.vocab_size), None, {})
     model = Distinct(m._treedef, m._leaves)
     trace_dir = tempfile.mkdtemp(prefix="gemmalens-compile-profile-")
     options = jax.profiler.ProfileOptions()
@@ -115,11 +112,7 @@ def profile(
     inclusive, own = region_times(trace_dir, python=False)
     py_inclusive = region_times(trace_dir, python=True)[0] if python else {}
     return {
-        "preset": preset,
-        "shape": f"{batch}x{length}",
-        "stacked": stacked,
-        "tiny": tiny,
-        "device": jax.devices()[0].device_kind,
+        **profile_forward.described(preset, batch, length, stacked, tiny),
         "trace_s": traced_at - started,
         "lower_s": lowered_at - traced_at,
         "compile_s": compiled_at - lowered_at,
@@ -133,23 +126,12 @@ def profile(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "preset",
-        nargs="?",
-        default="gemma4_26b_a4b",
-        choices=sorted(real_size_speed.REAL) + ["gemma3_1b", "gemma3_4b_text"],
-    )
-    parser.add_argument("--shape", help="batch x length (1x4096; --tiny: 1x64)")
-    parser.add_argument("--unstacked", action="store_true", help="per-layer parameters")
-    parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
+    profile_forward.model_arguments(parser)
     parser.add_argument("--python", action="store_true", help="also the Python functions")
-    parser.add_argument("--top", type=int, default=25, help="rows per table")
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     os.environ["GEMMALENS_COMPILATION_CACHE"] = "off"  # before gemmalens is imported
     real_size_speed.use_memory_settings(ours=True)  # before JAX starts
-    shape = args.shape or ("1x64" if args.tiny else "1x4096")
-    batch, length = (int(n) for n in shape.lower().split("x"))
+    batch, length = profile_forward.batch_and_length(args)
     result = profile(
         args.preset, batch, length, not args.unstacked, args.tiny, args.top, args.python
     )

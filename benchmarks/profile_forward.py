@@ -129,6 +129,52 @@ def top(
     ]
 
 
+PRESETS = sorted(real_size_speed.REAL) + ["gemma3_1b", "gemma3_4b_text"]
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments this script and `profile_compile.py` share: the model, its form, the
+    tokens' shape, the table's length and the JSON file."""
+    parser.add_argument("preset", nargs="?", default="gemma4_26b_a4b", choices=PRESETS)
+    parser.add_argument("--shape", help="batch x length (1x4096; --tiny: 1x64)")
+    parser.add_argument("--unstacked", action="store_true", help="per-layer parameters")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
+    parser.add_argument("--top", type=int, default=25, help="rows per table")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+
+
+def batch_and_length(args: argparse.Namespace) -> tuple[int, int]:
+    shape = args.shape or ("1x64" if args.tiny else "1x4096")
+    batch, length = (int(n) for n in shape.lower().split("x"))
+    return batch, length
+
+
+def built(preset: str, stacked: bool, tiny: bool) -> Any:
+    """The preset with random weights (bfloat16; float32 at tiny widths), on the device."""
+    import jax
+    import jax.numpy as jnp
+
+    import gemmalens as gl
+
+    config = real_size_speed.config_for(preset, tiny)
+    m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
+    jax.block_until_ready(m.model)
+    return m
+
+
+def described(preset: str, batch: int, length: int, stacked: bool, tiny: bool) -> dict:
+    """What was measured, for the JSON: the model, the shape, the form and the device."""
+    import jax
+
+    return {
+        "preset": preset,
+        "shape": f"{batch}x{length}",
+        "stacked": stacked,
+        "tiny": tiny,
+        "device": jax.devices()[0].device_kind,
+    }
+
+
 def profile(
     preset: str,
     batch: int,
@@ -140,15 +186,12 @@ def profile(
     hlo: Path | None = None,
 ) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
 
-    import gemmalens as gl
     from gemmalens import lens
     from gemmalens.compiling import Distinct
 
-    config = real_size_speed.config_for(preset, tiny)
-    m = gl.build(config, dtype=jnp.float32 if tiny else jnp.bfloat16, stack_layers=stacked)
-    ids = real_size_speed.tokens(batch, length, config.vocab_size)
+    m = built(preset, stacked, tiny)
+    ids = real_size_speed.tokens(batch, length, m.config.vocab_size)
     jax.block_until_ready(m(ids))
     started = time.perf_counter()
     for _ in range(repeats):
@@ -172,11 +215,7 @@ def profile(
         lowered = lens._run_distinct.lower(m.logits_of, model, inputs)
         hlo.write_text(lowered.compile().as_text())
     return {
-        "preset": preset,
-        "shape": f"{batch}x{length}",
-        "stacked": stacked,
-        "tiny": tiny,
-        "device": jax.devices()[0].device_kind,
+        **described(preset, batch, length, stacked, tiny),
         "wall_ms_per_call": wall * 1e3,
         "summed_ms_per_call": sum(by_kernel.values()) / repeats / 1e6,
         "summed_over": where,
@@ -188,23 +227,12 @@ def profile(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "preset",
-        nargs="?",
-        default="gemma4_26b_a4b",
-        choices=sorted(real_size_speed.REAL) + ["gemma3_1b"],
-    )
-    parser.add_argument("--shape", help="batch x length (1x4096; --tiny: 1x64)")
-    parser.add_argument("--unstacked", action="store_true", help="per-layer parameters")
-    parser.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke run)")
+    model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25, help="rows per table")
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--hlo", type=Path, help="write the optimised program (HLO) here")
     args = parser.parse_args(argv)
     real_size_speed.use_memory_settings(ours=True)  # before JAX starts
-    shape = args.shape or ("1x64" if args.tiny else "1x4096")
-    batch, length = (int(n) for n in shape.lower().split("x"))
+    batch, length = batch_and_length(args)
     result = profile(
         args.preset,
         batch,
