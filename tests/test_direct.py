@@ -109,11 +109,85 @@ def test_residual_and_elementwise_equal_penzais():
     summed = direct.elementwise(jnp.add, x, reordered)
     _same(summed, x + reordered)
     assert tuple(summed.named_axes) == ("batch", "seq", "embedding")
-    # different axes broadcast through nmap, as penzai does
+    # different axes broadcast by name, as penzai's nmap does, and give its axis order
     bias = _named({"embedding": 4})
     _same(direct.elementwise(jnp.add, x, bias), x + bias)
     with pytest.raises(ValueError, match="Inconsistent named axes"):
         direct.elementwise(jnp.add, x, _named({"batch": 2, "seq": 3, "embedding": 5}))
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        # one argument lacks an axis; another has the first's axes in another order
+        [
+            {"batch": 2, "seq": 3, "stream": 4, "embedding": 5},
+            {"embedding": 5, "seq": 3, "batch": 2},
+        ],
+        # each lacks an axis the other has (an outer product over them)
+        [{"batch": 2, "stream": 4}, {"batch": 2, "embedding": 5}, {"stream": 4}],
+        # an argument without axes (a scalar parameter)
+        [{"batch": 2, "embedding": 5}, {}],
+    ],
+)
+def test_broadcast_elementwise_equals_nmap(axes):
+    arrays = [_named(shape) for shape in axes]
+
+    def fn(*values):
+        out = values[0]
+        for value in values[1:]:
+            out = out * 0.5 + value
+        return jnp.tanh(out)
+
+    ours, theirs = direct.elementwise(fn, *arrays), pz.nx.nmap(fn)(*arrays)
+    assert isinstance(ours, pz.nx.NamedArray) and not ours.positional_shape
+    assert tuple(ours.named_axes) == tuple(theirs.named_shape)
+    _same(ours, theirs, rtol=1e-6, atol=1e-7)
+    # Python numbers and 0-d arrays ride along as nmap passes them
+    for scalar in (2.0, 3, jnp.asarray(1.5, jnp.bfloat16)):
+        _same(direct.multiply(arrays[0], scalar), arrays[0] * scalar)
+        _same(direct.subtract(scalar, arrays[0]), pz.nx.nmap(jnp.subtract)(scalar, arrays[0]))
+    # bfloat16 against float32 promotes as penzai's does
+    low = pz.nx.nmap(lambda v: v.astype(jnp.bfloat16))(arrays[0])
+    assert direct.add(low, arrays[-1]).dtype == (low + arrays[-1]).dtype
+    # anything else (a view, an array with shape) goes through nmap
+    view = arrays[0].untag(next(iter(axes[0]))).tag(next(iter(axes[0])))
+    _same(direct.elementwise(fn, view, *arrays[1:]), theirs, rtol=1e-6, atol=1e-7)
+    _same(direct.add(arrays[0], jnp.ones(())), arrays[0] + 1.0)
+
+
+def test_take_along_and_dot_equal_penzais():
+    streams = _named({"batch": 2, "seq": 3, "stream": 4, "embedding": 5})
+    for index in (0, 3, -1, jnp.asarray(2), jnp.asarray(7)):  # numpy's rules, clamped past the end
+        _same(direct.take(streams, "stream", index), streams[{"stream": index}])
+    layer = jax.jit(lambda s, i: direct.take(s, "stream", i).data_array)
+    np.testing.assert_array_equal(
+        layer(streams, 1), streams[{"stream": 1}].unwrap("batch", "seq", "embedding")
+    )
+    view = streams.untag("seq").tag("seq")
+    _same(direct.take(view, "stream", 1), streams[{"stream": 1}])
+
+    # kept axis (a softmax) and reduced axis (a mean); a view through nmap
+    softmax = direct.along(lambda v: jax.nn.softmax(v, axis=-1), streams, "stream")
+    _same(softmax, pz.nx.nmap(jax.nn.softmax)(streams.untag("stream")).tag("stream"), rtol=1e-6)
+    mean = direct.along(lambda v: jnp.mean(v, -1), streams, "embedding")
+    _same(mean, pz.nx.nmap(jnp.mean)(streams.untag("embedding")), rtol=1e-6)
+    _same(direct.along(lambda v: jnp.mean(v, -1), view, "embedding"), mean, rtol=1e-6)
+    _same(direct.along(lambda v: jax.nn.softmax(v, axis=-1), view, "stream"), softmax, rtol=1e-6)
+
+    # a contraction over one axis, shared axes element by element
+    coefs = _named({"batch": 2, "seq": 3, "stream": 4, "from_stream": 4})
+    renamed = pz.nx.wrap(streams.unwrap("batch", "seq", "stream", "embedding")).tag(
+        "batch", "seq", "from_stream", "embedding"
+    )
+    mixed = direct.dot(coefs, renamed, ("from_stream",))
+    theirs = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
+    assert tuple(mixed.named_axes) == ("batch", "seq", "stream", "embedding")
+    _same(mixed, theirs, rtol=1e-6, atol=1e-6)
+    # where it does not apply it says so (None) and the caller takes penzai's path
+    assert direct.dot(coefs, renamed, ("stream",)) is None  # "stream" not in both
+    assert direct.dot(coefs.as_namedarrayview(), renamed, ("from_stream",)) is None
+    assert direct.dot(coefs, _named({"batch": 3, "from_stream": 4}), ("from_stream",)) is None
 
 
 def test_direct_layers_trace_without_vmap():

@@ -82,6 +82,7 @@ from gemmalens.layers import (
     HookPoint,
     ParamBuilder,
     RMSNorm,
+    direct,
     stacking,
 )
 from gemmalens.layers.altup import STREAM_AXES, AltUpBlock, AltUpCollapse, AltUpExpand
@@ -386,11 +387,11 @@ class GaussianTopK(pz.nn.Layer):
     def __call__(self, gate: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         z = np.float32(statistics.NormalDist().inv_cdf(self.sparsity))
 
-        def shift(g):
-            cutoff = jnp.mean(g) + jnp.std(g) * jnp.asarray(z).astype(g.dtype)
-            return jax.nn.relu(g - cutoff)
+        def shift(g):  # g: [..., neurons]
+            mean, std = jnp.mean(g, -1, keepdims=True), jnp.std(g, -1, keepdims=True)
+            return jax.nn.relu(g - (mean + std * jnp.asarray(z).astype(g.dtype)))
 
-        return pz.nx.nmap(shift)(gate.untag("neurons")).tag("neurons")
+        return direct.along(shift, gate, "neurons")
 
 
 @pz.pytree_dataclass
@@ -407,8 +408,9 @@ class AttentionWithLaurel(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         normed = self.input_layernorm(x, **side_inputs)
-        attended = x + self.attention(normed, **side_inputs)
-        return (attended + self.laurel(normed, **side_inputs)) / math.sqrt(2.0)
+        attended = direct.add(x, self.attention(normed, **side_inputs))
+        laurel = self.laurel(normed, **side_inputs)
+        return direct.elementwise(lambda a, b: (a + b) / math.sqrt(2.0), attended, laurel)
 
 
 @pz.pytree_dataclass
@@ -428,13 +430,13 @@ class PerLayerInputIntoStreams(pz.nn.Layer):
     hook_out: HookPoint
 
     def __call__(self, streams: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        active = streams[{"stream": self.active_index}]
+        active = direct.take(streams, "stream", self.active_index)
         if self.apply_output_scale:
-            active = active * self.correct_output_scale.value.astype(active.dtype)
+            scale = self.correct_output_scale.value.astype(active.dtype)
+            active = direct.multiply(active, scale)
         added = self.hook_out(self.gate(active, **side_inputs), **side_inputs)
-        return pz.nx.nmap(lambda s, a: s.at[1:].add(a))(streams.untag("stream"), added).tag(
-            "stream"
-        )
+        first = pz.nx.wrap(jnp.arange(streams.named_shape["stream"]) == 0).tag("stream")
+        return direct.elementwise(lambda s, a, f: jnp.where(f, s, s + a), streams, added, first)
 
 
 # ---------------------------------------------------------------------------- builders

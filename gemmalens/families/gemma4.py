@@ -64,6 +64,7 @@ from gemmalens.layers import (
     GatedMLP,
     ParamBuilder,
     RMSNorm,
+    direct,
     residual_block,
 )
 from gemmalens.layers.builders import (
@@ -352,7 +353,7 @@ class LayerScalar(pz.nn.Layer):
     scalar: pz.nn.ParameterLike[pz.nx.NamedArray]
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        return x * self.scalar.value.astype(x.dtype)
+        return direct.multiply(x, self.scalar.value.astype(x.dtype))
 
 
 # ---------------------------------------------------------------------------- builders

@@ -25,12 +25,14 @@ Coefficient clipping (``altup_coef_clip``) is a training-time device and never a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import direct
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
@@ -45,14 +47,24 @@ _MIN_MEAN_SQUARE = 1e-5
 
 
 def _root_mean_square(x: pz.nx.NamedArray) -> pz.nx.NamedArray:
-    return pz.nx.nmap(lambda v: jnp.mean(v * v) ** 0.5)(x.untag("embedding"))
+    return direct.along(lambda v: jnp.mean(v * v, -1) ** 0.5, x, "embedding")
 
 
 def _rescale_to(x: pz.nx.NamedArray, target_rms: pz.nx.NamedArray) -> pz.nx.NamedArray:
     """``x`` rescaled per token to RMS ``target_rms`` (its own mean square floored at 1e-5)."""
-    mean_square = pz.nx.nmap(lambda v: jnp.mean(v * v))(x.untag("embedding"))
-    magnitude = pz.nx.nmap(jnp.sqrt)(pz.nx.nmap(jnp.maximum)(mean_square, _MIN_MEAN_SQUARE))
-    return x * target_rms / magnitude
+    mean_square = direct.along(lambda v: jnp.mean(v * v, -1), x, "embedding")
+    magnitude = direct.elementwise(
+        lambda m: jnp.sqrt(jnp.maximum(m, _MIN_MEAN_SQUARE)), mean_square
+    )
+    return direct.elementwise(lambda v, t, m: v * t / m, x, target_rms, magnitude)
+
+
+def _renamed(x: pz.nx.NamedArray, old: str, new: str) -> pz.nx.NamedArray:
+    """``x`` with its named axis ``old`` called ``new`` (the same data)."""
+    if not direct.plain(x):
+        return x.untag(old).tag(new)
+    axes = collections.OrderedDict((new if n == old else n, s) for n, s in x.named_axes.items())
+    return pz.nx.NamedArray(named_axes=axes, data_array=x.data_array)
 
 
 def _project(linear: pz.nn.Linear, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -101,14 +113,14 @@ class AltUpCollapse(pz.nn.Layer):
     hook_collapsed: HookPoint
 
     def __call__(self, streams: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        first = streams[{"stream": 0}]
+        first = direct.take(streams, "stream", 0)
         target = _root_mean_square(first)
         unprojected = [first] + [
-            _rescale_to(_project(p, streams[{"stream": j + 1}]), target)
+            _rescale_to(_project(p, direct.take(streams, "stream", j + 1)), target)
             for j, p in enumerate(self.projections)
         ]
         stacked = pz.nx.stack(unprojected, "stream")
-        mean = pz.nx.nmap(jnp.mean)(stacked.untag("stream"))
+        mean = direct.along(lambda v: jnp.mean(v, -1), stacked, "stream")
         return self.hook_collapsed(mean, **side_inputs)
 
     @classmethod
@@ -133,9 +145,9 @@ class AltUpRouter(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         normed = self.router_norm(x)
-        scaled = normed * jnp.asarray(self.input_scale, jnp.float32).astype(normed.dtype)
-        routed = self.modality_router(scaled)
-        return pz.nx.nmap(lambda r: jnp.tanh(r.astype(jnp.float32)).astype(r.dtype))(routed)
+        scale = jnp.asarray(self.input_scale, jnp.float32).astype(normed.dtype)
+        routed = self.modality_router(direct.multiply(normed, scale))
+        return direct.elementwise(lambda r: jnp.tanh(r.astype(jnp.float32)).astype(r.dtype), routed)
 
 
 @pz.pytree_dataclass
@@ -156,8 +168,10 @@ class AltUpPredict(pz.nn.Layer):
         streams, modalities = inputs
         modalities = self.hook_modalities(modalities, **side_inputs)
         coefs = self.hook_coefs(self.prediction_coefs(modalities), **side_inputs)
-        mixed = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
-        return self.hook_predictions(streams + mixed, **side_inputs)
+        mixed = direct.dot(coefs, _renamed(streams, "stream", "from_stream"), ("from_stream",))
+        if mixed is None:  # not plain named arrays: penzai's own path
+            mixed = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
+        return self.hook_predictions(direct.add(streams, mixed), **side_inputs)
 
 
 @pz.pytree_dataclass
@@ -181,11 +195,12 @@ class AltUpCorrect(pz.nn.Layer):
     def __call__(self, inputs, **side_inputs: Any) -> pz.nx.NamedArray:
         predictions, computed, modalities = inputs
         modalities = self.hook_modalities(modalities, **side_inputs)
-        coefs = self.correction_coefs(modalities) + 1.0
+        coefs = direct.add(self.correction_coefs(modalities), 1.0)
         coefs = self.hook_coefs(coefs, **side_inputs)
-        innovation = computed - predictions[{"stream": self.active_index}]
-        innovation = self.hook_innovation(innovation, **side_inputs)
-        return self.hook_corrected(predictions + coefs * innovation, **side_inputs)
+        active = direct.take(predictions, "stream", self.active_index)
+        innovation = self.hook_innovation(direct.subtract(computed, active), **side_inputs)
+        corrected = direct.elementwise(lambda p, c, i: p + c * i, predictions, coefs, innovation)
+        return self.hook_corrected(corrected, **side_inputs)
 
 
 @pz.pytree_dataclass
@@ -206,9 +221,9 @@ class AltUpBlock(pz.nn.Layer):
 
     def __call__(self, streams: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         active = self.correct.active_index
-        modalities = self.router(streams[{"stream": active}], **side_inputs)
+        modalities = self.router(direct.take(streams, "stream", active), **side_inputs)
         predictions = self.predict((streams, modalities), **side_inputs)
-        computed = self.layer(predictions[{"stream": active}], **side_inputs)
+        computed = self.layer(direct.take(predictions, "stream", active), **side_inputs)
         modalities = self.router(computed, **side_inputs)
         return self.correct((predictions, computed, modalities), **side_inputs)
 

@@ -7,9 +7,11 @@ tracing of a stacked model. Here the same operations are written on the underlyi
 wherever the inputs are plain named arrays (`pz.nx.NamedArray`); anything else (views,
 positional axes, unexpected shapes) takes penzai's own path, with its checks and messages.
 
-- `Linear`: `pz.nn.Linear` whose contraction is one ``dot_general``;
+- `Linear`: `pz.nn.Linear` whose contraction is one ``dot_general`` (`dot`);
 - `Residual`: `pz.nn.Residual` whose sum is one ``add``;
-- `elementwise`: ``fn`` on arrays whose named axes agree, ``nmap`` otherwise.
+- `elementwise` (and `add`, `subtract`, `multiply`): ``fn`` on the arrays, broadcast by
+  axis name; `take`: one index along a named axis; `along`: a function of one named axis
+  (a norm's statistics, a mean over streams).
 """
 
 from __future__ import annotations
@@ -29,16 +31,125 @@ def plain(array: Any) -> bool:
     return isinstance(array, pz.nx.NamedArray) and not array.positional_shape
 
 
-def elementwise(fn: Callable[..., jax.Array], *arrays: pz.nx.NamedArray) -> pz.nx.NamedArray:
-    """``pz.nx.nmap(fn)(*arrays)`` for an elementwise ``fn``: on the arrays themselves when
-    every argument is plain and names the same axes (any order: the others are transposed
-    to the first's), else through ``nmap``."""
-    first = arrays[0]
-    if not all(plain(a) and a.named_axes == dict(first.named_axes) for a in arrays):
-        return pz.nx.nmap(fn)(*arrays)  # also for nmap's message about mismatched sizes
-    names = tuple(first.named_axes)
-    data = [a.data_array if tuple(a.named_axes) == names else a.unwrap(*names) for a in arrays]
-    return pz.nx.NamedArray(named_axes=first.named_axes, data_array=fn(*data))
+def _scalar(value: Any) -> bool:
+    """A Python number or a 0-d array: what an elementwise function broadcasts as it is."""
+    return isinstance(value, (int, float, bool)) or getattr(value, "ndim", None) == 0
+
+
+def elementwise(fn: Callable[..., jax.Array], *args: Any) -> pz.nx.NamedArray:
+    """``pz.nx.nmap(fn)(*args)`` for an elementwise ``fn``: on the arrays themselves when
+    every named argument is plain (the others Python numbers or 0-d arrays), broadcasting
+    by axis name as ``nmap`` does (axes in any order; an axis one argument lacks is
+    broadcast), else through ``nmap`` (also for its message about mismatched sizes)."""
+    named = [a for a in args if isinstance(a, (pz.nx.NamedArray, pz.nx.NamedArrayView))]
+    sizes: dict[str, int] = {}
+    fast = bool(named) and all(
+        plain(a) if isinstance(a, (pz.nx.NamedArray, pz.nx.NamedArrayView)) else _scalar(a)
+        for a in args
+    )
+    for array in named if fast else ():
+        for name, size in array.named_axes.items():
+            fast = fast and sizes.setdefault(name, size) == size
+    if not fast:
+        return pz.nx.nmap(fn)(*args)
+    names = tuple(sizes)
+    return pz.nx.NamedArray(
+        named_axes=collections.OrderedDict(sizes.items()),
+        data_array=fn(*(_aligned(a, names) for a in args)),
+    )
+
+
+def _aligned(value: Any, names: tuple[str, ...]) -> Any:
+    """A plain named array's data with its axes in the order of ``names`` and a new axis of
+    size 1 for each name it lacks (so that arrays broadcast by name); scalars as they are."""
+    if not isinstance(value, pz.nx.NamedArray):
+        return value
+    own = tuple(name for name in names if name in value.named_axes)
+    data = value.data_array if tuple(value.named_axes) == own else value.unwrap(*own)
+    if len(own) < len(names):
+        data = data[tuple(slice(None) if name in value.named_axes else None for name in names)]
+    return data
+
+
+def add(a: Any, b: Any) -> pz.nx.NamedArray:
+    """``a + b`` (`elementwise`)."""
+    return elementwise(jnp.add, a, b)
+
+
+def subtract(a: Any, b: Any) -> pz.nx.NamedArray:
+    """``a - b`` (`elementwise`)."""
+    return elementwise(jnp.subtract, a, b)
+
+
+def multiply(a: Any, b: Any) -> pz.nx.NamedArray:
+    """``a * b`` (`elementwise`)."""
+    return elementwise(jnp.multiply, a, b)
+
+
+def take(array: pz.nx.NamedArray, axis: str, index: Any) -> pz.nx.NamedArray:
+    """``array[{axis: index}]`` for one index (an int or a 0-d integer array, as numpy
+    indexes): the named axis ``axis`` removed."""
+    if not (plain(array) and axis in array.named_axes and _scalar(index)):
+        return array[{axis: index}]
+    position = tuple(array.named_axes).index(axis)
+    data = array.data_array[(slice(None),) * position + (index,)]
+    axes = collections.OrderedDict((n, s) for n, s in array.named_axes.items() if n != axis)
+    return pz.nx.NamedArray(named_axes=axes, data_array=data)
+
+
+def along(fn: Callable[[jax.Array], jax.Array], array: pz.nx.NamedArray, axis: str) -> Any:
+    """``fn`` applied along the named axis ``axis``: ``fn`` takes an array whose last
+    axis is ``axis`` (and must treat any leading axes elementwise, as ``jnp.mean(v, -1)``
+    does) and returns either the same shape (the axis is kept) or that shape without its
+    last axis (the axis is reduced). ``pz.nx.nmap(fn)(array.untag(axis))``, retagged when
+    kept, for inputs that are not plain."""
+    if not (plain(array) and axis in array.named_axes):
+        out = pz.nx.nmap(fn)(array.untag(axis))
+        return out.tag(axis) if out.positional_shape else out
+    others = tuple(name for name in array.named_axes if name != axis)
+    data = array.unwrap(*others, axis)
+    out = fn(data)
+    sizes = {name: array.named_axes[name] for name in others}
+    if out.ndim == data.ndim:
+        sizes[axis] = array.named_axes[axis]
+    return pz.nx.NamedArray(named_axes=collections.OrderedDict(sizes.items()), data_array=out)
+
+
+def dot(left: pz.nx.NamedArray, right: pz.nx.NamedArray, contracted: tuple[str, ...]) -> Any:
+    """The sum over the named axes ``contracted`` of ``left * right``, element by element
+    over the other axes both share: one ``dot_general`` (in the two arrays' promoted
+    dtype), its result's axes the shared ones, then ``left``'s, then ``right``'s. None
+    where it does not apply (an array not plain, a contracted axis missing from either, or
+    axes whose sizes differ): the caller then takes penzai's path."""
+    if not (plain(left) and plain(right)):
+        return None
+    a, b = left.named_axes, right.named_axes
+    if any(name not in a or a[name] != b.get(name) for name in contracted):
+        return None
+    if any(a[name] != b[name] for name in a if name in b):
+        return None
+    shared = [name for name in a if name in b and name not in contracted]
+    left_free = [name for name in a if name not in b]
+    right_free = [name for name in b if name not in a]
+    a_names, b_names = list(a), list(b)
+
+    def at(names: list[str], chosen: list[str] | tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(names.index(name) for name in chosen)
+
+    dtype = jnp.result_type(left.data_array, right.data_array)
+    out = jax.lax.dot_general(
+        left.data_array.astype(dtype),
+        right.data_array.astype(dtype),
+        (
+            (at(a_names, contracted), at(b_names, contracted)),
+            (at(a_names, shared), at(b_names, shared)),
+        ),
+    )
+    sizes = {**a, **b}
+    return pz.nx.NamedArray(
+        named_axes=collections.OrderedDict((n, sizes[n]) for n in shared + left_free + right_free),
+        data_array=out,
+    )
 
 
 @pz.pytree_dataclass
@@ -55,40 +166,10 @@ class Linear(pz.nn.Linear):
 
     def __call__(self, in_array: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         weights = self.weights.value
-        if not (plain(in_array) and plain(weights)):
-            return super().__call__(in_array, **side_inputs)
-        left, right = in_array.named_axes, weights.named_axes
-        contracted = self.in_axis_names
-        if (
-            any(name not in left or left[name] != right.get(name) for name in contracted)
-            or any(name in left for name in self.out_axis_names)
-            or any(left[name] != right[name] for name in left if name in right)
-        ):
-            return super().__call__(in_array, **side_inputs)
-        shared = [name for name in left if name in right and name not in contracted]
-        left_free = [name for name in left if name not in right]
-        right_free = [name for name in right if name not in left]
-        left_names, right_names = list(left), list(right)
-
-        def at(names, chosen):
-            return tuple(names.index(name) for name in chosen)
-
-        dtype = jnp.result_type(in_array.data_array, weights.data_array)
-        out = jax.lax.dot_general(
-            in_array.data_array.astype(dtype),
-            weights.data_array.astype(dtype),
-            (
-                (at(left_names, contracted), at(right_names, contracted)),
-                (at(left_names, shared), at(right_names, shared)),
-            ),
-        )
-        sizes = {**left, **right}
-        return pz.nx.NamedArray(
-            named_axes=collections.OrderedDict(
-                (name, sizes[name]) for name in shared + left_free + right_free
-            ),
-            data_array=out,
-        )
+        out = None
+        if plain(in_array) and not any(n in in_array.named_axes for n in self.out_axis_names):
+            out = dot(in_array, weights, self.in_axis_names)
+        return super().__call__(in_array, **side_inputs) if out is None else out
 
 
 @pz.pytree_dataclass

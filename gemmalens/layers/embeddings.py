@@ -10,6 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import direct
+
 
 def take_rows(
     table: pz.nx.NamedArray,
@@ -45,7 +47,7 @@ class EmbedTokens(pz.nn.Layer):
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         table = self.table.value
         embedded = take_rows(table, tokens)
-        return embedded * jnp.asarray(self.scale, jnp.float32).astype(table.dtype)
+        return direct.multiply(embedded, jnp.asarray(self.scale, jnp.float32).astype(table.dtype))
 
     @classmethod
     def with_model_width(cls, table: pz.Parameter, d_model: int) -> EmbedTokens:
@@ -59,7 +61,11 @@ class TiedUnembed(pz.nn.Layer):
     table: pz.nn.ParameterLike[pz.nx.NamedArray]
 
     def __call__(self, h: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        return pz.nx.nmap(jnp.dot)(h.untag("embedding"), self.table.value.untag("embedding"))
+        table = self.table.value
+        logits = direct.dot(h, table, ("embedding",))
+        if logits is None:  # not plain named arrays: penzai's own path
+            logits = pz.nx.nmap(jnp.dot)(h.untag("embedding"), table.untag("embedding"))
+        return logits
 
 
 @pz.pytree_dataclass
@@ -70,4 +76,4 @@ class TanhSoftCap(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         cap = jnp.asarray(self.cap, x.dtype)
-        return pz.nx.nmap(jnp.tanh)(x / cap) * cap
+        return direct.elementwise(lambda v: jnp.tanh(v / cap) * cap, x)

@@ -11,6 +11,7 @@ from typing import Any
 
 from penzai import pz
 
+from gemmalens.layers import direct
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
 from gemmalens.layers.params import ParamBuilder
@@ -29,7 +30,7 @@ class Laurel(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         low_rank = self.linear_right(self.linear_left(x))
-        return self.hook_out(x + self.post_laurel_norm(low_rank), **side_inputs)
+        return self.hook_out(direct.add(x, self.post_laurel_norm(low_rank)), **side_inputs)
 
     @classmethod
     def build(

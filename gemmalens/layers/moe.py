@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import direct
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
@@ -102,12 +103,12 @@ class Router(pz.nn.Layer):
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any):
         dtype = x.dtype
         width = x.named_shape["embedding"]
-        scaled = self.norm(x) * self.scale.value.astype(dtype)
-        scaled = scaled * jnp.asarray(width**-0.5, dtype)
+        scaled = direct.multiply(self.norm(x), self.scale.value.astype(dtype))
+        scaled = direct.multiply(scaled, jnp.asarray(width**-0.5, dtype))
         logits = self.hook_router_logits(self.proj(scaled), **side_inputs)
-        probabilities = pz.nx.nmap(lambda s: jax.nn.softmax(s.astype(jnp.float32)))(
-            logits.untag("expert")
-        ).tag("expert")
+        probabilities = direct.along(
+            lambda s: jax.nn.softmax(s.astype(jnp.float32), axis=-1), logits, "expert"
+        )
         indices = pz.nx.nmap(lambda p: jax.lax.top_k(p, self.top_k)[1].astype(jnp.int32))(
             probabilities.untag("expert")
         ).tag("top_k")
@@ -463,7 +464,7 @@ class DenseAndExperts(pz.nn.Layer):
     moe: MixtureOfExperts
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        return self.dense(x, **side_inputs) + self.moe(x, **side_inputs)
+        return direct.add(self.dense(x, **side_inputs), self.moe(x, **side_inputs))
 
     @classmethod
     def build(

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import direct
 from gemmalens.layers.embeddings import take_rows
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.norms import RMSNorm, ScaleForm
@@ -44,8 +45,10 @@ PER_LAYER_AXES = ("batch", "seq", "per_layer")
 def _times(x: pz.nx.NamedArray, constant: float, in_activation_dtype: bool) -> pz.nx.NamedArray:
     """``x * constant``: the constant rounded to x's dtype first, or the product in float32."""
     if in_activation_dtype:
-        return x * jnp.asarray(constant, jnp.float32).astype(x.dtype)
-    return (x.astype(jnp.float32) * jnp.float32(constant)).astype(x.dtype)
+        return direct.multiply(x, jnp.asarray(constant, jnp.float32).astype(x.dtype))
+    return direct.elementwise(
+        lambda v: (v.astype(jnp.float32) * jnp.float32(constant)).astype(v.dtype), x
+    )
 
 
 @pz.pytree_dataclass
@@ -109,8 +112,10 @@ class PerLayerInputs(pz.nn.Layer):
             return token
 
         token_part = take_rows(table, tokens, row_of)
-        token_part = token_part * jnp.asarray(self.token_scale, jnp.float32).astype(table.dtype)
-        return _times(context + token_part, self.combine_scale, self.constants_in_activation_dtype)
+        token_scale = jnp.asarray(self.token_scale, jnp.float32).astype(table.dtype)
+        token_part = direct.multiply(token_part, token_scale)
+        combined = direct.add(context, token_part)
+        return _times(combined, self.combine_scale, self.constants_in_activation_dtype)
 
     @classmethod
     def build(
@@ -165,9 +170,11 @@ class PerLayerInputGate(pz.nn.Layer):
                 f"{self.hook_per_layer_input.name} needs the side input {PER_LAYER_INPUTS!r} "
                 "(the output of PerLayerInputs); the model's top level passes it to the blocks."
             )
-        own = side_inputs[PER_LAYER_INPUTS][{"layer": self.layer_index.value}]
+        own = direct.take(side_inputs[PER_LAYER_INPUTS], "layer", self.layer_index.value)
         own = self.hook_per_layer_input(own, **side_inputs)
-        gated = pz.nx.nmap(lambda g: jax.nn.gelu(g, approximate=True))(self.gate(x)) * own
+        gated = direct.elementwise(
+            lambda g, o: jax.nn.gelu(g, approximate=True) * o, self.gate(x), own
+        )
         return self.norm(self.projection(gated))
 
     @classmethod
