@@ -175,6 +175,11 @@ def test_take_along_and_dot_equal_penzais():
     _same(direct.along(lambda v: jnp.mean(v, -1), view, "embedding"), mean, rtol=1e-6)
     _same(direct.along(lambda v: jax.nn.softmax(v, axis=-1), view, "stream"), softmax, rtol=1e-6)
 
+    with pytest.raises(ValueError, match="keeps or removes the axis 'stream'"):
+        direct.along(lambda v: v[..., :2], streams, "stream")
+    named_index = pz.nx.wrap(jnp.asarray([1, 3])).tag("batch")  # one index per row: penzai's path
+    _same(direct.take(streams, "stream", named_index), streams[{"stream": named_index}])
+
     # a contraction over one axis, shared axes element by element
     coefs = _named({"batch": 2, "seq": 3, "stream": 4, "from_stream": 4})
     renamed = pz.nx.wrap(streams.unwrap("batch", "seq", "stream", "embedding")).tag(

@@ -33,6 +33,8 @@ def plain(array: Any) -> bool:
 
 def _scalar(value: Any) -> bool:
     """A Python number or a 0-d array: what an elementwise function broadcasts as it is."""
+    if isinstance(value, (pz.nx.NamedArray, pz.nx.NamedArrayView)):
+        return False
     return isinstance(value, (int, float, bool)) or getattr(value, "ndim", None) == 0
 
 
@@ -109,6 +111,11 @@ def along(fn: Callable[[jax.Array], jax.Array], array: pz.nx.NamedArray, axis: s
     others = tuple(name for name in array.named_axes if name != axis)
     data = array.unwrap(*others, axis)
     out = fn(data)
+    if out.shape not in (data.shape, data.shape[:-1]):
+        raise ValueError(
+            f"direct.along expects a function that keeps or removes the axis {axis!r}; it "
+            f"turned shape {data.shape} into {out.shape}. Use pz.nx.nmap for other shapes."
+        )
     sizes = {name: array.named_axes[name] for name in others}
     if out.ndim == data.ndim:
         sizes[axis] = array.named_axes[axis]
