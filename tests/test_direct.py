@@ -175,8 +175,13 @@ def test_take_along_and_dot_equal_penzais():
     _same(direct.along(lambda v: jnp.mean(v, -1), view, "embedding"), mean, rtol=1e-6)
     _same(direct.along(lambda v: jax.nn.softmax(v, axis=-1), view, "stream"), softmax, rtol=1e-6)
 
-    with pytest.raises(ValueError, match="keeps or removes the axis 'stream'"):
-        direct.along(lambda v: v[..., :2], streams, "stream")
+    # an axis of another length under a new name (each head repeated, as grouped queries do)
+    repeated = direct.along(lambda v: jnp.repeat(v, 2, axis=-1), streams, "stream", "heads")
+    theirs = pz.nx.nmap(lambda v: jnp.repeat(v, 2))(streams.untag("stream")).tag("heads")
+    _same(repeated, theirs)
+    _same(direct.along(lambda v: jnp.repeat(v, 2, axis=-1), view, "stream", "heads"), theirs)
+    with pytest.raises(ValueError, match="a function of the last axis \\('stream'\\)"):
+        direct.along(lambda v: v[0], streams, "stream")
     named_index = pz.nx.wrap(jnp.asarray([1, 3])).tag("batch")  # one index per row: penzai's path
     _same(direct.take(streams, "stream", named_index), streams[{"stream": named_index}])
 

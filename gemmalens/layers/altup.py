@@ -25,7 +25,6 @@ Coefficient clipping (``altup_coef_clip``) is a training-time device and never a
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any
 
@@ -57,14 +56,6 @@ def _rescale_to(x: pz.nx.NamedArray, target_rms: pz.nx.NamedArray) -> pz.nx.Name
         lambda m: jnp.sqrt(jnp.maximum(m, _MIN_MEAN_SQUARE)), mean_square
     )
     return direct.elementwise(lambda v, t, m: v * t / m, x, target_rms, magnitude)
-
-
-def _renamed(x: pz.nx.NamedArray, old: str, new: str) -> pz.nx.NamedArray:
-    """``x`` with its named axis ``old`` called ``new`` (the same data)."""
-    if not direct.plain(x):
-        return x.untag(old).tag(new)
-    axes = collections.OrderedDict((new if n == old else n, s) for n, s in x.named_axes.items())
-    return pz.nx.NamedArray(named_axes=axes, data_array=x.data_array)
 
 
 def _project(linear: pz.nn.Linear, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -168,7 +159,9 @@ class AltUpPredict(pz.nn.Layer):
         streams, modalities = inputs
         modalities = self.hook_modalities(modalities, **side_inputs)
         coefs = self.hook_coefs(self.prediction_coefs(modalities), **side_inputs)
-        mixed = direct.dot(coefs, _renamed(streams, "stream", "from_stream"), ("from_stream",))
+        mixed = direct.dot(
+            coefs, direct.renamed(streams, "stream", "from_stream"), ("from_stream",)
+        )
         if mixed is None:  # not plain named arrays: penzai's own path
             mixed = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
         return self.hook_predictions(direct.add(streams, mixed), **side_inputs)

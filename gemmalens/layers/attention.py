@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import direct
 from gemmalens.layers.hooks import HookPoint
 
 QKV_AXES = ("batch", "seq", "heads", "head_dim")
@@ -73,21 +74,29 @@ class AttentionMask(pz.nn.Layer):
     def visible(self, **side_inputs: Any) -> pz.nx.NamedArray:
         """Boolean mask with named axes ``batch``, ``seq``, ``kv_seq``."""
         q = side_inputs["token_positions"]
-        k = side_inputs.get("kv_positions", q).untag("seq").tag("kv_seq")
-        # Every (query, key) pair starts visible; padding keys (position < 0) never are.
-        allowed = pz.nx.nmap(jnp.logical_and)(k >= 0, pz.nx.nmap(jnp.ones_like)(q).astype(bool))
-        if self.causal:
-            earlier = k <= q
-            if self.reads_image_blocks(side_inputs):
-                blocks = side_inputs[IMAGE_BLOCKS]
-                key_blocks = blocks.untag("seq").tag("kv_seq")
-                earlier = earlier | ((blocks == key_blocks) & (blocks >= 0))
-            allowed = allowed & earlier
-        if self.window_before is not None:
-            allowed = allowed & (q - k < self.window_before)
-        if self.window_after is not None:
-            allowed = allowed & (k - q < self.window_after)
-        return allowed
+        k = direct.renamed(side_inputs.get("kv_positions", q), "seq", "kv_seq")
+        blocks = ()
+        if self.causal and self.reads_image_blocks(side_inputs):
+            image_blocks = side_inputs[IMAGE_BLOCKS]
+            blocks = (image_blocks, direct.renamed(image_blocks, "seq", "kv_seq"))
+        causal, before, after = self.causal, self.window_before, self.window_after
+
+        def rule(k, q, *blocks):
+            # Every (query, key) pair starts visible; padding keys (position < 0) never are.
+            allowed = jnp.logical_and(k >= 0, jnp.ones_like(q).astype(bool))
+            if causal:
+                earlier = k <= q
+                if blocks:  # a query sees every key of its own image
+                    query_block, key_block = blocks
+                    earlier = earlier | ((query_block == key_block) & (query_block >= 0))
+                allowed = allowed & earlier
+            if before is not None:
+                allowed = allowed & (q - k < before)
+            if after is not None:
+                allowed = allowed & (k - q < after)
+            return allowed
+
+        return direct.elementwise(rule, k, q, *blocks)
 
     def reads_image_blocks(self, side_inputs: dict[str, Any]) -> bool:
         """Whether this call's mask has image blocks: the mask takes them, the side input
@@ -100,7 +109,11 @@ class AttentionMask(pz.nn.Layer):
 
     def __call__(self, scores: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         masked_value = jnp.finfo(scores.dtype).min
-        return pz.nx.nmap(jnp.where)(self.visible(**side_inputs), scores, masked_value)
+        return direct.elementwise(
+            lambda visible, s: jnp.where(visible, s, masked_value),
+            self.visible(**side_inputs),
+            scores,
+        )
 
     def band(self, length: int) -> tuple[int, int] | None:
         """The window as ``(keys before, keys after)`` the query, for kernels that take a
@@ -165,23 +178,25 @@ class DotProductAttention(pz.nn.Layer):
     def _explicit(self, q, k, v, **side_inputs):
         groups = q.named_shape["heads"] // k.named_shape["kv_heads"]
 
-        def repeat_heads(x):
-            x = pz.nx.nmap(lambda a: jnp.repeat(a, groups, axis=0))(x.untag("kv_heads"))
-            return x.tag("heads").untag("seq").tag("kv_seq")
+        def repeat_heads(x):  # [.., seq, kv_heads, ..] -> [.., kv_seq, heads, ..]
+            x = direct.along(lambda a: jnp.repeat(a, groups, axis=-1), x, "kv_heads", "heads")
+            return direct.renamed(x, "seq", "kv_seq")
 
         k, v = repeat_heads(k), repeat_heads(v)
-        scores = pz.nx.nmap(jnp.dot)(q.untag("head_dim"), k.untag("head_dim"))
-        scores = scores * jnp.asarray(self.scale, scores.dtype)
+        scores = _contract(q, k, "head_dim")
+        scores = direct.multiply(scores, jnp.asarray(self.scale, scores.dtype))
         if self.softcap is not None:
             cap = jnp.asarray(self.softcap, scores.dtype)
-            scores = pz.nx.nmap(jnp.tanh)(scores / cap) * cap
+            scores = direct.elementwise(lambda s: jnp.tanh(s / cap) * cap, scores)
         scores = self.mask(scores, **side_inputs)
         scores = self.hook_attn_scores(scores, **side_inputs)
-        pattern = pz.nx.nmap(lambda s: jax.nn.softmax(s.astype(jnp.float32)).astype(q.dtype))(
-            scores.untag("kv_seq")
-        ).tag("kv_seq")
+        pattern = direct.along(
+            lambda s: jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype),
+            scores,
+            "kv_seq",
+        )
         pattern = self.hook_pattern(pattern, **side_inputs)
-        return pz.nx.nmap(jnp.dot)(pattern.untag("kv_seq"), v.untag("kv_seq"))
+        return _contract(pattern, v, "kv_seq")
 
     def _fused(self, q, k, v, **side_inputs):
         arrays = dict(
@@ -218,6 +233,14 @@ class DotProductAttention(pz.nn.Layer):
             visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
             out = jax.nn.dot_product_attention(**arrays, mask=visible[:, None, :, :])
         return pz.nx.wrap(out).tag(*QKV_AXES)
+
+
+def _contract(a: pz.nx.NamedArray, b: pz.nx.NamedArray, axis: str) -> pz.nx.NamedArray:
+    """The sum over ``axis`` of ``a * b`` (other shared axes element by element)."""
+    out = direct.dot(a, b, (axis,))
+    if out is None:  # not plain named arrays: penzai's own path
+        out = pz.nx.nmap(jnp.dot)(a.untag(axis), b.untag(axis))
+    return out
 
 
 def attention_mixer(

@@ -11,7 +11,7 @@ positional axes, unexpected shapes) takes penzai's own path, with its checks and
 - `Residual`: `pz.nn.Residual` whose sum is one ``add``;
 - `elementwise` (and `add`, `subtract`, `multiply`): ``fn`` on the arrays, broadcast by
   axis name; `take`: one index along a named axis; `along`: a function of one named axis
-  (a norm's statistics, a mean over streams).
+  (a norm's statistics, a softmax); `dot`: a contraction; `renamed`: an axis renamed.
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ def _aligned(value: Any, names: tuple[str, ...]) -> Any:
     return data
 
 
+def renamed(array: pz.nx.NamedArray, old: str, new: str) -> pz.nx.NamedArray:
+    """``array`` with its named axis ``old`` called ``new`` (the same data):
+    ``array.untag(old).tag(new)`` without the view."""
+    if not plain(array):
+        return array.untag(old).tag(new)
+    axes = collections.OrderedDict((new if n == old else n, s) for n, s in array.named_axes.items())
+    return pz.nx.NamedArray(named_axes=axes, data_array=array.data_array)
+
+
 def add(a: Any, b: Any) -> pz.nx.NamedArray:
     """``a + b`` (`elementwise`)."""
     return elementwise(jnp.add, a, b)
@@ -99,26 +108,34 @@ def take(array: pz.nx.NamedArray, axis: str, index: Any) -> pz.nx.NamedArray:
     return pz.nx.NamedArray(named_axes=axes, data_array=data)
 
 
-def along(fn: Callable[[jax.Array], jax.Array], array: pz.nx.NamedArray, axis: str) -> Any:
+def along(
+    fn: Callable[[jax.Array], jax.Array],
+    array: pz.nx.NamedArray,
+    axis: str,
+    new_axis: str | None = None,
+) -> Any:
     """``fn`` applied along the named axis ``axis``: ``fn`` takes an array whose last
     axis is ``axis`` (and must treat any leading axes elementwise, as ``jnp.mean(v, -1)``
-    does) and returns either the same shape (the axis is kept) or that shape without its
-    last axis (the axis is reduced). ``pz.nx.nmap(fn)(array.untag(axis))``, retagged when
-    kept, for inputs that are not plain."""
+    does) and returns the same leading shape with a last axis (of any length, named
+    ``new_axis``, by default ``axis``) or without one (the axis is reduced).
+    ``pz.nx.nmap(fn)(array.untag(axis))``, tagged ``new_axis`` when an axis is left, for
+    inputs that are not plain."""
+    new_axis = new_axis or axis
     if not (plain(array) and axis in array.named_axes):
         out = pz.nx.nmap(fn)(array.untag(axis))
-        return out.tag(axis) if out.positional_shape else out
+        return out.tag(new_axis) if out.positional_shape else out
     others = tuple(name for name in array.named_axes if name != axis)
     data = array.unwrap(*others, axis)
     out = fn(data)
-    if out.shape not in (data.shape, data.shape[:-1]):
+    if out.shape[: len(others)] != data.shape[:-1] or out.ndim not in (len(others), data.ndim):
         raise ValueError(
-            f"direct.along expects a function that keeps or removes the axis {axis!r}; it "
-            f"turned shape {data.shape} into {out.shape}. Use pz.nx.nmap for other shapes."
+            f"direct.along expects a function of the last axis ({axis!r}) that keeps the "
+            f"others; it turned shape {data.shape} into {out.shape}. Use pz.nx.nmap for "
+            "other functions."
         )
     sizes = {name: array.named_axes[name] for name in others}
     if out.ndim == data.ndim:
-        sizes[axis] = array.named_axes[axis]
+        sizes[new_axis] = out.shape[-1]
     return pz.nx.NamedArray(named_axes=collections.OrderedDict(sizes.items()), data_array=out)
 
 
