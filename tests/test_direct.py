@@ -194,6 +194,9 @@ def test_take_along_and_dot_equal_penzais():
     theirs = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
     assert tuple(mixed.named_axes) == ("batch", "seq", "stream", "embedding")
     _same(mixed, theirs, rtol=1e-6, atol=1e-6)
+    # contract: the same, and penzai's nmap(jnp.dot) for a view
+    _same(direct.contract(coefs, renamed, "from_stream"), theirs, rtol=1e-6, atol=1e-6)
+    _same(direct.contract(coefs.as_namedarrayview(), renamed, "from_stream"), theirs, rtol=1e-6)
     # where it does not apply it says so (None) and the caller takes penzai's path
     assert direct.dot(coefs, renamed, ("stream",)) is None  # "stream" not in both
     assert direct.dot(coefs.as_namedarrayview(), renamed, ("from_stream",)) is None

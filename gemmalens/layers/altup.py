@@ -159,11 +159,8 @@ class AltUpPredict(pz.nn.Layer):
         streams, modalities = inputs
         modalities = self.hook_modalities(modalities, **side_inputs)
         coefs = self.hook_coefs(self.prediction_coefs(modalities), **side_inputs)
-        mixed = direct.dot(
-            coefs, direct.renamed(streams, "stream", "from_stream"), ("from_stream",)
-        )
-        if mixed is None:  # not plain named arrays: penzai's own path
-            mixed = pz.nx.nmap(jnp.dot)(coefs.untag("from_stream"), streams.untag("stream"))
+        from_streams = direct.renamed(streams, "stream", "from_stream")
+        mixed = direct.contract(coefs, from_streams, "from_stream")
         return self.hook_predictions(direct.add(streams, mixed), **side_inputs)
 
 

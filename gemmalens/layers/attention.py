@@ -183,7 +183,7 @@ class DotProductAttention(pz.nn.Layer):
             return direct.renamed(x, "seq", "kv_seq")
 
         k, v = repeat_heads(k), repeat_heads(v)
-        scores = _contract(q, k, "head_dim")
+        scores = direct.contract(q, k, "head_dim")
         scores = direct.multiply(scores, jnp.asarray(self.scale, scores.dtype))
         if self.softcap is not None:
             cap = jnp.asarray(self.softcap, scores.dtype)
@@ -196,7 +196,7 @@ class DotProductAttention(pz.nn.Layer):
             "kv_seq",
         )
         pattern = self.hook_pattern(pattern, **side_inputs)
-        return _contract(pattern, v, "kv_seq")
+        return direct.contract(pattern, v, "kv_seq")
 
     def _fused(self, q, k, v, **side_inputs):
         arrays = dict(
@@ -233,14 +233,6 @@ class DotProductAttention(pz.nn.Layer):
             visible = self.mask.visible(**side_inputs).unwrap("batch", "seq", "kv_seq")
             out = jax.nn.dot_product_attention(**arrays, mask=visible[:, None, :, :])
         return pz.nx.wrap(out).tag(*QKV_AXES)
-
-
-def _contract(a: pz.nx.NamedArray, b: pz.nx.NamedArray, axis: str) -> pz.nx.NamedArray:
-    """The sum over ``axis`` of ``a * b`` (other shared axes element by element)."""
-    out = direct.dot(a, b, (axis,))
-    if out is None:  # not plain named arrays: penzai's own path
-        out = pz.nx.nmap(jnp.dot)(a.untag(axis), b.untag(axis))
-    return out
 
 
 def attention_mixer(

@@ -11,7 +11,8 @@ positional axes, unexpected shapes) takes penzai's own path, with its checks and
 - `Residual`: `pz.nn.Residual` whose sum is one ``add``;
 - `elementwise` (and `add`, `subtract`, `multiply`): ``fn`` on the arrays, broadcast by
   axis name; `take`: one index along a named axis; `along`: a function of one named axis
-  (a norm's statistics, a softmax); `dot`: a contraction; `renamed`: an axis renamed.
+  (a norm's statistics, a softmax); `dot` and `contract`: contractions; `renamed`: an axis
+  renamed.
 """
 
 from __future__ import annotations
@@ -43,12 +44,9 @@ def elementwise(fn: Callable[..., jax.Array], *args: Any) -> pz.nx.NamedArray:
     every named argument is plain (the others Python numbers or 0-d arrays), broadcasting
     by axis name as ``nmap`` does (axes in any order; an axis one argument lacks is
     broadcast), else through ``nmap`` (also for its message about mismatched sizes)."""
-    named = [a for a in args if isinstance(a, (pz.nx.NamedArray, pz.nx.NamedArrayView))]
+    named = [a for a in args if plain(a)]
     sizes: dict[str, int] = {}
-    fast = bool(named) and all(
-        plain(a) if isinstance(a, (pz.nx.NamedArray, pz.nx.NamedArrayView)) else _scalar(a)
-        for a in args
-    )
+    fast = bool(named) and all(plain(a) or _scalar(a) for a in args)
     for array in named if fast else ():
         for name, size in array.named_axes.items():
             fast = fast and sizes.setdefault(name, size) == size
@@ -57,13 +55,14 @@ def elementwise(fn: Callable[..., jax.Array], *args: Any) -> pz.nx.NamedArray:
     names = tuple(sizes)
     return pz.nx.NamedArray(
         named_axes=collections.OrderedDict(sizes.items()),
-        data_array=fn(*(_aligned(a, names) for a in args)),
+        data_array=fn(*(aligned(a, names) for a in args)),
     )
 
 
-def _aligned(value: Any, names: tuple[str, ...]) -> Any:
+def aligned(value: Any, names: tuple[str, ...]) -> Any:
     """A plain named array's data with its axes in the order of ``names`` and a new axis of
-    size 1 for each name it lacks (so that arrays broadcast by name); scalars as they are."""
+    size 1 for each name it lacks (so that arrays broadcast by name); anything else as it
+    is."""
     if not isinstance(value, pz.nx.NamedArray):
         return value
     own = tuple(name for name in names if name in value.named_axes)
@@ -95,6 +94,15 @@ def subtract(a: Any, b: Any) -> pz.nx.NamedArray:
 def multiply(a: Any, b: Any) -> pz.nx.NamedArray:
     """``a * b`` (`elementwise`)."""
     return elementwise(jnp.multiply, a, b)
+
+
+def contract(a: pz.nx.NamedArray, b: pz.nx.NamedArray, axis: str) -> pz.nx.NamedArray:
+    """The sum over the named axis ``axis`` of ``a * b``, other shared axes element by
+    element: `dot`, or penzai's ``nmap(jnp.dot)`` where that does not apply."""
+    out = dot(a, b, (axis,))
+    if out is None:
+        out = pz.nx.nmap(jnp.dot)(a.untag(axis), b.untag(axis))
+    return out
 
 
 def take(array: pz.nx.NamedArray, axis: str, index: Any) -> pz.nx.NamedArray:

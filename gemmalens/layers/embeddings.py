@@ -61,11 +61,7 @@ class TiedUnembed(pz.nn.Layer):
     table: pz.nn.ParameterLike[pz.nx.NamedArray]
 
     def __call__(self, h: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        table = self.table.value
-        logits = direct.dot(h, table, ("embedding",))
-        if logits is None:  # not plain named arrays: penzai's own path
-            logits = pz.nx.nmap(jnp.dot)(h.untag("embedding"), table.untag("embedding"))
-        return logits
+        return direct.contract(h, self.table.value, "embedding")
 
 
 @pz.pytree_dataclass

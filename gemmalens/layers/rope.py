@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from gemmalens.layers.direct import plain
+from gemmalens.layers.direct import aligned, plain
 
 RopeType = Literal["default", "linear", "proportional"]
 
@@ -109,9 +109,7 @@ class ApplyRoPE(pz.nn.Layer):
         names = list(x.named_axes)
         if self.axis in positions.named_axes or not set(positions.named_axes) <= set(names):
             return None
-        shape = [x.named_axes[n] if n in positions.named_axes else 1 for n in names]
-        order = [n for n in names if n in positions.named_axes]
-        position = positions.unwrap(*order).reshape(shape)
+        position = aligned(positions, tuple(names))
         rotated = rotate_pairs(x.data_array, position, inv_freq, axis=names.index(self.axis))
         return pz.nx.NamedArray(named_axes=x.named_axes, data_array=rotated)
 
