@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import sys
@@ -44,10 +43,7 @@ def region_times(trace_dir: str, python: bool) -> tuple[dict[str, int], dict[str
     compiler's regions, or (``python``) the Python functions the profiler recorded (their
     names start with ``$``). A region's self time leaves out the regions nested in it on
     the same thread, and its name says the thread (``Compile [python]``)."""
-    from jax.profiler import ProfileData
-
-    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    planes = [p for p in ProfileData.from_file(path).planes if p.name == "/host:CPU"]
+    planes = [p for p in profile_forward.read_profile(trace_dir).planes if p.name == "/host:CPU"]
     inclusive: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
     for plane in planes:

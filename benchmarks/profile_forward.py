@@ -33,15 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_size_speed  # noqa: E402  (beside this script: presets at tiny widths, tokens)
 
 
+def read_profile(trace_dir: str) -> Any:
+    """The profile JAX's profiler wrote under ``trace_dir`` (`jax.profiler.ProfileData`)."""
+    from jax.profiler import ProfileData
+
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    return ProfileData.from_file(path)
+
+
 def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
     """``({kernel: ns}, {kernel: operation}, where)``: each kernel's time summed over a
     profile's device lines (the host's XLA threads when no device plane was recorded), and
     the program operation that launched it; ``where`` also names the statistics the events
     carried."""
-    from jax.profiler import ProfileData
-
-    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    profile = ProfileData.from_file(path)
+    profile = read_profile(trace_dir)
     planes = [p for p in profile.planes if p.name.startswith("/device:")]
     where = "device"
     if not planes:
@@ -75,10 +80,7 @@ def device_timeline(trace_dir: str, calls: int, limit: int = 8) -> dict[str, Any
     side. The ``calls - 1`` largest gaps are taken to be those between calls (the host
     waiting for the result, then dispatching the next call) and left out. None without a
     device plane or kernels on it (the CPU)."""
-    from jax.profiler import ProfileData
-
-    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    planes = [p for p in ProfileData.from_file(path).planes if p.name.startswith("/device:")]
+    planes = [p for p in read_profile(trace_dir).planes if p.name.startswith("/device:")]
     if not planes:
         return None
     kernels = sorted(
