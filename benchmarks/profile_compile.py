@@ -102,9 +102,8 @@ def profile(
         traced_at = time.perf_counter()
         lowered = traced.lower()
         lowered_at = time.perf_counter()
-        compiled = lowered.compile()
+        lowered.compile()
         compiled_at = time.perf_counter()
-    del compiled
     inclusive, own = region_times(trace_dir, python=False)
     py_inclusive = region_times(trace_dir, python=True)[0] if python else {}
     return {
