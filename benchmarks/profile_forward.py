@@ -41,11 +41,13 @@ def read_profile(trace_dir: str) -> Any:
     return ProfileData.from_file(path)
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
-    """``({kernel: ns}, {kernel: operation}, where)``: each kernel's time summed over a
-    profile's device lines (the host's XLA threads when no device plane was recorded), and
-    the program operation that launched it; ``where`` also names the statistics the events
-    carried."""
+def kernel_times(
+    trace_dir: str,
+) -> tuple[dict[str, int], dict[str, str], str, dict[str, int]]:
+    """``({kernel: ns}, {kernel: operation}, where, {kernel: launches})``: each kernel's
+    time summed over a profile's device lines (the host's XLA threads when no device plane
+    was recorded), the program operation that launched it, and how often it ran; ``where``
+    also names the statistics the events carried."""
     profile = read_profile(trace_dir)
     planes = [p for p in profile.planes if p.name.startswith("/device:")]
     where = "device"
@@ -53,6 +55,7 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
         planes = [p for p in profile.planes if p.name == "/host:CPU"]
         where = "host XLA threads"
     by_kernel: collections.Counter = collections.Counter()
+    launches: collections.Counter = collections.Counter()
     operation_of: dict[str, str] = {}
     stat_names: set[str] = set()
     for plane in planes:
@@ -65,12 +68,13 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, int], dict[str, str], str]:
                 continue
             for event in line.events:
                 by_kernel[event.name] += int(event.duration_ns)
+                launches[event.name] += 1
                 stats = dict(event.stats)
                 stat_names.update(stats)
                 if event.name not in operation_of:
                     parts = (stats.get("hlo_op"), stats.get("tf_op"))
                     operation_of[event.name] = " ".join(str(p) for p in parts if p)
-    return dict(by_kernel), operation_of, f"{where}; stats: {sorted(stat_names)}"
+    return dict(by_kernel), operation_of, f"{where}; stats: {sorted(stat_names)}", launches
 
 
 def device_timeline(trace_dir: str, calls: int, limit: int = 8) -> dict[str, Any] | None:
@@ -116,7 +120,11 @@ def device_timeline(trace_dir: str, calls: int, limit: int = 8) -> dict[str, Any
 
 
 def top(
-    times: dict[str, int], operation_of: dict[str, str], calls: int, limit: int
+    times: dict[str, int],
+    operation_of: dict[str, str],
+    calls: int,
+    limit: int,
+    launches: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     total = sum(times.values()) or 1
     rows = sorted(times.items(), key=lambda item: -item[1])[:limit]
@@ -126,6 +134,7 @@ def top(
             "operation": operation_of.get(name, ""),
             "ms_per_call": ns / calls / 1e6,
             "share": ns / total,
+            **({"launches_per_call": launches[name] / calls} if launches else {}),
         }
         for name, ns in rows
     ]
@@ -209,7 +218,7 @@ def profile(
     with jax.profiler.trace(trace_dir):
         for _ in range(repeats):
             jax.block_until_ready(m(ids))
-    by_kernel, operation_of, where = kernel_times(trace_dir)
+    by_kernel, operation_of, where, launches = kernel_times(trace_dir)
     timeline = device_timeline(trace_dir, repeats)
     if hlo:  # the program as XLA optimised it: what each kernel's operation is
         inputs = m._prepare(ids, None, {})
@@ -223,7 +232,7 @@ def profile(
         "summed_over": where,
         "dispatch_ms": min(dispatch) * 1e3,
         "timeline": timeline,
-        "kernels": top(by_kernel, operation_of, repeats, limit),
+        "kernels": top(by_kernel, operation_of, repeats, limit, launches),
     }
 
 
@@ -260,11 +269,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for gap in timeline["largest_gaps"]:
             print(f"  {gap['us']:.0f} us between {gap['after'][:50]} and {gap['before'][:50]}")
-    print("\n| kernel | operation | ms a call | share |\n|---|---|---:|---:|")
+    print(
+        "\n| kernel | operation | ms a call | launches a call | share |\n|---|---|---:|---:|---:|"
+    )
     for row in result["kernels"]:
         print(
             f"| `{row['kernel'][:60]}` | `{row['operation'][:90]}` | "
-            f"{row['ms_per_call']:.3f} | {row['share']:.1%} |"
+            f"{row['ms_per_call']:.3f} | {row['launches_per_call']:.0f} | {row['share']:.1%} |"
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
