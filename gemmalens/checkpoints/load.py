@@ -162,8 +162,9 @@ def load(
         first call of a deep model compiles in a fraction of the time. Each stack replaces
         its per-layer arrays as it is made, so the model is never held twice. Not with
         ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked against
-        7.4-8.7 s per layer; the 27B's first call 2.2-3.6 s against 10-12 s, its steady
-        forward 3-5% slower (docs: "Deep models: stacked layers").
+        7.4-9.6 s per layer (transformers: 7.1-7.4 s); the 27B's first call 1.6-3.6 s
+        against 6-12 s, its steady forward 3-5% slower (docs: "Deep models: stacked
+        layers").
 
     Returns:
       a `gemmalens.Model`.
