@@ -9,9 +9,11 @@ How the compiler options of a real-size run were weighed (docs/benchmarks.md, ru
 r): the order of processes on one machine moves compile-bound figures by up to half (a
 machine's first processes pay more), so a fair comparison runs one untimed warm-up process
 first, then the settings in turn, A B A B, each in a process of its own with the
-persistent compilation cache off. Each setting is appended to the environment's
-``XLA_FLAGS``; where `gemmalens.compiling` sets the same option for its programs, its
-value wins (flags reach what it leaves alone).
+persistent compilation cache off. A setting is a string of XLA flags, appended to the
+environment's ``XLA_FLAGS`` (where `gemmalens.compiling` sets the same option for its
+programs, its value wins: flags reach what it leaves alone), and may start with
+environment assignments for the case's process: ``GEMMALENS_XLA_OPTIONS=xla`` (XLA's
+defaults instead of gemmalens' options), ``XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async``.
 
 Prints each figure of the case (``first_call_s``, ``steady_s``, ... flattened to
 ``1x4096/steady_s``) per setting: every value, the median, and the median's ratio to the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,7 +35,19 @@ from typing import Any
 
 SPEED = Path(__file__).resolve().parent / "real_size_speed.py"
 TINY_KWARGS = {"name": "gemma3_27b_text", "stacked": True, "tiny": True, "captures": False}
-TINY_FLAGS = ["", "--xla_gpu_dot_merger_threshold_mb=0"]
+TINY_FLAGS = ["", "GEMMALENS_XLA_OPTIONS=xla --xla_gpu_dot_merger_threshold_mb=0"]
+ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def environment(setting: str) -> dict[str, str]:
+    """The case's environment for one setting: its leading ``NAME=value`` words set
+    variables, the rest are appended to ``XLA_FLAGS``."""
+    words = setting.split()
+    assignments = []
+    while words and ASSIGNMENT.match(words[0]):
+        assignments.append(words.pop(0).split("=", 1))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {' '.join(words)}".strip()
+    return {**os.environ, **dict(assignments), "XLA_FLAGS": flags}
 
 
 def flattened(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -47,13 +62,9 @@ def flattened(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def run_case(case: str, kwargs: dict[str, Any], flags: str, timeout: float) -> dict[str, Any]:
-    """One fresh process of ``real_size_speed.py --case``, ``flags`` added to ``XLA_FLAGS``;
+    """One fresh process of ``real_size_speed.py --case`` under one setting (`environment`);
     its JSON row, or ``{"error": ...}``."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
-        "GEMMALENS_COMPILATION_CACHE": "off",
-    }
+    env = {**environment(flags), "GEMMALENS_COMPILATION_CACHE": "off"}
     command = [sys.executable, str(SPEED), "--case", case, "--kwargs", json.dumps(kwargs)]
     started = time.perf_counter()
     try:
@@ -105,13 +116,13 @@ def table(result: dict[str, Any]) -> str:
         for flags in settings:
             values = figures[flags].get(key)
             if not values:
-                lines.append(f"| {key} | `{flags or 'XLA defaults'}` | failed | | |")
+                lines.append(f"| {key} | `{flags or 'nothing added'}` | failed | | |")
                 continue
             median = statistics.median(values)
             ratio = median / statistics.median(baseline) if baseline else float("nan")
             shown = ", ".join(f"{v:.4g}" for v in values)
             lines.append(
-                f"| {key} | `{flags or 'XLA defaults'}` | {shown} | {median:.4g} | {ratio:.3f} |"
+                f"| {key} | `{flags or 'nothing added'}` | {shown} | {median:.4g} | {ratio:.3f} |"
             )
     errors = [
         f"[{flags}] {row['error'][-500:]}"
@@ -126,7 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="ours", help="a real_size_speed.py case (ours)")
     parser.add_argument("--kwargs", help="the case's keyword arguments, as JSON")
-    parser.add_argument("--flags", nargs="+", help='settings, each one XLA_FLAGS string ("")')
+    parser.add_argument(
+        "--flags",
+        nargs="+",
+        help='settings: XLA flags, after optional NAME=value words ("": nothing added)',
+    )
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up process")
