@@ -124,7 +124,7 @@ def top(
     operation_of: dict[str, str],
     calls: int,
     limit: int,
-    launches: dict[str, int] | None = None,
+    launches: dict[str, int],
 ) -> list[dict[str, Any]]:
     total = sum(times.values()) or 1
     rows = sorted(times.items(), key=lambda item: -item[1])[:limit]
@@ -134,7 +134,7 @@ def top(
             "operation": operation_of.get(name, ""),
             "ms_per_call": ns / calls / 1e6,
             "share": ns / total,
-            **({"launches_per_call": launches[name] / calls} if launches else {}),
+            "launches_per_call": launches[name] / calls,
         }
         for name, ns in rows
     ]
