@@ -1,15 +1,16 @@
 """XLA flags side by side: one `real_size_speed.py` case in fresh processes, settings alternated.
 
-    python benchmarks/xla_flags_ab.py --case ours \\
+    python benchmarks/xla_flags_ab.py --case ours --rounds 2 --out ab.json \\
         --kwargs '{"name": "gemma3_27b_text", "stacked": false, "tiny": false, "captures": false}' \\
-        --flags "" "--xla_gpu_dot_merger_threshold_mb=0" --rounds 2 --out ab.json
+        -- "" "--xla_gpu_dot_merger_threshold_mb=0"
     python benchmarks/xla_flags_ab.py --tiny                      # smoke run, CPU
 
 How the compiler options of a real-size run were weighed (docs/benchmarks.md, runs p and
 r): the order of processes on one machine moves compile-bound figures by up to half (a
 machine's first processes pay more), so a fair comparison runs one untimed warm-up process
 first, then the settings in turn, A B A B, each in a process of its own with the
-persistent compilation cache off. A setting is a string of XLA flags, appended to the
+persistent compilation cache off. The settings come last, after ``--`` (XLA's flags start
+with dashes too). A setting is a string of XLA flags, appended to the
 environment's ``XLA_FLAGS`` (where `gemmalens.compiling` sets the same option for its
 programs, its value wins: flags reach what it leaves alone), and may start with
 environment assignments for the case's process: ``GEMMALENS_XLA_OPTIONS=xla`` (XLA's
@@ -27,27 +28,27 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-SPEED = Path(__file__).resolve().parent / "real_size_speed.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_size_speed  # noqa: E402  (beside this script: the cases and their processes)
+
 TINY_KWARGS = {"name": "gemma3_27b_text", "stacked": True, "tiny": True, "captures": False}
 TINY_FLAGS = ["", "GEMMALENS_XLA_OPTIONS=xla --xla_gpu_dot_merger_threshold_mb=0"]
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
 
 def environment(setting: str) -> dict[str, str]:
-    """The case's environment for one setting: its leading ``NAME=value`` words set
-    variables, the rest are appended to ``XLA_FLAGS``."""
+    """What one setting adds to the case's environment: its leading ``NAME=value`` words
+    set variables, the rest are appended to ``XLA_FLAGS``."""
     words = setting.split()
     assignments = []
     while words and ASSIGNMENT.match(words[0]):
         assignments.append(words.pop(0).split("=", 1))
     flags = f"{os.environ.get('XLA_FLAGS', '')} {' '.join(words)}".strip()
-    return {**os.environ, **dict(assignments), "XLA_FLAGS": flags}
+    return {**dict(assignments), "XLA_FLAGS": flags}
 
 
 def flattened(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -62,19 +63,11 @@ def flattened(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def run_case(case: str, kwargs: dict[str, Any], flags: str, timeout: float) -> dict[str, Any]:
-    """One fresh process of ``real_size_speed.py --case`` under one setting (`environment`);
-    its JSON row, or ``{"error": ...}``."""
+    """One fresh process of a `real_size_speed` case under one setting (`environment`),
+    the compilation cache off: its figures, or ``{"error": ...}``."""
     env = {**environment(flags), "GEMMALENS_COMPILATION_CACHE": "off"}
-    command = [sys.executable, str(SPEED), "--case", case, "--kwargs", json.dumps(kwargs)]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {timeout:.0f} s"}
-    rows = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not rows:
-        return {"error": (done.stderr or done.stdout)[-2000:]}
-    return {**json.loads(rows[-1]), "process_s": time.perf_counter() - started}
+    (row,) = real_size_speed.in_one_process([(case, kwargs)], env, timeout)
+    return row
 
 
 def compare(
@@ -138,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--case", default="ours", help="a real_size_speed.py case (ours)")
     parser.add_argument("--kwargs", help="the case's keyword arguments, as JSON")
     parser.add_argument(
-        "--flags",
-        nargs="+",
-        help='settings: XLA flags, after optional NAME=value words ("": nothing added)',
+        "settings",
+        nargs="*",
+        help='after --: XLA flags, after optional NAME=value words ("": nothing added)',
     )
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
@@ -153,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kwargs = json.loads(args.kwargs) if args.kwargs else TINY_KWARGS if args.tiny else None
     if kwargs is None:
         parser.error("--kwargs is needed (the case's arguments), except with --tiny")
-    settings = args.flags or (TINY_FLAGS if args.tiny else None)
+    settings = args.settings or (TINY_FLAGS if args.tiny else None)
     if not settings or len(settings) < 2:
-        parser.error('--flags needs two settings or more ("" for XLA\'s defaults)')
+        parser.error('give two settings or more after -- ("": nothing added)')
     rounds = 1 if args.tiny else args.rounds
     warmup = not (args.no_warmup or args.tiny)
     result = compare(args.case, kwargs, settings, rounds, args.timeout, warmup)
