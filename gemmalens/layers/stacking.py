@@ -517,11 +517,15 @@ def _scan_run(
 
     order = _axis_orders(h)
 
-    def loop(carry, counter):
+    def loop(carry, _):
+        # The counter rides in the carry, as in `_loop_run`: the slices at ``start + step *
+        # counter`` are then what XLA:GPU's dynamic-slice fusion reads in place.
+        counter, carry = carry
         carry, captured = body(carry, counter)
-        return _in_order(carry, order), captured
+        return (counter + 1, _in_order(carry, order)), captured
 
-    h, stacked = jax.lax.scan(loop, _in_order(h, order), jnp.arange(repeats))
+    start = (jnp.zeros((), jnp.int32), _in_order(h, order))
+    (_, h), stacked = jax.lax.scan(loop, start, None, length=repeats)
     for (j, q), values in stacked.items():
         for r, hook in enumerate(columns[j][q]):
             hook.sink.value = values[r]
