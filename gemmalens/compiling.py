@@ -26,6 +26,18 @@ Measured with random bfloat16 weights at 1 x 4096 tokens (``benchmarks/real_size
 * The Gemma 3 1B patching sweep of 1,664 sites, H100, Triton GEMMs off only: compile
   8.20 s against 3.59 s; steady 0.162 s against 0.171 s (6% slower).
 
+**Short programs** compile without XLA's Triton norm fusions as well (`SHORT_OPTIONS`,
+for programs of at most `SHORT_PROGRAM_TOKENS` token positions: batch x length of the
+largest integer array they take, the prompt's token ids). XLA:GPU rewrites each RMSNorm
+into a Triton kernel of its own; compiling those kernels is about 40% of a per-layer
+model's compile, and they pay only on long prompts. Per-layer models on an H100, one
+process per figure (``run u``, docs/benchmarks.md), first call with / without the
+rewrite: Gemma 3 4B 4.7-5.0 s / 2.7-3.0 s at 128, 1,024 and 4,096 tokens; 27B 7.6-8.1 s
+/ 5.1-5.5 s; 1B 3.9-4.0 s / 2.2-2.3 s. Steady forwards: the same within the processes'
+spread at 128 and 1,024 tokens for the 4B and 1B (8.56-8.57 against 8.39-8.49 ms; 15.72-15.79
+against 15.71-15.75 ms), 1-2% slower for the 27B (28.8 against 29.4 ms at 128 tokens); at
+4,096 tokens the rewrite wins 1.5-2%, so long programs keep it.
+
 `XLA_OPTIONS` is read when gemmalens is imported. To compile with XLA's own defaults, set
 the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
 options apply to gemmalens' own programs called at the top level (JAX takes options only
@@ -63,6 +75,15 @@ XLA_OPTIONS: dict[str, Any] = (
 )
 
 
+#: Programs of at most this many token positions compile with `SHORT_OPTIONS` added.
+SHORT_PROGRAM_TOKENS = 1024
+#: What short programs add to `XLA_OPTIONS` (nothing under ``GEMMALENS_XLA_OPTIONS=xla``):
+#: XLA:GPU's Triton norm fusions off. The pass does not exist on other backends.
+SHORT_OPTIONS: dict[str, Any] = (
+    {"xla_disable_hlo_passes": "triton-softmax-rewriter"} if XLA_OPTIONS else {}
+)
+
+
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
     """`jax.jit` with `XLA_OPTIONS` (usable bare, or with keywords as a decorator).
 
@@ -75,21 +96,48 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
 
 
 class _Jitted:
-    """A function jitted twice: with `XLA_OPTIONS` for top-level calls, without them for
-    calls inside another trace. Other attributes (``lower``, ``trace`` ...) are the
-    top-level one's."""
+    """A function jitted three times: with `XLA_OPTIONS` for top-level calls, with
+    `SHORT_OPTIONS` added for short top-level programs (`token_positions`), plainly for
+    calls inside another trace. ``lower`` and ``trace`` choose as a call does; other
+    attributes are the long programs' jit's."""
 
     def __init__(self, fun: Callable, kwargs: dict[str, Any]) -> None:
         self._top_level = jax.jit(fun, compiler_options=dict(XLA_OPTIONS) or None, **kwargs)
+        short = {**XLA_OPTIONS, **SHORT_OPTIONS}
+        self._short = jax.jit(fun, compiler_options=short, **kwargs) if short else None
         self._nested = jax.jit(fun, **kwargs)
         functools.update_wrapper(self, fun)
 
+    def _for(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if not _at_top_level():
+            return self._nested
+        if self._short is not None and token_positions(args, kwargs) <= SHORT_PROGRAM_TOKENS:
+            return self._short
+        return self._top_level
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        jitted = self._top_level if _at_top_level() else self._nested
-        return jitted(*args, **kwargs)
+        return self._for(args, kwargs)(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._for(args, kwargs).lower(*args, **kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Any:
+        return self._for(args, kwargs).trace(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._top_level, name)
+
+
+def token_positions(args: tuple, kwargs: dict[str, Any]) -> int:
+    """The size of the largest integer array a program takes, outside the model (a
+    `Distinct`): its token ids' batch x length (0 where it takes none)."""
+    most = 0
+    for leaf in jax.tree.leaves((args, kwargs), is_leaf=lambda x: isinstance(x, Distinct)):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not isinstance(leaf, Distinct):
+            if jax.numpy.issubdtype(dtype, jax.numpy.integer):
+                most = max(most, int(getattr(leaf, "size", 0)))
+    return most
 
 
 def _at_top_level() -> bool:

@@ -185,7 +185,10 @@ def test_default_location_and_configure_at_run_time(tmp_path):
 def test_compiler_options_default_and_opt_out():
     """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion unless
     GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
-    script = "import json, gemmalens as gl; print(json.dumps(gl.compiling.XLA_OPTIONS))"
+    script = (
+        "import json, gemmalens as gl; "
+        "print(json.dumps([gl.compiling.XLA_OPTIONS, gl.compiling.SHORT_OPTIONS]))"
+    )
     seen = {}
     for value in ("", "xla"):
         env = {**os.environ, "GEMMALENS_XLA_OPTIONS": value, "JAX_PLATFORMS": "cpu"}
@@ -194,11 +197,40 @@ def test_compiler_options_default_and_opt_out():
         )
         assert done.returncode == 0, done.stderr[-2000:]
         seen[value] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen[""] == {
-        "xla_gpu_enable_triton_gemm": False,
-        "xla_gpu_enable_dynamic_slice_fusion": True,
-    }
-    assert seen["xla"] == {}
+    assert seen[""] == [
+        {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True},
+        {"xla_disable_hlo_passes": "triton-softmax-rewriter"},
+    ]
+    assert seen["xla"] == [{}, {}]
+
+
+def test_short_programs_compile_with_their_own_options():
+    """A program of at most SHORT_PROGRAM_TOKENS token positions (its token ids' batch x
+    length; the model's own arrays do not count) is compiled by the jit carrying
+    SHORT_OPTIONS, a longer one by the jit carrying XLA_OPTIONS alone; both give the same
+    logits on the CPU, where the pass they differ in does not exist."""
+    import numpy as np
+
+    import gemmalens as gl
+    from gemmalens import compiling, lens
+
+    m = gl.teaching_model("gemma3")
+    program = lens._run_distinct
+    model = m._frozen_distinct
+    limit = compiling.SHORT_PROGRAM_TOKENS
+    short = m._prepare(np.ones((2, limit // 2), np.int32), None, {})
+    long = m._prepare(np.ones((1, limit + 1), np.int32), None, {})
+    assert compiling.token_positions((m.logits_of, model, short), {}) == limit
+    assert compiling.token_positions((m.logits_of, model, long), {}) == limit + 1
+    assert program._for((m.logits_of, model, short), {}) is program._short
+    assert program._for((m.logits_of, model, long), {}) is program._top_level
+    assert compiling.token_positions((model, np.zeros(3, np.float32)), {}) == 0
+    ids = np.arange(3, 11, dtype=np.int32)[None]
+    inputs = m._prepare(ids, None, {})
+    with_short = np.asarray(program._short(m.logits_of, model, inputs))
+    with_long = np.asarray(program._top_level(m.logits_of, model, inputs))
+    np.testing.assert_array_equal(with_short, with_long)
+    np.testing.assert_array_equal(np.asarray(m(ids)), with_short)
 
 
 def test_compiled_entry_points_run_inside_other_traces():
