@@ -161,8 +161,9 @@ def load(
         and run repeating blocks as one compiled loop (`gemmalens.Model.stacked`): the
         first call of a deep model compiles in a fraction of the time. Each stack replaces
         its per-layer arrays as it is made, so the model is never held twice. Not with
-        ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked against
-        7.4-9.6 s per layer (transformers: 7.1-7.4 s); the 27B's first call 1.6-3.6 s
+        ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked, 6.9-7.8
+        s per layer (transformers: 7.1-7.4 s, 8.9-12.3 s on the slower host of the
+        per-layer figure); the 27B's first call 1.6-3.6 s
         against 6-12 s, its steady forward 3-5% slower (docs: "Deep models: stacked
         layers").
 
