@@ -34,9 +34,10 @@ model's compile, and they pay only on long prompts. Per-layer models on an H100,
 process per figure (``run u``, docs/benchmarks.md), first call with / without the
 rewrite: Gemma 3 4B 4.7-5.0 s / 2.7-3.0 s at 128, 1,024 and 4,096 tokens; 27B 7.6-8.1 s
 / 5.1-5.5 s; 1B 3.9-4.0 s / 2.2-2.3 s. Steady forwards: the same within the processes'
-spread at 128 and 1,024 tokens for the 4B and 1B (8.56-8.57 against 8.39-8.49 ms; 15.72-15.79
-against 15.71-15.75 ms), 1-2% slower for the 27B (28.8 against 29.4 ms at 128 tokens); at
-4,096 tokens the rewrite wins 1.5-2%, so long programs keep it.
+spread at 128 and 1,024 tokens for the 4B (8.56-8.57 against 8.39-8.49 ms; 15.72-15.79
+against 15.71-15.75 ms), at most 2% slower for the 1B and 27B (3.45 against 3.51 ms, 28.8
+against 29.4 ms at 128 tokens); at 4,096 tokens the rewrite wins 1.5-2%, so long programs
+keep it.
 
 `XLA_OPTIONS` is read when gemmalens is imported. To compile with XLA's own defaults, set
 the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
