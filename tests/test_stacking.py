@@ -175,21 +175,45 @@ def test_plans_follow_each_family_pattern(pairs):
 
 def test_periods_loop_like_kinds(pairs, monkeypatch):
     """The other loop style (`stacking.LOOP_STYLE = "periods"`: one copy of each block of
-    the repeating period) gives the same values."""
+    the repeating period) gives the same values, and both styles carry their counters."""
     pair = pairs("gemma3")
     kinds = pair.stacked.run_with_cache(TOKENS)
+    m = pair.stacked
+    kinds_jaxpr = jax.make_jaxpr(lambda: m.logits_of(m._frozen, jnp.asarray(TOKENS), None))()
     monkeypatch.setattr(stacking, "LOOP_STYLE", "periods")
     assert stacking.runs(pair.stacked.model) == {
         "blocks": [("scan", 0, 1, 5), ("one", 5), ("one", 6)]
     }
     jax.clear_caches()  # the compiled forward would otherwise be the kinds loop's
     periods = pair.stacked.with_tree(pair.stacked.model).run_with_cache(TOKENS)
-    m = pair.stacked
     jaxpr = jax.make_jaxpr(lambda: m.logits_of(m._frozen, jnp.asarray(TOKENS), None))()
     assert "cond[" not in str(jaxpr)  # no switch between kinds
+    # Both loops' counters ride in their carries, not as a scanned `arange`: slices at
+    # ``start + step * counter`` are what XLA:GPU's dynamic-slice fusion reads in place.
+    periods_scans, kinds_scans = _scans(jaxpr.jaxpr), _scans(kinds_jaxpr.jaxpr)
+    assert periods_scans and kinds_scans
+    assert all(
+        len(e.invars) == e.params["num_consts"] + e.params["num_carry"]
+        for e in periods_scans + kinds_scans
+    )
     close(kinds[0], periods[0])
     for hook in kinds[1].keys():
         close(kinds[1][hook], periods[1][hook])
+
+
+def _scans(jaxpr) -> list:
+    """The scan equations of ``jaxpr``, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                found.extend(_scans(inner))
+            elif hasattr(value, "eqns"):
+                found.extend(_scans(value))
+    return found
 
 
 def test_plan_runs_finds_the_longest_period():
