@@ -134,10 +134,9 @@ def token_positions(args: tuple, kwargs: dict[str, Any]) -> int:
     `Distinct`): its token ids' batch x length (0 where it takes none)."""
     most = 0
     for leaf in jax.tree.leaves((args, kwargs), is_leaf=lambda x: isinstance(x, Distinct)):
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and not isinstance(leaf, Distinct):
-            if jax.numpy.issubdtype(dtype, jax.numpy.integer):
-                most = max(most, int(getattr(leaf, "size", 0)))
+        dtype = getattr(leaf, "dtype", None)  # None for a `Distinct`, a function, an int
+        if dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.integer):
+            most = max(most, int(getattr(leaf, "size", 0)))
     return most
 
 

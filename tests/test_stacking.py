@@ -190,7 +190,10 @@ def test_periods_loop_like_kinds(pairs, monkeypatch):
     assert "cond[" not in str(jaxpr)  # no switch between kinds
     # Both loops' counters ride in their carries, not as a scanned `arange`: slices at
     # ``start + step * counter`` are what XLA:GPU's dynamic-slice fusion reads in place.
-    periods_scans, kinds_scans = _scans(jaxpr.jaxpr), _scans(kinds_jaxpr.jaxpr)
+    periods_scans, kinds_scans = (
+        [e for e in _all_equations(j.jaxpr) if e.primitive.name == "scan"]
+        for j in (jaxpr, kinds_jaxpr)
+    )
     assert periods_scans and kinds_scans
     assert all(
         len(e.invars) == e.params["num_consts"] + e.params["num_carry"]
@@ -199,21 +202,6 @@ def test_periods_loop_like_kinds(pairs, monkeypatch):
     close(kinds[0], periods[0])
     for hook in kinds[1].keys():
         close(kinds[1][hook], periods[1][hook])
-
-
-def _scans(jaxpr) -> list:
-    """The scan equations of ``jaxpr``, nested ones included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            found.append(eqn)
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", None)
-            if inner is not None and hasattr(inner, "eqns"):
-                found.extend(_scans(inner))
-            elif hasattr(value, "eqns"):
-                found.extend(_scans(value))
-    return found
 
 
 def test_plan_runs_finds_the_longest_period():
@@ -250,17 +238,20 @@ def corrupted_tokens():
     return corrupted
 
 
-def _equations(jaxpr) -> int:
-    """Equations of a jaxpr, those of its loops' and branches' bodies included."""
-    count = 0
+def _all_equations(jaxpr):
+    """The equations of a jaxpr, those of its loops' and branches' bodies included."""
     for eqn in jaxpr.eqns:
-        count += 1
+        yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    count += _equations(inner)
-    return count
+                    yield from _all_equations(inner)
+
+
+def _equations(jaxpr) -> int:
+    """How many equations a jaxpr holds, those of its loops' and branches' bodies included."""
+    return sum(1 for _ in _all_equations(jaxpr))
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "z"])

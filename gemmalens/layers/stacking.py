@@ -496,6 +496,23 @@ def _loop_hook(hooks: tuple[HookPoint, ...], counter: Any, captured: dict, key: 
     return _LoopHook(hooks, counter, captured, key)
 
 
+def _counted_scan(step: Any, h: Any, length: int, unroll: int = 1) -> tuple[Any, Any]:
+    """``step(counter, h) -> (h, captured)`` run ``length`` times as one `jax.lax.scan`:
+    the final ``h`` and each step's captures stacked. The counter rides in the carry (not
+    scanned over `jnp.arange`): a value XLA follows from the loop's induction variable, so
+    slices at ``start + step * counter`` are what XLA:GPU's dynamic-slice fusion reads in
+    place."""
+
+    def loop(carry, _):
+        counter, h = carry
+        h, captured = step(counter, h)
+        return (counter + 1, h), captured
+
+    start = (jnp.zeros((), jnp.int32), h)
+    (_, h), stacked = jax.lax.scan(loop, start, None, length=length, unroll=unroll)
+    return h, stacked
+
+
 def _scan_run(
     flats: Sequence[_Flat], period: int, repeats: int, h: Any, side_inputs: dict[str, Any]
 ) -> Any:
@@ -508,24 +525,16 @@ def _scan_run(
         for j, flat in enumerate(template)
     }
 
-    def body(carry, counter):
+    order = _axis_orders(h)
+
+    def step(counter, carry):
         captured: dict[Any, Any] = {}
         for j, flat in enumerate(template):
             block = _in_loop(flat, columns[j], counter, captured, lambda leaf, q, j=j: (j, q))
             carry = block(carry, **side_inputs)
-        return carry, captured
+        return _in_order(carry, order), captured
 
-    order = _axis_orders(h)
-
-    def loop(carry, _):
-        # The counter rides in the carry, as in `_loop_run`: the slices at ``start + step *
-        # counter`` are then what XLA:GPU's dynamic-slice fusion reads in place.
-        counter, carry = carry
-        carry, captured = body(carry, counter)
-        return (counter + 1, _in_order(carry, order)), captured
-
-    start = (jnp.zeros((), jnp.int32), _in_order(h, order))
-    (_, h), stacked = jax.lax.scan(loop, start, None, length=repeats)
+    h, stacked = _counted_scan(step, _in_order(h, order), repeats)
     for (j, q), values in stacked.items():
         for r, hook in enumerate(columns[j][q]):
             hook.sink.value = values[r]
@@ -622,20 +631,16 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
     sinks: dict[tuple[int, str], HookPoint] = {}
     steps = [_part_step(part, side_inputs, order, sinks) for part in _parts(flats)]
 
-    def step(carry, _):
-        # The counter rides in the carry (not as scanned inputs, `jnp.arange`): a value
-        # XLA can follow from the loop's induction variable.
-        layer, carry = carry
+    def step(layer, carry):
         captured: dict[Any, Any] = {}
         for run_part in steps:
             carry, got = run_part(carry, layer)
             captured.update(got)
-        return (layer + 1, carry), captured
+        return carry, captured
 
     try:
-        start = (jnp.zeros((), jnp.int32), _in_order(h, order))
-        (_, h), stacked = jax.lax.scan(
-            step, start, None, length=len(flats), unroll=min(LOOP_UNROLL, len(flats))
+        h, stacked = _counted_scan(
+            step, _in_order(h, order), len(flats), unroll=min(LOOP_UNROLL, len(flats))
         )
     except TypeError as error:  # the kinds' steps return different types
         if "branch" in str(error):
