@@ -254,6 +254,75 @@ def _equations(jaxpr) -> int:
     return sum(1 for _ in _all_equations(jaxpr))
 
 
+def _forward_equations(m) -> list:
+    """The equations of ``m``'s forward over ``TOKENS`` (bodies of loops and switches
+    included)."""
+    extra = (jnp.asarray(DECODER_TOKENS), None) if hasattr(m, "decode") else ()
+    jaxpr = jax.make_jaxpr(lambda: m.logits_of(m._frozen, jnp.asarray(TOKENS), None, *extra))()
+    return list(_all_equations(jaxpr.jaxpr))
+
+
+def _switched_primitives(m) -> list[list[str]]:
+    """For each switch in ``m``'s forward, the primitives its branches hold."""
+    return [
+        [
+            e.primitive.name
+            for branch in eqn.params["branches"]
+            for e in _all_equations(branch.jaxpr)
+        ]
+        for eqn in _forward_equations(m)
+        if eqn.primitive.name == "cond"
+    ]
+
+
+def test_kinds_merge_where_only_called_layers_differ(pairs):
+    """Gemma 3's local and global layers share every stack and differ only in RoPE's base
+    and the attention's window: the loop runs them as one step that switches on the kind
+    only at those layers (the query's and the key's RoPE, the attention kernel), so the
+    projections and norms read their weights at the loop's counter outside any switch.
+    Gemma 3n's and T5Gemma 2's kinds merge too; Gemma 4's hold stacks of other widths and
+    keep one branch per kind, which reads its own weights."""
+    switches = _switched_primitives(pairs("gemma3").stacked)
+    assert len(switches) == 3
+    assert all("dynamic_slice" not in inside for inside in switches)
+    assert sum("dot_general" in inside for inside in switches) == 1  # the attention
+    for name in ("gemma3n", "t5gemma2"):
+        switches = _switched_primitives(pairs(name).stacked)
+        assert switches and all("dynamic_slice" not in inside for inside in switches)
+    switches = _switched_primitives(pairs("gemma4_e2b").stacked)
+    assert any("dynamic_slice" in inside and "dot_general" in inside for inside in switches)
+
+
+def test_activation_reads_behind_a_barrier_inside_loops(pairs, monkeypatch):
+    """Inside a loop over stacked layers on a GPU, the MLP's activation reads the gate
+    from behind an optimization barrier (`mlp.ACTIVATION_BARRIER`), which keeps XLA:GPU
+    from putting it in cuBLASLt's epilogue (where the gate's weights would be copied out of
+    their stack every layer). Per-layer models and other backends do not get it; with it
+    the values and gradients are the same."""
+    from gemmalens.layers import mlp
+
+    pair = pairs("gemma3")
+
+    def barriers(m) -> int:
+        return sum(e.primitive.name == "optimization_barrier" for e in _forward_equations(m))
+
+    assert mlp.ACTIVATION_BARRIER == "gpu loops"
+    assert barriers(pair.stacked) == 0  # not on this backend (the CPU)
+    monkeypatch.setattr(mlp, "ACTIVATION_BARRIER", "loops")
+    assert barriers(pair.stacked) == 1  # one loop, one MLP in its step
+    assert barriers(pair.plain) == 0
+    jax.clear_caches()  # the programs compiled before were traced without it
+    close(pair.plain(TOKENS), pair.stacked(TOKENS))
+    plain, stacked = (
+        patching.attribution_patching(m, TOKENS, corrupted_tokens(), metric, site="resid_pre")
+        for m in (pair.plain, pair.stacked)
+    )
+    close(plain, stacked, 1e-4)
+    monkeypatch.setattr(mlp, "ACTIVATION_BARRIER", "never")
+    assert barriers(pair.stacked) == 0
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("site", ["resid_pre", "z"])
 def test_sweep_loops_over_layers_and_equals_a_loop_of_forwards(pairs, site, monkeypatch):
     """The shared-runs sweep runs every block but the last as one loop over layers (two

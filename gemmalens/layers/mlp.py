@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemmalens.layers import stacking
 from gemmalens.layers.direct import elementwise, plain
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.params import ParamBuilder
@@ -31,6 +32,28 @@ _MLP_AXES = ("batch", "seq", "neurons")
 # import.
 PROMPT_MLP_KERNEL = os.environ.get("GEMMALENS_PROMPT_MLP_KERNEL", "off").strip().lower()
 _PROMPT_MLP_CHOICES = ("auto", "on", "off", "reference")
+
+# Where an MLP's activation reads its input from behind an optimization barrier, which
+# keeps XLA:GPU from computing the activation in cuBLASLt's epilogue of the product before
+# it: "gpu loops" (the default) inside loops over stacked layers on a GPU, "loops" inside
+# such loops on any backend (for tests), "never". There the epilogue costs a copy of the
+# layer's weights: XLA:GPU's dynamic-slice fusion reads a stacked weight in place only for
+# a product without an epilogue, and copies it out of its stack first otherwise (Gemma 3
+# 27B: the 231 MB gate weights of each layer, 9.4 ms of a 0.38 s forward on an H100).
+# Behind the barrier the activation joins the elementwise fusion after the product, which
+# reads and writes the same bytes as before. Per layer the epilogue costs nothing, so
+# per-layer models keep it (docs/stacking.md, "How a loop reads its weights").
+ACTIVATION_BARRIER = "gpu loops"
+
+
+def activation_input(x: jax.Array) -> jax.Array:
+    """``x`` as an MLP's activation should read it (`ACTIVATION_BARRIER`)."""
+    if ACTIVATION_BARRIER == "never" or not stacking.in_layer_loop():
+        return x
+    if ACTIVATION_BARRIER == "gpu loops" and jax.default_backend() != "gpu":
+        return x
+    return jax.lax.optimization_barrier(x)
+
 
 # transformers' ACT2FN names of the activations a plain `MLP` supports.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -68,7 +91,9 @@ class GatedMLP(pz.nn.Layer):
         if self.gate_sparsity is not None:
             gate = self.gate_sparsity(gate, **side_inputs)
         up = self.hook_pre_linear(self.up_proj(x), **side_inputs)
-        hidden = elementwise(lambda g, u: jax.nn.gelu(g, approximate=True) * u, gate, up)
+        hidden = elementwise(
+            lambda g, u: jax.nn.gelu(activation_input(g), approximate=True) * u, gate, up
+        )
         hidden = self.hook_post(hidden, **side_inputs)
         return self.down_proj(hidden)
 
@@ -201,7 +226,8 @@ class MLP(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         hidden = self.hook_pre(self.fc1(x, **side_inputs), **side_inputs)
-        hidden = pz.nx.nmap(ACTIVATIONS[self.activation])(hidden)
+        activation = ACTIVATIONS[self.activation]
+        hidden = pz.nx.nmap(lambda h: activation(activation_input(h)))(hidden)
         hidden = self.hook_post(hidden, **side_inputs)
         return self.fc2(hidden, **side_inputs)
 

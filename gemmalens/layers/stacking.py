@@ -13,11 +13,15 @@ Two pieces, both invisible to the analyses:
   per layer, and editing a block (a LoRA adapter, a spliced SAE, a new weight) edits that
   block alone.
 * **Scanned execution.** `ScannedSequential` replaces a stack's `pz.nn.Sequential`. When
-  it is traced it compares its blocks, finds runs of repeating periods (Gemma 3's five
-  local and one global layer; one period of one block where all layers are alike) and runs
-  each run as `jax.lax.scan` over the repeats, reading each layer's weights from the stacks
-  by the loop counter. Blocks that differ from their neighbours (an edited block, a
-  KV-sharing producer, a block holding its own layer index) run as they are.
+  it is traced it compares its blocks and runs each run of loopable blocks as one
+  `jax.lax.scan` over layers (`plan_loops`), reading each layer's weights from the stacks
+  by the loop counter. Kinds of block (Gemma 3's local and global layers) share the loop:
+  where they hold the same stacks and differ only in layers their parents only call (the
+  RoPE base, the attention's window), one step runs them all with a `jax.lax.switch` on
+  the kind around just those layers (`_merged_step`); otherwise the step switches between
+  the kinds' whole parts. Blocks that differ from their neighbours (an edited block, a
+  KV-sharing producer or consumer) run as they are. `LOOP_STYLE = "periods"` loops over
+  repeats of the layer pattern's period instead (`plan_runs`).
 
 Hooks inside a scanned run keep their per-layer meaning: an intervention at
 ``blocks.17.attn.hook_pattern`` becomes a `jax.lax.switch` on the loop counter, so only
@@ -42,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens.layers.attention import Attention
 from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
 from gemmalens.layers.kv_sharing import KVProducer, SharedKVAttention
 
@@ -496,6 +501,17 @@ def _loop_hook(hooks: tuple[HookPoint, ...], counter: Any, captured: dict, key: 
     return _LoopHook(hooks, counter, captured, key)
 
 
+_IN_LAYER_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "in_layer_loop", default=False
+)
+
+
+def in_layer_loop() -> bool:
+    """Whether the code running is being traced as the body of a loop over stacked layers
+    (where a layer's weights are slices of stacks at the loop's counter)."""
+    return _IN_LAYER_LOOP.get()
+
+
 def _counted_scan(step: Any, h: Any, length: int, unroll: int = 1) -> tuple[Any, Any]:
     """``step(counter, h) -> (h, captured)`` run ``length`` times as one `jax.lax.scan`:
     the final ``h`` and each step's captures stacked. The counter rides in the carry (not
@@ -505,7 +521,11 @@ def _counted_scan(step: Any, h: Any, length: int, unroll: int = 1) -> tuple[Any,
 
     def loop(carry, _):
         counter, h = carry
-        h, captured = step(counter, h)
+        token = _IN_LAYER_LOOP.set(True)
+        try:
+            h, captured = step(counter, h)
+        finally:
+            _IN_LAYER_LOOP.reset(token)
         return (counter + 1, h), captured
 
     start = (jnp.zeros((), jnp.int32), h)
@@ -652,8 +672,14 @@ def _loop_run(flats: Sequence[_Flat], h: Any, side_inputs: dict[str, Any]) -> An
 
 
 def _part_step(part: list[_Flat], side_inputs: dict[str, Any], order, sinks: dict) -> Any:
-    """``fn(carry, layer) -> (carry, captured)`` for one part of every layer's block."""
+    """``fn(carry, layer) -> (carry, captured)`` for one part of every layer's block: the
+    kinds merged into one step (`_merged_step`) where they differ only in layers a switch
+    can stand in for, else a switch between whole parts, one branch per kind."""
     kinds, kind_of, slot_of = group_kinds([flat.signature for flat in part])
+    if len(kinds) > 1:
+        merged = _merged_step(part, kinds, kind_of, side_inputs, order, sinks)
+        if merged is not None:
+            return merged
     branches = []
     for members in kinds:
         template = part[members[0]]
@@ -686,7 +712,12 @@ def _kind_branch(template: _Flat, columns: list[Any], side_inputs: dict[str, Any
 
 
 def _in_loop(flat: _Flat, columns: list[Any], index: Any, captured: dict, hook_key) -> Any:
-    """``flat``'s block as one step of a loop runs it: entry ``index`` (traced) of each
+    """``flat``'s block as one step of a loop runs it (`_resolved` leaves)."""
+    return _unflattened(flat, _resolved(flat, columns, index, captured, hook_key))
+
+
+def _resolved(flat: _Flat, columns: list[Any], index: Any, captured: dict, hook_key) -> list:
+    """``flat``'s leaves as one step of a loop reads them: entry ``index`` (traced) of each
     leaf's column, i.e. the layer's slice of each stack, its layer number, its hooks
     (`_loop_hook`, capturing into ``captured`` under ``hook_key(leaf, q)``)."""
     leaves = []
@@ -700,10 +731,176 @@ def _in_loop(flat: _Flat, columns: list[Any], index: Any, captured: dict, hook_k
             leaves.append(_loop_hook(column, index, captured, hook_key(leaf, q)))
         else:
             leaves.append(leaf)
+    return leaves
+
+
+def _unflattened(flat: _Flat, leaves: list) -> Any:
+    """``flat``'s block (or part) holding ``leaves``."""
     contents = jax.tree.unflatten(flat.treedef, leaves)
     if isinstance(flat.block, pz.nn.NamedGroup):
         return dataclasses.replace(flat.block, sublayers=contents)
     return contents
+
+
+# ------------------------------------------------------------- kinds merged into one step
+
+
+class _CannotMerge(Exception):
+    """Kinds of block that differ where no switch can stand in (`_merged`)."""
+
+
+def _called_only(parent: Any, field: str) -> bool:
+    """Whether ``parent`` only calls its sublayer ``field`` (never reads that layer's own
+    fields), so that a switch between kinds may stand in its place. A mask, for one, is
+    read by its attention (its band), not only called."""
+    if isinstance(parent, (pz.nn.Sequential, pz.nn.NamedGroup)):
+        return field == "sublayers"
+    if isinstance(parent, pz.nn.Residual):
+        return field == "delta"
+    if isinstance(parent, Attention):
+        return field in ("query", "key", "value", "mixer", "output")
+    return False
+
+
+def _static_fields_differ(nodes: list[Any]) -> bool:
+    first = nodes[0]
+    for field in dataclasses.fields(first):
+        if field.metadata.get("pytree_node", True):
+            continue
+        for node in nodes[1:]:
+            try:
+                if bool(getattr(node, field.name) != getattr(first, field.name)):
+                    return True
+            except (ValueError, TypeError):  # arrays and other values without one answer
+                return True
+    return False
+
+
+def _merged(nodes: list[Any], kind: Any, switchable: bool = False) -> Any:
+    """One tree for the kinds' trees ``nodes`` (each kind's version of one step's block,
+    sharing its leaves): their common parts as they are, and a `_KindSwitch` at each
+    deepest layer that differs between kinds and that its parent only calls
+    (``switchable``). Raises `_CannotMerge` where kinds differ anywhere else."""
+    first = nodes[0]
+    structure = jax.tree.structure(first)
+    if all(jax.tree.structure(node) == structure for node in nodes[1:]):
+        return first
+    alike = all(type(node) is type(first) for node in nodes)
+    if alike and isinstance(first, (list, tuple)):
+        if len({len(node) for node in nodes}) != 1:
+            raise _CannotMerge
+        # The items of a list a layer only calls are themselves only called.
+        return type(first)(_merged(list(items), kind, switchable) for items in zip(*nodes))
+    try:
+        if not (alike and dataclasses.is_dataclass(first)) or _static_fields_differ(nodes):
+            raise _CannotMerge
+        changes = {
+            field.name: _merged(
+                [getattr(node, field.name) for node in nodes],
+                kind,
+                _called_only(first, field.name),
+            )
+            for field in dataclasses.fields(first)
+            if field.metadata.get("pytree_node", True)
+        }
+        return dataclasses.replace(first, **changes)
+    except _CannotMerge:
+        # Differs in itself, or below where no switch can stand: the switch stands here.
+        if switchable and isinstance(first, pz.nn.Layer):
+            return _KindSwitch(nodes, kind)
+        raise
+
+
+@dataclasses.dataclass
+class _KindSwitch:
+    """Stands in a merged step (`_merged_step`) where kinds of layer differ (Gemma 3's
+    RoPE base, its attention's sliding window): a `jax.lax.switch` on the layer's kind
+    between the kinds' versions of this one layer. Hooks inside capture through it."""
+
+    options: list[Any]
+    kind: Any
+
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
+        hooks = [
+            [h for h in jax.tree.leaves(option) if isinstance(h, _LoopHook)]
+            for option in self.options
+        ]
+
+        def branch(option: Any, hooks: list[_LoopHook]) -> Any:
+            def run(value: Any) -> Any:
+                # Captures made inside a branch leave it as the branch's output.
+                captured: dict[Any, Any] = {}
+                outer = [hook.captured for hook in hooks]
+                for hook in hooks:
+                    hook.captured = captured
+                try:
+                    return option(value, **side_inputs), captured
+                finally:
+                    for hook, into in zip(hooks, outer):
+                        hook.captured = into
+
+            return run
+
+        runs = [branch(option, h) for option, h in zip(self.options, hooks)]
+        # Every branch returns its arrays' axes in one order (the first branch's).
+        order = _axis_orders(jax.eval_shape(lambda v: runs[0](v)[0], value))
+
+        def ordered(run: Any) -> Any:
+            def ordered_run(value: Any) -> Any:
+                out, captured = run(value)
+                return _in_order(out, order), captured
+
+            return ordered_run
+
+        out, captured = jax.lax.switch(self.kind, [ordered(run) for run in runs], value)
+        step_captures = next((h.captured for option in hooks for h in option), None)
+        if step_captures is not None:  # the step's dictionary, which every hook shares
+            step_captures.update(captured)
+        return out
+
+
+def _merged_step(
+    part: list[_Flat],
+    kinds: list[list[int]],
+    kind_of: np.ndarray,
+    side_inputs: dict[str, Any],
+    order: Any,
+    sinks: dict,
+) -> Any:
+    """``fn(carry, layer) -> (carry, captured)`` running every kind of ``part`` as one
+    block, or None where the kinds cannot merge.
+
+    Kinds that hold the same leaves (the same stacks, hooks and layer numbers: Gemma 3's
+    local and global layers) and differ only in layers their parents only call merge:
+    each leaf is read at the layer (the loop's counter), the common layers run once, and
+    a `_KindSwitch` stands at each layer that differs. The switch then holds only what
+    differs (a RoPE, an attention kernel), not the projections and norms around it,
+    which XLA fuses and reads from the stacks in place as in a loop over one kind."""
+    templates = [part[members[0]] for members in kinds]
+    if len({template.signature[1] for template in templates}) != 1:
+        return None
+    try:  # whether the structures merge, on placeholders for the leaves
+        _merged([_unflattened(t, [None] * len(t.leaves)) for t in templates], None)
+    except _CannotMerge:
+        return None
+    template = templates[0]
+    columns = []
+    for q, leaf in enumerate(template.leaves):
+        columns.append(_column(leaf, [flat.leaves[q] for flat in part]))
+        if isinstance(leaf, HookPoint) and _captures(leaf):
+            for i, hook in enumerate(columns[-1]):
+                sinks[i, _in_block(part[i], hook)] = hook
+    kind_of = jnp.asarray(kind_of)
+
+    def step(carry, layer):
+        captured: dict[Any, Any] = {}
+        leaves = _resolved(
+            template, columns, layer, captured, lambda leaf, q: _in_block(template, leaf)
+        )
+        block = _merged([_unflattened(t, leaves) for t in templates], kind_of[layer])
+        return _in_order(block(carry, **side_inputs), order), captured
+
+    return step
 
 
 def _is_named(node: Any) -> bool:
