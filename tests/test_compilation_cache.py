@@ -187,7 +187,7 @@ def test_compiler_options_default_and_opt_out():
     GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
     script = (
         "import json, gemmalens as gl; "
-        "print(json.dumps([gl.compiling.XLA_OPTIONS, gl.compiling.SHORT_OPTIONS]))"
+        "c = gl.compiling; print(json.dumps([c.XLA_OPTIONS, c.SHORT_OPTIONS, c.STACKED_OPTIONS]))"
     )
     seen = {}
     for value in ("", "xla"):
@@ -200,8 +200,9 @@ def test_compiler_options_default_and_opt_out():
     assert seen[""] == [
         {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True},
         {"xla_disable_hlo_passes": "triton-softmax-rewriter"},
+        {"xla_gpu_dot_merger_threshold_mb": 0},
     ]
-    assert seen["xla"] == [{}, {}]
+    assert seen["xla"] == [{}, {}, {}]
 
 
 def test_short_programs_compile_with_their_own_options():
@@ -222,15 +223,43 @@ def test_short_programs_compile_with_their_own_options():
     long = m._prepare(np.ones((1, limit + 1), np.int32), None, {})
     assert compiling.token_positions((m.logits_of, model, short), {}) == limit
     assert compiling.token_positions((m.logits_of, model, long), {}) == limit + 1
-    assert program._for((m.logits_of, model, short), {}) is program._short
-    assert program._for((m.logits_of, model, long), {}) is program._top_level
+    short_options = {**compiling.XLA_OPTIONS, **compiling.SHORT_OPTIONS}
+    assert program.options_for((m.logits_of, model, short), {}) == short_options
+    assert program.options_for((m.logits_of, model, long), {}) == compiling.XLA_OPTIONS
     assert compiling.token_positions((model, np.zeros(3, np.float32)), {}) == 0
     ids = np.arange(3, 11, dtype=np.int32)[None]
     inputs = m._prepare(ids, None, {})
-    with_short = np.asarray(program._short(m.logits_of, model, inputs))
-    with_long = np.asarray(program._top_level(m.logits_of, model, inputs))
+    with_short = np.asarray(program._with(short_options)(m.logits_of, model, inputs))
+    with_long = np.asarray(program._with(compiling.XLA_OPTIONS)(m.logits_of, model, inputs))
     np.testing.assert_array_equal(with_short, with_long)
     np.testing.assert_array_equal(np.asarray(m(ids)), with_short)
+
+
+def test_programs_taking_a_stacked_model_compile_with_their_own_options():
+    """A program given a stacked model (its tree holds `LayerSlice` views) adds
+    STACKED_OPTIONS; a per-layer model, whose tied embedding table the tree holds twice,
+    does not. The stacked model's logits are the per-layer model's on the CPU."""
+    import numpy as np
+
+    import gemmalens as gl
+    from gemmalens import compiling, lens
+
+    m = gl.teaching_model("gemma3")
+    stacked = m.stacked()
+    program = lens._run_distinct
+    ids = np.arange(3, 11, dtype=np.int32)[None]
+    inputs = m._prepare(ids, None, {})
+    short_options = {**compiling.XLA_OPTIONS, **compiling.SHORT_OPTIONS}
+    plain_model, stacked_model = m._frozen_distinct, stacked._frozen_distinct
+    assert len({id(a) for a in plain_model.leaves}) < len(plain_model.leaves)  # tied table
+    assert not compiling.takes_stacked((m.logits_of, plain_model, inputs), {})
+    assert compiling.takes_stacked((m.logits_of, stacked_model, inputs), {})
+    assert program.options_for((m.logits_of, plain_model, inputs), {}) == short_options
+    assert program.options_for((m.logits_of, stacked_model, inputs), {}) == {
+        **short_options,
+        **compiling.STACKED_OPTIONS,
+    }
+    np.testing.assert_allclose(np.asarray(stacked(ids)), np.asarray(m(ids)), atol=1e-4)
 
 
 def test_compiled_entry_points_run_inside_other_traces():
