@@ -163,8 +163,8 @@ def load(
         its per-layer arrays as it is made, so the model is never held twice. Not with
         ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked, 6.9-7.8
         s per layer (transformers: 7.1-7.4 s, 8.9-12.3 s on the slower host of the
-        per-layer figure); the 27B's first call 1.6-3.6 s against 6-12 s, its steady
-        forward 3-5% slower (docs: "Deep models: stacked layers").
+        per-layer figure); the 27B's first call 1.6-3.6 s against 6-15 s, its steady
+        forward 1-2% slower (docs: "Deep models: stacked layers").
 
     Returns:
       a `gemmalens.Model`.
