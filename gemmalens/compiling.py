@@ -89,14 +89,15 @@ SHORT_OPTIONS: dict[str, Any] = (
 )
 
 
-#: What programs that take a stacked model (a `Distinct` whose layers share their stacks)
-#: add to `XLA_OPTIONS` (nothing under ``GEMMALENS_XLA_OPTIONS=xla``): XLA's dot merger
-#: off. The merger joins two products of one input (a layer's key and value projections)
-#: into one by concatenating their weights; inside a loop over stacked layers that copies
-#: both slices out of their stacks on every layer, where two products read them in place.
-#: Alternated on an H100 (run z3): the stacked Gemma 3 27B's forward 0.361-0.363 s against
-#: 0.369-0.371 s, the stacked 1B sweep's 0.107 s against 0.112-0.113 s, the 26B-A4B's
-#: unchanged; per-layer programs keep the merger, which saves them 1%.
+#: What programs that take a stacked model (a `Distinct` whose tree holds `LayerSlice`
+#: views, `takes_stacked`) add to `XLA_OPTIONS` (nothing under
+#: ``GEMMALENS_XLA_OPTIONS=xla``): XLA's dot merger off. The merger joins two products of
+#: one input (a layer's key and value projections) into one by concatenating their
+#: weights; inside a loop over stacked layers that copies both slices out of their stacks
+#: on every layer, where two products read them in place. Alternated on an H100 (run z3):
+#: the stacked Gemma 3 27B's forward 0.361-0.363 s against 0.369-0.371 s, the stacked 1B
+#: sweep's 0.107 s against 0.112-0.113 s, the 26B-A4B's unchanged; per-layer programs keep
+#: the merger, which saves them 1%.
 STACKED_OPTIONS: dict[str, Any] = {"xla_gpu_dot_merger_threshold_mb": 0} if XLA_OPTIONS else {}
 
 
@@ -173,7 +174,8 @@ def takes_stacked(args: tuple, kwargs: dict[str, Any]) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _holds_layer_slices(treedef: Any) -> bool:
-    from gemmalens.layers.stacking import LayerSlice  # the layers build on this module
+    # Imported here: gemmalens.layers (merged_attention) imports this module.
+    from gemmalens.layers.stacking import LayerSlice
 
     def walk(node: Any) -> bool:
         data = node.node_data()
