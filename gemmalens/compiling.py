@@ -39,9 +39,13 @@ against 15.71-15.75 ms), at most 2% slower for the 1B and 27B (3.45 against 3.51
 against 29.4 ms at 128 tokens); at 4,096 tokens the rewrite wins 1.5-2%, so long programs
 keep it.
 
-**Programs taking a stacked model** compile with XLA's dot merger off as well
-(`STACKED_OPTIONS`, `takes_stacked`): inside a loop over stacked layers the merger copies
-the key and value projections' weights out of their stacks to join the two products.
+**Long programs and programs taking a stacked model** compile with XLA's dot merger off
+as well (`DOT_MERGER_OFF`, `takes_stacked`). The merger joins two products of one input (a
+layer's key and value projections) into one by concatenating their weights, on every
+call: inside a loop over stacked layers that copies both slices out of their stacks on
+every layer, and at long prompts the copy and the split of the joined result cost more than
+the second product saves. Short programs of per-layer models keep it (at 128 tokens and
+in decoding the differences went both ways).
 
 `XLA_OPTIONS` is read when gemmalens is imported. To compile with XLA's own defaults, set
 the environment variable ``GEMMALENS_XLA_OPTIONS=xla`` before importing gemmalens. The
@@ -89,16 +93,21 @@ SHORT_OPTIONS: dict[str, Any] = (
 )
 
 
-#: What programs that take a stacked model (a `Distinct` whose tree holds `LayerSlice`
-#: views, `takes_stacked`) add to `XLA_OPTIONS` (nothing under
-#: ``GEMMALENS_XLA_OPTIONS=xla``): XLA's dot merger off. The merger joins two products of
-#: one input (a layer's key and value projections) into one by concatenating their
-#: weights; inside a loop over stacked layers that copies both slices out of their stacks
-#: on every layer, where two products read them in place. Alternated on an H100 (run z3):
-#: the stacked Gemma 3 27B's forward 0.361-0.363 s against 0.369-0.371 s, the stacked 1B
-#: sweep's 0.107 s against 0.112-0.113 s, the 26B-A4B's unchanged; per-layer programs keep
-#: the merger, which saves them 1%.
-STACKED_OPTIONS: dict[str, Any] = {"xla_gpu_dot_merger_threshold_mb": 0} if XLA_OPTIONS else {}
+#: What long programs (more than `SHORT_PROGRAM_TOKENS` token positions) and programs that
+#: take a stacked model (a `Distinct` whose tree holds `LayerSlice` views, `takes_stacked`)
+#: add to `XLA_OPTIONS` (nothing under ``GEMMALENS_XLA_OPTIONS=xla``): XLA's dot merger off.
+#: The merger joins two products of one input (a layer's key and value projections) into
+#: one by concatenating their weights on every call. Inside a loop over stacked layers that
+#: copies both slices out of their stacks on every layer, where two products read them in
+#: place: alternated on an H100 (run z3), the stacked Gemma 3 27B's forward took
+#: 0.361-0.363 s against 0.369-0.371 s, the stacked 1B sweep's 0.107 s against 0.112-0.113
+#: s. Per-layer at 1 x 4096 the copy (2.0 ms) and the split of the joined result (0.9 ms)
+#: cost more than the second product (runs zb and zc, six alternated pairs on two H100s:
+#: the 27B 0.3567 s against 0.3623 s on average, 1.5%). At 128 tokens and in decoding
+#: (Gemma 3 1B and 4B, one process each) the differences went both ways, by up to 5% for
+#: the 1B and more for the 4B, so short per-layer programs keep the merger until measured
+#: better.
+DOT_MERGER_OFF: dict[str, Any] = {"xla_gpu_dot_merger_threshold_mb": 0} if XLA_OPTIONS else {}
 
 
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
@@ -115,8 +124,8 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
 class _Jitted:
     """A function jitted once per set of compiler options it is called with: at the top
     level, `XLA_OPTIONS`, with `SHORT_OPTIONS` added for short programs
-    (`token_positions`) and `STACKED_OPTIONS` for programs taking a stacked model
-    (`takes_stacked`); plainly inside another trace. ``lower`` and ``trace`` choose as a
+    (`token_positions`) and `DOT_MERGER_OFF` for long ones and those taking a stacked
+    model (`takes_stacked`); plainly inside another trace. ``lower`` and ``trace`` choose as a
     call does; other attributes are those of the jit with `XLA_OPTIONS` alone."""
 
     def __init__(self, fun: Callable, kwargs: dict[str, Any]) -> None:
@@ -140,10 +149,11 @@ class _Jitted:
         if not _at_top_level():
             return None
         options = dict(XLA_OPTIONS)
-        if token_positions(args, kwargs) <= SHORT_PROGRAM_TOKENS:
+        short = token_positions(args, kwargs) <= SHORT_PROGRAM_TOKENS
+        if short:
             options.update(SHORT_OPTIONS)
-        if takes_stacked(args, kwargs):
-            options.update(STACKED_OPTIONS)
+        if not short or takes_stacked(args, kwargs):
+            options.update(DOT_MERGER_OFF)
         return options
 
     def _for(self, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -183,11 +183,12 @@ def test_default_location_and_configure_at_run_time(tmp_path):
 
 
 def test_compiler_options_default_and_opt_out():
-    """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion unless
-    GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
+    """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion (short
+    programs without Triton norm fusions, long and stacked ones without the dot merger)
+    unless GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
     script = (
         "import json, gemmalens as gl; "
-        "c = gl.compiling; print(json.dumps([c.XLA_OPTIONS, c.SHORT_OPTIONS, c.STACKED_OPTIONS]))"
+        "c = gl.compiling; print(json.dumps([c.XLA_OPTIONS, c.SHORT_OPTIONS, c.DOT_MERGER_OFF]))"
     )
     seen = {}
     for value in ("", "xla"):
@@ -208,8 +209,8 @@ def test_compiler_options_default_and_opt_out():
 def test_short_programs_compile_with_their_own_options():
     """A program of at most SHORT_PROGRAM_TOKENS token positions (its token ids' batch x
     length; the model's own arrays do not count) is compiled by the jit carrying
-    SHORT_OPTIONS, a longer one by the jit carrying XLA_OPTIONS alone; both give the same
-    logits on the CPU, where the pass they differ in does not exist."""
+    SHORT_OPTIONS, a longer one by the jit carrying DOT_MERGER_OFF instead; both give the
+    same logits on the CPU, where the passes they differ in do not exist."""
     import numpy as np
 
     import gemmalens as gl
@@ -225,20 +226,22 @@ def test_short_programs_compile_with_their_own_options():
     assert compiling.token_positions((m.logits_of, model, long), {}) == limit + 1
     short_options = {**compiling.XLA_OPTIONS, **compiling.SHORT_OPTIONS}
     assert program.options_for((m.logits_of, model, short), {}) == short_options
-    assert program.options_for((m.logits_of, model, long), {}) == compiling.XLA_OPTIONS
+    long_options = {**compiling.XLA_OPTIONS, **compiling.DOT_MERGER_OFF}
+    assert program.options_for((m.logits_of, model, long), {}) == long_options
     assert compiling.token_positions((model, np.zeros(3, np.float32)), {}) == 0
     ids = np.arange(3, 11, dtype=np.int32)[None]
     inputs = m._prepare(ids, None, {})
     with_short = np.asarray(program._with(short_options)(m.logits_of, model, inputs))
-    with_long = np.asarray(program._with(compiling.XLA_OPTIONS)(m.logits_of, model, inputs))
+    with_long = np.asarray(program._with(long_options)(m.logits_of, model, inputs))
     np.testing.assert_array_equal(with_short, with_long)
     np.testing.assert_array_equal(np.asarray(m(ids)), with_short)
 
 
 def test_programs_taking_a_stacked_model_compile_with_their_own_options():
-    """A program given a stacked model (its tree holds `LayerSlice` views) adds
-    STACKED_OPTIONS; a per-layer model, whose tied embedding table the tree holds twice,
-    does not. The stacked model's logits are the per-layer model's on the CPU."""
+    """A short program given a stacked model (its tree holds `LayerSlice` views) adds
+    DOT_MERGER_OFF, as long programs do; a per-layer model, whose tied embedding table the
+    tree holds twice, does not. The stacked model's logits are the per-layer model's on
+    the CPU."""
     import numpy as np
 
     import gemmalens as gl
@@ -257,7 +260,7 @@ def test_programs_taking_a_stacked_model_compile_with_their_own_options():
     assert program.options_for((m.logits_of, plain_model, inputs), {}) == short_options
     assert program.options_for((m.logits_of, stacked_model, inputs), {}) == {
         **short_options,
-        **compiling.STACKED_OPTIONS,
+        **compiling.DOT_MERGER_OFF,
     }
     np.testing.assert_allclose(np.asarray(stacked(ids)), np.asarray(m(ids)), atol=1e-4)
 
