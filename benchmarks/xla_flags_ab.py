@@ -2,7 +2,7 @@
 
     python benchmarks/xla_flags_ab.py --case ours --rounds 2 --out ab.json \\
         --kwargs '{"name": "gemma3_27b_text", "stacked": false, "tiny": false, "captures": false}' \\
-        -- "" "--xla_gpu_dot_merger_threshold_mb=0"
+        -- "" "--xla_gpu_enable_command_buffer="
     python benchmarks/xla_flags_ab.py --tiny                      # smoke run, CPU
 
 How the compiler options of a real-size run were weighed (docs/benchmarks.md, runs p and
