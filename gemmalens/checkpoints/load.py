@@ -164,7 +164,7 @@ def load(
         ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked, 6.9-7.8
         s per layer (transformers: 7.1-7.4 s, 8.9-12.3 s on the slower host of the
         per-layer figure); the 27B's first call 1.6-3.6 s against 6-15 s, its steady
-        forward 2-3% slower (docs: "Deep models: stacked layers").
+        forward 1-3% slower (docs: "Deep models: stacked layers").
 
     Returns:
       a `gemmalens.Model`.
