@@ -680,16 +680,10 @@ def _part_step(part: list[_Flat], side_inputs: dict[str, Any], order, sinks: dic
         merged = _merged_step(part, kinds, kind_of, side_inputs, order, sinks)
         if merged is not None:
             return merged
-    branches = []
-    for members in kinds:
-        template = part[members[0]]
-        columns = []
-        for q, leaf in enumerate(template.leaves):
-            columns.append(_column(leaf, [part[i].leaves[q] for i in members]))
-            if isinstance(leaf, HookPoint) and _captures(leaf):
-                for i, hook in zip(members, columns[-1]):
-                    sinks[i, _in_block(part[i], hook)] = hook
-        branches.append(_kind_branch(template, columns, side_inputs, order))
+    branches = [
+        _kind_branch(part[members[0]], _columns(part, members, sinks), side_inputs, order)
+        for members in kinds
+    ]
     if len(branches) == 1:  # alike in every layer: the slot is the layer
         return branches[0]
     kind_of, slot_of = jnp.asarray(kind_of), jnp.asarray(slot_of)
@@ -698,6 +692,20 @@ def _part_step(part: list[_Flat], side_inputs: dict[str, Any], order, sinks: dic
         return jax.lax.switch(kind_of[layer], branches, carry, slot_of[layer])
 
     return switch
+
+
+def _columns(part: list[_Flat], members: Sequence[int], sinks: dict) -> list[Any]:
+    """What a loop over the layers ``members`` of ``part`` reads for each leaf position of
+    ``part[members[0]]`` (`_column`); the capturing hooks among them go into ``sinks``,
+    keyed by layer and name."""
+    template = part[members[0]]
+    columns = []
+    for q, leaf in enumerate(template.leaves):
+        columns.append(_column(leaf, [part[i].leaves[q] for i in members]))
+        if isinstance(leaf, HookPoint) and _captures(leaf):
+            for i, hook in zip(members, columns[-1]):
+                sinks[i, _in_block(part[i], hook)] = hook
+    return columns
 
 
 def _kind_branch(template: _Flat, columns: list[Any], side_inputs: dict[str, Any], order):
@@ -884,12 +892,7 @@ def _merged_step(
     except _CannotMerge:
         return None
     template = templates[0]
-    columns = []
-    for q, leaf in enumerate(template.leaves):
-        columns.append(_column(leaf, [flat.leaves[q] for flat in part]))
-        if isinstance(leaf, HookPoint) and _captures(leaf):
-            for i, hook in enumerate(columns[-1]):
-                sinks[i, _in_block(part[i], hook)] = hook
+    columns = _columns(part, range(len(part)), sinks)
     kind_of = jnp.asarray(kind_of)
 
     def step(carry, layer):
