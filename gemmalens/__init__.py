@@ -73,7 +73,8 @@ def build(
 
     Matrices are normal(0, 0.02), norm weights at their identity value. With ``mesh``
     (and ``rules``), each parameter is made directly in its sharding (`gemmalens.sharding`).
-    ``stack_layers``: as in `gemmalens.load` (`Model.stacked`).
+    ``stack_layers``: as in `gemmalens.load` (`Model.stacked`); with ``mesh`` too, each
+    stack is made once, directly in its sharding (the layer axis whole on every device).
     """
     if isinstance(config, str):
         config = preset(config)
@@ -85,11 +86,13 @@ def build(
         if stack_layers:  # each stack made in one piece, never layer by layer
             return surface(stacking.build_stacked(config.build, source), config, tokenizer)
         return surface(config.build(source), config, tokenizer)
-    if stack_layers:
-        raise NotImplementedError(stacking.MESH_REFUSAL)
     placement = sharding.fit_for_build(config.build, config.family, mesh, rules)
-    with sharding.placing(placement):
-        m = surface(config.build(source), config, tokenizer)
+    with sharding.placing(placement):  # each stack made once, in its placed layout
+        if stack_layers:
+            tree = stacking.build_stacked(config.build, source)
+        else:
+            tree = config.build(source)
+        m = surface(tree, config, tokenizer)
     m.placement = placement
     return m
 

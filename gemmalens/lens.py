@@ -180,17 +180,19 @@ class Model:
         float rounding. ``donate=True`` frees this model's per-layer arrays as they are
         copied (``self`` is unusable afterwards), so the peak memory is the model plus one
         stack; ``gl.load(path, stack_layers=True)`` does this.
+
+        On a mesh (``self.placement``), each stack is placed with the layer axis whole on
+        every device and its named axes split as each layer's parameter was
+        (`gemmalens.sharding.Placement.stack_spec`: ``q_proj``'s stack ``[layer, heads,
+        head_dim, embedding]`` is ``P(None, "model", None, None)``).
         """
-        if self.placement is not None:
-            raise NotImplementedError(
-                "This model is placed on a mesh, and stacked layers cannot be placed on a "
-                "mesh yet (gemmalens.sharding places per-layer parameters): use it unstacked."
-            )
-        return self.with_tree(stacking.stack_tree(self._model, donate=donate))
+        tree = stacking.stack_tree(self._model, donate=donate, placement=self.placement)
+        return self.with_tree(tree)
 
     def unstacked(self) -> Model:
-        """This model with every layer's parameters its own arrays again (a copy)."""
-        return self.with_tree(stacking.unstack_tree(self._model))
+        """This model with every layer's parameters its own arrays again (a copy; on a mesh,
+        placed as a per-layer model's are)."""
+        return self.with_tree(stacking.unstack_tree(self._model, self.placement))
 
     @property
     def is_stacked(self) -> bool:

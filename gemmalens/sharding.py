@@ -25,7 +25,10 @@ and values it needs), so activations and captured attention patterns are split b
 position.
 
 Loading streams each device's slice of each tensor from the memory-mapped checkpoint, so
-no host or device ever holds the whole model. Several hosts: see `initialize_distributed`.
+no host or device ever holds the whole model. Stacked layers (``stack_layers=True``,
+`gemmalens.layers.stacking`) keep each stack's layer axis whole on every device and split
+its named axes as each layer's parameter is (`Placement.stack_spec`). Several hosts: see
+`initialize_distributed`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -270,6 +273,16 @@ class Placement:
         """The sharding of an array with these named axes, in data order."""
         return NamedSharding(self.mesh, self.spec(named_shape))
 
+    def stack_spec(self, named_shape: Mapping[str, int]) -> PartitionSpec:
+        """The partition of a stack of parameters (`gemmalens.layers.stacking`: a leading
+        positional layer axis, then these named axes): the layer axis whole on every
+        device, the named axes exactly as `spec` places each layer's parameter."""
+        return PartitionSpec(None, *self.spec(named_shape))
+
+    def stack_sharding(self, named_shape: Mapping[str, int]) -> NamedSharding:
+        """The sharding of a stack ``[layer, *named_shape]`` (`stack_spec`)."""
+        return NamedSharding(self.mesh, self.stack_spec(named_shape))
+
     def per_device(self, named_shape: Mapping[str, int]) -> tuple[int, ...]:
         """The shape of one device's slice."""
         spec = self.spec(named_shape)
@@ -282,6 +295,21 @@ class Placement:
         return jax.make_array_from_callback(
             host.shape, self.sharding(named_shape), lambda index: np.asarray(host[index], dtype)
         )
+
+    def put_stack(
+        self, named_shape: Mapping[str, int], hosts: Sequence[np.ndarray], dtype: Any
+    ) -> jax.Array:
+        """A stack ``[layer, ...]`` (`stack_sharding`) of host data, one array per layer
+        shaped as ``named_shape`` (e.g. memory-mapped tensors): each device reads and
+        converts only its own slice of each layer."""
+        dtype = np.dtype(dtype)
+        layers = range(len(hosts))
+
+        def slice_of(index: tuple[slice, ...]) -> np.ndarray:
+            return np.stack([np.asarray(hosts[i][index[1:]], dtype) for i in layers[index[0]]])
+
+        shape = (len(hosts), *named_shape.values())
+        return jax.make_array_from_callback(shape, self.stack_sharding(named_shape), slice_of)
 
     def make(self, named_shape: Mapping[str, int], make: Callable[[], jax.Array]) -> jax.Array:
         """A global array computed by ``make`` straight into its sharding."""
@@ -432,7 +460,9 @@ def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> An
     """A copy of model ``m`` with its parameters placed on ``mesh`` (``m`` is unchanged).
 
     Args:
-      m: a `gemmalens.Model` (any family, adapters included).
+      m: a `gemmalens.Model` (any family, adapters included; stacked or per layer: a
+        stack's layer axis stays whole on every device, its named axes are placed as
+        each layer's parameter is, `Placement.stack_spec`).
       mesh: e.g. `make_mesh`.
       rules: entries over the family's rule table (see `Placement.fit`).
 
@@ -441,21 +471,29 @@ def shard(m: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> An
     """
     from gemmalens.layers.params import apply_once  # params imports this module
 
-    if getattr(m, "is_stacked", False):
-        raise NotImplementedError(
-            "This model's layers are stacked (m.stacked()), and stacked layers cannot be "
-            "placed on a mesh yet: shard m.unstacked() instead."
-        )
     placement = Placement.fit(mesh, m.config.family, _param_shapes(m.model), rules)
 
     def place(param: pz.Parameter) -> pz.Parameter:
-        value = param.value.as_namedarrayview()
+        value = param.value
+        if isinstance(value, pz.nx.NamedArray) and value.positional_shape:
+            # A stack (`gemmalens.layers.stacking`): [layer, *named axes].
+            if len(value.positional_shape) != 1:
+                raise ValueError(
+                    f"{param.label} has positional axes {value.positional_shape}; a "
+                    "parameter on a mesh has named axes only, or one leading layer axis."
+                )
+            array = jax.device_put(value.data_array, placement.stack_sharding(value.named_shape))
+            return pz.Parameter(
+                value=dataclasses.replace(value, data_array=array), label=param.label
+            )
+        value = value.as_namedarrayview()
         order = sorted(value.data_axis_for_name, key=value.data_axis_for_name.get)
         shape = {a: value.data_shape[value.data_axis_for_name[a]] for a in order}
         array = jax.device_put(value.data_array, placement.sharding(shape))
         return pz.Parameter(value=pz.nx.wrap(array).tag(*order), label=param.label)
 
-    # A parameter used at two places stays one parameter.
+    # A parameter used at two places (a stack read by every layer's slice, T5Gemma 2's
+    # shared projections) stays one parameter.
     selection = pz.select(m.model).at_instances_of(pz.Parameter)
     return m.with_tree(apply_once(selection, lambda p: p.label, place), placement=placement)
 

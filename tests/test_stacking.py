@@ -523,20 +523,70 @@ def test_stacked_build_makes_each_stack_in_one_piece(monkeypatch):
     close(plain(TOKENS), direct(TOKENS))
 
 
-def test_donated_arrays_are_freed_and_meshes_refused():
+def test_donated_arrays_are_freed():
     m = gl.build(gl.preset("gemma3_1b").replace(num_hidden_layers=2, vocab_size=256))
 
     original = pz.select(m.model).at_instances_of(pz.Parameter).get_sequence()
     in_blocks = [p for p in original if p.label.startswith("blocks.")]
     m.stacked(donate=True)
-    assert all(p.value.data_array.is_deleted() for p in in_blocks)
-    with pytest.raises(NotImplementedError, match="mesh"):
-        gl.build(gl.preset("gemma3_1b"), mesh=object(), stack_layers=True)
-    stacked = gl.build(
-        gl.preset("gemma3_1b").replace(num_hidden_layers=2, vocab_size=256), stack_layers=True
+    assert in_blocks and all(p.value.data_array.is_deleted() for p in in_blocks)
+
+
+def _stack_specs(m) -> dict[str, str]:
+    return {
+        view.stack.label: str(view.stack.value.data_array.sharding.spec)
+        for view in pz.select(m.model).at_instances_of(stacking.LayerSlice).get_sequence()
+    }
+
+
+def test_stacked_layers_on_a_mesh(pairs):
+    """Stacking and a mesh go together (a one-device mesh here; 8 devices in
+    tests/test_sharding.py): ``gl.load(path, mesh=..., stack_layers=True)`` of a saved
+    checkpoint holds the one-device load's values, each stack placed ``P(None, *spec)``
+    (the layer axis whole), and runs as it does; `Model.stacked` of a model on the mesh
+    (donating), ``gl.sharding.shard`` of a stacked model and ``gl.build(...,
+    stack_layers=True, mesh=...)`` place their stacks alike; `Model.unstacked` gives
+    per-layer parameters placed as a per-layer load's."""
+    pair = pairs("gemma3")
+    mesh = gl.sharding.make_mesh()
+    m = gl.load(pair.directory, mesh=mesh, stack_layers=True)
+    assert m.is_stacked and m.mesh is mesh
+    specs = _stack_specs(m)
+    assert specs["blocks.*.attn.q_proj.weights"] == "P(None, 'model', None, None)"
+    assert specs["blocks.*.mlp.down_proj.weights"] == "P(None, None, 'model')"
+    assert all(spec.startswith("P(None") for spec in specs.values())
+    ours, theirs = (stacking.parameter_values(x.model) for x in (m, pair.plain))
+    assert ours.keys() == theirs.keys()
+    for label, value in theirs.items():
+        axes = tuple(value.named_shape)
+        np.testing.assert_array_equal(ours[label].unwrap(*axes), value.unwrap(*axes), label)
+    close(pair.plain(TOKENS), m(TOKENS))
+    hooks = {"blocks.3.attn.hook_z": lambda v, name: v.at[:, :, 1].set(0.0)}
+    close(pair.plain.run_with_hooks(TOKENS, hooks), m.run_with_hooks(TOKENS, hooks))
+
+    per_layer = gl.load(pair.directory, mesh=mesh)
+    in_blocks = [
+        p.value.data_array
+        for p in pz.select(per_layer.model).at_instances_of(pz.Parameter).get_sequence()
+        if p.label.startswith("blocks.")
+    ]
+    restacked = per_layer.stacked(donate=True)
+    assert in_blocks and all(a.is_deleted() for a in in_blocks)
+    resharded = gl.sharding.shard(pair.stacked, mesh)
+    built = gl.build(pair.plain.config, mesh=mesh, stack_layers=True)
+    for other in (restacked, resharded, built):
+        assert other.is_stacked and other.mesh is mesh and _stack_specs(other) == specs
+    close(m(TOKENS), resharded(TOKENS))
+    close(gl.build(pair.plain.config, stack_layers=True)(TOKENS), built(TOKENS))
+
+    back = m.unstacked()
+    assert not back.is_stacked and back.mesh is mesh
+    placed = {p.label: p for p in pz.unbind_params(gl.load(pair.directory, mesh=mesh).model)[1]}
+    for p in pz.unbind_params(back.model)[1]:
+        assert p.value.data_array.sharding.spec == placed[p.label].value.data_array.sharding.spec
+    assert str(placed["blocks.3.attn.q_proj.weights"].value.data_array.sharding.spec) == (
+        "P('model', None, None)"
     )
-    with pytest.raises(NotImplementedError, match="unstacked"):
-        gl.sharding.shard(stacked, mesh=None)
 
 
 def test_adapters_and_saes_attach_to_stacked_layers():

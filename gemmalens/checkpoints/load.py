@@ -160,18 +160,19 @@ def load(
       stack_layers: store each block parameter of one name and shape as one stacked array
         and run repeating blocks as one compiled loop (`gemmalens.Model.stacked`): the
         first call of a deep model compiles in a fraction of the time. Each stack replaces
-        its per-layer arrays as it is made, so the model is never held twice. Not with
-        ``mesh`` yet. On an H100: Gemma 3 4B loaded and run once in 4.7 s stacked, 6.9-7.8
-        s per layer (transformers: 7.1-7.4 s, 8.9-12.3 s on the slower host of the
-        per-layer figure); the 27B's first call 1.6-3.6 s against 6-15 s, its steady
-        forward 1-3% slower (docs: "Deep models: stacked layers").
+        its per-layer arrays as it is made, so the model is never held twice. With
+        ``mesh``, each stack is placed with its layer axis whole on every device and its
+        named axes split as each layer's parameter would be, and each device reads only
+        its slice of each layer's tensor (`gemmalens.sharding.Placement.put_stack`). On an
+        H100: Gemma 3 4B loaded and run once in 4.7 s stacked, 6.9-7.8 s per layer
+        (transformers: 7.1-7.4 s, 8.9-12.3 s on the slower host of the per-layer
+        figure); the 27B's first call 1.6-3.6 s against 6-15 s, its steady forward 1-3%
+        slower (docs: "Deep models: stacked layers").
 
     Returns:
       a `gemmalens.Model`.
     """
     dtype = _dtype(dtype)
-    if stack_layers and mesh is not None:
-        raise NotImplementedError(stacking.MESH_REFUSAL)
     fmt = detect_format(path)
     ckpt = fmt.open(pathlib.Path(path).expanduser(), preset)
     model_type = ckpt.config.get("model_type")

@@ -81,9 +81,15 @@ class CheckpointParams:
     def stack(self, requests: list[ParamRequest]) -> jax.Array:
         """The tensors of ``requests`` (one per layer) stacked on the host and copied to the
         device once, ``[layer, ...]`` (`stacking.build_stacked`): the device never holds a
-        per-layer copy, and host memory holds one stack at a time."""
-        host = np.stack([np.asarray(self._read(r)).reshape(r.shape) for r in requests])
-        return jnp.asarray(host, dtype=self.dtype)
+        per-layer copy, and host memory holds one stack at a time. Inside
+        `sharding.placing`, each device reads and converts only its slice of each layer's
+        memory-mapped tensor, straight into the stack's placed layout
+        (`sharding.Placement.put_stack`)."""
+        hosts = [np.asarray(self._read(r)).reshape(r.shape) for r in requests]
+        placement = sharding.active()
+        if placement is not None:
+            return placement.put_stack(requests[0].axes, hosts, self.dtype)
+        return jnp.asarray(np.stack(hosts), dtype=self.dtype)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -137,9 +143,9 @@ def build_from_checkpoint(
     total = sum(math.prod(ckpt.shape(k)) * np.dtype(ckpt.dtype(k)).itemsize for k in expected)
     source = CheckpointParams(ckpt, key_for, dtype, show_progress, total)
     try:
-        if stacking.building_stacked():
-            return stacking.build_stacked(build, source)
         with sharding.placing_requested((r.label, r.axes) for r in shapes.requests):
+            if stacking.building_stacked():
+                return stacking.build_stacked(build, source)
             return build(source)
     finally:
         source.close()

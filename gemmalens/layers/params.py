@@ -93,6 +93,35 @@ def _write_layer(stack: jax.Array, value: jax.Array, index: int) -> jax.Array:
     return stack.at[index].set(value)
 
 
+def _draw(init: Init, shape: tuple[int, ...], dtype: Any, std: float, key: jax.Array) -> jax.Array:
+    """`RandomInit`'s value of a parameter (traceable)."""
+    if init == "zeros":
+        return jnp.zeros(shape, dtype)
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    if init in ("inf", "-inf"):
+        return jnp.full(shape, float(init), dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@functools.cache
+def _placed_zeros(shape: tuple[int, ...], dtype: Any, placed: Any) -> Any:
+    """``make()``: zeros of ``shape`` straight into ``placed`` (a stack to write into)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placed)
+
+
+@functools.cache
+def _placed_writer(init: Init, shape: tuple[int, ...], dtype: Any, std: float, placed: Any) -> Any:
+    """``write(stack, key, index)``: the stack (placed by ``placed``) with layer ``index``
+    set to `_draw`'s value, made inside the program; one program per kind of layer, not
+    one per layer."""
+
+    def write(stack: jax.Array, key: jax.Array, index: jax.Array) -> jax.Array:
+        return stack.at[index].set(_draw(init, shape, dtype, std, key))
+
+    return jax.jit(write, donate_argnums=0, out_shardings=placed)
+
+
 @dataclasses.dataclass
 class RandomInit:
     """Random initialisation: normal(0, std) for matrices, zeros/ones where asked.
@@ -107,14 +136,11 @@ class RandomInit:
 
     def value(self, request: ParamRequest) -> jax.Array:
         """The parameter's initial value (traceable: `stack` runs it inside one program)."""
-        if request.init == "zeros":
-            return jnp.zeros(request.shape, self.dtype)
-        if request.init == "ones":
-            return jnp.ones(request.shape, self.dtype)
-        if request.init in ("inf", "-inf"):
-            return jnp.full(request.shape, float(request.init), self.dtype)
-        key = pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
-        return (self.std * jax.random.normal(key, request.shape, jnp.float32)).astype(self.dtype)
+        return _draw(request.init, request.shape, self.dtype, self.std, self.key(request))
+
+    def key(self, request: ParamRequest) -> jax.Array:
+        """The random key of the parameter's value, from the seed and its label."""
+        return pz.nn.derive_param_key(jax.random.key(self.seed), request.label)
 
     def __call__(self, request: ParamRequest) -> pz.Parameter:
         placement = sharding.active()
@@ -125,10 +151,26 @@ class RandomInit:
     def stack(self, requests: list[ParamRequest]) -> jax.Array:
         """The values of ``requests`` (one per layer, one shape) stacked ``[layer, ...]``
         (`stacking.build_stacked`): the stack is allocated in one piece first, then each
-        layer's value, made exactly as `__call__` makes it, is written into it."""
-        stack = jnp.zeros((len(requests), *requests[0].shape), self.dtype)
+        layer's value, made exactly as `__call__` makes it, is written into it. Inside
+        `sharding.placing`, the stack is allocated in its placed layout
+        (`sharding.Placement.stack_sharding`) and each layer's value is made and written
+        by one program that outputs that layout (each device its own slice, where XLA
+        partitions the random draw: JAX's default partitionable threefry), never on one
+        device first."""
+        shape = (len(requests), *requests[0].shape)
+        placement = sharding.active()
+        if placement is None:
+            stack = jnp.zeros(shape, self.dtype)
+            for index, request in enumerate(requests):
+                stack = _write_layer(stack, self.value(request), index)
+            return stack
+        placed = placement.stack_sharding(requests[0].axes)
+        stack = _placed_zeros(shape, jnp.dtype(self.dtype), placed)()
         for index, request in enumerate(requests):
-            stack = _write_layer(stack, self.value(request), index)
+            write = _placed_writer(
+                request.init, request.shape, jnp.dtype(self.dtype), self.std, placed
+            )
+            stack = write(stack, self.key(request), index)
         return stack
 
 

@@ -37,6 +37,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import re
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens import sharding
 from gemmalens.layers.attention import Attention
 from gemmalens.layers.hooks import CaptureHook, HookPoint, InterveneHook
 from gemmalens.layers.kv_sharing import KVProducer, SharedKVAttention
@@ -53,11 +55,6 @@ from gemmalens.layers.kv_sharing import KVProducer, SharedKVAttention
 # A stack's parameters: "<stack>.blocks.<index>.<rest>" (the stack prefix may be empty).
 _BLOCK_LABEL = re.compile(r"^(?P<stack>(?:.*\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
-#: Why ``stack_layers=True`` and ``mesh=`` do not go together (`gemmalens.load`, `build`).
-MESH_REFUSAL = (
-    "stack_layers=True with mesh=: stacked layers cannot be placed on a mesh yet "
-    "(gemmalens.sharding places per-layer parameters); pass one of the two."
-)
 # Layers that publish or read values through a side input shared by the whole stack.
 _SHARES_STATE = (KVProducer, SharedKVAttention)
 # The longest period looked for (Gemma 3's is 6; Gemma 4's 6; room for others).
@@ -146,16 +143,36 @@ def _is_block_stack(layer: Any) -> bool:
     )
 
 
-class _FromValues:
-    """Stacks made from the per-layer values the tree holds."""
+@functools.cache
+def _stack_into(sharding: Any) -> Any:
+    """``jnp.stack`` of per-layer arrays straight into ``sharding`` (a stack's)."""
+    return jax.jit(lambda arrays: jnp.stack(arrays), out_shardings=sharding)
 
-    def __init__(self, donate: bool):
-        self.donate = donate
+
+@functools.cache
+def _layer_into(sharding: Any) -> Any:
+    """Layer ``index`` of a stack straight into ``sharding`` (its per-layer parameter's)."""
+    return jax.jit(
+        lambda stack, index: jax.lax.dynamic_index_in_dim(stack, index, keepdims=False),
+        out_shardings=sharding,
+    )
+
+
+class _FromValues:
+    """Stacks made from the per-layer values the tree holds; with ``placement`` (a
+    `gemmalens.sharding.Placement`) each stack is placed by its `stack_sharding`."""
+
+    def __init__(self, donate: bool, placement: Any = None):
+        self.donate, self.placement = donate, placement
 
     def stack(self, members: list[pz.Parameter]) -> jax.Array:
-        axes = tuple(members[0].value.named_shape)
+        named_shape = members[0].value.named_shape
+        axes = tuple(named_shape)
         arrays = [m.value.unwrap(*axes) for m in members]
-        stacked = jnp.stack(arrays)
+        if self.placement is None:
+            stacked = jnp.stack(arrays)
+        else:
+            stacked = _stack_into(self.placement.stack_sharding(named_shape))(arrays)
         if self.donate:
             for array in arrays:
                 if isinstance(array, jax.Array) and not array.is_deleted():
@@ -181,7 +198,8 @@ class _FromSource:
         if make is not None:
             return make(requests)
         # A source without a stacked form: one layer at a time, each freed once copied.
-        return _FromValues(donate=True).stack([self.source(r) for r in requests])
+        placement = sharding.active()
+        return _FromValues(True, placement).stack([self.source(r) for r in requests])
 
     def single(self, param: pz.Parameter) -> pz.Parameter:
         return self.source(self.requests[param.label])
@@ -232,7 +250,11 @@ def build_stacked(build: Any, source: Any) -> Any:
     """``build(source)`` with its block stacks stacked (as `stack_tree` makes them), each
     stack made directly by ``source``: its ``stack(requests)`` method where it has one (a
     random initialisation writes each stack in one program; a checkpoint stacks on the
-    host and copies once), else one layer at a time. The peak memory is the model's."""
+    host and copies once), else one layer at a time. The peak memory is the model's.
+
+    Inside `gemmalens.sharding.placing` the source places what it makes: each stack by
+    the placement's `stack_sharding` (each device reading only its slice of a
+    checkpoint's tensors), the other parameters as in a per-layer build."""
     placeholders = _Placeholders(source.dtype)
     tree = build(placeholders)
     return stack_tree(tree, filler=_FromSource(source, placeholders.requests))
@@ -242,15 +264,18 @@ def build_stacked(build: Any, source: Any) -> Any:
 _OWN = (pz.Parameter, _Placeholder)
 
 
-def stack_tree(tree: Any, donate: bool = False, filler: Any = None) -> Any:
+def stack_tree(tree: Any, donate: bool = False, filler: Any = None, placement: Any = None) -> Any:
     """``tree`` with its block stacks' parameters stored stacked (`LayerSlice` views) and
     its block stacks run by `ScannedSequential`.
 
     ``donate``: delete each per-layer array once it is copied into its stack, so that the
     peak memory is the model plus one stack (the input tree is unusable afterwards).
     ``filler``: where the values come from (`build_stacked`); the tree's own by default.
+    ``placement``: the `gemmalens.sharding.Placement` of a tree on a mesh: each stack made
+    from the tree's values is placed by its `stack_sharding` (the layer axis whole, the
+    named axes as each layer's parameter was placed).
     """
-    filler = filler or _FromValues(donate)
+    filler = filler or _FromValues(donate, placement)
     params = pz.select(tree).at_instances_of(_OWN).get_sequence()
     groups: dict[tuple, list[pz.Parameter]] = collections.defaultdict(list)
     seen: set[int] = set()
@@ -291,12 +316,21 @@ def stack_tree(tree: Any, donate: bool = False, filler: Any = None) -> Any:
     )
 
 
-def unstack_tree(tree: Any) -> Any:
+def unstack_tree(tree: Any, placement: Any = None) -> Any:
     """The inverse of `stack_tree`: every `LayerSlice` becomes its own parameter again (a
-    copy of its slice) and every `ScannedSequential` a plain `pz.nn.Sequential`."""
+    copy of its slice) and every `ScannedSequential` a plain `pz.nn.Sequential`. With
+    ``placement`` (a tree on a mesh), each slice is placed by the placement's
+    `~gemmalens.sharding.Placement.sharding`, as a per-layer parameter is."""
 
     def own(view: LayerSlice) -> pz.Parameter:
-        return pz.Parameter(value=view.value, label=view.label)
+        if placement is None:
+            return pz.Parameter(value=view.value, label=view.label)
+        stored = view.stack.value
+        take = _layer_into(placement.sharding(stored.named_shape))
+        value = pz.nx.NamedArray(
+            named_axes=stored.named_axes, data_array=take(stored.data_array, view.index)
+        )
+        return pz.Parameter(value=value, label=view.label)
 
     tree = pz.select(tree).at_instances_of(LayerSlice).apply(own)
     return (
