@@ -30,6 +30,7 @@ from penzai import pz
 
 import gemmalens as gl
 from gemmalens import patching
+from gemmalens.layers import stacking
 
 FAMILIES = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
 RS = np.random.RandomState(0)
@@ -48,11 +49,21 @@ def metric(logits):
     return logits[:, -1].std(-1).mean()
 
 
+def zero_head(value, hook):
+    """The intervention: head 1's ``z`` set to zero."""
+    return value.at[:, :, 1].set(0.0)
+
+
 @functools.cache
 def one_device(name: str):
     """Teaching model ``name`` on one device, loaded once: the parts of the check compare
     against the same model, so its programs (the same in several parts) compile once."""
     return gl.teaching_model(name)
+
+
+# One-device values of each family that `compare` computes and `stacked` compares against
+# too (each computed once).
+REFERENCE: dict[str, dict] = {}
 
 
 def scale(a) -> float:
@@ -71,6 +82,7 @@ def compare(name: str, mesh) -> dict:
     out = {"rules": sharded.sharding_rules, "replicated": list(sharded.placement.replicated)}
 
     logits_one, cache_one = one.run_with_cache(TOKENS, **streams)
+    reference = REFERENCE[name] = {"logits": logits_one, "cache": cache_one}
     logits_sharded, cache_sharded = sharded.run_with_cache(TOKENS, **streams)
     out["logits"] = biggest(logits_one, logits_sharded)
     out["logit_scale"] = float(np.abs(np.asarray(logits_one)).max())
@@ -84,10 +96,9 @@ def compare(name: str, mesh) -> dict:
     out["captures_are_numpy"] = all(isinstance(gathered[k], np.ndarray) for k in gathered)
 
     z = "decoder.blocks.0.attn.hook_z" if name == "t5gemma2" else "blocks.0.attn.hook_z"
-    hooks = {z: lambda v, hook: v.at[:, :, 1].set(0.0)}
+    reference["intervened"] = one.run_with_hooks(TOKENS, {z: zero_head}, **streams)
     out["intervention"] = biggest(
-        one.run_with_hooks(TOKENS, hooks, **streams),
-        sharded.run_with_hooks(TOKENS, hooks, **streams),
+        reference["intervened"], sharded.run_with_hooks(TOKENS, {z: zero_head}, **streams)
     )
 
     prefix = "decoder." if name == "t5gemma2" else ""
@@ -147,6 +158,149 @@ def tie_gaps(one, a, b, encoder_decoder: bool) -> list[float]:
             logits = np.asarray(one(np.concatenate([prompt, ta[row, :step]])[None]))[0, -1]
         gaps.append(float(logits[ta[row, step]] - logits[tb[row, step]]))
     return gaps
+
+
+def stack_layouts(m) -> dict:
+    """Each stack of ``m``: its layer count, named axes, the spec it is placed with and its
+    shard shapes over the devices."""
+    out = {}
+    for view in pz.select(m.model).at_instances_of(stacking.LayerSlice).get_sequence():
+        value = view.stack.value
+        out[view.stack.label] = {
+            "layers": value.positional_shape[0],
+            "named": dict(value.named_shape),
+            "spec": str(value.data_array.sharding.spec),
+            "shards": sorted({tuple(s.data.shape) for s in value.data_array.addressable_shards}),
+        }
+    return out
+
+
+def value_difference(a, b) -> float:
+    """The largest difference between the parameter values of models ``a`` and ``b``
+    (each layer's, by its label, stacked or not); infinite where their labels differ."""
+    ours, theirs = (stacking.parameter_values(m.model) for m in (a, b))
+    if ours.keys() != theirs.keys():
+        return float("inf")
+    return max(
+        biggest(ours[k].unwrap(*ours[k].named_shape), theirs[k].unwrap(*ours[k].named_shape))
+        for k in ours
+    )
+
+
+def same_layouts(a, b) -> bool:
+    """Whether models ``a`` and ``b`` store the same parameters (stacks, by their labels)
+    placed alike (the specs of the arrays holding them)."""
+    stored = [{p.label: p.value.data_array for p in pz.unbind_params(m.model)[1]} for m in (a, b)]
+    return stored[0].keys() == stored[1].keys() and all(
+        stored[0][k].sharding.spec == stored[1][k].sharding.spec for k in stored[0]
+    )
+
+
+# Stacked sweeps corrupt every token but the first: the teaching models' last logits barely
+# move when one token changes (CORRUPTED), so a sweep would have little to compare.
+CORRUPTED_ALL = TOKENS.copy()
+CORRUPTED_ALL[:, 1:] = (CORRUPTED_ALL[:, 1:] + 100) % 400 + 3
+
+
+def stacked(mesh) -> dict:
+    """Stacked layers on the mesh against the one-device per-layer model, family by
+    family: each loaded stacked from its teaching checkpoint (``gl.load(path, mesh=...,
+    stack_layers=True)``: each stack read by `Placement.put_stack`, each device its own
+    slices): logits, captured patterns and residuals of every layer (so the looped ones
+    stay in their loop), an intervention inside the loop (`compare`'s, whose one-device
+    value `REFERENCE` holds), a sweep, and each stack's layout. Then, on Gemma 3, the other
+    ways to a stacked model on a mesh, against the loaded one: `Model.stacked` of a
+    sharded model (donating), `gl.sharding.shard` of a stacked one, ``gl.build(...,
+    mesh=..., stack_layers=True)``; and `Model.unstacked`."""
+    out = {}
+    original = gl.sharding.Placement.put_stack
+    placed: list[str] = []
+
+    def put_stack(self, named_shape, hosts, dtype):
+        array = original(self, named_shape, hosts, dtype)
+        placed.append(str(array.sharding.spec))
+        return array
+
+    for name in FAMILIES:
+        start = time.perf_counter()
+        one, reference = one_device(name), REFERENCE[name]
+        placed.clear()
+        gl.sharding.Placement.put_stack = put_stack
+        try:
+            m = gl.load(gl.teaching_model_path(name), mesh=mesh, stack_layers=True)
+        finally:
+            gl.sharding.Placement.put_stack = original
+        streams = {"decoder_tokens": DECODER} if name == "t5gemma2" else {}
+        prefix = "decoder." if name == "t5gemma2" else ""
+        entry = {"is_stacked": m.is_stacked, "mesh": dict(m.mesh.shape), "put_stack": placed[:]}
+        entry["values"] = value_difference(m, one)
+        entry["looped"] = {
+            stack: [
+                i for kind, first, *rest in plan if kind == "loop" for i in range(first, rest[0])
+            ]
+            for stack, plan in stacking.runs(m.model).items()
+        }
+        # Every layer's pattern and residual: blocks capturing alike loop together.
+        names = [
+            hook
+            for hook in m.hook_names
+            if hook.startswith(prefix + "blocks.")
+            and hook.endswith((".attn.hook_pattern", ".hook_resid_post"))
+        ]
+        logits, cache = m.run_with_cache(TOKENS, names=names, **streams)
+        entry["logits"] = biggest(reference["logits"], logits)
+        gathered = cache.gather()
+        relative = {
+            k: biggest(reference["cache"][k], gathered[k]) / scale(reference["cache"][k])
+            for k in gathered
+        }
+        entry["captured"] = sorted(relative)
+        entry["captures"] = max(relative.values())
+        entry["worst_capture"] = max(relative, key=relative.get)
+
+        z = prefix + "blocks.0.attn.hook_z"
+        intervened = m.run_with_hooks(TOKENS, {z: zero_head}, **streams)
+        entry["intervention"] = biggest(reference["intervened"], intervened)
+        entry["intervention_effect"] = biggest(reference["intervened"], reference["logits"])
+
+        kwargs = {"decoder_tokens": DECODER, "corrupted_decoder_tokens": DECODER} if streams else {}
+        args = (TOKENS, CORRUPTED_ALL, metric)
+        expected = np.asarray(patching.sweep(one, *args, site=prefix + "resid_pre", **kwargs))
+        swept = patching.sweep(m, *args, site=prefix + "resid_pre", **kwargs)
+        entry["sweep"] = biggest(expected, swept)
+        entry["sweep_spread"] = float(np.ptp(expected))
+        entry["stacks"] = stack_layouts(m)
+        entry["seconds"] = time.perf_counter() - start
+        out[name] = entry
+        if name == "gemma3":
+            loaded = m
+
+    # Gemma 3: the other ways to a stacked model on the mesh give the loaded one.
+    start = time.perf_counter()
+    path, config = gl.teaching_model_path("gemma3"), one_device("gemma3").config
+    per_layer = gl.load(path, mesh=mesh)
+    in_blocks = [
+        p.value.data_array
+        for p in pz.select(per_layer.model).at_instances_of(pz.Parameter).get_sequence()
+        if p.label.startswith("blocks.")
+    ]
+    restacked = per_layer.stacked(donate=True)
+    out["restacked"] = [value_difference(restacked, loaded), same_layouts(restacked, loaded)]
+    out["restacked_freed"] = [len(in_blocks), sum(a.is_deleted() for a in in_blocks)]
+    out["restacked_mesh"] = restacked.mesh is mesh
+    resharded = gl.sharding.shard(one_device("gemma3").stacked(), mesh)
+    out["shard_of_stacked"] = [value_difference(resharded, loaded), same_layouts(resharded, loaded)]
+    # Random values made in their placed layouts round as one program does (1 ulp).
+    built = gl.build(config, seed=3, mesh=mesh, stack_layers=True)
+    one_built = gl.build(config, seed=3)
+    out["built"] = [value_difference(built, one_built), same_layouts(built, loaded)]
+    out["built_is_stacked"] = built.is_stacked
+    unstacked = loaded.unstacked()
+    again = gl.load(path, mesh=mesh)
+    out["unstacked"] = [value_difference(unstacked, again), same_layouts(unstacked, again)]
+    out["unstacked_is_stacked"] = unstacked.is_stacked
+    out["seconds"] = time.perf_counter() - start
+    return out
 
 
 def kv_cache(mesh) -> dict:
@@ -338,6 +492,9 @@ def main(path: str, model: int = 2, data: int = 2) -> None:
         start = time.perf_counter()
         results[name] = compare(name, mesh)
         results[name]["seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["stacked"] = stacked(mesh)
+    results["stacked"]["total_seconds"] = time.perf_counter() - start
     results["kv_cache"] = kv_cache(mesh)
     results["bad"] = bad_meshes()
     for name, case in (("sites", split_sites), ("seq", sequence)):

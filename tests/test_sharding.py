@@ -1,8 +1,8 @@
 """Sharding (gemmalens.sharding): every teaching model on 8 simulated CPU devices, in a
 subprocess (the device count is fixed when JAX starts), against the same model on one
-device; patching sweeps with their sites split over the data axis; prompts split along
-their tokens (sequence sharding); two processes joined as two hosts; a one-device mesh in
-this process; bad meshes.
+device, per layer and with stacked layers (`Model.stacked`); patching sweeps with their
+sites split over the data axis; prompts split along their tokens (sequence sharding); two
+processes joined as two hosts; a one-device mesh in this process; bad meshes.
 
 Sharded programs sum in another order (a head's or a neuron's contribution is added up on
 its device, then across devices), so float32 values agree to rounding: each comparison is
@@ -96,6 +96,74 @@ def test_parameters_really_are_distributed(results, family):
     assert "embed.embeddings" in split
     if family == "gemma4_moe":  # expert parallelism
         assert r["shards"]["blocks.0.moe.experts.down_proj"] == [[2, 256, 96]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_layers_on_a_mesh_equal_one_device(results, family):
+    """``gl.load(path, mesh=..., stack_layers=True)`` on (data=2, model=4) against the
+    per-layer model on one device: the same parameter values; logits, captured patterns
+    and residuals of layers running inside a loop, an intervention inside the loop and a
+    sweep agree to rounding."""
+    r, scale = results["stacked"][family], results[family]["logit_scale"]
+    prefix = "decoder." if family == "t5gemma2" else ""
+    assert r["is_stacked"] and r["mesh"] == MESH
+    assert r["values"] == 0.0
+    assert {0, 1} <= set(r["looped"][prefix + "blocks"])  # layers 0 and 1 loop
+    assert {f"{prefix}blocks.1.attn.hook_pattern", f"{prefix}blocks.1.hook_resid_post"} <= set(
+        r["captured"]
+    )
+    assert r["logits"] <= RELATIVE * scale
+    assert r["captures"] <= RELATIVE, r["worst_capture"]
+    # The intervention (layer 0, inside the loop) moves the logits far beyond rounding.
+    assert r["intervention"] <= RELATIVE * scale < 1e-3 * r["intervention_effect"]
+    assert r["sweep"] <= RELATIVE * scale < 0.1 * r["sweep_spread"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacks_keep_the_layer_axis_whole_on_every_device(results, family):
+    """Each stack ``[layer, *named axes]`` is placed with ``P(None, *spec)``: every device
+    holds every layer of its slice of the named axes, split as each layer's parameter
+    is; each was read from the checkpoint by `Placement.put_stack` (each device its own
+    slices of the tensors)."""
+    r, rules = results["stacked"][family], results[family]["rules"]
+    stacks = r["stacks"]
+    assert sorted(r["put_stack"]) == sorted(s["spec"] for s in stacks.values())
+    for label, stack in stacks.items():
+        divided = [
+            axis in rules and size % MESH[rules[axis]] == 0 for axis, size in stack["named"].items()
+        ]
+        spec = PartitionSpec(
+            None, *(rules[a] if d else None for a, d in zip(stack["named"], divided))
+        )
+        assert stack["spec"] == str(spec), (label, stack)
+        shard = [stack["layers"]] + [
+            size // MESH[rules[axis]] if d else size
+            for (axis, size), d in zip(stack["named"].items(), divided)
+        ]
+        assert stack["shards"] == [shard], (label, stack)
+    # Query heads split 4 ways (one per device of the model axis), every layer held.
+    queries = [s for label, s in stacks.items() if ".attn.q_proj.weights" in label]
+    assert queries
+    for s in queries:
+        assert s["named"]["heads"] == 4 and s["layers"] >= 2
+        assert s["shards"][0][:2] == [s["layers"], 1], s
+    if family == "gemma4_moe":  # expert parallelism, stacked
+        assert stacks["blocks.*.moe.experts.down_proj"]["shards"] == [[4, 2, 256, 96]]
+
+
+def test_every_way_to_a_stacked_model_on_a_mesh(results):
+    """Gemma 3 on (data=2, model=4): `Model.stacked` of the sharded model (donating),
+    ``gl.sharding.shard`` of a stacked model and ``gl.build(..., mesh=...,
+    stack_layers=True)`` give the loaded stacked model's layouts (and, but for the random
+    build's own values, its values); `Model.unstacked` gives the sharded per-layer model."""
+    r = results["stacked"]
+    assert r["restacked"] == [0.0, True] and r["restacked_mesh"]
+    freed, deleted = r["restacked_freed"]
+    assert freed > 0 and deleted == freed  # donate=True freed every per-layer array
+    assert r["shard_of_stacked"] == [0.0, True]
+    # One-device values of the same seed (to float rounding: made in another program).
+    assert r["built"][0] <= 1e-7 and r["built"][1] and r["built_is_stacked"]
+    assert r["unstacked"] == [0.0, True] and not r["unstacked_is_stacked"]
 
 
 def test_generation_kv_caches_are_split_by_kv_heads(results):
