@@ -442,13 +442,13 @@ def generate_tokens(
 _STATIC = ("max_new_tokens", "sampler", "eos_ids", "pad_id", "unroll")
 
 
-@compiling.jit(static_argnums=0, static_argnames=_STATIC)
+@compiling.jit(static_argnums=0, static_argnames=_STATIC, decoding=True)
 def _generate_program(empty_caches, plan, tokens, mask, key, **options):
     model, captures = plan.tree()  # a `Distinct`
     return _decode(model, empty_caches.make(), captures, tokens, mask, key, **options)
 
 
-@compiling.jit(static_argnames=_STATIC)
+@compiling.jit(static_argnames=_STATIC, decoding=True)
 def _generate(
     plan: Distinct, tokens, mask, key, *, max_new_tokens, sampler, eos_ids, pad_id, unroll=1
 ):

@@ -184,11 +184,12 @@ def test_default_location_and_configure_at_run_time(tmp_path):
 
 def test_compiler_options_default_and_opt_out():
     """gemmalens compiles without Triton GEMMs and with dynamic-slice fusion (short
-    programs without Triton norm fusions, long and stacked ones without the dot merger)
-    unless GEMMALENS_XLA_OPTIONS=xla asks for XLA's own defaults (read at import)."""
+    programs without Triton norm fusions, long and stacked ones without the dot merger;
+    generation programs with dynamic-slice fusion alone) unless GEMMALENS_XLA_OPTIONS=xla
+    asks for XLA's own defaults (read at import)."""
     script = (
-        "import json, gemmalens as gl; "
-        "c = gl.compiling; print(json.dumps([c.XLA_OPTIONS, c.SHORT_OPTIONS, c.DOT_MERGER_OFF]))"
+        "import json, gemmalens as gl; c = gl.compiling; "
+        "print(json.dumps([c.XLA_OPTIONS, c.SHORT_OPTIONS, c.DOT_MERGER_OFF, c.DECODING_OPTIONS]))"
     )
     seen = {}
     for value in ("", "xla"):
@@ -202,8 +203,9 @@ def test_compiler_options_default_and_opt_out():
         {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True},
         {"xla_disable_hlo_passes": "triton-softmax-rewriter"},
         {"xla_gpu_dot_merger_threshold_mb": 0},
+        {"xla_gpu_enable_dynamic_slice_fusion": True},
     ]
-    assert seen["xla"] == [{}, {}, {}]
+    assert seen["xla"] == [{}, {}, {}, {}]
 
 
 def test_short_programs_compile_with_their_own_options():
@@ -263,6 +265,44 @@ def test_programs_taking_a_stacked_model_compile_with_their_own_options():
         **compiling.DOT_MERGER_OFF,
     }
     np.testing.assert_allclose(np.asarray(stacked(ids)), np.asarray(m(ids)), atol=1e-4)
+
+
+def test_generation_programs_compile_with_decoding_options():
+    """Generation programs (prefill and decode loop) compile with DECODING_OPTIONS, which
+    keep XLA's Triton GEMMs and norm fusions, whatever their prompt's length; a long
+    prompt or a stacked model adds DOT_MERGER_OFF as elsewhere. `Model.generate` compiles
+    its program with them, and its tokens are those of the same program compiled with the
+    forward's short-program options (on the CPU the passes they differ in do not exist)."""
+    import numpy as np
+
+    import gemmalens as gl
+    from gemmalens import compiling, sampling
+
+    limit = compiling.SHORT_PROGRAM_TOKENS
+    short, long = np.ones((2, 8), np.int32), np.ones((1, limit + 1), np.int32)
+    decoding = dict(compiling.DECODING_OPTIONS)
+    for program in (sampling._generate_program, sampling._generate):
+        assert program.options_for((short,), {}) == decoding
+        assert program.options_for((long,), {}) == {**decoding, **compiling.DOT_MERGER_OFF}
+    if compiling.XLA_OPTIONS:  # unless GEMMALENS_XLA_OPTIONS=xla
+        assert "xla_gpu_enable_triton_gemm" not in decoding
+        assert compiling.XLA_OPTIONS["xla_gpu_enable_triton_gemm"] is False
+
+    m = gl.teaching_model("gemma3")
+    prompt = np.arange(3, 11, dtype=np.int32)[None]
+    program = sampling._generate_program
+    tokens = np.asarray(m.generate(prompt, max_new_tokens=4, stop_at_eos=False).tokens)
+    assert tuple(sorted(decoding.items())) in program._by_options
+    as_forward = {**compiling.XLA_OPTIONS, **compiling.SHORT_OPTIONS}
+    original = compiling.DECODING_OPTIONS
+    try:
+        compiling.DECODING_OPTIONS = as_forward
+        m_again = gl.teaching_model("gemma3")
+        again = np.asarray(m_again.generate(prompt, max_new_tokens=4, stop_at_eos=False).tokens)
+    finally:
+        compiling.DECODING_OPTIONS = original
+    assert tuple(sorted(as_forward.items())) in program._by_options
+    np.testing.assert_array_equal(tokens, again)
 
 
 def test_compiled_entry_points_run_inside_other_traces():
