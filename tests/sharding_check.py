@@ -35,8 +35,10 @@ from gemmalens.layers import stacking
 FAMILIES = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
 RS = np.random.RandomState(0)
 TOKENS = RS.randint(3, 400, (2, 9))
+# Every token but the first corrupted: the teaching models' last logits barely move when
+# one token changes, and a sweep between two near-equal runs would have little to compare.
 CORRUPTED = TOKENS.copy()
-CORRUPTED[:, 4] = (CORRUPTED[:, 4] + 100) % 400 + 3
+CORRUPTED[:, 1:] = (CORRUPTED[:, 1:] + 100) % 400 + 3
 DECODER = RS.randint(3, 400, (2, 5))
 DECODER[:, 0] = 2
 
@@ -109,10 +111,9 @@ def compare(name: str, mesh) -> dict:
     )
     args = (TOKENS, CORRUPTED, metric)  # T5Gemma 2: the encoder input is corrupted
     site = prefix + "resid_pre"
-    out["sweep"] = biggest(
-        patching.sweep(one, *args, site=site, **kwargs),
-        patching.sweep(sharded, *args, site=site, **kwargs),
-    )
+    reference["sweep"] = np.asarray(patching.sweep(one, *args, site=site, **kwargs))
+    out["sweep"] = biggest(reference["sweep"], patching.sweep(sharded, *args, site=site, **kwargs))
+    out["sweep_spread"] = float(np.ptp(reference["sweep"]))
     out["attribution"] = biggest(
         patching.attribution_patching(one, *args, site=site, **kwargs),
         patching.attribution_patching(sharded, *args, site=site, **kwargs),
@@ -196,12 +197,6 @@ def same_layouts(a, b) -> bool:
     )
 
 
-# Stacked sweeps corrupt every token but the first: the teaching models' last logits barely
-# move when one token changes (CORRUPTED), so a sweep would have little to compare.
-CORRUPTED_ALL = TOKENS.copy()
-CORRUPTED_ALL[:, 1:] = (CORRUPTED_ALL[:, 1:] + 100) % 400 + 3
-
-
 def stacked(mesh) -> dict:
     """Stacked layers on the mesh against the one-device per-layer model, family by
     family: each loaded stacked from its teaching checkpoint (``gl.load(path, mesh=...,
@@ -264,8 +259,8 @@ def stacked(mesh) -> dict:
         entry["intervention_effect"] = biggest(reference["intervened"], reference["logits"])
 
         kwargs = {"decoder_tokens": DECODER, "corrupted_decoder_tokens": DECODER} if streams else {}
-        args = (TOKENS, CORRUPTED_ALL, metric)
-        expected = np.asarray(patching.sweep(one, *args, site=prefix + "resid_pre", **kwargs))
+        args = (TOKENS, CORRUPTED, metric)
+        expected = reference["sweep"]  # `compare`'s one-device sweep of the same site
         swept = patching.sweep(m, *args, site=prefix + "resid_pre", **kwargs)
         entry["sweep"] = biggest(expected, swept)
         entry["sweep_spread"] = float(np.ptp(expected))

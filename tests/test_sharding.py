@@ -62,8 +62,10 @@ def test_sharded_runs_equal_one_device(results, family):
     assert r["captures"] <= RELATIVE, r["worst_capture"]
     assert r["captures_count"] > 50 and r["captures_are_numpy"]
     assert r["intervention"] <= RELATIVE * scale
-    # Sweep metrics are logit differences (of logit scale); attribution estimates likewise.
-    assert r["sweep"] <= RELATIVE * scale
+    # Sweep metrics are logit spreads (of logit scale); attribution estimates likewise. The
+    # sweep's own values move by far more than the tolerance (every token but the first is
+    # corrupted), so a sharded sweep that did not patch would fail.
+    assert r["sweep"] <= RELATIVE * scale < 0.1 * r["sweep_spread"]
     assert r["attribution"] <= RELATIVE * scale
     # Greedy tokens agree, or part only at a near-tie of the one-device logits (two tokens
     # within rounding of each other, which the two ways of summing break differently).
