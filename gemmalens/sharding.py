@@ -311,10 +311,6 @@ class Placement:
         shape = (len(hosts), *named_shape.values())
         return jax.make_array_from_callback(shape, self.stack_sharding(named_shape), slice_of)
 
-    def make(self, named_shape: Mapping[str, int], make: Callable[[], jax.Array]) -> jax.Array:
-        """A global array computed by ``make`` straight into its sharding."""
-        return jax.jit(make, out_shardings=self.sharding(named_shape))()
-
     def activation_sharding(self, named_shape: Mapping[str, int]) -> NamedSharding:
         """The sharding of an activation or cache with these named axes (data order): the
         parameter rules (``kv_heads``, ``heads`` ...) and ``batch`` over the data axis,

@@ -294,6 +294,12 @@ def stacked(mesh) -> dict:
     again = gl.load(path, mesh=mesh)
     out["unstacked"] = [value_difference(unstacked, again), same_layouts(unstacked, again)]
     out["unstacked_is_stacked"] = unstacked.is_stacked
+    # The per-layer random build on the mesh (one program per kind of parameter).
+    built_per_layer = gl.build(config, seed=3, mesh=mesh)
+    out["built_per_layer"] = [
+        value_difference(built_per_layer, one_built),
+        same_layouts(built_per_layer, again),
+    ]
     out["seconds"] = time.perf_counter() - start
     return out
 

@@ -157,7 +157,8 @@ def test_every_way_to_a_stacked_model_on_a_mesh(results):
     """Gemma 3 on (data=2, model=4): `Model.stacked` of the sharded model (donating),
     ``gl.sharding.shard`` of a stacked model and ``gl.build(..., mesh=...,
     stack_layers=True)`` give the loaded stacked model's layouts (and, but for the random
-    build's own values, its values); `Model.unstacked` gives the sharded per-layer model."""
+    build's own values, its values); `Model.unstacked` gives the sharded per-layer model,
+    and the per-layer ``gl.build(..., mesh=...)`` the per-layer load's layouts."""
     r = results["stacked"]
     assert r["restacked"] == [0.0, True] and r["restacked_mesh"]
     freed, deleted = r["restacked_freed"]
@@ -165,6 +166,7 @@ def test_every_way_to_a_stacked_model_on_a_mesh(results):
     assert r["shard_of_stacked"] == [0.0, True]
     # One-device values of the same seed (to float rounding: made in another program).
     assert r["built"][0] <= 1e-7 and r["built"][1] and r["built_is_stacked"]
+    assert r["built_per_layer"][0] <= 1e-7 and r["built_per_layer"][1]
     assert r["unstacked"] == [0.0, True] and not r["unstacked_is_stacked"]
 
 

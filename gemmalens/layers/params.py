@@ -105,6 +105,13 @@ def _draw(init: Init, shape: tuple[int, ...], dtype: Any, std: float, key: jax.A
 
 
 @functools.cache
+def _placed_draw(init: Init, shape: tuple[int, ...], dtype: Any, std: float, placed: Any) -> Any:
+    """``draw(key)``: `_draw`'s value made straight into ``placed`` (a parameter's sharding);
+    one program per kind of parameter, not one per parameter."""
+    return jax.jit(lambda key: _draw(init, shape, dtype, std, key), out_shardings=placed)
+
+
+@functools.cache
 def _placed_zeros(shape: tuple[int, ...], dtype: Any, placed: Any) -> Any:
     """``make()``: zeros of ``shape`` straight into ``placed`` (a stack to write into)."""
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placed)
@@ -146,7 +153,14 @@ class RandomInit:
         placement = sharding.active()
         if placement is None:
             return _wrap(request, self.value(request))
-        return _wrap(request, placement.make(request.axes, lambda: self.value(request)))
+        draw = _placed_draw(
+            request.init,
+            tuple(request.shape),
+            jnp.dtype(self.dtype),
+            self.std,
+            placement.sharding(request.axes),
+        )
+        return _wrap(request, draw(self.key(request)))
 
     def stack(self, requests: list[ParamRequest]) -> jax.Array:
         """The values of ``requests`` (one per layer, one shape) stacked ``[layer, ...]``
