@@ -296,9 +296,8 @@ def test_generation_programs_compile_with_decoding_options():
     as_forward = {**compiling.XLA_OPTIONS, **compiling.SHORT_OPTIONS}
     original = compiling.DECODING_OPTIONS
     try:
-        compiling.DECODING_OPTIONS = as_forward
-        m_again = gl.teaching_model("gemma3")
-        again = np.asarray(m_again.generate(prompt, max_new_tokens=4, stop_at_eos=False).tokens)
+        compiling.DECODING_OPTIONS = as_forward  # read at each call: the same model compiles anew
+        again = np.asarray(m.generate(prompt, max_new_tokens=4, stop_at_eos=False).tokens)
     finally:
         compiling.DECODING_OPTIONS = original
     assert tuple(sorted(as_forward.items())) in program._by_options
