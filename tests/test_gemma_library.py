@@ -330,6 +330,27 @@ def test_logits_match_transformers(tiny, name, layout):
     assert diff <= TOLERANCE
 
 
+def test_every_family_loads_stacked_on_a_mesh(tiny):
+    """``gl.load(path, stack_layers=True)`` reads a library checkpoint (each family in its
+    released layout) into stacked layers, off a mesh and on a (one-device) one, with transformers'
+    logits as the per-layer load has them."""
+    mesh = gl.sharding.make_mesh()
+    for name, layout in [
+        ("gemma3", "flat"),
+        ("gemma3n", "stacked"),
+        ("gemma4", "flat"),
+        ("gemma4_moe", "nested"),
+    ]:
+        t = tiny[name]
+        tokens = _tokens(t.config.vocab_size)
+        expected = ref.logits(t.hf_model, tokens)
+        for on in (None, mesh):
+            m = gl.load(t.dirs[layout], preset=t.config, mesh=on, stack_layers=True)
+            assert m.is_stacked and m.mesh is on, name
+            diff = float(np.max(np.abs(np.asarray(m(tokens)) - expected)))
+            assert diff <= TOLERANCE, (name, on, diff)
+
+
 def test_every_layout_gives_the_same_tensors(tiny):
     """Flat and stacked checkpoints present the nested one's tensors, bit for bit."""
     for name, t in tiny.items():

@@ -9,6 +9,7 @@ the tied embedding's reverse projection and the final soft-cap, where KerasHub p
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -258,6 +259,24 @@ def test_t5gemma2_logits_match_keras_hub(t5gemma2):
     assert m.checkpoint_format == "KerasHub preset"
     assert m.config.eoi_token_index == -1  # text-only: no end-of-image row
     _assert_close(m(TOKENS, decoder_tokens=DECODER_TOKENS), expected)
+
+
+def test_every_family_loads_stacked_on_a_mesh(gemma3, gemma3n, gemma4, t5gemma2):
+    """``gl.load(preset, stack_layers=True)`` reads a KerasHub preset into stacked layers,
+    off a mesh and placed on a (one-device) one, and gives KerasHub's logits as the per-layer
+    load does (8 simulated devices: tests/sharding_check.py, safetensors checkpoints)."""
+    mesh = gl.sharding.make_mesh()
+    cases = [
+        (gemma3[0], gemma3[2], {}),
+        (gemma3n[0], gemma3n[1], {}),
+        (gemma4[0], gemma4[1], {}),
+        (t5gemma2[0], t5gemma2[1], {"decoder_tokens": DECODER_TOKENS}),
+    ]
+    for (directory, expected, extra), on in itertools.product(cases, (None, mesh)):
+        m = gl.load(directory, mesh=on, stack_layers=True)
+        assert m.checkpoint_format == "KerasHub preset"
+        assert m.is_stacked and m.mesh is on, directory
+        _assert_close(m(TOKENS, **extra), expected)
 
 
 # ------------------------------------------------------------------------------ inputs
