@@ -120,12 +120,12 @@ DOT_MERGER_OFF: dict[str, Any] = {"xla_gpu_dot_merger_threshold_mb": 0} if XLA_O
 #: decode step multiplies a few rows by every weight matrix, where XLA's Triton kernels beat
 #: cuBLAS, and its norms are chains of small row reductions that the Triton fusions run in
 #: fewer kernels. Measured in one process on an H100 (Gemma 3 1B, random bfloat16 weights,
-#: prompt 128, 256 new tokens, two rounds; `benchmarks/decode_options.py`): 718-719 against 643-645 new tokens/s at batch 1,
-#: 5,083-5,087 against 4,615-4,616 at batch 8 (Triton GEMMs alone 692-694 and 4,811-4,835;
-#: Triton norms alone 652-653 and 4,756-4,777); the first call took 11.5-12.0 s against
-#: 13.6-14.4 s (the old options ran first in each group, so partly warm-up: call it no
-#: slower). Dynamic-slice fusion stays on for stacked models; long prompts and
-#: stacked models add `DOT_MERGER_OFF` as other programs do.
+#: prompt 128, 256 new tokens, two rounds; `benchmarks/decode_options.py`): 718-719 against
+#: 643-645 new tokens/s at batch 1, 5,083-5,087 against 4,615-4,616 at batch 8 (Triton
+#: GEMMs alone 692-694 and 4,811-4,835; Triton norms alone 652-653 and 4,756-4,777); the
+#: first call took 11.5-12.0 s against 13.6-14.4 s (the old options ran first in each
+#: group, so partly warm-up: call it no slower). Dynamic-slice fusion stays on for stacked
+#: models; long prompts and stacked models add `DOT_MERGER_OFF` as other programs do.
 DECODING_OPTIONS: dict[str, Any] = (
     {"xla_gpu_enable_dynamic_slice_fusion": True} if XLA_OPTIONS else {}
 )

@@ -313,10 +313,15 @@ def _tokens(vocab: int) -> np.ndarray:
 
 # Gemma 3n in the released (stacked) layout, Gemma 3 and Gemma 4 dense in the released
 # (flat) one, the MoE model as gm.ckpts.save_params writes it (nested).
-@pytest.mark.parametrize(
-    "name, layout",
-    [("gemma3", "flat"), ("gemma3n", "stacked"), ("gemma4", "flat"), ("gemma4_moe", "nested")],
-)
+RELEASED_LAYOUTS = [
+    ("gemma3", "flat"),
+    ("gemma3n", "stacked"),
+    ("gemma4", "flat"),
+    ("gemma4_moe", "nested"),
+]
+
+
+@pytest.mark.parametrize("name, layout", RELEASED_LAYOUTS)
 def test_logits_match_transformers(tiny, name, layout):
     t = tiny[name]
     m = gl.load(t.dirs[layout], preset=t.config)
@@ -330,17 +335,12 @@ def test_logits_match_transformers(tiny, name, layout):
     assert diff <= TOLERANCE
 
 
-def test_every_family_loads_stacked_on_a_mesh(tiny):
+def test_every_family_loads_stacked(tiny):
     """``gl.load(path, stack_layers=True)`` reads a library checkpoint (each family in its
-    released layout) into stacked layers, off a mesh and on a (one-device) one, with transformers'
-    logits as the per-layer load has them."""
+    released layout) into stacked layers, off a mesh and on a (one-device) one, with
+    transformers' logits as the per-layer load has them."""
     mesh = gl.sharding.make_mesh()
-    for name, layout in [
-        ("gemma3", "flat"),
-        ("gemma3n", "stacked"),
-        ("gemma4", "flat"),
-        ("gemma4_moe", "nested"),
-    ]:
+    for name, layout in RELEASED_LAYOUTS:
         t = tiny[name]
         tokens = _tokens(t.config.vocab_size)
         expected = ref.logits(t.hf_model, tokens)
