@@ -92,20 +92,20 @@ def profile(
     m = profile_forward.built(preset, stacked, tiny)
     inputs = m._prepare(real_size_speed.tokens(batch, length, m.config.vocab_size), None, {})
     model = Distinct(m._treedef, m._leaves)
-    trace_dir = tempfile.mkdtemp(prefix="gemmalens-compile-profile-")
     options = jax.profiler.ProfileOptions()
     # Recording every Python call slows tracing and lowering several times over.
     options.python_tracer_level = 1 if python else 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        started = time.perf_counter()
-        traced = lens._run_distinct.trace(m.logits_of, model, inputs)
-        traced_at = time.perf_counter()
-        lowered = traced.lower()
-        lowered_at = time.perf_counter()
-        lowered.compile()
-        compiled_at = time.perf_counter()
-    inclusive, own = region_times(trace_dir, python=False)
-    py_inclusive = region_times(trace_dir, python=True)[0] if python else {}
+    with tempfile.TemporaryDirectory(prefix="gemmalens-compile-profile-") as trace_dir:
+        with jax.profiler.trace(trace_dir, profiler_options=options):
+            started = time.perf_counter()
+            traced = lens._run_distinct.trace(m.logits_of, model, inputs)
+            traced_at = time.perf_counter()
+            lowered = traced.lower()
+            lowered_at = time.perf_counter()
+            lowered.compile()
+            compiled_at = time.perf_counter()
+        inclusive, own = region_times(trace_dir, python=False)
+        py_inclusive = region_times(trace_dir, python=True)[0] if python else {}
     return {
         **profile_forward.described(preset, batch, length, stacked, tiny),
         "trace_s": traced_at - started,

@@ -214,12 +214,12 @@ def profile(
         logits = m(ids)
         dispatch.append(time.perf_counter() - started)
         jax.block_until_ready(logits)
-    trace_dir = tempfile.mkdtemp(prefix="gemmalens-profile-")
-    with jax.profiler.trace(trace_dir):
-        for _ in range(repeats):
-            jax.block_until_ready(m(ids))
-    by_kernel, operation_of, where, launches = kernel_times(trace_dir)
-    timeline = device_timeline(trace_dir, repeats)
+    with tempfile.TemporaryDirectory(prefix="gemmalens-profile-") as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(repeats):
+                jax.block_until_ready(m(ids))
+        by_kernel, operation_of, where, launches = kernel_times(trace_dir)
+        timeline = device_timeline(trace_dir, repeats)
     if hlo:  # the program as XLA optimised it: what each kernel's operation is
         inputs = m._prepare(ids, None, {})
         model = Distinct(m._treedef, m._leaves)

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -519,12 +520,15 @@ def measure(
         what = kwargs.get("name", LOAD_PRESET if "load" in case or "save" in case else SWEEP_PRESET)
         log(results, what, f"{case} {key}", where[key])
 
-    for group in groups(cases) if grouped else [[case] for case in cases]:
-        env = group[0][3]
-        rows = in_one_process([(case, kwargs) for _, _, case, _, kwargs in group], env, timeout)
-        for (where, key, case, _, kwargs), row in zip(group, rows, strict=True):
-            where[key] = row
-            done(where, key, case, kwargs)
+    try:
+        for group in groups(cases) if grouped else [[case] for case in cases]:
+            env = group[0][3]
+            rows = in_one_process([(c, kwargs) for _, _, c, _, kwargs in group], env, timeout)
+            for (where, key, case, _, kwargs), row in zip(group, rows, strict=True):
+                where[key] = row
+                done(where, key, case, kwargs)
+    finally:  # the compilation caches and, without a workdir, the checkpoint
+        shutil.rmtree(cache, ignore_errors=True)
     return results
 
 

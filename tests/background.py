@@ -18,6 +18,7 @@ import atexit
 import dataclasses
 import fnmatch
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,13 @@ _lock = threading.Lock()
 _results: dict[str, Finished | BaseException] = {}
 _done: dict[str, threading.Event] = {}
 _running: list[subprocess.Popen] = []
+_directories: list[Path] = []  # the jobs' own, read by the tests until the run ends
 
 
 def _run(job: Job) -> Finished:
     out = Path(tempfile.mkdtemp(prefix="gemmalens-background-"))
+    with _lock:
+        _directories.append(out)
     env = {**os.environ, **job.env}
     argv = [sys.executable, *(arg.replace("{out}", str(out)) for arg in job.argv)]
     start = time.monotonic()
@@ -128,3 +132,7 @@ def _stop_running() -> None:
     with _lock:
         for process in _running:
             process.kill()
+        for process in _running:
+            process.wait()
+        for directory in _directories:
+            shutil.rmtree(directory, ignore_errors=True)

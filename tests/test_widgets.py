@@ -701,7 +701,7 @@ def _browser_dom(body: str, tmp_path) -> str:
     return subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--virtual-time-budget=3000", "--dump-dom",
-         page.as_uri()],
+         f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
 
