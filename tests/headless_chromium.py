@@ -231,6 +231,13 @@ class HeadlessChromium:
 
     def close(self) -> None:
         if self.socket is not None:
+            # Asked to close, Chromium removes its singleton-socket folder in /tmp, which a
+            # terminated one leaves behind.
+            try:
+                self.call("Browser.close")
+                self.process.wait(timeout=10)
+            except Exception:  # a browser that is gone or hung is terminated below
+                pass
             self.socket.close()
         if self.process.poll() is None:
             self.process.terminate()
