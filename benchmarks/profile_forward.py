@@ -2,7 +2,13 @@
 
     python benchmarks/profile_forward.py gemma4_26b_a4b --shape 1x4096   # on a GPU
     python benchmarks/profile_forward.py gemma3_27b_text --unstacked
+    python benchmarks/profile_forward.py gemma3_1b --unstacked --shape 8x128 --generate 64
     python benchmarks/profile_forward.py gemma4_26b_a4b --tiny           # smoke run, CPU
+
+With ``--generate NEW`` each profiled call is ``Model.generate`` (greedy, ``NEW`` new tokens,
+never stopping at EOS) on prompts of ``--shape``'s batch x length, instead of a forward:
+the rows are then per call of NEW decode steps plus the prompt, and the summary adds the
+time and the kernel launches per step.
 
 Builds the preset with random bfloat16 weights (stacked unless ``--unstacked``; tiny widths
 with ``--tiny``, as `real_size_speed.py` makes them), runs the forward once to compile,
@@ -195,6 +201,7 @@ def profile(
     repeats: int,
     limit: int,
     hlo: Path | None = None,
+    new_tokens: int = 0,
 ) -> dict[str, Any]:
     import jax
 
@@ -203,21 +210,27 @@ def profile(
 
     m = built(preset, stacked, tiny)
     ids = real_size_speed.tokens(batch, length, m.config.vocab_size)
-    jax.block_until_ready(m(ids))
+
+    def call() -> Any:
+        if new_tokens:
+            return m.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False).tokens
+        return m(ids)
+
+    jax.block_until_ready(call())
     started = time.perf_counter()
     for _ in range(repeats):
-        jax.block_until_ready(m(ids))
+        jax.block_until_ready(call())
     wall = (time.perf_counter() - started) / repeats
     dispatch = []  # host time until the call returns, its kernels queued or running
     for _ in range(repeats):
         started = time.perf_counter()
-        logits = m(ids)
+        result = call()
         dispatch.append(time.perf_counter() - started)
-        jax.block_until_ready(logits)
+        jax.block_until_ready(result)
     with tempfile.TemporaryDirectory(prefix="gemmalens-profile-") as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(repeats):
-                jax.block_until_ready(m(ids))
+                jax.block_until_ready(call())
         by_kernel, operation_of, where, launches = kernel_times(trace_dir)
         timeline = device_timeline(trace_dir, repeats)
     if hlo:  # the program as XLA optimised it: what each kernel's operation is
@@ -225,8 +238,16 @@ def profile(
         model = Distinct(m._treedef, m._leaves)
         lowered = lens._run_distinct.lower(m.logits_of, model, inputs)
         hlo.write_text(lowered.compile().as_text())
+    per_step = {}
+    if new_tokens:
+        per_step = {
+            "new_tokens": new_tokens,
+            "wall_ms_per_step": wall * 1e3 / new_tokens,
+            "launches_per_step": sum(launches.values()) / repeats / new_tokens,
+        }
     return {
         **described(preset, batch, length, stacked, tiny),
+        **per_step,
         "wall_ms_per_call": wall * 1e3,
         "summed_ms_per_call": sum(by_kernel.values()) / repeats / 1e6,
         "summed_over": where,
@@ -241,7 +262,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hlo", type=Path, help="write the optimised program (HLO) here")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="NEW",
+        help="profile Model.generate with NEW new tokens (greedy) instead of a forward",
+    )
     args = parser.parse_args(argv)
+    if args.generate and args.hlo:
+        parser.error("--hlo writes the forward's program; leave it out with --generate")
+    if args.generate < 0:
+        parser.error(f"--generate takes a number of new tokens, not {args.generate}")
     real_size_speed.use_memory_settings(ours=True)  # before JAX starts
     batch, length = batch_and_length(args)
     result = profile(
@@ -253,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.repeats,
         args.top,
         args.hlo,
+        args.generate,
     )
     print(
         f"{result['preset']} {result['shape']} ({'stacked' if result['stacked'] else 'per-layer'}"
@@ -260,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{result['summed_ms_per_call']:.2f} ms ({result['summed_over']})"
     )
     print(f"host dispatch (until the call returns): {result['dispatch_ms']:.2f} ms")
+    if args.generate:
+        print(
+            f"generate, {args.generate} new tokens a call: {result['wall_ms_per_step']:.3f} ms "
+            f"and {result['launches_per_step']:.0f} kernel launches a step (prompt included)"
+        )
     timeline = result["timeline"]
     if timeline:
         print(

@@ -40,6 +40,24 @@ BACKGROUND = {
         )
         for path in TINY
     },
+    "profile_forward_generate": background.Job(
+        (
+            str(BENCHMARKS[0].parent / "profile_forward.py"),
+            "gemma3_1b",
+            "--tiny",
+            "--unstacked",
+            "--shape",
+            "2x8",
+            "--generate",
+            "4",
+            "--repeats",
+            "2",
+            "--out",
+            "{out}/profile.json",
+        ),
+        CPU_ONLY,
+        needed_by=("test_profile_of_generation",),
+    ),
     "cpu_first_call": background.Job(
         (
             str(BENCHMARKS[0].parent / "cpu_first_call.py"),
@@ -75,3 +93,15 @@ def test_cpu_first_call_smoke():
     assert entry["cold"]["hooks"] > entry["cold"]["resid_hooks"] > 0
     assert entry["max_abs_diff_last_logits"] < 1e-3
     assert results["versions"]["cpus"] >= 1
+
+
+def test_profile_of_generation():
+    """``profile_forward.py --generate``: each profiled call is a generation of that many
+    new tokens, and the summary gives the time and the kernel launches per step."""
+    run = background.result("profile_forward_generate", BACKGROUND["profile_forward_generate"])
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "kernel launches a step" in run.stdout and TABLE_RULE.search(run.stdout)
+    result = json.loads((run.out / "profile.json").read_text())
+    assert result["new_tokens"] == 4 and result["shape"] == "2x8" and not result["stacked"]
+    assert result["wall_ms_per_step"] * 4 == pytest.approx(result["wall_ms_per_call"])
+    assert result["launches_per_step"] > 0 and result["kernels"]
