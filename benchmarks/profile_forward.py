@@ -11,7 +11,7 @@ the rows are then per call of NEW decode steps plus the prompt, and the summary 
 time and the kernel launches per step.
 
 Builds the preset with random bfloat16 weights (stacked unless ``--unstacked``; tiny widths
-with ``--tiny``, as `real_size_speed.py` makes them), runs the forward once to compile,
+with ``--tiny``, as `real_size_speed.py` makes them), makes one call to compile,
 then records ``--repeats`` calls with JAX's profiler and sums the time of each kernel the
 device ran. Prints the kernels that took the most time: the name the device reports (a
 cuBLAS GEMM, a Triton or Mosaic kernel, an XLA fusion) and the operation of the program
