@@ -13,6 +13,7 @@ import gemmalens as gl
 from gemmalens import sampling
 from gemmalens.kernels import decode_attention as kernel
 from tests import hf_reference as ref
+from tests.pallas_blocks import edge_block_accesses
 from tests.test_generation import PROMPTS, _hf_generate
 
 
@@ -82,6 +83,28 @@ def test_kernel_equals_the_plain_step(
     np.testing.assert_array_equal(np.asarray(new_keys), np.asarray(want_keys))
     np.testing.assert_array_equal(np.asarray(new_values), np.asarray(want_values))
     assert np.abs(np.asarray(z)).max() > 0.1, "an all-zero output would prove little"
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (8, 1), (2, 2)])
+def test_the_query_block_past_the_group_is_read_masked(heads, kv_heads):
+    # The kernel reads the query heads of one KV head as a block of 16 rows (tensor-core
+    # tiles); past the group's heads that block runs off the array, and Pallas' Triton
+    # lowering masks only where the kernel asks (the interpreter pads instead, so the test
+    # above cannot see it). That read must be masked, and nothing else may run past an edge
+    # (the outputs are 16 rows wide and sliced afterwards).
+    batch, length, head_dim = 2, 32, 16
+    rng = np.random.RandomState(0)
+    positions = jnp.asarray([3, 40], jnp.int32)
+    keys, values, cache_positions = _ring_buffer_state(
+        rng, batch, length, kv_heads, head_dim, np.asarray(positions)
+    )
+    query = jnp.asarray(rng.randn(batch, heads, head_dim), jnp.float32)
+    new_key = jnp.asarray(rng.randn(batch, kv_heads, head_dim), jnp.float32)
+    args = (query, new_key, new_key, positions, cache_positions, keys, values)
+    accesses = edge_block_accesses(
+        lambda *a: kernel.decode_attention(*a, scale=0.3, block_k=16), *args
+    )
+    assert accesses == {"gemmalens_decode_attention": {0: ["masked_load with mask"]}}
 
 
 def test_launch_settings_fit_shared_memory():

@@ -18,6 +18,7 @@ from gemmalens.kernels import decode_attention
 from gemmalens.kernels import decode_mlp as kernel
 from gemmalens.layers.mlp import GatedMLP
 from tests import hf_reference as ref
+from tests.pallas_blocks import edge_block_accesses
 from tests.test_generation import PROMPTS, _hf_generate
 
 NEW_TOKENS = 6
@@ -77,7 +78,37 @@ def test_kernel_equals_the_plain_computation(rows, d_model, d_mlp, gate_up_progr
     # The case exercises the tiling it is meant to (see the comments above).
     launches = _launches(*args)
     assert launches["gemmalens_decode_gate_up"][0] == (gate_up_programs,)
-    assert launches["gemmalens_decode_down"][1] == (down_splits, kernel.MAX_ROWS, d_model)
+    # Blocks of 16 rows over ``rows`` rows: nothing padded before, nothing sliced after.
+    assert launches["gemmalens_decode_down"][1] == (down_splits, rows, d_model)
+    outside = {eqn.primitive.name for eqn in _top_level(*args)}
+    assert "pallas_call" in outside and not outside & {"pad", "slice"}, outside
+
+
+def _top_level(*args) -> list:
+    """The equations of `gated_mlp`'s program outside its kernels (inside its jit)."""
+    jaxpr = jax.make_jaxpr(lambda *a: kernel.gated_mlp(*a, interpret=True))(*args).jaxpr
+    (jitted,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name in ("pjit", "jit")]
+    return jitted.params["jaxpr"].jaxpr.eqns
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 15])
+def test_blocks_past_the_last_row_are_masked(rows):
+    # Pallas' Triton lowering masks only where a kernel asks, and the interpreter pads edge
+    # blocks, so the tests above would pass even if the GPU kernels read and wrote past the
+    # buffers. Each kernel's 16-row blocks over fewer rows (its input and its output) must
+    # be read and written with a mask, and only so.
+    args = _inputs(rows, 64, 256)
+    accesses = edge_block_accesses(lambda *a: kernel.gated_mlp(*a), *args)
+    want = {
+        "gemmalens_decode_gate_up": {0: ["masked_load with mask"], 3: ["masked_swap with mask"]},
+        "gemmalens_decode_down": {0: ["masked_load with mask"], 2: ["masked_swap with mask"]},
+    }
+    assert accesses == want
+
+
+def test_no_block_is_past_the_edge_at_sixteen_rows():
+    accesses = edge_block_accesses(lambda *a: kernel.gated_mlp(*a), *_inputs(16, 64, 256))
+    assert accesses == {"gemmalens_decode_gate_up": {}, "gemmalens_decode_down": {}}
 
 
 @pytest.mark.parametrize("rows, d_model, d_mlp", [(2, 64, 128), (11, 128, 768)])
