@@ -15,7 +15,7 @@ reads its weights faster (measurements in docs/benchmarks.md):
 
 Both read and write their rows in blocks of 16 with the rows past the input's masked: Pallas'
 Triton lowering masks a block at an array's edge only where the kernel asks, and masking is
-cheaper than padding the input and slicing the output (two kernels fewer a layer).
+cheaper than padding the input (a kernel of its own in every layer) and slicing the output.
 
 Written with Pallas for Triton (GPUs); ``interpret=True`` runs the same kernels on any
 backend (the tests do this on the CPU).
