@@ -830,6 +830,24 @@ def _with_hook_fns(model: Any, fns: dict[str, Callable]) -> Any:
     return intervene(model, fns)
 
 
+def _unit_counts(values: Sequence[jax.Array], axis: int) -> tuple[int, ...]:
+    """How many units each layer's value has along ``axis``."""
+    return tuple(int(value.shape[axis]) for value in values)
+
+
+def _without_missing_units(scores: jax.Array, counts: Sequence[int]) -> jax.Array:
+    """``scores`` (``[layer, unit, ...]``, as wide as the widest layer) with NaN where a
+    layer has no such unit: Gemma 4's full-attention layers can have fewer KV heads than
+    its sliding ones (``num_global_key_value_heads``), and a head that does not exist has
+    no effect to measure."""
+    units = scores.shape[1]
+    if min(counts) == units:
+        return scores
+    exists = np.arange(units)[None, :] < np.asarray(counts)[:, None]  # [layer, unit]
+    exists = exists.reshape(*exists.shape, *(1,) * (scores.ndim - 2))
+    return jnp.where(exists, scores, jnp.nan)
+
+
 def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
     """``selected`` ([units], bool) shaped to broadcast along ``axis`` of an ndim array."""
     shape = [1] * ndim
@@ -857,7 +875,8 @@ def _sweep_vmapped(
     its mesh axis: the vmapped axis is laid out by it, so each device (with its slice of
     the model) runs its share of the sites."""
     model = model.tree()  # a `Distinct`
-    layers, units = len(names), clean_values[0].shape[unit_axis]
+    counts = _unit_counts(clean_values, unit_axis)
+    layers, units = len(names), max(counts)
 
     def patched_metric(site: jax.Array) -> jax.Array:
         chosen = (jnp.arange(layers * units) == site).reshape(layers, units)
@@ -865,7 +884,7 @@ def _sweep_vmapped(
         def blend(layer: int) -> Callable:
             def fn(value: jax.Array, name: str) -> jax.Array:
                 # where, not a weighted sum: the patched entry is bit-for-bit the clean one.
-                mask = _unit_mask(chosen[layer], value.ndim, unit_axis)
+                mask = _unit_mask(chosen[layer, : counts[layer]], value.ndim, unit_axis)
                 return jnp.where(mask, clean_values[layer].astype(value.dtype), value)
 
             return fn
@@ -881,7 +900,7 @@ def _sweep_vmapped(
     else:
         # Bounded memory: vmap inside chunks of sites, chunks one after another.
         scores = jax.lax.map(patched_metric, jnp.arange(count), batch_size=chunk_size)
-    return scores.reshape(layers, units, *scores.shape[1:])
+    return _without_missing_units(scores.reshape(layers, units, *scores.shape[1:]), counts)
 
 
 def _split_sites(
@@ -1127,6 +1146,14 @@ def _model_facts(model: Any) -> _ModelFacts:
     return facts
 
 
+def _layers_have_equal_units(config: Any, site: str) -> bool:
+    """Whether every layer has as many units of ``site`` as the next (the shared-runs plan
+    has one count for all layers)."""
+    if SITES[site].unit != "kv_head" or not hasattr(config, "layer_kv_heads"):
+        return True
+    return len({config.layer_kv_heads(i) for i in range(config.num_hidden_layers)}) == 1
+
+
 def _shared_plan(m, site, clean, corrupted, clean_mask, corrupted_mask, metric, positions):
     batch, seq = clean.shape
     spec = SITES[site]
@@ -1241,7 +1268,9 @@ def sweep(
     Returns:
       ``[layer, unit]`` metric values: entry ``[l, u]`` is the metric of the corrupted run
       with unit ``u`` (position or head) of layer ``l`` set to its clean value, for every
-      batch row at once.
+      batch row at once. Where layers differ in how many units they have (the KV heads of
+      Gemma 4's full-attention layers, ``num_global_key_value_heads``), the array is as
+      wide as the widest layer and the units a layer lacks are NaN.
 
     On a mesh (`gemmalens.sharding`) whose ``data`` axis has several devices, the sites
     are split across that axis: each row of devices along it (a whole copy of the model,
@@ -1309,6 +1338,7 @@ def _sweep_program(
         and site in SITES
         and chunk_size is None
         and _model_facts(m._frozen).shares_runs
+        and _layers_have_equal_units(m.config, site)
     ):
         (clean, clean_mask), (corrupted, corrupted_mask) = runs.clean, inputs
         rows_sharding = None
@@ -1379,9 +1409,9 @@ def attribution_patching(
     ``sweep(...)[l, u] - metric(corrupted run)``: note the *difference*, not the metric.
 
     Returns:
-      ``[layer, unit]`` like `sweep` (same arguments, same site names, the same decoder
-      arguments for an encoder-decoder, the same images, clips and ``inputs`` for a model
-      with a vision or audio tower).
+      ``[layer, unit]`` like `sweep`, NaN where `sweep` is (same arguments, same site
+      names, the same decoder arguments for an encoder-decoder, the same images, clips and
+      ``inputs`` for a model with a vision or audio tower).
     """
     names = site_names(m, site)
     spec = site_spec(site)
@@ -1425,4 +1455,7 @@ def attribution_patching(
         product = delta * grad.astype(jnp.float32)
         other_axes = tuple(a for a in range(product.ndim) if a != spec.unit_axis)
         scores.append(product.sum(axis=other_axes))
-    return jnp.stack(scores)
+    counts = _unit_counts(clean_values, spec.unit_axis)
+    units = max(counts)
+    scores = jnp.stack([jnp.pad(score, (0, units - score.shape[0])) for score in scores])
+    return _without_missing_units(scores, counts)

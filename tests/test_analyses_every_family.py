@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 import gemmalens as gl
 from gemmalens import residual
+from gemmalens.patching import SITES
 from tests import hf_reference as ref
 
 RELATIVE = 1e-5
@@ -324,11 +325,9 @@ def _patched_by_hand(family, site, sites, clean_cache):
     for each ``(layer, unit)`` of ``sites``, through one `run_with_hooks` call: the
     corrupted batch is repeated once per site, and each copy is patched at its own site
     only (the copies are independent runs, so this is a loop in one compilation)."""
-    from gemmalens.patching import SITES
-
     rows = TOKENS.shape[0]
     corrupted = np.tile(_corrupted_tokens(), (len(sites), 1))
-    axis = PATCH_SITES[site]
+    axis = SITES[site].unit_axis
     hooks = {}
     for layer in sorted({layer for layer, _ in sites}):
         name = SITES[site].hook.format(layer)
@@ -360,6 +359,50 @@ def test_sweep_equals_a_loop_of_hooked_runs(families, name):
         np.testing.assert_allclose(
             scores.ravel(), expected, rtol=1e-4, atol=1e-4, err_msg=f"{name} {site}"
         )
+
+
+def test_head_sites_where_layers_have_different_kv_heads(families):
+    """Gemma 4's full-attention layers can have fewer KV heads than its sliding ones (the
+    MoE-like config: 1 against 2, as the 26B-A4B has 2 against 8). `sweep` and
+    `attribution_patching` of the ``k`` and ``v`` sites are as wide as the widest layer,
+    NaN where a layer has no such head; the heads that exist equal hooked runs (sweep)
+    and a central difference along clean - corrupted (attribution)."""
+    from gemmalens import patching
+
+    family = families("gemma4_moe")
+    m, corrupted = family.m, _corrupted_tokens()
+    _, clean_cache = m.run_with_cache(TOKENS)
+    _, corrupted_cache = m.run_with_cache(corrupted)
+    for site in ("k", "v"):
+        names = patching.site_names(m, site)
+        counts = [clean_cache[name].shape[2] for name in names]
+        assert min(counts) < max(counts), counts  # the case this test is for
+        exists = np.arange(max(counts))[None, :] < np.asarray(counts)[:, None]
+        scores = np.asarray(patching.sweep(m, TOKENS, corrupted, _metric, site))
+        assert scores.shape == exists.shape
+        assert np.isnan(scores[~exists]).all() and np.isfinite(scores[exists]).all()
+        sites = [(layer, unit) for layer, count in enumerate(counts) for unit in range(count)]
+        expected = np.asarray(_patched_by_hand(family, site, sites, clean_cache))
+        np.testing.assert_allclose(scores[exists], expected, rtol=1e-4, atol=1e-4, err_msg=site)
+        assert np.ptp(expected) > 1e-3  # the heads' effects differ: the check can fail
+
+        estimate = np.asarray(patching.attribution_patching(m, TOKENS, corrupted, _metric, site))
+        assert estimate.shape == exists.shape
+        assert np.isnan(estimate[~exists]).all() and np.isfinite(estimate[exists]).all()
+        layer = counts.index(min(counts))  # a layer with fewer heads: its one head
+        name = names[layer]
+        delta = np.asarray(clean_cache[name] - corrupted_cache[name])
+
+        def moved(epsilon, name=name, delta=delta):
+            def shift(value, _):
+                return value + epsilon * delta
+
+            return float(_metric(m.run_with_hooks(corrupted, {name: shift})))
+
+        step = 1e-2
+        derivative = (moved(step) - moved(-step)) / (2 * step)
+        assert abs(derivative) > 1e-2  # the check has something to compare
+        assert abs(estimate[layer, 0] - derivative) <= 2e-2 * abs(derivative) + 1e-4, site
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_e2b"])
