@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -184,7 +186,12 @@ class _Jitted:
         return self._nested if options is None else self._with(options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._for(args, kwargs)(*args, **kwargs)
+        jitted = self._for(args, kwargs)
+        compiled = _cache_size(jitted)
+        out = jitted(*args, **kwargs)
+        if _cache_size(jitted) != compiled:
+            release_programs_near_the_map_limit()
+        return out
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         return self._for(args, kwargs).lower(*args, **kwargs)
@@ -194,6 +201,72 @@ class _Jitted:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._top_level, name)
+
+
+def _cache_size(jitted: Any) -> int:
+    size = getattr(jitted, "_cache_size", None)
+    return size() if size is not None else 0
+
+
+#: `release_programs_near_the_map_limit` clears JAX's caches past this share of the limit.
+MAP_LIMIT_SHARE = 0.8
+_warned_about_maps = False
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """``(memory mappings of this process, the kernel's limit)`` on Linux, else None."""
+    try:
+        with open("/proc/sys/vm/max_map_count", "rb") as limit_file:
+            limit = int(limit_file.read())
+        with open("/proc/self/maps", "rb") as maps_file:
+            count = sum(1 for _ in maps_file)
+    except (OSError, ValueError):
+        return None
+    return count, limit
+
+
+def release_programs_near_the_map_limit() -> bool:
+    """Clears JAX's caches of compiled programs when this process nears Linux's limit on
+    memory mappings (``vm.max_map_count``, usually 65,530); returns whether it did.
+
+    On the CPU each compiled program keeps its machine code in memory mappings of its own,
+    about a hundred for a model's forward pass, until JAX's caches drop it. A long notebook
+    session that compiles many hundreds of programs (new shapes, new capture sets, sweeps)
+    would reach the limit, and then XLA fails to map the next program's code and the kernel
+    dies. gemmalens checks after each program of its own compiles (on the CPU, where the
+    code lives in the host's memory) and, past `MAP_LIMIT_SHARE` of the limit, clears the
+    caches (`jax.clear_caches`): later calls compile again, nothing else is lost. It warns
+    the first time."""
+    global _warned_about_maps
+    if jax.default_backend() != "cpu":
+        return False
+    maps = _memory_maps()
+    if maps is None or maps[0] < MAP_LIMIT_SHARE * maps[1]:
+        return False
+    jax.clear_caches()
+    if not _warned_about_maps:
+        _warned_about_maps = True
+        warnings.warn(
+            f"This process holds {maps[0]:,} memory mappings, near Linux's limit of "
+            f"{maps[1]:,} (vm.max_map_count): each compiled program keeps its code in "
+            "mappings of its own. gemmalens cleared JAX's caches of compiled programs "
+            "(jax.clear_caches()) so that the next compile does not fail; programs compile "
+            "again when next called. To raise the limit: sudo sysctl -w "
+            "vm.max_map_count=262144.",
+            RuntimeWarning,
+            stacklevel=_first_level_outside_gemmalens(),
+        )
+    return True
+
+
+def _first_level_outside_gemmalens() -> int:
+    """The ``stacklevel`` (for `warnings.warn` called by this function's caller) of the
+    first frame outside the gemmalens package: the user's line that made the call."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def takes_stacked(args: tuple, kwargs: dict[str, Any]) -> bool:

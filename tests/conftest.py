@@ -10,8 +10,10 @@ import pytest
 def _fresh_compilation_caches():
     """Each test module starts without the compiled programs of the ones before it. The
     suite compiles thousands of programs in one process; kept to the end they only grow
-    its memory (one full run, with other JAX processes beside it on the 2-core machine,
-    ended in a segmentation fault inside XLA's compiler three quarters of the way in)."""
+    its memory and its memory mappings (one full run ended in a segmentation fault inside
+    XLA's compiler three quarters of the way in: each CPU program keeps its code in about a
+    hundred mappings, and Linux allows a process 65,530; see docs/compilation-cache.md,
+    "Long sessions on the CPU", for the guard gemmalens now has)."""
     yield
     jax.clear_caches()
 

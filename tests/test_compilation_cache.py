@@ -332,3 +332,61 @@ def test_compiled_entry_points_run_inside_other_traces():
     logits, values = jax.eval_shape(logits_and_values)
     assert logits.shape == (1, 8, m.config.vocab_size)
     assert len(values) == m.config.num_hidden_layers
+
+
+def test_caches_are_released_near_the_memory_map_limit(monkeypatch):
+    """Each compiled CPU program keeps its code in memory mappings of its own, and Linux
+    limits a process's mappings (``vm.max_map_count``): a long session that reached it
+    once ended in a crash inside XLA's compiler. After compiling a program of its own,
+    gemmalens clears JAX's caches when the process nears the limit, warning once; below it
+    nothing is cleared."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    import gemmalens as gl
+    from gemmalens import compiling
+
+    maps = compiling._memory_maps()
+    if maps is None:
+        pytest.skip("no /proc/self/maps: the guard only acts on Linux")
+    count, limit = maps
+    assert 0 < count < limit
+    m = gl.teaching_model("gemma3")
+    bystander = jax.jit(lambda x: x + 1)
+    bystander(jnp.ones(2))
+    assert bystander._cache_size() == 1
+
+    # Below the limit: a new program compiles and nothing is cleared.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits = m(np.arange(3, 9)[None])
+    assert bystander._cache_size() == 1
+
+    # Near it (the limit lowered to just above the count): the next compile clears every
+    # cache and warns once, and results are unchanged.
+    monkeypatch.setattr(compiling, "_warned_about_maps", False)
+    monkeypatch.setattr(
+        compiling, "_memory_maps", lambda: (count, int(count / compiling.MAP_LIMIT_SHARE))
+    )
+    with pytest.warns(RuntimeWarning, match="max_map_count") as warned:
+        m(np.arange(3, 10)[None])  # a new shape: a new program
+    assert warned[0].filename == __file__  # the line of the user's call
+    assert bystander._cache_size() == 0
+    bystander(jnp.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: cleared again, silently
+        again = m(np.arange(3, 9)[None])  # compiled again, the same numbers
+    assert bystander._cache_size() == 0
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+
+    # Only a call that compiles looks at the mappings.
+    looks = []
+    monkeypatch.setattr(compiling, "_memory_maps", lambda: looks.append(1) or (count, limit))
+    double = compiling.jit(lambda x: x * 2)
+    double(jnp.ones(3))
+    double(jnp.ones(3))
+    assert len(looks) == 1
