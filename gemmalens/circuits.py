@@ -18,25 +18,38 @@ FIRST_ORDINARY_ID = 107 + 256
 _MAX_RANDOM_ID = 32_000
 
 
+def _encoder_decoder(m: Any) -> bool:
+    return "decoder_tokens" in getattr(m, "input_streams", ())
+
+
+def _decoder_config(m: Any) -> Any:
+    """The config of the stack that reads the repeated tokens (an encoder-decoder's
+    decoder)."""
+    return m.config.decoder if _encoder_decoder(m) else m.config
+
+
 def repeated_random_tokens(m: Any, span: int = 40, batch: int = 16, seed: int = 0) -> np.ndarray:
     """``[batch, 1 + 2 * span]``: ``<bos>``, ``span`` random ordinary tokens, the same again."""
-    vocab = m.config.vocab_size
+    config = _decoder_config(m)
+    vocab = config.vocab_size
     high = min(vocab, _MAX_RANDOM_ID)
     if high - FIRST_ORDINARY_ID < span:
         raise ValueError(f"The vocabulary ({vocab}) is too small for {span} random tokens.")
     rng = np.random.default_rng(seed)
     pattern = rng.integers(FIRST_ORDINARY_ID, high, (batch, span))
-    bos = np.full((batch, 1), m.config.bos_token_id)
+    bos = np.full((batch, 1), config.bos_token_id)
     return np.concatenate([bos, pattern, pattern], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class InductionScores:
-    """Attributes:
-    scores: ``[layer, head]`` mean attention from each token of the second copy to the token
-      after its first occurrence.
-    chance: ``[layer]`` the same score for uniform attention over the keys each layer's
-      mask allows; zero where a sliding window cannot reach back one span.
+    """What `induction_scores` measured.
+
+    Attributes:
+      scores: ``[layer, head]`` mean attention from each token of the second copy to the
+        token after its first occurrence.
+      chance: ``[layer]`` the same score for uniform attention over the keys each layer's
+        mask allows; zero where a sliding window cannot reach back one span.
     """
 
     scores: np.ndarray
@@ -49,18 +62,43 @@ class InductionScores:
         return [(int(i), int(h), float(self.scores[i, h])) for i, h in zip(layers, heads)]
 
 
-def induction_scores(m: Any, tokens: np.ndarray | None = None) -> InductionScores:
+def induction_scores(
+    m: Any, tokens: np.ndarray | None = None, encoder_tokens: np.ndarray | None = None
+) -> InductionScores:
     """Induction score of every head of ``m`` on repeated random tokens (``tokens`` as made
-    by `repeated_random_tokens`; made with the defaults when None)."""
+    by `repeated_random_tokens`; made with the defaults when None).
+
+    For an encoder-decoder (T5Gemma 2) the repeated tokens are the decoder's input and the
+    heads are the decoder's: its attention is one softmax over its own earlier tokens and
+    the encoder's outputs, so a score is the share of a query's whole attention that goes
+    to the target, and ``chance`` counts the encoder's positions among the keys. The
+    encoder reads ``encoder_tokens`` (``[batch, any length]``; default: ``<bos>`` alone,
+    so that nearly all attention stays in the decoder). Decoders take no
+    ``encoder_tokens``."""
     if tokens is None:
         tokens = repeated_random_tokens(m)
     span = (tokens.shape[1] - 1) // 2
-    _, cache = m.run_with_cache(tokens, names="blocks.*.attn.hook_pattern")
+    if _encoder_decoder(m):
+        if encoder_tokens is None:
+            encoder_tokens = np.full((tokens.shape[0], 1), _decoder_config(m).bos_token_id)
+        prefix = "decoder."
+        _, cache = m.run_with_cache(
+            encoder_tokens, decoder_tokens=tokens, names="decoder.blocks.*.attn.hook_pattern"
+        )
+    elif encoder_tokens is not None:
+        raise ValueError(
+            "encoder_tokens is for encoder-decoder models (T5Gemma 2); this model is a "
+            "decoder: pass the repeated tokens alone."
+        )
+    else:
+        prefix = ""
+        _, cache = m.run_with_cache(tokens, names="blocks.*.attn.hook_pattern")
     queries = np.arange(span + 1, 2 * span + 1)
     targets = queries - span + 1
     scores, chance = [], []
-    for layer in range(m.config.num_hidden_layers):
-        pattern = np.asarray(cache[f"blocks.{layer}.attn.hook_pattern"], np.float32)
+    for layer in range(_decoder_config(m).num_hidden_layers):
+        # An encoder-decoder's merged pattern lists the decoder's own keys first.
+        pattern = np.asarray(cache[f"{prefix}blocks.{layer}.attn.hook_pattern"], np.float32)
         scores.append(pattern[:, :, queries, targets].mean(axis=(0, 2)))
         allowed = pattern[0, 0, queries] > 0  # [query, key]: keys the mask lets through
         reach = allowed[np.arange(len(queries)), targets]
