@@ -6,7 +6,8 @@
     logits = m.run_with_hooks(tokens, iv.ablate_heads(3, [0, 2]))
     logits = m.run_with_hooks(tokens, iv.combine(iv.ablate_neurons(1, 17), iv.add_vector(4, v)))
 
-Gemma 4's expert interventions (`force_expert`, `forbid_expert`, `ablate_expert`) live with
+An encoder-decoder's blocks are named by their stack: pass ``stack="encoder"`` or
+``stack="decoder"`` (T5Gemma 2). Gemma 4's expert interventions (`force_expert`, `forbid_expert`, `ablate_expert`) live with
 the family and are re-exported here.
 
 Hook functions are part of the compiled program's static structure, so a new dict (or a
@@ -38,14 +39,24 @@ __all__ = [
 HookDict = dict[str, HookFn]
 
 
+def _block(layer: int, stack: str | None) -> str:
+    """The hook-name prefix of block ``layer``: ``blocks.3``, or ``decoder.blocks.3``."""
+    return f"{stack}.blocks.{layer}" if stack else f"blocks.{layer}"
+
+
 def _indices(items: int | Iterable[int]) -> jax.Array:
     return jnp.asarray([items] if isinstance(items, int) else list(items), jnp.int32)
 
 
 def ablate_heads(
-    layer: int, heads: int | Iterable[int], replacement: jax.Array | None = None
+    layer: int,
+    heads: int | Iterable[int],
+    replacement: jax.Array | None = None,
+    *,
+    stack: str | None = None,
 ) -> HookDict:
-    """Ablates attention heads of block ``layer`` through ``blocks.{layer}.attn.hook_z``.
+    """Ablates attention heads of block ``layer`` through ``blocks.{layer}.attn.hook_z``
+    (an encoder-decoder's: ``stack="encoder"`` or ``"decoder"``, ``decoder.blocks...``).
 
     ``replacement`` None sets the heads' ``z`` to zero (so they write nothing before the
     post-attention norm). For mean ablation pass a mean of cached ``hook_z`` values, e.g.
@@ -61,13 +72,18 @@ def ablate_heads(
         new = jnp.broadcast_to(jnp.asarray(replacement, z.dtype), z.shape[1:])
         return z.at[:, :, index].set(jnp.broadcast_to(new[:, index], z[:, :, index].shape))
 
-    return {f"blocks.{layer}.attn.hook_z": fn}
+    return {f"{_block(layer, stack)}.attn.hook_z": fn}
 
 
 def ablate_neurons(
-    layer: int, neurons: int | Iterable[int], replacement: jax.Array | None = None
+    layer: int,
+    neurons: int | Iterable[int],
+    replacement: jax.Array | None = None,
+    *,
+    stack: str | None = None,
 ) -> HookDict:
-    """Ablates MLP neurons of block ``layer`` through ``blocks.{layer}.mlp.hook_post``.
+    """Ablates MLP neurons of block ``layer`` through ``blocks.{layer}.mlp.hook_post``
+    (``stack`` as in `ablate_heads`).
 
     ``replacement`` None zeroes them; otherwise a mean of cached ``hook_post`` values,
     ``[pos, d_mlp]`` or ``[d_mlp]``, whose chosen neurons' entries are used.
@@ -80,7 +96,7 @@ def ablate_neurons(
         new = jnp.broadcast_to(jnp.asarray(replacement, post.dtype), post.shape[1:])
         return post.at[..., index].set(jnp.broadcast_to(new[..., index], post[..., index].shape))
 
-    return {f"blocks.{layer}.mlp.hook_post": fn}
+    return {f"{_block(layer, stack)}.mlp.hook_post": fn}
 
 
 def add_vector(
@@ -89,11 +105,14 @@ def add_vector(
     coefficient: float = 1.0,
     site: str = "hook_resid_pre",
     positions: int | Sequence[int] | None = None,
+    *,
+    stack: str | None = None,
 ) -> HookDict:
     """Adds ``coefficient * vector`` (``[d_model]``) to the residual stream (steering).
 
     ``site`` is the block's residual hook (``hook_resid_pre``, ``hook_resid_mid`` or
-    ``hook_resid_post``); ``positions`` None adds at every position.
+    ``hook_resid_post``); ``positions`` None adds at every position; ``stack`` as in
+    `ablate_heads`.
     """
     vector = jnp.asarray(vector)
 
@@ -103,7 +122,7 @@ def add_vector(
             return resid + delta
         return resid.at[:, _indices(positions)].add(delta)
 
-    return {f"blocks.{layer}.{site}": fn}
+    return {f"{_block(layer, stack)}.{site}": fn}
 
 
 def replace_with(

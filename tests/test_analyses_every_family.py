@@ -589,3 +589,48 @@ def test_induction_scores_on_every_teaching_model(name):
     # The decoder-only teaching models learnt induction heads (best 0.89-0.98 against a
     # chance level of 0.08); the T5Gemma 2 one's decoder did not (0.07 against 0.05).
     assert result.scores.max() > 2 * result.chance.max() or name == "t5gemma2"
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_ready_made_interventions_on_every_teaching_model(name):
+    """`interventions.ablate_heads`, `ablate_neurons` and `add_vector` equal the same edits
+    written here as hooks, on every family; an encoder-decoder names the stack (both)."""
+    from gemmalens import interventions as iv
+
+    m = gl.teaching_model(name)
+    tokens = np.asarray(m.to_tokens("The cat sat on the mat because it was tired")[0])
+    run = {"decoder_tokens": tokens[:, :4]} if name == "t5gemma2" else {}
+    plain = np.asarray(m(tokens, **run))
+    for stack in ("encoder", "decoder") if name == "t5gemma2" else (None,):
+        prefix = f"{stack}." if stack else ""
+        config = m.config.decoder if stack else m.config
+        vector = jnp.linspace(-1.0, 1.0, config.hidden_size)
+        # The most active neuron (Gemma 3n's sparse early layers leave most at zero).
+        post = f"{prefix}blocks.0.mlp.hook_post"
+        _, cache = m.run_with_cache(tokens, names=[post], **run)
+        neuron = int(np.abs(np.asarray(cache[post])).sum((0, 1)).argmax())
+        by_hand = {
+            "heads": {
+                f"{prefix}blocks.1.attn.hook_z": lambda z, _: z.at[:, :, jnp.array([0, 2])].set(0)
+            },
+            "neurons": {post: lambda h, _, n=neuron: h.at[..., n].set(0)},
+            "vector": {
+                f"{prefix}blocks.1.hook_resid_mid": lambda r, _, v=vector: r.at[
+                    :, jnp.array([2])
+                ].add((3.0 * v).astype(r.dtype))
+            },
+        }
+        ready = {
+            "heads": iv.ablate_heads(1, [0, 2], stack=stack),
+            "neurons": iv.ablate_neurons(0, neuron, stack=stack),
+            "vector": iv.add_vector(1, vector, 3.0, "hook_resid_mid", positions=2, stack=stack),
+        }
+        for kind, hooks in ready.items():
+            assert list(hooks) == list(by_hand[kind])
+            ours = np.asarray(m.run_with_hooks(tokens, hooks, **run))
+            expected = np.asarray(m.run_with_hooks(tokens, by_hand[kind], **run))
+            np.testing.assert_array_equal(ours, expected, err_msg=f"{name} {stack} {kind}")
+            assert np.abs(ours - plain).max() > 1e-4, f"{name} {stack} {kind} changed nothing"
+    if name == "t5gemma2":
+        with pytest.raises(KeyError, match="decoder.blocks.1.attn.hook_z"):
+            m.run_with_hooks(tokens, iv.ablate_heads(1, 0), **run)  # no stack named
