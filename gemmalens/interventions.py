@@ -7,8 +7,8 @@
     logits = m.run_with_hooks(tokens, iv.combine(iv.ablate_neurons(1, 17), iv.add_vector(4, v)))
 
 An encoder-decoder's blocks are named by their stack: pass ``stack="encoder"`` or
-``stack="decoder"`` (T5Gemma 2). Gemma 4's expert interventions (`force_expert`, `forbid_expert`, `ablate_expert`) live with
-the family and are re-exported here.
+``stack="decoder"`` (T5Gemma 2). Gemma 4's expert interventions (`force_expert`,
+`forbid_expert`, `ablate_expert`) live with the family and are re-exported here.
 
 Hook functions are part of the compiled program's static structure, so a new dict (or a
 new array captured in one) compiles again; keep the dict to rerun it without recompiling.

@@ -13,9 +13,9 @@ reads its weights faster (measurements in docs/benchmarks.md):
 - ``down``: the down projection with the hidden units split among programs (split-K); the
   float32 partial sums are added by whatever XLA fuses after.
 
-Both read and write their rows in blocks of 16 with the rows past the input's masked: Pallas'
-Triton lowering masks a block at an array's edge only where the kernel asks, and masking is
-cheaper than padding the input (a kernel of its own in every layer) and slicing the output.
+Both kernels read and write blocks of 16 rows and mask the rows past the input's last:
+Pallas' Triton lowering masks a block at an array's edge only where the kernel asks, and
+masking is cheaper than padding the input (a kernel of its own in every layer).
 
 Written with Pallas for Triton (GPUs); ``interpret=True`` runs the same kernels on any
 backend (the tests do this on the CPU).
