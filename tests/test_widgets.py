@@ -478,6 +478,11 @@ def test_altup_errors(gemma3, gemma3n):
         viewer.measure = "size"
     with pytest.raises(KeyError, match=r"Gemma 3n only.*blocks\.\*\.altup\.hook_predictions"):
         AltUpViewer(gemma3[3], gemma3[1])
+    # From a model of another family: refused before it runs (an encoder-decoder would
+    # otherwise ask for the decoder tokens the viewer never passes on).
+    for other in (gemma3[0], gl.teaching_model("t5gemma2")):
+        with pytest.raises(ValueError, match="AltUpViewer shows Gemma 3n's AltUp streams"):
+            AltUpViewer.from_model(other, gemma3[1])
 
 
 # ------------------------------------------------------------------------------ routing
@@ -511,6 +516,9 @@ def test_routing_errors(gemma3, gemma4_moe):
         viewer.layer = 2
     with pytest.raises(KeyError, match=r"MoE models only.*blocks\.\*\.moe\.hook_router_logits"):
         RoutingViewer(gemma3[3], gemma3[1])
+    for other in (gemma3[0], gl.teaching_model("t5gemma2")):
+        with pytest.raises(ValueError, match="RoutingViewer shows a mixture-of-experts"):
+            RoutingViewer.from_model(other, gemma3[1])
 
 
 # ------------------------------------------------------------------------------ logit lens

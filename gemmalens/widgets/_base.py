@@ -11,6 +11,7 @@ with no kernel and no network.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -153,6 +154,16 @@ def layers_with(cache: Mapping[str, Any], template: str) -> list[int]:
     pattern = re.compile("^" + re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + "$")
     found = [int(m.group(1)) for name in cache for m in [pattern.match(name)] if m]
     return sorted(found)
+
+
+def require_hook_points(m: Any, template: str, viewer: str, needs: str) -> None:
+    """Refuses, before running it, a model without hook points like ``template``
+    (``blocks.{layer}.moe.hook_router_logits``): a viewer of one family's mechanism."""
+    pattern = template.format(layer="*")
+    if not any(fnmatch.fnmatchcase(name, pattern) for name in m.hook_names):
+        raise ViewerError(
+            f"{viewer} shows {needs}; this model has no hook points like {pattern!r}."
+        )
 
 
 def require_layers(

@@ -16,6 +16,7 @@ from gemmalens.widgets._base import (
     check_choice,
     ids_of,
     options_list,
+    require_hook_points,
     require_layers,
     token_labels,
     tokenizer_of,
@@ -169,6 +170,12 @@ class AltUpViewer(LayerViewer):
     def from_model(cls, m: Any, tokens: Any, **kwargs: Any) -> AltUpViewer:
         """Runs ``m`` on ``tokens`` (text or ids) capturing only the AltUp predictions
         and corrections, and builds the viewer."""
+        require_hook_points(
+            m,
+            PREDICTIONS_HOOK,
+            "AltUpViewer",
+            "Gemma 3n's AltUp streams (Gemma 3n E2B / E4B, the gemma3n teaching model)",
+        )
         ids = ids_of(m, tokens)
         names = [PREDICTIONS_HOOK.format(layer="*"), CORRECTED_HOOK.format(layer="*")]
         _, cache = m.run_with_cache(ids, names=names)

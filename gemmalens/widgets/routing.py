@@ -16,6 +16,7 @@ from gemmalens.widgets._base import (
     check_choice,
     ids_of,
     options_list,
+    require_hook_points,
     require_layers,
     token_labels,
     tokenizer_of,
@@ -133,6 +134,12 @@ class RoutingViewer(LayerViewer):
     def from_model(cls, m: Any, tokens: Any, **kwargs: Any) -> RoutingViewer:
         """Runs ``m`` on ``tokens`` (text or ids) capturing only the routing hooks, and
         builds the viewer."""
+        require_hook_points(
+            m,
+            LOGITS_HOOK,
+            "RoutingViewer",
+            "a mixture-of-experts model's routing (Gemma 4 26B-A4B, the gemma4_moe teaching model)",
+        )
         ids = ids_of(m, tokens)
         names = [h.format(layer="*") for h in (LOGITS_HOOK, WEIGHTS_HOOK, INDICES_HOOK)]
         _, cache = m.run_with_cache(ids, names=names)
