@@ -369,6 +369,7 @@ def test_caches_are_released_near_the_memory_map_limit(monkeypatch):
     # Near it (the limit lowered to just above the count): the next compile clears every
     # cache and warns once, and results are unchanged.
     monkeypatch.setattr(compiling, "_warned_about_maps", False)
+    monkeypatch.setattr(compiling, "_compiles_until_count", 0)
     monkeypatch.setattr(
         compiling, "_memory_maps", lambda: (count, int(count / compiling.MAP_LIMIT_SHARE))
     )
@@ -383,10 +384,16 @@ def test_caches_are_released_near_the_memory_map_limit(monkeypatch):
     assert bystander._cache_size() == 0
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
 
-    # Only a call that compiles looks at the mappings.
+    # Only a call that compiles looks at the mappings, and after a count far from the
+    # limit the next compiles skip counting until they could have used up the room.
     looks = []
     monkeypatch.setattr(compiling, "_memory_maps", lambda: looks.append(1) or (count, limit))
     double = compiling.jit(lambda x: x * 2)
     double(jnp.ones(3))
     double(jnp.ones(3))
     assert len(looks) == 1
+    skipped = compiling._compiles_until_count
+    room = compiling.MAP_LIMIT_SHARE * limit - count
+    assert skipped == int(room // compiling.MAPS_PER_COMPILE_BOUND) > 0
+    double(jnp.ones(4))  # compiles: skipped
+    assert len(looks) == 1 and compiling._compiles_until_count == skipped - 1
