@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from gemmalens import residual
+
 # Gemma's first ordinary piece: 107 special pieces and 256 byte pieces come first.
 FIRST_ORDINARY_ID = 107 + 256
 # Random tokens come from the commonest pieces of a large vocabulary (BPE ids grow with rarity).
@@ -78,27 +80,26 @@ def induction_scores(
     if tokens is None:
         tokens = repeated_random_tokens(m)
     span = (tokens.shape[1] - 1) // 2
+    stack = residual.find_stack(m.config, None)  # the stack that reads the repeated tokens
+    names = f"{stack.prefix}blocks.*.attn.hook_pattern"
     if _encoder_decoder(m):
         if encoder_tokens is None:
             encoder_tokens = np.full((tokens.shape[0], 1), _decoder_config(m).bos_token_id)
-        prefix = "decoder."
-        _, cache = m.run_with_cache(
-            encoder_tokens, decoder_tokens=tokens, names="decoder.blocks.*.attn.hook_pattern"
-        )
+        _, cache = m.run_with_cache(encoder_tokens, decoder_tokens=tokens, names=names)
     elif encoder_tokens is not None:
         raise ValueError(
             "encoder_tokens is for encoder-decoder models (T5Gemma 2); this model is a "
             "decoder: pass the repeated tokens alone."
         )
     else:
-        prefix = ""
-        _, cache = m.run_with_cache(tokens, names="blocks.*.attn.hook_pattern")
+        _, cache = m.run_with_cache(tokens, names=names)
     queries = np.arange(span + 1, 2 * span + 1)
     targets = queries - span + 1
     scores, chance = [], []
-    for layer in range(_decoder_config(m).num_hidden_layers):
+    for layer in range(stack.num_layers):
         # An encoder-decoder's merged pattern lists the decoder's own keys first.
-        pattern = np.asarray(cache[f"{prefix}blocks.{layer}.attn.hook_pattern"], np.float32)
+        name = f"{stack.prefix}blocks.{layer}.attn.hook_pattern"
+        pattern = np.asarray(cache[name], np.float32)
         scores.append(pattern[:, :, queries, targets].mean(axis=(0, 2)))
         allowed = pattern[0, 0, queries] > 0  # [query, key]: keys the mask lets through
         reach = allowed[np.arange(len(queries)), targets]
