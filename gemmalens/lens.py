@@ -14,6 +14,7 @@ hooks does not retrace.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +29,7 @@ from gemmalens import compiling, residual, sampling
 from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
 from gemmalens.compiling import Distinct
 from gemmalens.layers import stacking
+from gemmalens.layers.embeddings import EmbedTokens, activation_dtype_of
 from gemmalens.layers.hooks import HookFn, hook_points, intervene, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
 
@@ -193,6 +195,48 @@ class Model:
         """This model with every layer's parameters its own arrays again (a copy; on a mesh,
         placed as a per-layer model's are)."""
         return self.with_tree(stacking.unstack_tree(self._model, self.placement))
+
+    def with_activation_dtype(self, dtype: Any) -> Model:
+        """This model with its residual stream computed in ``dtype`` (``"float32"``), its
+        parameters left as they are stored; None goes back to the parameters' dtype.
+
+        A bfloat16 model reads its logits to bfloat16's precision: a logit near 20 is a
+        multiple of 0.125, and every layer rounds the stream to 8 bits of mantissa, so
+        patching metrics of a few hundredths are rounding noise (docs/analyses.md,
+        "Precision"). With float32 activations the token embedding emits float32 and every
+        layer after it computes in float32 (weights are converted as they are read), so the
+        values are those of the float32 model holding the same weights, for the memory of
+        the bfloat16 weights plus float32 activations. Vision and audio towers compute in
+        their weights' dtype; their outputs join the stream in ``dtype``. Slower than
+        bfloat16 on a GPU (float32 matrix products), and the bfloat16 kernels of
+        `generate` are not used.
+        """
+        if dtype is not None:
+            try:
+                floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(
+                    f"with_activation_dtype takes a floating dtype such as 'float32' (or None "
+                    f"for the weights' dtype), not {dtype!r}."
+                )
+            dtype = jnp.dtype(dtype).name
+
+        def set_dtype(embed: EmbedTokens) -> EmbedTokens:
+            return dataclasses.replace(embed, activation_dtype=dtype)
+
+        return self.with_tree(pz.select(self._model).at_instances_of(EmbedTokens).apply(set_dtype))
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        """The dtype the residual stream is computed in (`with_activation_dtype`, else the
+        token embedding's)."""
+        chosen = activation_dtype_of(self._model)
+        if chosen is not None:
+            return chosen
+        tables = pz.select(self._model).at_instances_of(EmbedTokens).get_sequence()
+        return jnp.dtype(tables[0].table.value.dtype)
 
     @property
     def is_stacked(self) -> bool:

@@ -23,6 +23,7 @@ from gemmalens import compiling
 from gemmalens.compiling import Distinct
 from gemmalens.kernels import decode_attention, decode_mlp
 from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductAttention
+from gemmalens.layers.embeddings import activation_dtype_of
 from gemmalens.layers.hooks import HookPoint, stateless_call
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.transformer import positions_from_mask
@@ -268,6 +269,8 @@ def with_kv_cache(
     _check_kernel_setting(kernel, "DECODE_ATTENTION_KERNEL")
     _check_kernel_setting(mlp_kernel, "DECODE_MLP_KERNEL")
     counter = iter(range(1_000_000))
+    # Keys and values are kept in the stream's dtype where it is wider than the weights'.
+    stream_dtype = activation_dtype_of(model)
 
     def add_cache(attention: Attention) -> CachingAttention:
         length = cache_length(attention, max_length)
@@ -277,6 +280,8 @@ def with_kv_cache(
             **{a: n for a, n in attention.key.sublayers[0].output_axes.items()},
         }
         dtype = attention.key.sublayers[0].weights.value.dtype
+        if stream_dtype is not None:
+            dtype = jnp.promote_types(dtype, stream_dtype)
         positions_shape = {"batch": batch_size, "seq": length}
         shapes = {"k": kv_shape, "v": kv_shape, "positions": positions_shape}
         dtypes = {"k": dtype, "v": dtype, "positions": jnp.int32}

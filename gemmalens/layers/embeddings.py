@@ -37,21 +37,37 @@ def take_rows(
 class EmbedTokens(pz.nn.Layer):
     """Looks tokens up in the embedding table and multiplies by ``sqrt(d_model)``.
 
-    The multiplier is rounded to the table's dtype first, as in transformers: in bfloat16
-    ``sqrt(1152)`` becomes 34.0, not 33.94.
+    The multiplier is rounded to the output's dtype first, as in transformers: in bfloat16
+    ``sqrt(1152)`` becomes 34.0, not 33.94. The output's dtype is the table's, or
+    ``activation_dtype`` when set (`gemmalens.Model.with_activation_dtype`): the rows are
+    cast before the multiplication, so a bfloat16 table with ``"float32"`` gives what a
+    float32 table holding the same values gives, and the layers after it compute in
+    float32 by JAX's type promotion while their weights stay as stored.
     """
 
     table: pz.nn.ParameterLike[pz.nx.NamedArray]
     scale: float = dataclasses.field(metadata={"pytree_node": False})
+    activation_dtype: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
     def __call__(self, tokens: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        table = self.table.value
-        embedded = take_rows(table, tokens)
-        return direct.multiply(embedded, jnp.asarray(self.scale, jnp.float32).astype(table.dtype))
+        embedded = take_rows(self.table.value, tokens)
+        if self.activation_dtype is not None:
+            embedded = embedded.astype(self.activation_dtype)
+        return direct.multiply(
+            embedded, jnp.asarray(self.scale, jnp.float32).astype(embedded.dtype)
+        )
 
     @classmethod
     def with_model_width(cls, table: pz.Parameter, d_model: int) -> EmbedTokens:
         return cls(table=table, scale=math.sqrt(d_model))
+
+
+def activation_dtype_of(tree: pz.nn.Layer) -> jnp.dtype | None:
+    """The ``activation_dtype`` the token embeddings of ``tree`` set, or None."""
+    for embed in pz.select(tree).at_instances_of(EmbedTokens).get_sequence():
+        if embed.activation_dtype is not None:
+            return jnp.dtype(embed.activation_dtype)
+    return None
 
 
 @pz.pytree_dataclass

@@ -111,8 +111,12 @@ class PerLayerInputs(pz.nn.Layer):
                 token = jnp.where(placeholder, self.placeholder_row, token)
             return token
 
-        token_part = take_rows(table, tokens, row_of)
-        token_scale = jnp.asarray(self.token_scale, jnp.float32).astype(table.dtype)
+        # The stream's dtype where it is wider than the table's (a bfloat16 model run with
+        # float32 activations, `Model.with_activation_dtype`): rows and scale as a float32
+        # table would give them.
+        dtype = jnp.promote_types(table.dtype, context.dtype)
+        token_part = take_rows(table, tokens, row_of).astype(dtype)
+        token_scale = jnp.asarray(self.token_scale, jnp.float32).astype(dtype)
         token_part = direct.multiply(token_part, token_scale)
         combined = direct.add(context, token_part)
         return _times(combined, self.combine_scale, self.constants_in_activation_dtype)
