@@ -208,8 +208,8 @@ class Model:
         values are those of the float32 model holding the same weights, for the memory of
         the bfloat16 weights plus float32 activations. Vision and audio towers compute in
         their weights' dtype; their outputs join the stream in ``dtype``. Slower than
-        bfloat16 on a GPU (float32 matrix products), and the bfloat16 kernels of
-        `generate` are not used.
+        bfloat16 on a GPU (float32 matrix products), and `generate` does not use its fused
+        MLP kernel (`gemmalens.kernels.decode_mlp`), which wants one dtype throughout.
         """
         if dtype is not None:
             try:
