@@ -128,6 +128,11 @@ def _until_eos(tokens: np.ndarray, eos_ids: tuple[int, ...]) -> list[list[int]]:
     return rows
 
 
+# Label scopes of the vision and audio towers and of Gemma 3n's multimodal embedder, whose
+# parameters `Model.with_activation_dtype` converts whole.
+_TOWER_SCOPES = frozenset({"vision", "audio", "embed_vision"})
+
+
 class Model:
     """A Gemma model with named hook points, ready for interpretability work.
 
@@ -206,8 +211,9 @@ class Model:
         "Precision"). With float32 activations the token embedding emits float32 and every
         layer after it computes in float32 (weights are converted as they are read), so the
         values are those of the float32 model holding the same weights, for the memory of
-        the bfloat16 weights plus float32 activations. Vision and audio towers compute in
-        their weights' dtype; their outputs join the stream in ``dtype``. Slower than
+        the bfloat16 weights plus float32 activations. Vision and audio towers (parameters
+        under ``vision.``, ``audio.``, ``embed_vision.``; a few percent of the model) are
+        converted to ``dtype`` whole, so they compute as the float32 model's do. Slower than
         bfloat16 on a GPU (float32 matrix products), and `generate` does not use its fused
         MLP kernel (`gemmalens.kernels.decode_mlp`), which wants one dtype throughout.
         """
@@ -221,22 +227,41 @@ class Model:
                     f"with_activation_dtype takes a floating dtype such as 'float32' (or None "
                     f"for the weights' dtype), not {dtype!r}."
                 )
+            if jnp.promote_types(dtype, self.weights_dtype) != jnp.dtype(dtype):
+                raise ValueError(
+                    f"with_activation_dtype({dtype!r}) would be narrower than the weights "
+                    f"({self.weights_dtype.name}), and layers would still compute in the "
+                    f"weights' dtype. Load the model in {dtype!r} instead "
+                    f"(gl.load(path, dtype={dtype!r}))."
+                )
             dtype = jnp.dtype(dtype).name
+        tower_dtype = dtype or self.weights_dtype
 
         def set_dtype(embed: EmbedTokens) -> EmbedTokens:
             return dataclasses.replace(embed, activation_dtype=dtype)
 
-        return self.with_tree(pz.select(self._model).at_instances_of(EmbedTokens).apply(set_dtype))
+        def convert(param: pz.Parameter) -> pz.Parameter:
+            return pz.Parameter(value=param.value.astype(tower_dtype), label=param.label)
+
+        def in_a_tower(param: pz.Parameter) -> bool:
+            return not _TOWER_SCOPES.isdisjoint(param.label.split("."))
+
+        tree = pz.select(self._model).at_instances_of(EmbedTokens).apply(set_dtype)
+        tree = pz.select(tree).at_instances_of(pz.Parameter).where(in_a_tower).apply(convert)
+        return self.with_tree(tree)
+
+    @property
+    def weights_dtype(self) -> jnp.dtype:
+        """The dtype of the token embedding table (the text weights' dtype)."""
+        tables = pz.select(self._model).at_instances_of(EmbedTokens).get_sequence()
+        return jnp.dtype(tables[0].table.value.dtype)
 
     @property
     def activation_dtype(self) -> jnp.dtype:
         """The dtype the residual stream is computed in (`with_activation_dtype`, else the
         token embedding's)."""
         chosen = activation_dtype_of(self._model)
-        if chosen is not None:
-            return chosen
-        tables = pz.select(self._model).at_instances_of(EmbedTokens).get_sequence()
-        return jnp.dtype(tables[0].table.value.dtype)
+        return self.weights_dtype if chosen is None else chosen
 
     @property
     def is_stacked(self) -> bool:

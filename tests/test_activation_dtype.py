@@ -42,6 +42,41 @@ def _parameter_dtypes(m) -> set[str]:
     }
 
 
+def cast_parameters(m, dtype):
+    """``m`` with every parameter converted to ``dtype``."""
+
+    def convert(param: pz.Parameter) -> pz.Parameter:
+        return pz.Parameter(value=param.value.astype(dtype), label=param.label)
+
+    return m.with_tree(pz.select(m.model).at_instances_of(pz.Parameter).apply(convert))
+
+
+def check_float32_activations_with_towers(m, tokens, **inputs) -> None:
+    """For a model with vision or audio towers (the multimodal test modules call this with
+    their own model and inputs): ``m``'s weights rounded to bfloat16, run with float32
+    activations, give the logits of the float32 model holding the same values, and the
+    towers' parameters are float32 while the text weights stay bfloat16."""
+    half = cast_parameters(m, jnp.bfloat16)
+    full = cast_parameters(half, jnp.float32)
+    mixed = half.with_activation_dtype("float32")
+    dtypes = {
+        p.label: jnp.dtype(p.value.dtype).name
+        for p in pz.select(mixed.model).at_instances_of(pz.Parameter).get_sequence()
+    }
+    towers = {
+        label for label in dtypes if {"vision", "audio", "embed_vision"} & set(label.split("."))
+    }
+    assert towers and {dtypes[label] for label in towers} == {"float32"}
+    assert {d for label, d in dtypes.items() if label not in towers} == {"bfloat16"}
+    expected = full(tokens, **inputs)
+    assert _relative(mixed(tokens, **inputs), expected) < RELATIVE
+    assert _relative(half(tokens, **inputs), expected) > 1e-3
+    # None gives the bfloat16 model back, towers included.
+    np.testing.assert_array_equal(
+        mixed.with_activation_dtype(None)(tokens, **inputs), half(tokens, **inputs)
+    )
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_float32_activations_give_the_float32_model(name):
     full = gl.teaching_model(name, dtype="float32")
@@ -99,8 +134,20 @@ def test_patching_in_float32_activations():
     assert _relative(attribution, reference) < 1e-4
 
 
+def test_the_vision_teaching_model_in_float32_activations():
+    from gemmalens.teaching import images
+
+    m = gl.teaching_model("gemma3_vision", dtype="float32")
+    examples = [group[0] for group in images.held_out(1).values()][:2]
+    arrays = images.ImageQuestions(m.tokenizer).encode(examples)
+    tokens = arrays["tokens"][:, : int(arrays["answer_start"].min())]
+    check_float32_activations_with_towers(m, tokens, pixel_values=arrays["pixel_values"])
+
+
 def test_bad_activation_dtypes_name_the_fix():
     half = gl.teaching_model("gemma3", dtype="bfloat16")
+    with pytest.raises(ValueError, match="narrower than the weights"):
+        gl.teaching_model("gemma3", dtype="float32").with_activation_dtype("bfloat16")
     with pytest.raises(ValueError, match="floating dtype such as 'float32'"):
         half.with_activation_dtype("int32")
     with pytest.raises(ValueError, match="not 'float33'"):

@@ -24,6 +24,7 @@ from gemmalens.audio.gemma3n import dense_pattern
 from gemmalens.checkpoints import CheckpointError
 from gemmalens.presets import gemma4_multimodal, gemma4_with_audio
 from tests import hf_reference as ref
+from tests.test_activation_dtype import check_float32_activations_with_towers
 
 HIDDEN_TOLERANCE = 1e-5  # tower hidden states and soft tokens, absolute
 LOGIT_TOLERANCE = 1e-4  # logits, absolute
@@ -529,4 +530,13 @@ def test_audio_viewer_reads_gemma4(model, cached, inputs):
     )
     np.testing.assert_allclose(
         encoder.encoder_attention(clip=0), dense[0].mean(0)[:frames, :frames], atol=1e-6
+    )
+
+
+def test_float32_activations_reach_the_tower(model, inputs):
+    check_float32_activations_with_towers(
+        model,
+        inputs["tokens"],
+        input_features=inputs["features"],
+        input_features_mask=inputs["mask"],
     )

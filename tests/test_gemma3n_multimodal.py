@@ -48,6 +48,7 @@ from gemmalens.checkpoints import CheckpointError
 from gemmalens.presets import gemma3n_multimodal, gemma3n_with_vision
 from gemmalens.vision.mobilenetv5 import MobileNetV5Config
 from tests import hf_reference as ref
+from tests.test_activation_dtype import check_float32_activations_with_towers
 
 try:
     from tests.torchvision_shim import import_timm
@@ -477,3 +478,10 @@ def test_image_viewer_and_attribution_with_images(model):
     expected = ((np.asarray(clean[name]) - np.asarray(base)) * grad).sum(axis=(0, 2))
     np.testing.assert_allclose(attribution[1], expected, rtol=1e-4, atol=1e-6)
     assert np.all(attribution[:, :first] == 0) and np.abs(attribution[:, first:]).max() > 0
+
+
+def test_float32_activations_reach_both_towers(model, features):
+    _, ours = features
+    check_float32_activations_with_towers(
+        model, _tokens(), pixel_values=_pixels(), input_features=ours
+    )

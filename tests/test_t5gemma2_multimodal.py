@@ -19,6 +19,7 @@ from gemmalens.encdec import EncoderOutput
 from gemmalens.vision import expand_gemma3_image_ids
 from gemmalens.vision.merge import image_runs
 from tests import hf_reference as ref
+from tests.test_activation_dtype import check_float32_activations_with_towers
 
 TOLERANCE = 1e-4  # relative to the logit scale
 EOI = ref.T5GEMMA2_EOI  # 500
@@ -336,3 +337,9 @@ def test_image_attention_viewer_reads_the_cross_part(cached):
     vision = ImageAttentionViewer(cache, TOKENS, PIXELS, source="vision", patch=3)
     tower = np.asarray(cache["encoder.vision.blocks.0.attn.hook_pattern"])[0].mean(axis=0)
     np.testing.assert_allclose(vision.heat, tower[3], rtol=1e-6, atol=1e-7)
+
+
+def test_float32_activations_reach_the_tower(model):
+    check_float32_activations_with_towers(
+        model, TOKENS, attention_mask=MASK, decoder_tokens=DECODER_TOKENS, pixel_values=PIXELS
+    )

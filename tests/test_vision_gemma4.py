@@ -33,6 +33,7 @@ from gemmalens.presets import gemma4_with_vision
 from gemmalens.vision import gemma4, preprocess_gemma4
 from gemmalens.vision.merge import image_runs, image_side_inputs
 from tests import hf_reference as ref
+from tests.test_activation_dtype import check_float32_activations_with_towers
 
 HIDDEN_TOLERANCE = 1e-5  # tower hidden states and attention patterns, absolute
 LOGIT_TOLERANCE = 1e-4  # logits, absolute
@@ -546,3 +547,10 @@ def test_patching_between_two_images(model, inputs):
     np.testing.assert_allclose(scores[1, position], float(metric(hooked)), rtol=1e-4, atol=1e-5)
     baseline = float(metric(model(tokens, pixel_values=corrupted)))
     np.testing.assert_allclose(scores[:, 0], baseline, rtol=1e-5, atol=1e-6)  # <bos>
+
+
+def test_float32_activations_reach_the_tower(model, inputs):
+    images = preprocess_gemma4(
+        _images(), patch_size=PATCH, max_soft_tokens=SOFT_TOKENS, pooling_kernel_size=KERNEL
+    )
+    check_float32_activations_with_towers(model, inputs["tokens"], pixel_values=images)
