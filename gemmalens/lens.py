@@ -203,7 +203,7 @@ class Model:
 
     def with_activation_dtype(self, dtype: Any) -> Model:
         """This model with its residual stream computed in ``dtype`` (``"float32"``), its
-        parameters left as they are stored; None goes back to the parameters' dtype.
+        text weights left as they are stored; None goes back to the weights' dtype.
 
         A bfloat16 model reads its logits to bfloat16's precision: a logit near 20 is a
         multiple of 0.125, and every layer rounds the stream to 8 bits of mantissa, so
@@ -211,11 +211,13 @@ class Model:
         "Precision"). With float32 activations the token embedding emits float32 and every
         layer after it computes in float32 (weights are converted as they are read), so the
         values are those of the float32 model holding the same weights, for the memory of
-        the bfloat16 weights plus float32 activations. Vision and audio towers (parameters
-        under ``vision.``, ``audio.``, ``embed_vision.``; a few percent of the model) are
-        converted to ``dtype`` whole, so they compute as the float32 model's do. Slower than
-        bfloat16 on a GPU (float32 matrix products), and `generate` does not use its fused
-        MLP kernel (`gemmalens.kernels.decode_mlp`), which wants one dtype throughout.
+        the bfloat16 weights, float32 activations and a float32 copy of each weight while it
+        is used (the tied unembedding's is the largest: vocab x d_model). Vision and audio
+        towers (parameters under ``vision.``, ``audio.``, ``embed_vision.``, a small part
+        of the model) are converted to ``dtype`` whole, so they compute as the float32
+        model's do. Slower than bfloat16 on a GPU (float32 matrix products), and `generate`
+        does not use its fused MLP kernel (`gemmalens.kernels.decode_mlp`), which wants one
+        dtype throughout.
         """
         if dtype is not None:
             try:
