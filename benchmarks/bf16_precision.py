@@ -30,12 +30,10 @@ TEACHING = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
 def _as_float32(m: Any) -> Any:
     """``m`` with every parameter converted to float32 (the same values)."""
     import jax.numpy as jnp
-    from penzai import pz
 
-    def convert(param: pz.Parameter) -> pz.Parameter:
-        return pz.Parameter(value=param.value.astype(jnp.float32), label=param.label)
+    from gemmalens.layers.params import cast_parameters
 
-    return m.with_tree(pz.select(m.model).at_instances_of(pz.Parameter).apply(convert))
+    return m.with_tree(cast_parameters(m.model, jnp.float32))
 
 
 def _steady_seconds(m: Any, tokens: Any, inputs: dict, repeats: int) -> float:

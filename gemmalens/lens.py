@@ -32,6 +32,7 @@ from gemmalens.layers import stacking
 from gemmalens.layers.embeddings import EmbedTokens, activation_dtype_of
 from gemmalens.layers.hooks import HookFn, hook_points, intervene, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
+from gemmalens.layers.params import cast_parameters
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -206,7 +207,7 @@ class Model:
         text weights left as they are stored; None goes back to the weights' dtype.
 
         A bfloat16 model reads its logits to bfloat16's precision: a logit near 20 is a
-        multiple of 0.125, and every layer rounds the stream to 8 bits of mantissa, so
+        multiple of 0.125, and every layer rounds the stream to 8 significant bits, so
         patching metrics of a few hundredths are rounding noise (docs/analyses.md,
         "Precision"). With float32 activations the token embedding emits float32 and every
         layer after it computes in float32 (weights are converted as they are read), so the
@@ -242,15 +243,11 @@ class Model:
         def set_dtype(embed: EmbedTokens) -> EmbedTokens:
             return dataclasses.replace(embed, activation_dtype=dtype)
 
-        def convert(param: pz.Parameter) -> pz.Parameter:
-            return pz.Parameter(value=param.value.astype(tower_dtype), label=param.label)
-
         def in_a_tower(param: pz.Parameter) -> bool:
             return not _TOWER_SCOPES.isdisjoint(param.label.split("."))
 
         tree = pz.select(self._model).at_instances_of(EmbedTokens).apply(set_dtype)
-        tree = pz.select(tree).at_instances_of(pz.Parameter).where(in_a_tower).apply(convert)
-        return self.with_tree(tree)
+        return self.with_tree(cast_parameters(tree, tower_dtype, where=in_a_tower))
 
     @property
     def weights_dtype(self) -> jnp.dtype:

@@ -17,6 +17,7 @@ from penzai import pz
 
 import gemmalens as gl
 from gemmalens import patching
+from gemmalens.layers import params
 
 FAMILIES = ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"]
 TOKENS = np.random.RandomState(0).randint(3, 200, (2, 10))
@@ -44,11 +45,7 @@ def _parameter_dtypes(m) -> set[str]:
 
 def cast_parameters(m, dtype):
     """``m`` with every parameter converted to ``dtype``."""
-
-    def convert(param: pz.Parameter) -> pz.Parameter:
-        return pz.Parameter(value=param.value.astype(dtype), label=param.label)
-
-    return m.with_tree(pz.select(m.model).at_instances_of(pz.Parameter).apply(convert))
+    return m.with_tree(params.cast_parameters(m.model, dtype))
 
 
 def check_float32_activations_with_towers(m, tokens, **inputs) -> None:
@@ -157,3 +154,18 @@ def test_bad_activation_dtypes_name_the_fix():
         half.with_activation_dtype("int32")
     with pytest.raises(ValueError, match="not 'float33'"):
         half.with_activation_dtype("float33")
+
+
+def test_cast_parameters_keeps_a_shared_parameter_one():
+    """T5Gemma 2's decoder reads keys through one ``k_proj`` at two places: a conversion
+    that made one copy per place would double it (and part an edit of one from the other)."""
+    tree = gl.teaching_model("t5gemma2", dtype="bfloat16").model
+
+    def places_objects_labels(tree):
+        found = pz.select(tree).at_instances_of(pz.Parameter).get_sequence()
+        return len(found), len({id(p) for p in found}), len({p.label for p in found})
+
+    places, objects, labels = places_objects_labels(tree)
+    assert places > objects == labels  # the case this test is for
+    converted = params.cast_parameters(tree, jnp.float32)
+    assert places_objects_labels(converted) == (places, objects, labels)

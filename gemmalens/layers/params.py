@@ -234,6 +234,22 @@ def apply_once(selection: Any, key: Callable[[Any], Hashable], fn: Callable[[Any
     return selection.apply(once)
 
 
+def cast_parameters(
+    tree: pz.nn.Layer, dtype: Any, where: Callable[[pz.Parameter], bool] | None = None
+) -> pz.nn.Layer:
+    """``tree`` with its parameters (those ``where`` accepts; all when None) converted to
+    ``dtype`` under their labels. A parameter that stands at several places stays one
+    (`apply_once`)."""
+    selection = pz.select(tree).at_instances_of(pz.Parameter)
+    if where is not None:
+        selection = selection.where(where)
+
+    def convert(param: pz.Parameter) -> pz.Parameter:
+        return pz.Parameter(value=param.value.astype(dtype), label=param.label)
+
+    return apply_once(selection, lambda param: param.label, convert)
+
+
 def from_numpy(request: ParamRequest, array: np.ndarray, dtype: jnp.dtype) -> pz.Parameter:
     """Wraps a checkpoint array (already in ``linear_shape`` layout) as a parameter."""
     host = np.asarray(array).reshape(request.shape)  # a view of the memory map
