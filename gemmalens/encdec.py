@@ -46,7 +46,12 @@ from gemmalens.layers.merged_attention import (
     ENCODER_POSITIONS,
     fix_encoder_keys_values,
 )
-from gemmalens.layers.transformer import RESID_AXES, DecoderLM, positions_from_mask
+from gemmalens.layers.transformer import (
+    LOGIT_WINDOW,
+    RESID_AXES,
+    DecoderLM,
+    positions_from_mask,
+)
 from gemmalens.lens import _CACHE_LABEL, Model, NameSelector, _until_eos, refuse_multimodal_prompts
 from gemmalens.vision.merge import PIXEL_VALUES, image_side_inputs, without_images
 
@@ -76,8 +81,8 @@ class EncoderDecoder(pz.nn.Layer):
     Input: ``(encoder_tokens, decoder_tokens)``, each with named axes ``batch``, ``seq``.
     Side inputs: ``encoder_positions`` and ``decoder_positions`` (``batch``, ``seq``; -1 on
     padding), each ``0..seq-1`` (nothing padded) when not given; ``pixel_values`` (the
-    encoder's images, when it has a tower). Returns decoder logits (``batch``, ``seq``,
-    ``vocab``).
+    encoder's images, when it has a tower); ``logit_window`` (the decoder's, `DecoderLM`).
+    Returns decoder logits (``batch``, ``seq``, ``vocab``).
     """
 
     encoder: Encoder
@@ -102,6 +107,7 @@ class EncoderDecoder(pz.nn.Layer):
                 _arange_like(decoder_tokens) if decoder_positions is None else decoder_positions
             ),
             **{ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: encoder_positions},
+            **{LOGIT_WINDOW: side_inputs.get(LOGIT_WINDOW)},
         )
 
 
@@ -148,10 +154,21 @@ def seq2seq_side_inputs(
     }
 
 
-def seq2seq_logits(model, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images=None):
+def seq2seq_logits(
+    model,
+    encoder_tokens,
+    encoder_mask,
+    decoder_tokens,
+    decoder_mask,
+    images=None,
+    *,
+    logit_window: tuple[int, int] | None = None,
+):
     """Decoder logits ``[batch, dec_seq, vocab]`` of an `EncoderDecoder` tree (not compiled:
-    callable inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep)."""
+    callable inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep); with
+    ``logit_window=(start, stop)``, only decoder positions ``start..stop-1``."""
     side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images)
+    side[LOGIT_WINDOW] = logit_window
     logits = model((named_tokens(encoder_tokens), named_tokens(decoder_tokens)), **side)
     return logits.unwrap("batch", "seq", "vocab")
 

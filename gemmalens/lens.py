@@ -33,6 +33,7 @@ from gemmalens.layers.embeddings import EmbedTokens, activation_dtype_of
 from gemmalens.layers.hooks import HookFn, hook_points, intervene, stateless_call
 from gemmalens.layers.hooks import capture as capture_hooks
 from gemmalens.layers.params import cast_parameters
+from gemmalens.layers.transformer import LOGIT_WINDOW
 
 NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -62,11 +63,16 @@ def decoder_logits(
     tokens: jax.Array,
     attention_mask: jax.Array | None,
     extra: dict[str, Any] | None = None,
+    *,
+    logit_window: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Logits ``[batch, seq, vocab]`` of a decoder-only Penzai tree (not compiled: callable
     inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep). ``extra``: further
-    named side inputs (images)."""
+    named side inputs (images); ``logit_window=(start, stop)``: only positions
+    ``start..stop-1`` (`DecoderLM`)."""
     side = _side_inputs(attention_mask, extra)
+    if logit_window is not None:
+        side[LOGIT_WINDOW] = logit_window
     logits = model(pz.nx.wrap(tokens).tag("batch", "seq"), **side)
     return logits.unwrap("batch", "seq", "vocab")
 

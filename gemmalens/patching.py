@@ -26,6 +26,8 @@ length, the site, the metric and the first position where the prompts differ.
 Models with blocks this program does not know (AltUp streams, shared KV caches, ...), and
 chunked sweeps, use the general form: the whole forward ``jax.vmap``-ed over the site
 index, each hook blending clean and corrupted values with a one-hot mask computed from it.
+It too runs the final norm and the unembedding at the metric's positions only (the
+``logit_window`` side input of `DecoderLM`), where those layers act on each position alone.
 `attribution_patching` replaces the sweep by its first-order estimate
 ``(clean - corrupted) . d metric / d value`` at the corrupted run, from one forward and
 one backward pass (``jax.grad``).
@@ -277,6 +279,38 @@ def _metric_positions_cached(metric: Metric, shape: tuple[int, ...], dtype: str)
     return metric_positions(metric, shape, jnp.dtype(dtype))
 
 
+def _read_positions(
+    m: Model, metric: Metric, shape: tuple[int, int, int], positions: str | tuple[int, int]
+) -> tuple[int, int] | None:
+    """The positions of ``[batch, seq, vocab]`` logits the sweep computes for ``metric``:
+    ``positions`` normalised (`_normalise_positions`), ``"auto"`` read off the metric; None
+    for every position."""
+    if positions == "all":
+        return None
+    if positions != "auto":
+        return positions
+    dtype = _model_facts(m._frozen).dtype
+    try:
+        return _metric_positions_cached(metric, shape, dtype)
+    except TypeError:  # an unhashable metric
+        return metric_positions(metric, shape, jnp.dtype(dtype))
+
+
+def _nan_outside(read: jax.Array, start: int, stop: int, seq: int, axis: int) -> jax.Array:
+    """Logits of positions ``start..stop-1`` (along ``axis``) as ``seq`` positions, NaN at
+    the others: the metric gets the shape it expects, and a read of a position it was
+    promised not to read shows."""
+    if start == 0 and stop == seq:
+        return read
+    shape = list(read.shape)
+    before, after = list(shape), list(shape)
+    before[axis], after[axis] = start, seq - stop
+    return jnp.concatenate(
+        [jnp.full(before, jnp.nan, read.dtype), read, jnp.full(after, jnp.nan, read.dtype)],
+        axis=axis,
+    )
+
+
 def _normalise_positions(positions: LogitPositions, seq: int) -> str | tuple[int, int]:
     """``"auto"``, ``"all"`` or a declared ``(start, stop)`` covering the positions given."""
     if positions is None or (isinstance(positions, str) and positions == "all"):
@@ -353,6 +387,17 @@ def shares_runs(model: Any) -> bool:
             return False
     parts = (model.embed, model.blocks, model.final_norm, model.unembed)
     return all(_walkable(part) for part in parts)
+
+
+def _unembeds_per_token(model: Any) -> bool:
+    """Whether the final norm and the unembedding of ``model`` (a `DecoderLM`, or an
+    encoder-decoder's decoder) act on each position alone and hold only bare hook points:
+    then the logits of some positions can be computed without the others
+    (``logit_window``, `DecoderLM`)."""
+    decoder = getattr(model, "decoder", model)
+    if not isinstance(decoder, DecoderLM):
+        return False
+    return _walkable(decoder.final_norm) and _walkable(decoder.unembed)
 
 
 def first_difference(clean, corrupted, clean_mask=None, corrupted_mask=None) -> int:
@@ -661,15 +706,7 @@ def _shared_scores(final_norm, unembed, x, positions, *, plan, metric):
     start, stop = plan.read if plan.read is not None else (0, plan.seq)
     index = rows.index_or_corrupted(plan.unit_run, start, stop)  # [units, stop - start]
     read = jnp.moveaxis(logits.unwrap("batch", "seq", "vocab")[:, index], 1, 0)
-    pieces = [read]  # [units, batch, stop - start, vocab]
-    if start > 0 or stop < plan.seq:  # positions the metric does not read
-        shape = (*read.shape[:2], plan.seq, read.shape[3])
-        pieces = [
-            jnp.full((*shape[:2], start, shape[3]), jnp.nan, read.dtype),
-            read,
-            jnp.full((*shape[:2], plan.seq - stop, shape[3]), jnp.nan, read.dtype),
-        ]
-    full = jnp.concatenate(pieces, axis=2) if len(pieces) > 1 else read
+    full = _nan_outside(read, start, stop, plan.seq, axis=2)  # [units, batch, seq, vocab]
     return jax.vmap(lambda one: jnp.asarray(metric(one)))(full)
 
 
@@ -856,7 +893,15 @@ def _unit_mask(selected: jax.Array, ndim: int, axis: int) -> jax.Array:
 
 
 @compiling.jit(
-    static_argnames=("names", "unit_axis", "metric", "chunk_size", "forward", "site_sharding"),
+    static_argnames=(
+        "names",
+        "unit_axis",
+        "metric",
+        "chunk_size",
+        "forward",
+        "site_sharding",
+        "window",
+    ),
 )
 def _sweep_vmapped(
     model,
@@ -869,11 +914,12 @@ def _sweep_vmapped(
     chunk_size,
     forward,
     site_sharding=None,
+    window=None,
 ):
     """Every site's metric, ``[layer, unit, ...]``. ``site_sharding`` (a ``NamedSharding``
     of a 1-D array, `gemmalens.sharding.Placement.site_sharding`) splits the sites across
     its mesh axis: the vmapped axis is laid out by it, so each device (with its slice of
-    the model) runs its share of the sites."""
+    the model) runs its share of the sites. ``window``: `_logits_at`'s."""
     model = model.tree()  # a `Distinct`
     counts = _unit_counts(clean_values, unit_axis)
     layers, units = len(names), max(counts)
@@ -890,7 +936,7 @@ def _sweep_vmapped(
             return fn
 
         hooked = _with_hook_fns(model, {n: blend(i) for i, n in enumerate(names)})
-        return jnp.asarray(metric(forward(hooked, *inputs)))
+        return jnp.asarray(metric(_logits_at(forward, hooked, inputs, window)))
 
     count = layers * units
     if site_sharding is not None:
@@ -901,6 +947,37 @@ def _sweep_vmapped(
         # Bounded memory: vmap inside chunks of sites, chunks one after another.
         scores = jax.lax.map(patched_metric, jnp.arange(count), batch_size=chunk_size)
     return _without_missing_units(scores.reshape(layers, units, *scores.shape[1:]), counts)
+
+
+def _logits_at(
+    forward: Callable, model: Any, inputs: tuple, window: tuple[int, int, int] | None
+) -> jax.Array:
+    """``forward(model, *inputs)``'s logits; with ``window = (start, stop, seq)`` the final
+    norm and the unembedding run at positions ``start..stop-1`` only, the others NaN (the
+    metric reads none of them: `_logit_window`)."""
+    if window is None:
+        return forward(model, *inputs)
+    start, stop, seq = window
+    logits = forward(model, *inputs, logit_window=(start, stop))
+    return _nan_outside(logits, start, stop, seq, axis=1)
+
+
+def _logit_window(
+    m: Model, runs: _Runs, metric: Metric, logit_positions: LogitPositions
+) -> tuple[int, int, int] | None:
+    """``(start, stop, seq)``: the positions of the logits that the general form computes
+    for ``metric`` (`logit_positions`, ``"auto"`` read off the metric), or None for all.
+    Only where the final norm and the unembedding act on each position alone and carry no
+    installed hook (`_ModelFacts.unembeds_per_token`)."""
+    tokens = runs.corrupted[2] if runs.encoder_decoder else runs.corrupted[0]
+    batch, seq = tokens.shape
+    positions = _normalise_positions(logit_positions, seq)
+    if not _model_facts(m._frozen).unembeds_per_token:
+        return None
+    read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
+    if read is None or read == (0, seq):
+        return None
+    return (*read, seq)
 
 
 def _split_sites(
@@ -1114,6 +1191,7 @@ class _Media:
 @dataclasses.dataclass(frozen=True)
 class _ModelFacts:
     shares_runs: bool
+    unembeds_per_token: bool
     causal: bool
     dtype: str  # of the weights, so of the logits
 
@@ -1133,6 +1211,7 @@ def _model_facts(model: Any) -> _ModelFacts:
     tables = pz.select(model).at_instances_of(EmbedTokens).get_sequence()
     facts = _ModelFacts(
         shares_runs=shares_runs(model),
+        unembeds_per_token=_unembeds_per_token(model),
         # Image blocks see later tokens of their block: not causal where images are given.
         causal=all(mixer.mask.causal and not mixer.mask.image_blocks for mixer in mixers),
         dtype=tables[0].table.value.dtype.name if tables else "float32",
@@ -1162,14 +1241,7 @@ def _shared_plan(m, site, clean, corrupted, clean_mask, corrupted_mask, metric, 
         first_diff = min(first_difference(clean, corrupted, clean_mask, corrupted_mask), seq - 1)
     else:
         first_diff = 0
-    if positions == "auto":
-        shape, dtype = (batch, seq, m.config.vocab_size), _model_facts(m._frozen).dtype
-        try:
-            read = _metric_positions_cached(metric, shape, dtype)
-        except TypeError:  # an unhashable metric
-            read = metric_positions(metric, shape, jnp.dtype(dtype))
-    else:
-        read = None if positions == "all" else positions
+    read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
     units = {
         "pos": seq,
         "head": m.config.num_attention_heads,
@@ -1243,7 +1315,6 @@ def sweep(
         others are NaN in the logits the metric gets). With a large vocabulary, a metric
         that reads every position holds ``[sites of a layer, batch, seq, vocab]`` logits
         at once: index the positions statically (``logits[:, -1]``) or declare them.
-        (Used by the shared-runs program; the general form computes every position.)
       decoder_tokens: an encoder-decoder's decoder input in the clean run (required for
         one, refused for a decoder).
       corrupted_decoder_tokens: the decoder input of the corrupted run; defaults to
@@ -1365,18 +1436,19 @@ def _sweep_program(
         chunk_size=chunk_size,
         forward=runs.forward,
         site_sharding=site_sharding,
+        window=_logit_window(m, runs, metric, logit_positions),
     )
     return _sweep_vmapped, (m._frozen_distinct, clean_values, inputs), kwargs
 
 
-@compiling.jit(static_argnames=("names", "metric", "forward"))
-def _metric_and_grads(model, zeros, inputs, *, names, metric, forward):
+@compiling.jit(static_argnames=("names", "metric", "forward", "window"))
+def _metric_and_grads(model, zeros, inputs, *, names, metric, forward, window=None):
     model = model.tree()  # a `Distinct`
 
     def run(deltas):
         # Adding a zero offset at each hook makes d metric / d offset = d metric / d value.
         fns = {n: (lambda d: lambda value, name: value + d)(deltas[i]) for i, n in enumerate(names)}
-        return jnp.asarray(metric(forward(_with_hook_fns(model, fns), *inputs)))
+        return jnp.asarray(metric(_logits_at(forward, _with_hook_fns(model, fns), inputs, window)))
 
     return jax.value_and_grad(run)(zeros)
 
@@ -1448,6 +1520,7 @@ def attribution_patching(
         names=names,
         metric=metric,
         forward=runs.forward,
+        window=_logit_window(m, runs, metric, "auto"),
     )
     scores = []
     for clean, corrupted, grad in zip(clean_values, corrupted_values, grads):

@@ -9,6 +9,7 @@ decoder with merged attention). Every weight is perturbed, ``layer_scalar`` incl
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -454,6 +455,104 @@ def test_patching_and_attention_viewers_on_every_teaching_model(name):
     assert shown["unit"] == ("head" if site.endswith("z") else "pos")
     attention = AttentionViewer.from_model(m, clean, embed_html=False, **seq2seq)
     assert attention.figure() is not None
+
+
+_DECODER_KEYWORDS = (
+    "decoder_tokens",
+    "corrupted_decoder_tokens",
+    "decoder_attention_mask",
+    "corrupted_decoder_attention_mask",
+)
+
+
+def _output_shapes(jaxpr, primitive: str) -> list[tuple[int, ...]]:
+    """The output shapes of every ``primitive`` equation in ``jaxpr`` and the programs it
+    calls (nested jits, loops, vmapped bodies)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    shapes += _output_shapes(inner, primitive)
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
+    """The vmapped sweep (every family but text-only Gemma 3, and any chunked sweep) runs
+    the final norm and the unembedding at the positions the metric reads: its program has
+    no ``[..., seq, ..., vocab]`` product, where it had one per site before (at real sizes,
+    e.g. 34 GiB for Gemma 3 4B with its vision tower at 1 x 32). The scores equal those
+    computed at every position, attribution too, and a metric that reads a position it was
+    promised not to gets NaN."""
+    from gemmalens import patching
+
+    m = gl.teaching_model(name)
+    clean = np.asarray(m.to_tokens("When Mary and John went out, John gave a drink to")[0])
+    corrupted = clean.copy()
+    corrupted[0, 7] = clean[0, 2]
+    mary, john = (m.tokenizer.encode(word, add_bos=False)[0] for word in (" Mary", " John"))
+    site, seq2seq, logits_seq = "resid_pre", {}, clean.shape[1]
+    if name == "t5gemma2":
+        decoder = np.asarray(m.to_tokens("Mary")[0])
+        site, seq2seq, logits_seq = (
+            "encoder.resid_pre",
+            {"decoder_tokens": decoder},
+            decoder.shape[1],
+        )
+    # Gemma 3's teaching model shares runs; chunks send it to the vmapped program.
+    chunked = {"chunk_size": 16} if name == "gemma3" else {}
+
+    def metric(logits):
+        return (logits[:, -1, mary] - logits[:, -1, john]).mean()
+
+    def unembedding_shapes(logit_positions):
+        runs = patching._prepare_runs(
+            m, clean, corrupted, None, None, {**dict.fromkeys(_DECODER_KEYWORDS), **seq2seq}
+        )
+        names = patching.site_names(m, site)
+        program, args, kwargs = patching._sweep_program(
+            m, runs, names, metric, site, chunked.get("chunk_size"), logit_positions
+        )
+        assert program is patching._sweep_vmapped
+        jaxpr = jax.make_jaxpr(lambda *a: program(*a, **kwargs))(*args).jaxpr
+        vocab = m.config.vocab_size
+        shapes = [s for s in _output_shapes(jaxpr, "dot_general") if vocab in s]
+        assert shapes, "no unembedding product found"
+        return kwargs["window"], shapes
+
+    window, shapes = unembedding_shapes("auto")
+    assert window == (logits_seq - 1, logits_seq, logits_seq)
+    assert all(logits_seq not in shape and 1 in shape for shape in shapes), shapes
+    window, shapes = unembedding_shapes("all")  # the check can fail: every position
+    assert window is None and all(logits_seq in shape for shape in shapes), shapes
+
+    args = (m, clean, corrupted, metric, site)
+    every = np.asarray(patching.sweep(*args, logit_positions="all", **chunked, **seq2seq))
+    read = np.asarray(patching.sweep(*args, **chunked, **seq2seq))
+    assert np.ptp(every) > 0.1  # the sites' effects differ: the comparison can fail
+    np.testing.assert_allclose(read, every, rtol=1e-5, atol=1e-4)
+
+    def first_position(logits):
+        return (logits[:, 0, mary] - logits[:, 0, john]).mean()
+
+    wrong = patching.sweep(
+        m, clean, corrupted, first_position, site, logit_positions=[-1], **seq2seq
+    )
+    assert np.isnan(np.asarray(wrong)).all()
+
+    def opaque(logits):  # the same number through a gather: every position is computed
+        last = jnp.take(logits, jnp.asarray([logits.shape[1] - 1]), axis=1)[:, 0]
+        return (last[:, mary] - last[:, john]).mean()
+
+    assert patching.metric_positions(opaque, (1, logits_seq, 7)) is None
+    estimate = np.asarray(patching.attribution_patching(*args, **seq2seq))
+    expected = np.asarray(patching.attribution_patching(*args[:3], opaque, site, **seq2seq))
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(estimate, expected, rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- one surface

@@ -13,6 +13,10 @@ from gemmalens.layers.params import ParamBuilder
 RESID_AXES = ("batch", "seq", "embedding")
 # The side input that carries every block's per-layer input (Gemma 3n, Gemma 4 E2B/E4B).
 PER_LAYER_INPUTS = "per_layer_inputs"
+# The side input that restricts the final norm and the unembedding to the positions
+# ``start..stop-1`` (a static ``(start, stop)``): a patching sweep whose metric reads one
+# position would otherwise hold ``[sites, batch, seq, vocab]`` logits.
+LOGIT_WINDOW = "logit_window"
 
 
 def positions_from_mask(attention_mask: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -85,6 +89,9 @@ class DecoderLM(pz.nn.Layer):
     ``seq``, ``vocab``). Side inputs: ``attention_mask`` (``batch``, ``seq``; 1 = keep)
     and/or ``token_positions``; positions are derived from the mask when not given. Without
     either, positions are ``0..seq-1`` in every row and attention may use banded kernels.
+    ``logit_window`` (a static ``(start, stop)``) computes the final norm and the
+    unembedding at positions ``start..stop-1`` only: the logits then have ``stop - start``
+    positions.
     """
 
     embed: pz.nn.Sequential
@@ -106,5 +113,8 @@ class DecoderLM(pz.nn.Layer):
         h = self.blocks(h, **side_inputs)
         if self.collapse is not None:
             h = self.collapse(h, **side_inputs)
+        window = side_inputs.get(LOGIT_WINDOW)
+        if window is not None:
+            h = h[{"seq": pz.slice[window[0] : window[1]]}]
         h = self.final_norm(h, **side_inputs)
         return self.unembed(h, **side_inputs)
