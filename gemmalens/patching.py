@@ -70,7 +70,7 @@ from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.rope import ApplyRoPE
 from gemmalens.layers.stacking import LayerSlice
-from gemmalens.layers.transformer import DecoderLM, positions_from_mask
+from gemmalens.layers.transformer import DecoderLM, positions_from_mask, unembeds_per_token
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
@@ -387,17 +387,6 @@ def shares_runs(model: Any) -> bool:
             return False
     parts = (model.embed, model.blocks, model.final_norm, model.unembed)
     return all(_walkable(part) for part in parts)
-
-
-def _unembeds_per_token(model: Any) -> bool:
-    """Whether the final norm and the unembedding of ``model`` (a `DecoderLM`, or an
-    encoder-decoder's decoder) act on each position alone and hold only bare hook points:
-    then the logits of some positions can be computed without the others
-    (``logit_window``, `DecoderLM`)."""
-    decoder = getattr(model, "decoder", model)
-    if not isinstance(decoder, DecoderLM):
-        return False
-    return _walkable(decoder.final_norm) and _walkable(decoder.unembed)
 
 
 def first_difference(clean, corrupted, clean_mask=None, corrupted_mask=None) -> int:
@@ -968,7 +957,7 @@ def _logit_window(
     """``(start, stop, seq)``: the positions of the logits that the general form computes
     for ``metric`` (`logit_positions`, ``"auto"`` read off the metric), or None for all.
     Only where the final norm and the unembedding act on each position alone and carry no
-    installed hook (`_ModelFacts.unembeds_per_token`)."""
+    installed hook (`gemmalens.layers.transformer.unembeds_per_token`)."""
     tokens = runs.corrupted[2] if runs.encoder_decoder else runs.corrupted[0]
     batch, seq = tokens.shape
     positions = _normalise_positions(logit_positions, seq)
@@ -1211,7 +1200,7 @@ def _model_facts(model: Any) -> _ModelFacts:
     tables = pz.select(model).at_instances_of(EmbedTokens).get_sequence()
     facts = _ModelFacts(
         shares_runs=shares_runs(model),
-        unembeds_per_token=_unembeds_per_token(model),
+        unembeds_per_token=unembeds_per_token(model),
         # Image blocks see later tokens of their block: not causal where images are given.
         causal=all(mixer.mask.causal and not mixer.mask.image_blocks for mixer in mixers),
         dtype=tables[0].table.value.dtype.name if tables else "float32",

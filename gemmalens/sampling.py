@@ -26,7 +26,7 @@ from gemmalens.layers.attention import KV_AXES, QKV_AXES, Attention, DotProductA
 from gemmalens.layers.embeddings import activation_dtype_of
 from gemmalens.layers.hooks import HookPoint, stateless_call
 from gemmalens.layers.mlp import GatedMLP
-from gemmalens.layers.transformer import positions_from_mask
+from gemmalens.layers.transformer import LOGIT_WINDOW, positions_from_mask, unembeds_per_token
 
 _KV_LABEL = "gemmalens.kv_cache:"
 
@@ -474,12 +474,18 @@ def _decode(
 ):
     empty_captures = captures
 
+    # Only the last position's logits are read: the prompt's others are not computed (at
+    # 4,096 tokens and Gemma's 262k vocabulary they would be 2 GiB and a few % of the
+    # prefill), unless a hook there is captured or the unembedding is not per-token.
+    last = (tokens.shape[1] - 1, tokens.shape[1]) if unembeds_per_token(model) else None
+
     def forward(caches, tokens, positions):
         logits, values = stateless_call(
             model,
             [*caches, *empty_captures],
             pz.nx.wrap(tokens).tag("batch", "seq"),
             token_positions=positions,
+            **{LOGIT_WINDOW: last if tokens.shape[1] > 1 else None},
         )
         new_caches, captured = _split(values, _KV_LABEL)
         return logits.unwrap("batch", "seq", "vocab")[:, -1], new_caches, captured

@@ -19,6 +19,7 @@ import gemmalens as gl
 from gemmalens import residual
 from gemmalens.patching import SITES
 from tests import hf_reference as ref
+from tests.jaxpr_shapes import unembedding_shapes
 
 RELATIVE = 1e-5
 FAMILIES = ["gemma3", "gemma3n", "gemma4_e2b", "gemma4_moe", "t5gemma2"]
@@ -465,21 +466,6 @@ _DECODER_KEYWORDS = (
 )
 
 
-def _output_shapes(jaxpr, primitive: str) -> list[tuple[int, ...]]:
-    """The output shapes of every ``primitive`` equation in ``jaxpr`` and the programs it
-    calls (nested jits, loops, vmapped bodies)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    shapes += _output_shapes(inner, primitive)
-    return shapes
-
-
 @pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
 def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
     """The vmapped sweep (every family but text-only Gemma 3, and any chunked sweep) runs
@@ -509,7 +495,7 @@ def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
     def metric(logits):
         return (logits[:, -1, mary] - logits[:, -1, john]).mean()
 
-    def unembedding_shapes(logit_positions):
+    def window_and_shapes(logit_positions):
         runs = patching._prepare_runs(
             m, clean, corrupted, None, None, {**dict.fromkeys(_DECODER_KEYWORDS), **seq2seq}
         )
@@ -519,15 +505,13 @@ def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
         )
         assert program is patching._sweep_vmapped
         jaxpr = jax.make_jaxpr(lambda *a: program(*a, **kwargs))(*args).jaxpr
-        vocab = m.config.vocab_size
-        shapes = [s for s in _output_shapes(jaxpr, "dot_general") if vocab in s]
-        assert shapes, "no unembedding product found"
+        shapes = unembedding_shapes(jaxpr, m.config.vocab_size)
         return kwargs["window"], shapes
 
-    window, shapes = unembedding_shapes("auto")
+    window, shapes = window_and_shapes("auto")
     assert window == (logits_seq - 1, logits_seq, logits_seq)
     assert all(logits_seq not in shape and 1 in shape for shape in shapes), shapes
-    window, shapes = unembedding_shapes("all")  # the check can fail: every position
+    window, shapes = window_and_shapes("all")  # the check can fail: every position
     assert window is None and all(logits_seq in shape for shape in shapes), shapes
 
     args = (m, clean, corrupted, metric, site)

@@ -13,6 +13,7 @@ import gemmalens as gl
 from gemmalens import sampling
 from gemmalens.kernels import decode_attention, decode_mlp
 from tests import hf_reference as ref
+from tests.jaxpr_shapes import unembedding_shapes
 
 RS = np.random.RandomState(0)
 # Both prompts are longer than the sliding window (4); generation runs past it too.
@@ -147,6 +148,46 @@ def test_capture_during_generation_matches_full_forward(pair):
     width = result.prompt_tokens.shape[1]
     full = np.asarray(cache["blocks.2.hook_resid_post"])[:, width : width + 4]
     np.testing.assert_allclose(np.asarray(steps[:4, :, 0]).transpose(1, 0, 2), full, atol=1e-4)
+
+
+def test_prefill_unembeds_only_the_last_position(pair):
+    """Generation reads the prompt's last logits only: the prefill's unembedding runs on
+    that position (Gemma's 262k vocabulary makes the others 2 GiB at 4,096 tokens). With
+    the final norm's output captured it runs on every position, and the capture and the
+    tokens are what they were."""
+    _, model = pair
+    tokens = np.full((2, 11), 5, np.int32)
+    vocab = model.config.vocab_size
+
+    def shapes(captured):
+        program = model._generation_program({}, captured, 2, 11 + 3)
+        options = dict(
+            max_new_tokens=3,
+            sampler=sampling.Sampler(0.0, None, None),
+            eos_ids=(-1,),
+            pad_id=0,
+            unroll=1,
+        )
+        jaxpr = jax.make_jaxpr(
+            lambda t, m: sampling.generate_tokens(program, t, m, jax.random.key(0), **options)
+        )(jnp.asarray(tokens), jnp.ones((2, 11), jnp.int32)).jaxpr
+        return unembedding_shapes(jaxpr, vocab)
+
+    assert all(11 not in shape for shape in shapes(set())), shapes(set())
+    name = "ln_final.hook_normalized"
+    assert any(11 in shape for shape in shapes({name}))  # the check can fail
+    plain = model.generate(PROMPTS[:2], 4, stop_at_eos=False)
+    captured = model.generate(PROMPTS[:2], 4, stop_at_eos=False, capture=name)
+    np.testing.assert_array_equal(np.asarray(plain.tokens), np.asarray(captured.tokens))
+    assert captured.prompt_cache[name].shape[:2] == (2, 9)
+    _, cache = model.run_with_cache(
+        np.asarray(plain.prompt_tokens), name, attention_mask=np.asarray(plain.prompt_mask)
+    )
+    np.testing.assert_allclose(
+        np.asarray(captured.prompt_cache[name]), np.asarray(cache[name]), atol=1e-5
+    )
+    full = np.asarray(model(np.asarray(plain.prompt_tokens), np.asarray(plain.prompt_mask)))
+    assert np.array_equal(np.asarray(plain.tokens)[:, 0], full[:, -1].argmax(-1))
 
 
 def test_steering_during_generation(pair):

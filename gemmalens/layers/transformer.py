@@ -8,6 +8,9 @@ import jax.numpy as jnp
 from penzai import pz
 
 from gemmalens.layers.direct import Residual
+from gemmalens.layers.embeddings import TanhSoftCap, TiedUnembed
+from gemmalens.layers.hooks import HookPoint
+from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.params import ParamBuilder
 
 RESID_AXES = ("batch", "seq", "embedding")
@@ -118,3 +121,24 @@ class DecoderLM(pz.nn.Layer):
             h = h[{"seq": pz.slice[window[0] : window[1]]}]
         h = self.final_norm(h, **side_inputs)
         return self.unembed(h, **side_inputs)
+
+
+def _acts_on_each_position(layer: Any) -> bool:
+    if isinstance(layer, (pz.nn.Sequential, pz.nn.NamedGroup)):
+        return all(_acts_on_each_position(sub) for sub in layer.sublayers)
+    return isinstance(layer, (HookPoint, RMSNorm, TiedUnembed, TanhSoftCap))
+
+
+def unembeds_per_token(model: Any) -> bool:
+    """Whether the final norm and the unembedding of ``model`` (a `DecoderLM`, or an
+    encoder-decoder's ``decoder``) act on each position alone and hold only bare hook
+    points (nothing installed, nothing captured there): then ``logit_window`` computes
+    some positions' logits without changing them or any hook's view."""
+    decoder = getattr(model, "decoder", model)
+    if not isinstance(decoder, DecoderLM):
+        return False
+    parts = (decoder.final_norm, decoder.unembed)
+    hooks = [
+        hp for part in parts for hp in pz.select(part).at_instances_of(HookPoint).get_sequence()
+    ]
+    return all(type(hp) is HookPoint for hp in hooks) and all(map(_acts_on_each_position, parts))
