@@ -952,13 +952,14 @@ def _logits_at(
 
 
 def _logit_window(
-    m: Model, runs: _Runs, metric: Metric, logit_positions: LogitPositions
+    m: Model, inputs: tuple, metric: Metric, logit_positions: LogitPositions = "auto"
 ) -> tuple[int, int, int] | None:
-    """``(start, stop, seq)``: the positions of the logits that the general form computes
-    for ``metric`` (`logit_positions`, ``"auto"`` read off the metric), or None for all.
-    Only where the final norm and the unembedding act on each position alone and carry no
-    installed hook (`gemmalens.layers.transformer.unembeds_per_token`)."""
-    tokens = runs.corrupted[2] if runs.encoder_decoder else runs.corrupted[0]
+    """``(start, stop, seq)``: the positions of the logits that a run of ``inputs`` (as
+    `Model._prepare` gives them) computes for ``metric`` (`logit_positions`, ``"auto"``
+    read off the metric), or None for all. Only where the final norm and the unembedding
+    act on each position alone and carry no installed hook
+    (`gemmalens.layers.transformer.unembeds_per_token`)."""
+    tokens = inputs[2] if "decoder_tokens" in m.input_streams else inputs[0]
     batch, seq = tokens.shape
     positions = _normalise_positions(logit_positions, seq)
     if not _model_facts(m._frozen).unembeds_per_token:
@@ -1425,7 +1426,7 @@ def _sweep_program(
         chunk_size=chunk_size,
         forward=runs.forward,
         site_sharding=site_sharding,
-        window=_logit_window(m, runs, metric, logit_positions),
+        window=_logit_window(m, runs.corrupted, metric, logit_positions),
     )
     return _sweep_vmapped, (m._frozen_distinct, clean_values, inputs), kwargs
 
@@ -1509,7 +1510,7 @@ def attribution_patching(
         names=names,
         metric=metric,
         forward=runs.forward,
-        window=_logit_window(m, runs, metric, "auto"),
+        window=_logit_window(m, runs.corrupted, metric),
     )
     scores = []
     for clean, corrupted, grad in zip(clean_values, corrupted_values, grads):

@@ -254,7 +254,13 @@ def attribute(
     _, values = m._captured(inputs, list(names))
     zeros = [jnp.zeros_like(values[n]) for n in names]
     value, grads = patching._metric_and_grads(
-        m._frozen_distinct, zeros, inputs, names=names, metric=metric, forward=m.logits_of
+        m._frozen_distinct,
+        zeros,
+        inputs,
+        names=names,
+        metric=metric,
+        forward=m.logits_of,
+        window=patching._logit_window(m, inputs, metric),
     )
     features, error = {}, {}
     for i, sae in enumerate(chosen):
