@@ -466,16 +466,9 @@ _DECODER_KEYWORDS = (
 )
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
-def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
-    """The vmapped sweep (every family but text-only Gemma 3, and any chunked sweep) runs
-    the final norm and the unembedding at the positions the metric reads: its program has
-    no ``[..., seq, ..., vocab]`` product, where it had one per site before (at real sizes,
-    e.g. 34 GiB for Gemma 3 4B with its vision tower at 1 x 32). The scores equal those
-    computed at every position, attribution too, and a metric that reads a position it was
-    promised not to gets NaN."""
-    from gemmalens import patching
-
+def _window_case(name):
+    """A teaching model, an IOI-like pair of prompts, the site and the metric (the logit
+    difference of the two names at the last position) for the logit-window tests."""
     m = gl.teaching_model(name)
     clean = np.asarray(m.to_tokens("When Mary and John went out, John gave a drink to")[0])
     corrupted = clean.copy()
@@ -484,59 +477,84 @@ def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
     site, seq2seq, logits_seq = "resid_pre", {}, clean.shape[1]
     if name == "t5gemma2":
         decoder = np.asarray(m.to_tokens("Mary")[0])
-        site, seq2seq, logits_seq = (
-            "encoder.resid_pre",
-            {"decoder_tokens": decoder},
-            decoder.shape[1],
-        )
-    # Gemma 3's teaching model shares runs; chunks send it to the vmapped program.
-    chunked = {"chunk_size": 16} if name == "gemma3" else {}
+        site, seq2seq = "encoder.resid_pre", {"decoder_tokens": decoder}
+        logits_seq = decoder.shape[1]
 
     def metric(logits):
         return (logits[:, -1, mary] - logits[:, -1, john]).mean()
 
-    def window_and_shapes(logit_positions):
-        runs = patching._prepare_runs(
-            m, clean, corrupted, None, None, {**dict.fromkeys(_DECODER_KEYWORDS), **seq2seq}
-        )
-        names = patching.site_names(m, site)
+    return m, clean, corrupted, site, seq2seq, logits_seq, metric
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
+    """The vmapped sweep (every family but text-only Gemma 3, and any chunked sweep) and
+    attribution patching run the final norm and the unembedding at the positions the
+    metric reads: their programs have no ``[..., seq, ..., vocab]`` product, where they had
+    one per site before (at real sizes, e.g. 34 GiB for Gemma 3 4B with its vision tower at
+    1 x 32). Read off the traced programs (no compile); that the values are unchanged is
+    checked against hooked runs and central differences by the tests above."""
+    from gemmalens import patching
+
+    m, clean, corrupted, site, seq2seq, logits_seq, metric = _window_case(name)
+    # Gemma 3's teaching model shares runs; chunks send it to the vmapped program.
+    chunk_size = 16 if name == "gemma3" else None
+    runs = patching._prepare_runs(
+        m, clean, corrupted, None, None, {**dict.fromkeys(_DECODER_KEYWORDS), **seq2seq}
+    )
+    names = patching.site_names(m, site)
+    vocab = m.config.vocab_size
+
+    def sweep_shapes(logit_positions):
         program, args, kwargs = patching._sweep_program(
-            m, runs, names, metric, site, chunked.get("chunk_size"), logit_positions
+            m, runs, names, metric, site, chunk_size, logit_positions
         )
         assert program is patching._sweep_vmapped
         jaxpr = jax.make_jaxpr(lambda *a: program(*a, **kwargs))(*args).jaxpr
-        shapes = unembedding_shapes(jaxpr, m.config.vocab_size)
-        return kwargs["window"], shapes
+        return kwargs["window"], unembedding_shapes(jaxpr, vocab)
 
-    window, shapes = window_and_shapes("auto")
+    window, shapes = sweep_shapes("auto")
     assert window == (logits_seq - 1, logits_seq, logits_seq)
     assert all(logits_seq not in shape and 1 in shape for shape in shapes), shapes
-    window, shapes = window_and_shapes("all")  # the check can fail: every position
+    window, shapes = sweep_shapes("all")  # the check can fail: every position
     assert window is None and all(logits_seq in shape for shape in shapes), shapes
 
+    values = runs.capture(m, runs.corrupted, names)
+    for window in (patching._logit_window(m, runs.corrupted, metric), None):
+
+        def attribution(zeros, window=window):
+            return patching._metric_and_grads(
+                m._frozen_distinct,
+                zeros,
+                runs.corrupted,
+                names=names,
+                metric=metric,
+                forward=runs.forward,
+                window=window,
+            )
+
+        zeros = [jnp.zeros_like(v) for v in values]
+        shapes = unembedding_shapes(jax.make_jaxpr(attribution)(zeros).jaxpr, vocab)
+        assert all((logits_seq in shape) == (window is None) for shape in shapes), shapes
+
+
+def test_general_sweep_reads_only_the_promised_positions():
+    """The windowed vmapped sweep equals the every-position one; a metric that reads a
+    position outside the declared ones gets NaN, not a number."""
+    from gemmalens import patching
+
+    m, clean, corrupted, site, _, _, metric = _window_case("gemma3")
     args = (m, clean, corrupted, metric, site)
-    every = np.asarray(patching.sweep(*args, logit_positions="all", **chunked, **seq2seq))
-    read = np.asarray(patching.sweep(*args, **chunked, **seq2seq))
+    every = np.asarray(patching.sweep(*args, chunk_size=64, logit_positions="all"))
+    read = np.asarray(patching.sweep(*args, chunk_size=64))
     assert np.ptp(every) > 0.1  # the sites' effects differ: the comparison can fail
     np.testing.assert_allclose(read, every, rtol=1e-5, atol=1e-4)
 
     def first_position(logits):
-        return (logits[:, 0, mary] - logits[:, 0, john]).mean()
+        return metric(logits[:, :1])
 
-    wrong = patching.sweep(
-        m, clean, corrupted, first_position, site, logit_positions=[-1], **seq2seq
-    )
+    wrong = patching.sweep(*args[:3], first_position, site, chunk_size=64, logit_positions=[-1])
     assert np.isnan(np.asarray(wrong)).all()
-
-    def opaque(logits):  # the same number through a gather: every position is computed
-        last = jnp.take(logits, jnp.asarray([logits.shape[1] - 1]), axis=1)[:, 0]
-        return (last[:, mary] - last[:, john]).mean()
-
-    assert patching.metric_positions(opaque, (1, logits_seq, 7)) is None
-    estimate = np.asarray(patching.attribution_patching(*args, **seq2seq))
-    expected = np.asarray(patching.attribution_patching(*args[:3], opaque, site, **seq2seq))
-    assert np.abs(expected).max() > 0.1
-    np.testing.assert_allclose(estimate, expected, rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- one surface
