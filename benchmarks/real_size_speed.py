@@ -619,7 +619,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--out", type=Path, help="write the raw figures as JSON here")
     parser.add_argument("--models", nargs="+", choices=list(REAL), help="(all; --tiny: 26B-A4B)")
     parser.add_argument(
-        "--unstacked", nargs="*", choices=list(REAL), help="models also measured unstacked (all)"
+        "--unstacked",
+        nargs="*",
+        choices=list(REAL),
+        help="models also measured unstacked (all; --tiny: none)",
     )
     parser.add_argument(
         "--workdir", help="where the checkpoint for the load row is written (/dev/shm: RAM)"
@@ -654,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     models = args.models or (["gemma4_26b_a4b"] if args.tiny else list(REAL))
     unstacked = args.unstacked
     if args.tiny and unstacked is None:
-        unstacked = models[:1]
+        unstacked = []  # the smoke run: the unstacked sweep runs the per-layer model's code
     grouped = args.tiny if args.grouped is None else args.grouped
     results = measure(args.tiny, models, args.timeout, log, unstacked, args.workdir, grouped)
     print(table(results))

@@ -367,44 +367,50 @@ def test_head_sites_where_layers_have_different_kv_heads(families):
     """Gemma 4's full-attention layers can have fewer KV heads than its sliding ones (the
     MoE-like config: 1 against 2, as the 26B-A4B has 2 against 8). `sweep` and
     `attribution_patching` of the ``k`` and ``v`` sites are as wide as the widest layer,
-    NaN where a layer has no such head; the heads that exist equal hooked runs (sweep)
-    and a central difference along clean - corrupted (attribution)."""
+    NaN where a layer has no such head; the heads that exist equal hooked runs (the ``k``
+    sweep) and a central difference along clean - corrupted (the ``v`` attribution: both
+    sites take the same code path, so each check runs on one)."""
     from gemmalens import patching
 
     family = families("gemma4_moe")
     m, corrupted = family.m, _corrupted_tokens()
     _, clean_cache = m.run_with_cache(TOKENS)
-    _, corrupted_cache = m.run_with_cache(corrupted)
-    for site in ("k", "v"):
+
+    def layout(site):
         names = patching.site_names(m, site)
         counts = [clean_cache[name].shape[2] for name in names]
         assert min(counts) < max(counts), counts  # the case this test is for
         exists = np.arange(max(counts))[None, :] < np.asarray(counts)[:, None]
-        scores = np.asarray(patching.sweep(m, TOKENS, corrupted, _metric, site))
-        assert scores.shape == exists.shape
-        assert np.isnan(scores[~exists]).all() and np.isfinite(scores[exists]).all()
-        sites = [(layer, unit) for layer, count in enumerate(counts) for unit in range(count)]
-        expected = np.asarray(_patched_by_hand(family, site, sites, clean_cache))
-        np.testing.assert_allclose(scores[exists], expected, rtol=1e-4, atol=1e-4, err_msg=site)
-        assert np.ptp(expected) > 1e-3  # the heads' effects differ: the check can fail
+        return names, counts, exists
 
-        estimate = np.asarray(patching.attribution_patching(m, TOKENS, corrupted, _metric, site))
-        assert estimate.shape == exists.shape
-        assert np.isnan(estimate[~exists]).all() and np.isfinite(estimate[exists]).all()
-        layer = counts.index(min(counts))  # a layer with fewer heads: its one head
-        name = names[layer]
-        delta = np.asarray(clean_cache[name] - corrupted_cache[name])
+    names, counts, exists = layout("k")
+    scores = np.asarray(patching.sweep(m, TOKENS, corrupted, _metric, "k"))
+    assert scores.shape == exists.shape
+    assert np.isnan(scores[~exists]).all() and np.isfinite(scores[exists]).all()
+    sites = [(layer, unit) for layer, count in enumerate(counts) for unit in range(count)]
+    expected = np.asarray(_patched_by_hand(family, "k", sites, clean_cache))
+    np.testing.assert_allclose(scores[exists], expected, rtol=1e-4, atol=1e-4)
+    assert np.ptp(expected) > 1e-3  # the heads' effects differ: the check can fail
 
-        def moved(epsilon, name=name, delta=delta):
-            def shift(value, _):
-                return value + epsilon * delta
+    names, counts, exists = layout("v")
+    estimate = np.asarray(patching.attribution_patching(m, TOKENS, corrupted, _metric, "v"))
+    assert estimate.shape == exists.shape
+    assert np.isnan(estimate[~exists]).all() and np.isfinite(estimate[exists]).all()
+    layer = counts.index(min(counts))  # a layer with fewer heads: its one head
+    name = names[layer]
+    _, corrupted_cache = m.run_with_cache(corrupted, names=[name])
+    delta = np.asarray(clean_cache[name] - corrupted_cache[name])
 
-            return float(_metric(m.run_with_hooks(corrupted, {name: shift})))
+    def moved(epsilon):
+        def shift(value, _):
+            return value + epsilon * delta
 
-        step = 1e-2
-        derivative = (moved(step) - moved(-step)) / (2 * step)
-        assert abs(derivative) > 1e-2  # the check has something to compare
-        assert abs(estimate[layer, 0] - derivative) <= 2e-2 * abs(derivative) + 1e-4, site
+        return float(_metric(m.run_with_hooks(corrupted, {name: shift})))
+
+    step = 1e-2
+    derivative = (moved(step) - moved(-step)) / (2 * step)
+    assert abs(derivative) > 1e-2  # the check has something to compare
+    assert abs(estimate[layer, 0] - derivative) <= 2e-2 * abs(derivative) + 1e-4
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_e2b"])
