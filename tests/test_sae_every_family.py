@@ -99,3 +99,48 @@ def test_logit_effects_outside_gemma3_say_why_they_are_not_direct(models, name):
     sae = _random_sae(np.random.default_rng(3), 256, "blocks.1.hook_resid_post")
     with pytest.raises(NotImplementedError, match="direct effect only in Gemma 3"):
         gl.sae.logit_effects(models[name], sae, 0)
+
+
+@pytest.mark.parametrize(("name", "hook"), [CASES[0], CASES[3]])
+def test_attribution_is_gradient_times_activation(models, tokens, name, hook):
+    """`sae.attribute` on a spliced SAE (Gemma 3n's AltUp stream, Gemma 4's wider ``z``):
+    each feature's score is its activation times the
+    metric's gradient at the hook read through its decoder row, the error's is the error
+    times that gradient (the gradient taken on the model without the SAE, at every logit
+    position; the attribution computes the metric's position only)."""
+    from gemmalens import patching
+    from gemmalens.compiling import Distinct
+
+    m = models[name]
+    ids, mask = tokens
+    logits, cache = m.run_with_cache(ids, [hook], attention_mask=mask)
+    x = np.asarray(cache[hook])
+    width = x.shape[-2] * x.shape[-1] if hook.endswith("hook_z") else x.shape[-1]
+    sae = _random_sae(np.random.default_rng(1), width, hook)
+    first, second = (int(t) for t in np.argsort(-np.asarray(logits)[:, -1].mean(0))[:2])
+
+    def metric(logits):  # the two likeliest next tokens' logit difference
+        return (logits[:, -1, first] - logits[:, -1, second]).mean()
+
+    result = gl.sae.attribute(gl.sae.splice(m, sae), ids, metric, attention_mask=mask)
+    inputs = m._prepare(ids, mask, {})
+    value, (grad,) = patching._metric_and_grads(
+        Distinct.of(m._frozen),
+        [np.zeros_like(x)],
+        inputs,
+        names=(hook,),
+        metric=metric,
+        forward=m.logits_of,
+    )
+    g = np.asarray(grad, np.float64).reshape(*x.shape[:2], width)
+    flat = x.reshape(*x.shape[:2], width).astype(np.float64)
+    pre = flat @ sae.w_enc + sae.b_enc
+    f = np.where(pre > sae.threshold, np.maximum(pre, 0), 0)
+    expected = np.einsum("bsf,fd,bsd->f", f, sae.w_dec, g)
+    error = float(((flat - (f @ sae.w_dec + sae.b_dec)) * g).sum())
+    assert np.abs(expected).max() > 1e-3  # something to compare
+    np.testing.assert_allclose(
+        result.features[hook], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+    )
+    assert abs(result.error[hook] - error) <= 1e-3 * max(1.0, abs(error))
+    assert abs(result.metric - float(value)) <= 1e-5 * max(1.0, abs(float(value)))
