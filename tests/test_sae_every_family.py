@@ -51,14 +51,21 @@ def _numpy_reconstruction(sae: gl.sae.SAE, x: np.ndarray) -> np.ndarray:
     return f @ sae.w_dec + sae.b_dec
 
 
+def _hook_and_sae(m, tokens, hook: str, seed: int):
+    """The logits and ``hook``'s value on ``tokens``, the SAE's width (a ``hook_z`` is
+    read with its heads flattened) and a random SAE of that width at the hook."""
+    ids, mask = tokens
+    logits, cache = m.run_with_cache(ids, [hook], attention_mask=mask)
+    x = np.asarray(cache[hook])
+    width = x.shape[-2] * x.shape[-1] if hook.endswith("hook_z") else x.shape[-1]
+    return logits, x, width, _random_sae(np.random.default_rng(seed), width, hook)
+
+
 @pytest.mark.parametrize(("name", "hook"), CASES)
 def test_splice_equals_replacing_the_hook_value(models, tokens, name, hook):
     m = models[name]
     ids, mask = tokens
-    base, cache = m.run_with_cache(ids, [hook], attention_mask=mask)
-    x = np.asarray(cache[hook])
-    width = x.shape[-2] * x.shape[-1] if hook.endswith("hook_z") else x.shape[-1]
-    sae = _random_sae(np.random.default_rng(0), width, hook)
+    base, x, width, sae = _hook_and_sae(m, tokens, hook, seed=0)
     gl.sae.check_fits(sae, m)
     base = np.asarray(base)
 
@@ -113,10 +120,7 @@ def test_attribution_is_gradient_times_activation(models, tokens, name, hook):
 
     m = models[name]
     ids, mask = tokens
-    logits, cache = m.run_with_cache(ids, [hook], attention_mask=mask)
-    x = np.asarray(cache[hook])
-    width = x.shape[-2] * x.shape[-1] if hook.endswith("hook_z") else x.shape[-1]
-    sae = _random_sae(np.random.default_rng(1), width, hook)
+    logits, x, width, sae = _hook_and_sae(m, tokens, hook, seed=1)
     first, second = (int(t) for t in np.argsort(-np.asarray(logits)[:, -1].mean(0))[:2])
 
     def metric(logits):  # the two likeliest next tokens' logit difference
