@@ -1304,7 +1304,10 @@ def sweep(
         every position; an int, a slice or a list of positions declares them (the
         others are NaN in the logits the metric gets). With a large vocabulary, a metric
         that reads every position holds ``[sites of a layer, batch, seq, vocab]`` logits
-        at once: index the positions statically (``logits[:, -1]``) or declare them.
+        at once in the shared-runs program, ``[sites, batch, seq, vocab]`` (or a chunk's
+        sites) in the general one: index the positions statically (``logits[:, -1]``) or
+        declare them. (Where the final norm or the unembedding carries a hook or is not
+        per-token, every position is computed.)
       decoder_tokens: an encoder-decoder's decoder input in the clean run (required for
         one, refused for a decoder).
       corrupted_decoder_tokens: the decoder input of the corrupted run; defaults to
