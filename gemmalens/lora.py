@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemmalens import patching
 from gemmalens.checkpoints.safetensors_files import CheckpointError
 from gemmalens.layers.hooks import HookPoint
 from gemmalens.layers.kv_sharing import SharedKVAttention
@@ -433,13 +434,17 @@ def module_effects(
     unbound, params = pz.unbind_params(m.model, freeze=True)
     slot = {f"{name}.lora.B": i for i, name in enumerate(modules)}
     logits_of = m.logits_of
+    # Every configuration's logits at once: only the positions the metric reads.
+    window = patching._logit_window(m, inputs, metric)
 
     def run(gates: jax.Array) -> jax.Array:
         gated = tuple(
             dataclasses.replace(p, value=p.value * gates[slot[p.label]]) if p.label in slot else p
             for p in params
         )
-        return metric(logits_of(pz.bind_variables(unbound, gated), *inputs))
+        return metric(
+            patching._logits_at(logits_of, pz.bind_variables(unbound, gated), inputs, window)
+        )
 
     n = len(modules)
     eye = np.eye(n, dtype=np.float32)
