@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--tiny", action="store_true", help="the 26B-A4B at tiny widths, CPU")
+    parser.add_argument("--tiny", action="store_true", help="the Gemma 3n teaching model, CPU")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -86,12 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import gemmalens as gl
 
     out: dict[str, Any] = {"device": jax.devices()[0].device_kind, "length": args.length}
-    if args.tiny:
-        from real_size_speed import tiny_config
-
-        config = tiny_config("gemma4_26b_a4b").replace(num_hidden_layers=6)
-        m = gl.build(config, seed=0, dtype=jnp.float32)
-        out["gemma4_26b_a4b (tiny)"] = measure(m, "resid_pre", 8)
+    if args.tiny:  # a teaching model with AltUp: the general program
+        out["gemma3n (teaching)"] = measure(gl.teaching_model("gemma3n"), "resid_pre", 8)
     else:
         for preset in args.presets:
             m = gl.build(preset, seed=0, dtype=jnp.bfloat16)
