@@ -1465,6 +1465,7 @@ def attribution_patching(
     corrupted_input_features: Any = None,
     inputs: Mapping[str, Any] | None = None,
     corrupted_inputs: Mapping[str, Any] | None = None,
+    logit_positions: LogitPositions = "auto",
 ) -> jax.Array:
     """The first-order estimate of `sweep`'s effects, from one forward and backward pass.
 
@@ -1472,6 +1473,9 @@ def attribution_patching(
     gradient taken on the corrupted run and the dot product over every axis but the
     site's unit (so over batch, d_model / d_head / key positions). It estimates
     ``sweep(...)[l, u] - metric(corrupted run)``: note the *difference*, not the metric.
+    ``logit_positions`` is `sweep`'s: the positions of the logits computed (the others
+    NaN in what the metric gets). Where the metric of the corrupted run is NaN, every
+    estimate is NaN.
 
     Returns:
       ``[layer, unit]`` like `sweep`, NaN where `sweep` is (same arguments, same site
@@ -1506,14 +1510,14 @@ def attribution_patching(
     if site == FEATURES_SITE:
         _check_feature_widths(names, clean_values)
     zeros = [jnp.zeros_like(v) for v in corrupted_values]
-    _, grads = _metric_and_grads(
+    value, grads = _metric_and_grads(
         m._frozen_distinct,
         zeros,
         runs.corrupted,
         names=names,
         metric=metric,
         forward=runs.forward,
-        window=_logit_window(m, runs.corrupted, metric),
+        window=_logit_window(m, runs.corrupted, metric, logit_positions),
     )
     scores = []
     for clean, corrupted, grad in zip(clean_values, corrupted_values, grads):
@@ -1524,4 +1528,7 @@ def attribution_patching(
     counts = _unit_counts(clean_values, spec.unit_axis)
     units = max(counts)
     scores = jnp.stack([jnp.pad(score, (0, units - score.shape[0])) for score in scores])
+    # A NaN metric (e.g. one reading a logit position outside `logit_positions`) has a
+    # gradient of zero through the NaN it read: give NaN, as `sweep` does, not zeros.
+    scores = jnp.where(jnp.isnan(value), jnp.nan, scores)
     return _without_missing_units(scores, counts)

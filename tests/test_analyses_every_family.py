@@ -546,7 +546,8 @@ def test_general_sweep_unembeds_only_the_positions_the_metric_reads(name):
 
 def test_general_sweep_reads_only_the_promised_positions():
     """The windowed vmapped sweep equals the every-position one; a metric that reads a
-    position outside the declared ones gets NaN, not a number."""
+    position outside the declared ones gets NaN, not a number (in the sweep and in
+    attribution patching)."""
     from gemmalens import patching
 
     m, clean, corrupted, site, _, _, metric = _window_case("gemma3")
@@ -560,6 +561,12 @@ def test_general_sweep_reads_only_the_promised_positions():
         return metric(logits[:, :1])
 
     wrong = patching.sweep(*args[:3], first_position, site, chunk_size=64, logit_positions=[-1])
+    assert np.isnan(np.asarray(wrong)).all()
+    # Attribution takes the same declaration.
+    estimate = np.asarray(patching.attribution_patching(*args, logit_positions=[-1]))
+    np.testing.assert_allclose(estimate, patching.attribution_patching(*args), rtol=1e-6)
+    assert np.abs(estimate).max() > 1e-3
+    wrong = patching.attribution_patching(*args[:3], first_position, site, logit_positions=[-1])
     assert np.isnan(np.asarray(wrong)).all()
 
 
