@@ -106,8 +106,11 @@ class EncoderDecoder(pz.nn.Layer):
             token_positions=(
                 _arange_like(decoder_tokens) if decoder_positions is None else decoder_positions
             ),
-            **{ENCODER_OUTPUT: encoder_output, ENCODER_POSITIONS: encoder_positions},
-            **{LOGIT_WINDOW: side_inputs.get(LOGIT_WINDOW)},
+            **{
+                ENCODER_OUTPUT: encoder_output,
+                ENCODER_POSITIONS: encoder_positions,
+                LOGIT_WINDOW: side_inputs.get(LOGIT_WINDOW),
+            },
         )
 
 
