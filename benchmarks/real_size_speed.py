@@ -26,6 +26,13 @@ JAX took most of its time; its figures mean nothing anyway. Rows:
   with ``save_pretrained``, bfloat16): ``gl.load`` stacked and not, ``from_pretrained``.
 
 Prints a Markdown table and writes the raw figures as JSON (``--out``).
+
+``--alternate ROUNDS`` measures the steady forward only, the way a floor is checked:
+gemmalens per-layer (``--stacked-too``: and stacked) and transformers in fresh processes,
+taking turns ``ROUNDS`` times per model, so that a slow spell of the machine falls on both
+sides; it prints each side's figures, their means and the ratio of the means::
+
+    python benchmarks/real_size_speed.py --alternate 3 --models gemma3_27b_text --out alt.json
 """
 
 from __future__ import annotations
@@ -532,6 +539,74 @@ def measure(
     return results
 
 
+def alternate(tiny: bool, names: list[str], rounds: int, timeout: float, stacked_too: bool, log):
+    """Steady forwards only, one fresh process a figure, the sides taking turns ``rounds``
+    times per model: gemmalens per-layer, transformers (and gemmalens stacked). Returns
+    ``{"versions": ..., "alternate": {model: {form: [rows], "means": {...}}}}``."""
+    results: dict[str, Any] = {"tiny": tiny, "versions": versions(), "alternate": {}}
+    off = {"GEMMALENS_COMPILATION_CACHE": "off"}
+    forms = [("per_layer", "ours", {"stacked": False}), ("transformers", "theirs", {})]
+    if stacked_too:
+        forms.append(("stacked", "ours", {"stacked": True}))
+    for name in names:
+        rows: dict[str, Any] = {form: [] for form, _, _ in forms}
+        results["alternate"][name] = rows
+        for _ in range(rounds):
+            for form, case, extra in forms:
+                kwargs = dict(name=name, tiny=tiny, **extra)
+                if case == "ours":
+                    kwargs["captures"] = False
+                (row,) = in_one_process([(case, kwargs)], off, timeout)
+                rows[form].append(row)
+                log(results, name, form, row)
+        rows["means"] = alternate_means(rows)
+    return results
+
+
+def alternate_means(rows: dict[str, list[dict]]) -> dict[str, Any]:
+    """Each form's mean steady time per shape over its processes, and transformers' mean
+    over each gemmalens form's (the speed-up); forms with a failed process are left out."""
+    means: dict[str, Any] = {}
+    for form, runs in rows.items():
+        if form == "means" or not runs or any("error" in run for run in runs):
+            continue
+        shapes = [key for key in runs[0] if "x" in key and key[0].isdigit()]
+        means[form] = {
+            shape: sum(run[shape]["steady_s"] for run in runs) / len(runs) for shape in shapes
+        }
+    theirs = means.get("transformers", {})
+    for form in [f for f in means if f != "transformers"]:
+        means[f"{form}_speed_up"] = {
+            shape: theirs[shape] / seconds
+            for shape, seconds in means[form].items()
+            if shape in theirs
+        }
+    return means
+
+
+def alternate_table(results: dict) -> str:
+    lines = [
+        "| model | form | shape | steady, each process | mean | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in results["alternate"].items():
+        means = rows["means"]
+        for form, runs in rows.items():
+            if form == "means":
+                continue
+            for shape in means.get(form, {"?": None}):
+                each = ", ".join(
+                    f"{run[shape]['steady_s']:.4f}" if shape in run else "failed" for run in runs
+                )
+                mean = means.get(form, {}).get(shape)
+                up = means.get(f"{form}_speed_up", {}).get(shape)
+                lines.append(
+                    f"| {name} | {form} | {shape} | {each} s | "
+                    f"{f'{mean:.4f} s' if mean else '–'} | {f'{up:.3f}x' if up else ''} |"
+                )
+    return "\n".join(lines)
+
+
 def versions() -> dict:
     import jax
 
@@ -633,6 +708,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         action=argparse.BooleanOptionalAction,
         help="share processes between cases (default with --tiny): quicker, figures not comparable",
     )
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        metavar="ROUNDS",
+        help="steady forwards only: per-layer and transformers processes, ROUNDS turns each",
+    )
+    parser.add_argument(
+        "--stacked-too", action="store_true", help="with --alternate: stacked processes too"
+    )
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help=argparse.SUPPRESS)  # [[case, kwargs], ...]
@@ -655,6 +739,20 @@ def main(argv: list[str] | None = None) -> dict | None:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     models = args.models or (["gemma4_26b_a4b"] if args.tiny else list(REAL))
+    if args.alternate:
+        results = alternate(args.tiny, models, args.alternate, args.timeout, args.stacked_too, log)
+        print(alternate_table(results))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        failed = [
+            f"{name} {form}"
+            for name, rows in results["alternate"].items()
+            for form, runs in rows.items()
+            if form != "means" and any("error" in run for run in runs)
+        ]
+        if args.tiny and failed:
+            sys.exit(f"failed: {failed}")
+        return results
     unstacked = args.unstacked
     if args.tiny and unstacked is None:
         unstacked = []  # the smoke run: the unstacked sweep runs the per-layer model's code

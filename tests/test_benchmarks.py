@@ -58,6 +58,20 @@ BACKGROUND = {
         CPU_ONLY,
         needed_by=("test_profile_of_generation",),
     ),
+    "real_size_alternate": background.Job(
+        (
+            str(BENCHMARKS[0].parent / "real_size_speed.py"),
+            "--tiny",
+            "--alternate",
+            "2",
+            "--models",
+            "gemma3_27b_text",
+            "--out",
+            "{out}/alternate.json",
+        ),
+        CPU_ONLY,
+        needed_by=("test_real_size_alternate",),
+    ),
     "cpu_first_call": background.Job(
         (
             str(BENCHMARKS[0].parent / "cpu_first_call.py"),
@@ -93,6 +107,22 @@ def test_cpu_first_call_smoke():
     assert entry["cold"]["hooks"] > entry["cold"]["resid_hooks"] > 0
     assert entry["max_abs_diff_last_logits"] < 1e-3
     assert results["versions"]["cpus"] >= 1
+
+
+def test_real_size_alternate():
+    """``real_size_speed.py --alternate``: per-layer and transformers processes take turns;
+    the means and the speed-up are computed from the figures of each process."""
+    run = background.result("real_size_alternate", BACKGROUND["real_size_alternate"])
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert TABLE_RULE.search(run.stdout), run.stdout[-2000:]
+    rows = json.loads((run.out / "alternate.json").read_text())["alternate"]["gemma3_27b_text"]
+    assert len(rows["per_layer"]) == len(rows["transformers"]) == 2
+    (shape,) = rows["means"]["per_layer"]
+    ours = [run[shape]["steady_s"] for run in rows["per_layer"]]
+    theirs = [run[shape]["steady_s"] for run in rows["transformers"]]
+    assert rows["means"]["per_layer"][shape] == pytest.approx(sum(ours) / 2)
+    assert rows["means"]["per_layer_speed_up"][shape] == pytest.approx(sum(theirs) / sum(ours))
+    assert rows["transformers"][0]["device"] == "cpu"
 
 
 def test_profile_of_generation():
