@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
@@ -26,7 +25,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import compiling, residual, sampling
-from gemmalens.cache import ActivationCache, warn_if_patterns_are_large
+from gemmalens.cache import ActivationCache, unknown_name_message, warn_if_patterns_are_large
 from gemmalens.compiling import Distinct
 from gemmalens.layers import stacking
 from gemmalens.layers.embeddings import EmbedTokens, activation_dtype_of
@@ -40,10 +39,38 @@ NameSelector = Union[None, str, Iterable[str], Callable[[str], bool]]
 _CACHE_LABEL = "gemmalens.cache:"
 
 
-def _unknown_name_message(name: str, valid: list[str], where: str) -> str:
-    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"No hook point named {name!r} {where}.{hint} (`m.hook_names` lists all {len(valid)}.)"
+# Parts of hook names that only some families (or towers) have, and what to say when a
+# model without them is asked for one.
+_ABSENT_PARTS = (
+    (("altup.", "hook_altup_"), "AltUp's hook points belong to Gemma 3n"),
+    (("laurel.",), "LAuReL's hook points belong to Gemma 3n"),
+    (("hook_per_layer_",), "per-layer input hook points belong to Gemma 3n and Gemma 4 E2B / E4B"),
+    (("moe.", "hook_dense_mlp_out"), "mixture-of-experts hook points belong to Gemma 4 26B-A4B"),
+    (
+        ("encoder.", "decoder.", "hook_cross_"),
+        "encoder and decoder hook points belong to T5Gemma 2",
+    ),
+    (("vision.", "hook_image_embed"), "this model was loaded without a vision tower"),
+    (("audio.",), "this model was loaded without an audio tower"),
+)
+
+
+def _unknown_hook_message(name: str, valid: list[str], family: str) -> str:
+    """`unknown_name_message` for a model; when the name belongs to another family (an
+    AltUp hook asked of Gemma 3, say) or to a tower this model was loaded without, says
+    so instead of listing near names that are not what was meant."""
+    for parts, reason in _ABSENT_PARTS:
+        if any(part in name for part in parts) and not any(p in n for n in valid for p in parts):
+            if "tower" in reason:
+                tower = "vision" if "vision" in reason else "audio"
+                fix = f"gl.load(path, {tower}=True) builds the one a multimodal checkpoint holds"
+            else:
+                fix = f"this {family} model has none"
+            return (
+                f"No hook point named {name!r} in this model: {reason}; {fix}. "
+                f"(`m.hook_names` lists all {len(valid)}.)"
+            )
+    return unknown_name_message(name, valid, "in this model")
 
 
 def _side_inputs(
@@ -426,7 +453,7 @@ class Model:
         for pattern in patterns:
             matches = [n for n in self._hook_names if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise KeyError(_unknown_name_message(pattern, self._hook_names, "in this model"))
+                raise KeyError(_unknown_hook_message(pattern, self._hook_names, self.config.family))
             chosen.update(matches)
         return [n for n in self._hook_names if n in chosen]
 

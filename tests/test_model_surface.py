@@ -157,6 +157,28 @@ def test_unknown_hook_name_suggests_nearest(model):
         model.run_with_hooks(TOKENS, hooks={"blocks.0.attn.pattern": lambda v, n: v})
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("blocks.0.altup.hook_predictions", "AltUp's hook points belong to Gemma 3n; this gemma3"),
+        ("blocks.*.moe.hook_router_logits", "belong to Gemma 4 26B-A4B; this gemma3 model has"),
+        ("encoder.blocks.0.hook_resid_post", "belong to T5Gemma 2; this gemma3 model has none"),
+        ("vision.hook_pooled", r"without a vision tower; gl.load\(path, vision=True\) builds"),
+        ("audio.hook_out", r"without an audio tower; gl.load\(path, audio=True\) builds"),
+    ],
+)
+def test_hook_name_of_another_family_or_tower_says_whose_it_is(model, name, says):
+    with pytest.raises(KeyError, match=says) as raised:
+        model.run_with_cache(TOKENS, names=name)
+    assert "Did you mean" not in str(raised.value)  # near names of this model mislead here
+
+
+def test_hook_name_of_its_own_family_part_still_suggests_nearest():
+    gemma3n = gl.teaching_model("gemma3n")
+    with pytest.raises(KeyError, match="Did you mean: blocks.0.altup.hook_predictions"):
+        gemma3n.run_with_cache(TOKENS, names="blocks.0.altup.hook_prediction")
+
+
 def test_hook_returning_wrong_shape_or_dtype(model):
     with pytest.raises(ValueError, match=r"blocks.0.hook_resid_pre.*returned shape \(2, 10\)"):
         model.run_with_hooks(TOKENS, hooks={"blocks.0.hook_resid_pre": lambda v, n: v[..., 0]})
