@@ -296,6 +296,33 @@ def _read_positions(
         return metric_positions(metric, shape, jnp.dtype(dtype))
 
 
+@functools.lru_cache(maxsize=64)
+def _metric_output(metric: Metric, shape: tuple[int, ...], dtype: str) -> Any:
+    """What ``metric`` returns for ``[batch, seq, vocab]`` logits, as shapes (not run);
+    None when it cannot be traced on its own (it is then checked where it runs)."""
+    try:
+        return jax.eval_shape(metric, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+    except Exception:  # noqa: BLE001 - the run itself will raise what is wrong
+        return None
+
+
+def _require_scalar_metric(m: Model, metric: Metric, shape: tuple[int, int, int]) -> None:
+    """Raises a ValueError naming the fix when ``metric`` does not return one number."""
+    dtype = _model_facts(m._frozen).dtype
+    try:
+        out = _metric_output(metric, shape, dtype)
+    except TypeError:  # an unhashable metric
+        out = _metric_output.__wrapped__(metric, shape, dtype)
+    if out is None or getattr(out, "shape", None) == ():
+        return
+    returned = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
+    raise ValueError(
+        f"The metric returned {returned}; patching needs one number per run. Reduce it, "
+        "for example average a per-prompt logit difference over the batch: "
+        "(logits[:, -1, a] - logits[:, -1, b]).mean()."
+    )
+
+
 def _nan_outside(read: jax.Array, start: int, stop: int, seq: int, axis: int) -> jax.Array:
     """Logits of positions ``start..stop-1`` (along ``axis``) as ``seq`` positions, NaN at
     the others: the metric gets the shape it expects, and a read of a position it was
@@ -962,6 +989,7 @@ def _logit_window(
     tokens = inputs[2] if "decoder_tokens" in m.input_streams else inputs[0]
     batch, seq = tokens.shape
     positions = _normalise_positions(logit_positions, seq)
+    _require_scalar_metric(m, metric, (batch, seq, m.config.vocab_size))
     if not _model_facts(m._frozen).unembeds_per_token:
         return None
     read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
@@ -1231,6 +1259,7 @@ def _shared_plan(m, site, clean, corrupted, clean_mask, corrupted_mask, metric, 
         first_diff = min(first_difference(clean, corrupted, clean_mask, corrupted_mask), seq - 1)
     else:
         first_diff = 0
+    _require_scalar_metric(m, metric, (batch, seq, m.config.vocab_size))
     read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
     units = {
         "pos": seq,
@@ -1279,8 +1308,8 @@ def sweep(
         encoder-decoder: the encoder inputs).
       metric: a jax function of the patched run's logits ``[batch, seq, vocab]`` (an
         encoder-decoder's decoder logits) that returns a scalar (e.g. a logit difference
-        averaged over the batch). Pass the same function object again to reuse the
-        compiled sweep.
+        averaged over the batch; anything else is a ValueError). Pass the same function
+        object again to reuse the compiled sweep.
       site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``
         (sites are ``[layer, pos]``); ``z``, ``q`` or ``pattern`` (``[layer, head]``);
         ``k`` or ``v`` (``[layer, kv_head]``). A head site patches all positions. Models

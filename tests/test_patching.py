@@ -271,3 +271,22 @@ def test_unknown_site(setup):
         patching.sweep(model, clean, corrupted, metric, site="resid")
     with pytest.raises(ValueError, match="same shape"):
         patching.sweep(model, clean, corrupted[:, :-1], metric)
+
+
+def test_a_metric_that_is_not_one_number_is_refused(setup):
+    """A per-prompt or per-token metric would give each site an array (or no gradient):
+    every path (the shared sweep, the vmapped one, attribution) says what to reduce."""
+    model, clean, corrupted, _ = setup
+
+    def per_prompt(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
+    for run in (
+        lambda: patching.sweep(model, clean, corrupted, per_prompt),
+        lambda: patching.sweep(model, clean, corrupted, per_prompt, chunk_size=4),
+        lambda: patching.attribution_patching(model, clean, corrupted, per_prompt),
+    ):
+        with pytest.raises(ValueError, match=r"array of shape \(2,\); patching needs one"):
+            run()
+    with pytest.raises(ValueError, match="returned tuple"):
+        patching.sweep(model, clean, corrupted, lambda logits: (logits[0, -1, 5],) * 2)
