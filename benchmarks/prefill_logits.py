@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
 
-
 def forms(m: Any) -> dict[str, Any]:
     """The two forms as ``capture=`` arguments: nothing, or the (decoder's) final norm."""
     final_norm = [n for n in m.hook_names if n.endswith("ln_final.hook_normalized")][-1]
