@@ -40,18 +40,29 @@ _CACHE_LABEL = "gemmalens.cache:"
 
 
 # Parts of hook names that only some families (or towers) have, and what to say when a
-# model without them is asked for one.
+# model without them is asked for one ({family}: that model's).
+_NONE_HERE = "; this {family} model has none"
+_NO_TOWER = "; gl.load(path, {tower}=True) builds the one a multimodal checkpoint holds"
 _ABSENT_PARTS = (
-    (("altup.", "hook_altup_"), "AltUp's hook points belong to Gemma 3n"),
-    (("laurel.",), "LAuReL's hook points belong to Gemma 3n"),
-    (("hook_per_layer_",), "per-layer input hook points belong to Gemma 3n and Gemma 4 E2B / E4B"),
-    (("moe.", "hook_dense_mlp_out"), "mixture-of-experts hook points belong to Gemma 4 26B-A4B"),
+    (("altup.", "hook_altup_"), "AltUp's hook points belong to Gemma 3n" + _NONE_HERE),
+    (("laurel.",), "LAuReL's hook points belong to Gemma 3n" + _NONE_HERE),
+    (
+        ("hook_per_layer_",),
+        "per-layer input hook points belong to Gemma 3n and Gemma 4 E2B / E4B" + _NONE_HERE,
+    ),
+    (
+        ("moe.", "hook_dense_mlp_out"),
+        "mixture-of-experts hook points belong to Gemma 4 26B-A4B" + _NONE_HERE,
+    ),
     (
         ("encoder.", "decoder.", "hook_cross_"),
-        "encoder and decoder hook points belong to T5Gemma 2",
+        "encoder and decoder hook points belong to T5Gemma 2" + _NONE_HERE,
     ),
-    (("vision.", "hook_image_embed"), "this model was loaded without a vision tower"),
-    (("audio.",), "this model was loaded without an audio tower"),
+    (
+        ("vision.", "hook_image_embed"),
+        "this model was loaded without a vision tower" + _NO_TOWER.format(tower="vision"),
+    ),
+    (("audio.",), "this model was loaded without an audio tower" + _NO_TOWER.format(tower="audio")),
 )
 
 
@@ -61,13 +72,8 @@ def _unknown_hook_message(name: str, valid: list[str], family: str) -> str:
     so instead of listing near names that are not what was meant."""
     for parts, reason in _ABSENT_PARTS:
         if any(part in name for part in parts) and not any(p in n for n in valid for p in parts):
-            if "tower" in reason:
-                tower = "vision" if "vision" in reason else "audio"
-                fix = f"gl.load(path, {tower}=True) builds the one a multimodal checkpoint holds"
-            else:
-                fix = f"this {family} model has none"
             return (
-                f"No hook point named {name!r} in this model: {reason}; {fix}. "
+                f"No hook point named {name!r} in this model: {reason.format(family=family)}. "
                 f"(`m.hook_names` lists all {len(valid)}.)"
             )
     return unknown_name_message(name, valid, "in this model")

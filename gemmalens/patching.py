@@ -252,10 +252,25 @@ def metric_positions(
     depend on any other position. Anything else (a gather with an index array, a nested
     ``jit``, the whole array passed on) gives None, and a sweep then computes every position.
     """
+    traced = _trace_metric(metric, shape, dtype)
+    return None if traced is None else _positions_read(traced[0], shape)
+
+
+def _trace_metric(metric: Metric, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any] | None:
+    """``(jaxpr, what it returns as shapes)`` of ``metric`` on ``[batch, seq, vocab]``
+    logits (not run), or None when it cannot be traced on its own (a sweep then reads every
+    position, and the run itself raises what is wrong)."""
     try:
-        jaxpr = jax.make_jaxpr(metric)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
-    except Exception:  # noqa: BLE001 - a metric that cannot be traced on its own: read all
+        closed, returned = jax.make_jaxpr(metric, return_shape=True)(
+            jax.ShapeDtypeStruct(shape, dtype)
+        )
+    except Exception:  # noqa: BLE001
         return None
+    return closed.jaxpr, returned
+
+
+def _positions_read(jaxpr: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """`metric_positions` from the metric's jaxpr."""
     if len(jaxpr.invars) != 1:
         return None
     (logits,) = jaxpr.invars
@@ -275,8 +290,13 @@ def metric_positions(
 
 
 @functools.lru_cache(maxsize=64)
-def _metric_positions_cached(metric: Metric, shape: tuple[int, ...], dtype: str):
-    return metric_positions(metric, shape, jnp.dtype(dtype))
+def _metric_facts(metric: Metric, shape: tuple[int, ...], dtype: str) -> tuple[Any, Any]:
+    """``(what metric returns as shapes, metric_positions)``, None each where it cannot
+    be traced: one trace per metric and shape."""
+    traced = _trace_metric(metric, shape, jnp.dtype(dtype))
+    if traced is None:
+        return None, None
+    return traced[1], _positions_read(traced[0], shape)
 
 
 def _read_positions(
@@ -284,43 +304,25 @@ def _read_positions(
 ) -> tuple[int, int] | None:
     """The positions of ``[batch, seq, vocab]`` logits the sweep computes for ``metric``:
     ``positions`` normalised (`_normalise_positions`), ``"auto"`` read off the metric; None
-    for every position."""
+    for every position. Raises a ValueError naming the fix when ``metric`` does not return
+    one number (every analysis with a metric comes here first)."""
+    dtype = _model_facts(m._frozen).dtype
+    try:
+        returned, read = _metric_facts(metric, shape, dtype)
+    except TypeError:  # an unhashable metric
+        returned, read = _metric_facts.__wrapped__(metric, shape, dtype)
+    if returned is not None and getattr(returned, "shape", None) != ():
+        what = f"an array of shape {returned.shape}" if hasattr(returned, "shape") else None
+        raise ValueError(
+            f"The metric returned {what or type(returned).__name__}; patching needs one "
+            "number per run. Reduce it, for example average a per-prompt logit difference "
+            "over the batch: (logits[:, -1, a] - logits[:, -1, b]).mean()."
+        )
     if positions == "all":
         return None
     if positions != "auto":
         return positions
-    dtype = _model_facts(m._frozen).dtype
-    try:
-        return _metric_positions_cached(metric, shape, dtype)
-    except TypeError:  # an unhashable metric
-        return metric_positions(metric, shape, jnp.dtype(dtype))
-
-
-@functools.lru_cache(maxsize=64)
-def _metric_output(metric: Metric, shape: tuple[int, ...], dtype: str) -> Any:
-    """What ``metric`` returns for ``[batch, seq, vocab]`` logits, as shapes (not run);
-    None when it cannot be traced on its own (it is then checked where it runs)."""
-    try:
-        return jax.eval_shape(metric, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
-    except Exception:  # noqa: BLE001 - the run itself will raise what is wrong
-        return None
-
-
-def _require_scalar_metric(m: Model, metric: Metric, shape: tuple[int, int, int]) -> None:
-    """Raises a ValueError naming the fix when ``metric`` does not return one number."""
-    dtype = _model_facts(m._frozen).dtype
-    try:
-        out = _metric_output(metric, shape, dtype)
-    except TypeError:  # an unhashable metric
-        out = _metric_output.__wrapped__(metric, shape, dtype)
-    if out is None or getattr(out, "shape", None) == ():
-        return
-    returned = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
-    raise ValueError(
-        f"The metric returned {returned}; patching needs one number per run. Reduce it, "
-        "for example average a per-prompt logit difference over the batch: "
-        "(logits[:, -1, a] - logits[:, -1, b]).mean()."
-    )
+    return read
 
 
 def _nan_outside(read: jax.Array, start: int, stop: int, seq: int, axis: int) -> jax.Array:
@@ -989,10 +991,9 @@ def _logit_window(
     tokens = inputs[2] if "decoder_tokens" in m.input_streams else inputs[0]
     batch, seq = tokens.shape
     positions = _normalise_positions(logit_positions, seq)
-    _require_scalar_metric(m, metric, (batch, seq, m.config.vocab_size))
+    read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
     if not _model_facts(m._frozen).unembeds_per_token:
         return None
-    read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
     if read is None or read == (0, seq):
         return None
     return (*read, seq)
@@ -1259,7 +1260,6 @@ def _shared_plan(m, site, clean, corrupted, clean_mask, corrupted_mask, metric, 
         first_diff = min(first_difference(clean, corrupted, clean_mask, corrupted_mask), seq - 1)
     else:
         first_diff = 0
-    _require_scalar_metric(m, metric, (batch, seq, m.config.vocab_size))
     read = _read_positions(m, metric, (batch, seq, m.config.vocab_size), positions)
     units = {
         "pos": seq,

@@ -72,38 +72,28 @@ RUN = [example for example in EXAMPLES if example[:2] not in NOT_RUN]
 
 
 def given(page: str, index: int) -> dict:
-    """The names an example takes as given: a teaching model and its inputs."""
-    rng = np.random.RandomState(0)
-    if (page, index) == ("docs/api/patching.md", 1):  # the encoder-decoder's sites
-        m = gl.teaching_model("t5gemma2")
-        tokens = rng.randint(3, 400, (1, 6))
-        corrupted = tokens.copy()
-        corrupted[0, 2] += 1
-        decoder = np.array([[2, 10, 11]])
-        return dict(
-            m=m,
-            patching=patching,
-            clean=tokens,
-            corrupted=corrupted,
-            tokens=tokens,
-            decoder=decoder,
-            other=decoder + np.array([[0, 0, 1]]),
-            metric=lambda logits: logits[0, -1, 5] - logits[0, -1, 6],
-        )
-    m = gl.teaching_model("gemma3")
-    clean = rng.randint(3, 400, (1, 6))
+    """The names an example takes as given: a teaching model and its inputs (T5Gemma 2 for
+    the encoder-decoder's sites, Gemma 3 elsewhere)."""
+    encoder_decoder = (page, index) == ("docs/api/patching.md", 1)
+    name = "t5gemma2" if encoder_decoder else "gemma3"
+    clean = np.random.RandomState(0).randint(3, 400, (1, 6))
     corrupted = clean.copy()
     corrupted[0, 2] += 1
-    return dict(
+    names = dict(
         gl=gl,
-        m=m,
-        path=gl.teaching_model_path("gemma3"),
+        patching=patching,
+        m=gl.teaching_model(name),
+        path=gl.teaching_model_path(name),
         tokens=clean,
         clean=clean,
         corrupted=corrupted,
         metric=lambda logits: logits[0, -1, 5] - logits[0, -1, 6],
         rng=np.random.default_rng(0),
     )
+    if encoder_decoder:
+        decoder = np.array([[2, 10, 11]])
+        names.update(decoder=decoder, other=decoder + np.array([[0, 0, 1]]))
+    return names
 
 
 @pytest.mark.parametrize("page, index, code", RUN, ids=[f"{p}[{i}]" for p, i, _ in RUN])
