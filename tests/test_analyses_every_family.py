@@ -748,3 +748,33 @@ def test_ready_made_interventions_on_every_teaching_model(name):
     if name == "t5gemma2":
         with pytest.raises(KeyError, match="decoder.blocks.1.attn.hook_z"):
             m.run_with_hooks(tokens, iv.ablate_heads(1, 0), **run)  # no stack named
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_metric_that_is_not_one_number_is_refused_on_every_family(families, name):
+    """A per-prompt metric (shape ``[batch]``) is refused, before anything compiles, by the
+    shared sweep, the chunked sweep and attribution, on every family's sites (T5Gemma 2: an
+    encoder and a decoder site), with the reduction to add; the scalar form of the same
+    metric runs."""
+    from gemmalens import patching
+
+    m, corrupted = families(name).m, _corrupted_tokens()
+    seq2seq, sites = {}, ["resid_pre", "z"]
+    if name == "t5gemma2":
+        seq2seq, sites = {"decoder_tokens": DECODER_TOKENS}, ["encoder.resid_pre", "decoder.z"]
+
+    def per_prompt(logits):
+        return logits[:, -1, 17] - logits[:, -1, 23]
+
+    for site in sites:
+        for run in (
+            lambda: patching.sweep(m, TOKENS, corrupted, per_prompt, site, **seq2seq),
+            lambda: patching.sweep(m, TOKENS, corrupted, per_prompt, site, chunk_size=3, **seq2seq),
+            lambda: patching.attribution_patching(
+                m, TOKENS, corrupted, per_prompt, site, **seq2seq
+            ),
+        ):
+            with pytest.raises(ValueError, match=r"shape \(2,\); patching needs one.*mean"):
+                run()
+    scores = patching.attribution_patching(m, TOKENS, corrupted, _metric, sites[0], **seq2seq)
+    assert np.isfinite(np.asarray(scores)).all()
