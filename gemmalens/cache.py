@@ -31,6 +31,7 @@ import numpy as np
 from penzai import pz
 
 from gemmalens import residual
+from gemmalens.layers.hooks import checked_indices
 
 if TYPE_CHECKING:
     from gemmalens.lens import Model
@@ -148,15 +149,47 @@ def select_positions(x: jax.Array, pos_slice: PosSlice, pos_axis: int) -> jax.Ar
             )
         shape = [1] * x.ndim
         shape[pos_axis - 1] = rows
+        positions = jnp.asarray(_checked_positions(positions, x.shape[pos_axis]))
         index = positions.reshape(shape)
-        return jnp.take_along_axis(x, index, axis=pos_axis, mode="clip").squeeze(pos_axis)
-    if isinstance(pos_slice, (int, np.integer, slice)) or np.ndim(pos_slice) == 0:
-        key = pos_slice if isinstance(pos_slice, slice) else int(pos_slice)
+        index = jnp.where(index < 0, index + x.shape[pos_axis], index)  # from the end
+        return jnp.take_along_axis(x, index, axis=pos_axis).squeeze(pos_axis)
+    if isinstance(pos_slice, slice):
+        key = pos_slice
+    elif isinstance(pos_slice, (int, np.integer)) or np.ndim(pos_slice) == 0:
+        key = int(_checked_positions(pos_slice, x.shape[pos_axis]))
     else:
-        key = np.asarray(list(pos_slice), dtype=np.int32)
+        key = _checked_positions(list(pos_slice), x.shape[pos_axis])
     index = [slice(None)] * x.ndim
     index[pos_axis] = key
     return x[tuple(index)]
+
+
+def _checked_positions(positions: Any, length: int) -> Any:
+    """``positions`` checked against a sequence of ``length`` (JAX's indexing would clamp
+    one past the end to the last position, silently); traced ones pass unchecked."""
+    if isinstance(positions, jax.core.Tracer):
+        return positions
+    index = checked_indices(
+        np.asarray(positions).ravel().tolist(), length, "position", "the cached sequence"
+    )
+    return index.reshape(np.shape(positions))
+
+
+def _checked_token_ids(tokens: Any, vocab: int, argument: str) -> jax.Array:
+    """Token ids checked against the vocabulary (JAX's indexing would clamp one past it
+    to the last row of the unembedding, silently); traced ones pass unchecked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return tokens
+    ids = np.asarray(tokens)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{argument} must be token ids (integers); got dtype {ids.dtype}.")
+    outside = ids[(ids < 0) | (ids >= vocab)]
+    if outside.size:
+        raise ValueError(
+            f"{argument} holds token id {int(outside.ravel()[0])}, outside the vocabulary "
+            f"[0, {vocab}). Token ids come from m.to_tokens or m.tokenizer.encode."
+        )
+    return jnp.asarray(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +258,13 @@ class ActivationCache(Mapping):
         try:
             return self._values[name]
         except KeyError:
+            if self.model is not None and name in self.model.hook_names:
+                raise KeyError(
+                    f"{name!r} is a hook point of this model but was not captured in this "
+                    f"cache (it holds {len(self._values)} of the model's "
+                    f"{len(self.model.hook_names)}). Capture it with "
+                    f"m.run_with_cache(tokens, names=[..., {name!r}]) (or names=None for all)."
+                ) from None
             raise KeyError(
                 unknown_name_message(name, list(self._values), "in this cache")
             ) from None
@@ -510,9 +550,11 @@ class ActivationCache(Mapping):
             residual_stack = self.apply_ln_to_stack(residual_stack, stack)
         values = select_positions(residual_stack, pos_slice, pos_axis=2)
         unembed = out.unembed_matrix()
-        direction = unembed[jnp.asarray(tokens)]
+        vocab = unembed.shape[0]
+        direction = unembed[_checked_token_ids(tokens, vocab, "tokens")]
         if incorrect_tokens is not None:
-            direction = direction - unembed[jnp.asarray(incorrect_tokens)]
+            wrong = _checked_token_ids(incorrect_tokens, vocab, "incorrect_tokens")
+            direction = direction - unembed[wrong]
         return jnp.sum(values.astype(jnp.float32) * direction.astype(jnp.float32), axis=-1)
 
     def pre_softcap_logits(self, logits: jax.Array, stack: str | None = None) -> jax.Array:
@@ -573,7 +615,8 @@ class ActivationCache(Mapping):
         top_logprobs, top_tokens = jax.lax.top_k(logprobs, top_k)
         target_logprobs = None
         if targets is not None:
-            index = jnp.broadcast_to(jnp.asarray(targets), logprobs.shape[1:-1])
+            targets = _checked_token_ids(targets, logprobs.shape[-1], "targets")
+            index = jnp.broadcast_to(targets, logprobs.shape[1:-1])
             target_logprobs = jnp.take_along_axis(
                 logprobs, jnp.broadcast_to(index, logprobs.shape[:-1])[..., None], axis=-1
             )[..., 0]

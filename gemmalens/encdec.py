@@ -421,6 +421,8 @@ class EncoderDecoderModel(Model):
           encoder inputs. ``prompt_cache`` holds encoder captures and the decoder's captures
           at the start token; ``step_cache`` the decoder's captures at each new token.
         """
+        sampler = sampling.Sampler(temperature, top_k, top_p)  # checks its options
+        max_new_tokens = sampling.check_max_new_tokens(max_new_tokens)
         rows = self._prompt_rows(prompts, attention_mask)
         width = max(len(r) for r in rows)
         tokens = np.full((len(rows), width), self.config.pad_token_id, np.int32)
@@ -472,7 +474,7 @@ class EncoderDecoderModel(Model):
             jnp.ones_like(jnp.asarray(start)),
             jax.random.key(seed),
             max_new_tokens=max_new_tokens,
-            sampler=sampling.Sampler(temperature, top_k, top_p),
+            sampler=sampler,
             eos_ids=eos_ids or (-1,),
             pad_id=int(self.config.pad_token_id),
             unroll=sampling.DECODE_UNROLL,

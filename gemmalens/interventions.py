@@ -10,6 +10,10 @@ An encoder-decoder's blocks are named by their stack: pass ``stack="encoder"`` o
 ``stack="decoder"`` (T5Gemma 2). Gemma 4's expert interventions (`force_expert`,
 `forbid_expert`, `ablate_expert`) live with the family and are re-exported here.
 
+Heads, neurons and positions are checked against the hook value's axis when the hooks run:
+negative ones count from the end, and one outside the axis is an IndexError that names the
+hook and its size (JAX's own indexing would drop such an update and change nothing).
+
 Hook functions are part of the compiled program's static structure, so a new dict (or a
 new array captured in one) compiles again; keep the dict to rerun it without recompiling.
 """
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmalens.families.gemma4 import ablate_expert, forbid_expert, force_expert
-from gemmalens.layers.hooks import HookFn
+from gemmalens.layers.hooks import HookFn, checked_indices
 
 __all__ = [
     "ablate_expert",
@@ -44,10 +48,6 @@ def _block(layer: int, stack: str | None) -> str:
     return f"{stack}.blocks.{layer}" if stack else f"blocks.{layer}"
 
 
-def _indices(items: int | Iterable[int]) -> jax.Array:
-    return jnp.asarray([items] if isinstance(items, int) else list(items), jnp.int32)
-
-
 def ablate_heads(
     layer: int,
     heads: int | Iterable[int],
@@ -63,9 +63,9 @@ def ablate_heads(
     ``cache["z", layer].mean(0)`` (``[pos, head, d_head]``) or ``.mean((0, 1))``
     (``[head, d_head]``); the chosen heads' entries of it are used.
     """
-    index = _indices(heads)
 
     def fn(z: jax.Array, name: str) -> jax.Array:
+        index = checked_indices(heads, z.shape[2], "head", repr(name))
         if replacement is None:
             return z.at[:, :, index].set(0)
         # [head, d_head] or [pos, head, d_head] -> [pos, head, d_head], same for every row.
@@ -88,9 +88,9 @@ def ablate_neurons(
     ``replacement`` None zeroes them; otherwise a mean of cached ``hook_post`` values,
     ``[pos, d_mlp]`` or ``[d_mlp]``, whose chosen neurons' entries are used.
     """
-    index = _indices(neurons)
 
     def fn(post: jax.Array, name: str) -> jax.Array:
+        index = checked_indices(neurons, post.shape[-1], "neuron", repr(name))
         if replacement is None:
             return post.at[..., index].set(0)
         new = jnp.broadcast_to(jnp.asarray(replacement, post.dtype), post.shape[1:])
@@ -117,10 +117,17 @@ def add_vector(
     vector = jnp.asarray(vector)
 
     def fn(resid: jax.Array, name: str) -> jax.Array:
+        if vector.shape != resid.shape[-1:]:
+            raise ValueError(
+                f"add_vector: the vector has shape {vector.shape}, but '{name}' is "
+                f"{resid.shape[-1]} wide; pass a [d_model] = [{resid.shape[-1]}] vector."
+            )
         delta = (coefficient * vector).astype(resid.dtype)
         if positions is None:
             return resid + delta
-        return resid.at[:, _indices(positions)].add(delta)
+        return resid.at[:, checked_indices(positions, resid.shape[1], "position", repr(name))].add(
+            delta
+        )
 
     return {f"{_block(layer, stack)}.{site}": fn}
 
@@ -143,7 +150,7 @@ def replace_with(
             new = jnp.asarray(stored, value.dtype)
             if positions is None:
                 return new
-            index = _indices(positions)
+            index = checked_indices(positions, value.shape[1], "position", repr(name))
             return value.at[:, index].set(new[:, index])
 
         return fn

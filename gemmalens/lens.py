@@ -691,7 +691,8 @@ class Model:
             left or right padding both work).
           max_new_tokens: tokens generated per prompt.
           temperature: 0 is greedy; otherwise logits are divided by it before sampling.
-          top_k, top_p: restrict sampling to the k most likely tokens / the nucleus p.
+          top_k, top_p: with a temperature above 0, restrict sampling to the k most likely
+            tokens / the nucleus p (greedy decoding ignores them).
           seed: the sampling seed (same seed, same output).
           stop_at_eos: after an end-of-sequence token a row emits only pad tokens.
           eos_ids: overrides the end tokens (default: the config's eos ids and, with a
@@ -704,6 +705,8 @@ class Model:
         Returns:
           a `gemmalens.sampling.Generation`.
         """
+        sampler = sampling.Sampler(temperature, top_k, top_p)  # checks its options
+        max_new_tokens = sampling.check_max_new_tokens(max_new_tokens)
         rows = self._prompt_rows(prompts, attention_mask)
         width = max(len(r) for r in rows)
         tokens = np.full((len(rows), width), self.config.pad_token_id, np.int32)
@@ -727,7 +730,7 @@ class Model:
             jnp.asarray(mask),
             jax.random.key(seed),
             max_new_tokens=max_new_tokens,
-            sampler=sampling.Sampler(temperature, top_k, top_p),
+            sampler=sampler,
             eos_ids=eos_ids or (-1,),
             pad_id=int(self.config.pad_token_id),
             unroll=sampling.DECODE_UNROLL,

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 
 from gemmalens import compiling
@@ -333,6 +334,25 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
 
+    def __post_init__(self):
+        # A negative temperature would sample from the reversed distribution and top_p = 0
+        # would keep no token: both ran silently before, so each is refused here.
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature={self.temperature!r}: use 0 for greedy decoding or a positive "
+                "number (1.0 samples from the model's own distribution)."
+            )
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise ValueError(
+                f"top_k={self.top_k!r}: it is how many of the most likely tokens stay in play, "
+                "a whole number of at least 1 (None keeps every token)."
+            )
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ValueError(
+                f"top_p={self.top_p!r}: it is the probability mass kept, in (0, 1] "
+                "(None or 1.0 keeps every token)."
+            )
+
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         logits = logits.astype(jnp.float32)
         if self.temperature == 0:
@@ -344,6 +364,11 @@ class Sampler:
     def allowed(self, logits: jax.Array) -> jax.Array:
         """Boolean [batch, vocab]: the tokens top-k and top-p leave in play."""
         keep = jnp.ones(logits.shape, bool)
+        if self.top_k is not None and self.top_k > logits.shape[-1]:
+            raise ValueError(
+                f"top_k={self.top_k} is more than the vocabulary's {logits.shape[-1]} tokens; "
+                "use None to keep every token."
+            )
         if self.top_k is not None:
             kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
             keep &= logits >= kth
@@ -356,6 +381,20 @@ class Sampler:
             inverse = jnp.argsort(order, axis=-1)
             keep &= jnp.take_along_axis(keep_sorted, inverse, axis=-1)
         return keep
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as an int, or a ValueError that says what it must be."""
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens!r}: it is how many tokens each prompt gets, a "
+            "whole number of at least 0."
+        )
+    return int(max_new_tokens)
 
 
 def _split(values, prefix: str):

@@ -750,6 +750,56 @@ def test_ready_made_interventions_on_every_teaching_model(name):
             m.run_with_hooks(tokens, iv.ablate_heads(1, 0), **run)  # no stack named
 
 
+@pytest.mark.parametrize("name", ["gemma3", "gemma3n", "gemma4_moe", "t5gemma2"])
+def test_interventions_out_of_range_are_refused_on_every_teaching_model(name):
+    """A head, neuron or position past the hook value's axis was dropped by JAX's scatter
+    (the run unchanged, no error) and a vector of the wrong width failed in broadcasting;
+    each ready-made intervention now names the hook and its range, on every family and
+    on the stacked form (where one hook function serves every layer of a stack)."""
+    from gemmalens import interventions as iv
+
+    m = gl.teaching_model(name)
+    tokens = np.asarray(m.to_tokens("The cat sat on the mat")[0])
+    seq = tokens.shape[1]
+    stack = "decoder" if name == "t5gemma2" else None
+    run = {"decoder_tokens": tokens[:, :4]} if stack else {}
+    prefix = f"{stack}." if stack else ""
+    config = m.config.decoder if stack else m.config
+    _, cache = m.run_with_cache(
+        tokens, names=[f"{prefix}blocks.1.attn.hook_z", f"{prefix}blocks.1.mlp.hook_post"], **run
+    )
+    heads = cache[f"{prefix}blocks.1.attn.hook_z"].shape[2]
+    neurons = cache[f"{prefix}blocks.1.mlp.hook_post"].shape[-1]
+    length = 4 if stack else seq
+    width = config.hidden_size
+    cases = [
+        (iv.ablate_heads(1, [0, heads], stack=stack), IndexError, f"head {heads} is outside"),
+        (iv.ablate_neurons(1, neurons, stack=stack), IndexError, f"neuron {neurons} is outside"),
+        (
+            iv.add_vector(1, jnp.ones(width), positions=length, stack=stack),
+            IndexError,
+            f"position {length} is outside '{prefix}blocks.1.hook_resid_pre', which has "
+            f"{length} positions",
+        ),
+        (
+            iv.add_vector(1, jnp.ones(width + 1), stack=stack),
+            ValueError,
+            rf"shape \({width + 1},\), but '{prefix}blocks.1.hook_resid_pre' is {width} wide",
+        ),
+    ]
+    for model in (m, m.stacked()):
+        for hooks, error, message in cases:
+            with pytest.raises(error, match=message):
+                model.run_with_hooks(tokens, hooks, **run)
+    counted_from_end = np.asarray(
+        m.run_with_hooks(tokens, iv.ablate_heads(1, -1, stack=stack), **run)
+    )
+    np.testing.assert_array_equal(
+        counted_from_end,
+        np.asarray(m.run_with_hooks(tokens, iv.ablate_heads(1, heads - 1, stack=stack), **run)),
+    )
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_metric_that_is_not_one_number_is_refused_on_every_family(families, name):
     """A per-prompt metric (shape ``[batch]``) is refused, before anything compiles, by the
@@ -767,14 +817,12 @@ def test_a_metric_that_is_not_one_number_is_refused_on_every_family(families, na
         return logits[:, -1, 17] - logits[:, -1, 23]
 
     for site in sites:
-        for run in (
-            lambda: patching.sweep(m, TOKENS, corrupted, per_prompt, site, **seq2seq),
-            lambda: patching.sweep(m, TOKENS, corrupted, per_prompt, site, chunk_size=3, **seq2seq),
-            lambda: patching.attribution_patching(
-                m, TOKENS, corrupted, per_prompt, site, **seq2seq
-            ),
+        for analysis, options in (
+            (patching.sweep, {}),
+            (patching.sweep, {"chunk_size": 3}),
+            (patching.attribution_patching, {}),
         ):
             with pytest.raises(ValueError, match=r"shape \(2,\); patching needs one.*mean"):
-                run()
+                analysis(m, TOKENS, corrupted, per_prompt, site, **options, **seq2seq)
     scores = patching.attribution_patching(m, TOKENS, corrupted, _metric, sites[0], **seq2seq)
     assert np.isfinite(np.asarray(scores)).all()

@@ -185,3 +185,39 @@ def test_capturing_long_attention_patterns_warns_with_the_memory_needed(referenc
             TOKENS, names=["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"]
         )
         model.run_with_cache(TOKENS, names="blocks.*.hook_resid_post")
+
+
+def test_positions_and_token_ids_out_of_range_are_refused(reference):
+    """JAX's indexing clamps an index past the end to the last entry: a position 99 read
+    the last position and a token id past the vocabulary the last unembedding row, with no
+    error. The cache analyses now name the range (negative positions still count from the
+    end); a hook point the model has but the cache did not capture says how to capture it."""
+    _, model, _, cache = reference
+    seq = TOKENS.shape[1]
+    outside = f"position {seq} is outside the cached sequence, which has {seq} positions"
+    for read in (
+        lambda: cache.logit_lens(pos_slice=seq),
+        lambda: cache.logit_lens(pos_slice=[0, seq]),
+        lambda: cache.logit_lens(pos_slice=np.array([1, seq])),  # one position per row
+        lambda: cache.accumulated_resid(pos_slice=seq),
+        lambda: cache.logit_attrs(cache.decompose_resid(), 5, pos_slice=seq),
+    ):
+        with pytest.raises(IndexError, match=outside):
+            read()
+    last = np.asarray(cache.logit_lens(pos_slice=-1).logits)
+    np.testing.assert_array_equal(
+        np.asarray(cache.logit_lens(pos_slice=np.array([-1, seq - 1])).logits), last
+    )
+    stack = cache.decompose_resid()
+    vocab = model.config.vocab_size
+    with pytest.raises(
+        ValueError, match=rf"tokens holds token id {vocab}, outside .*\[0, {vocab}\)"
+    ):
+        cache.logit_attrs(stack, vocab)
+    with pytest.raises(ValueError, match="incorrect_tokens holds token id -1"):
+        cache.logit_attrs(stack, np.array([3, 4]), incorrect_tokens=-1)
+    with pytest.raises(ValueError, match="targets holds token id"):
+        cache.logit_lens(targets=np.full(TOKENS.shape, vocab))
+    _, partial = model.run_with_cache(TOKENS, names=["blocks.0.hook_resid_post"])
+    with pytest.raises(KeyError, match="is a hook point of this model but was not captured"):
+        partial["blocks.1.hook_resid_post"]

@@ -135,6 +135,30 @@ def test_sampler_limits_on_known_logits():
     assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
 
 
+BAD_OPTIONS = [
+    ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens=2.5"),
+    ({"temperature": -1.0}, "temperature=-1.0: use 0 for greedy"),
+    ({"temperature": float("nan")}, "temperature=nan"),
+    ({"temperature": 1.0, "top_k": 0}, "top_k=0"),
+    ({"temperature": 1.0, "top_k": 10**6}, "more than the vocabulary's 4096 tokens"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"top_p=0.0: .* in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": 1.5}, "top_p=1.5"),
+]
+
+
+@pytest.mark.parametrize("name", ["gemma3", "t5gemma2"])
+def test_generation_options_out_of_range_are_refused(name):
+    """A negative temperature sampled the reversed distribution and top_p = 0 kept no token
+    (the pad token came out), silently; a negative or fractional length failed deep in
+    XLA. Each now names the option and its range, in both generate methods."""
+    m = gl.teaching_model(name)
+    for options, message in BAD_OPTIONS:
+        with pytest.raises(ValueError, match=message):
+            m.generate("Alice and Bob", **{"max_new_tokens": 2, **options})
+    assert m.generate("Alice and Bob", max_new_tokens=0).tokens.shape == (1, 0)
+
+
 def test_capture_during_generation_matches_full_forward(pair):
     _, model = pair
     result = model.generate(PROMPTS[:2], 5, stop_at_eos=False, capture="blocks.2.hook_resid_post")

@@ -450,3 +450,31 @@ def test_unknown_hook_point_is_named(files, tmp_path):
 def test_features_site_without_saes_is_named(m, tokens):
     with pytest.raises(ValueError, match="'features' needs spliced sparse autoencoders"):
         patching.sweep(m, tokens, tokens, lambda lg: lg.sum(), site="features")
+
+
+def test_features_and_positions_out_of_range_are_refused(m, saes, spliced, tokens):
+    """A feature past the dictionary's width used to be dropped by JAX's scatter (ablate:
+    nothing ablated) or clamped by its gather (top_activations: the last feature's
+    activations under the asked-for number), silently; each tool now names the range."""
+    res = saes["res"]
+    outside = f"feature {WIDTH} is outside the SAE at '{res.site}', which has {WIDTH} features"
+    with pytest.raises(IndexError, match=outside):
+        spliced.run_with_hooks(tokens, S.ablate(res, [1, WIDTH]))
+    with pytest.raises(IndexError, match=outside):
+        S.steer(res, WIDTH, 1.0)
+    with pytest.raises(IndexError, match=outside):
+        S.top_activations(spliced, res, [WIDTH], np.asarray(tokens), show_progress=False)
+    with pytest.raises(IndexError, match=outside):
+        S.logit_effects(m, res, [0, WIDTH])
+    with pytest.raises(IndexError, match="position 10 is outside 'blocks"):
+        m.run_with_hooks(tokens, S.steer(res, 3, 1.0, positions=[10]))
+    # Counting from the end is allowed, as in numpy.
+    last = np.asarray(spliced.run_with_hooks(tokens, S.ablate(res, -1)))
+    np.testing.assert_array_equal(
+        last, np.asarray(spliced.run_with_hooks(tokens, S.ablate(res, WIDTH - 1)))
+    )
+    top = S.top_activations(spliced, res, [1, 2], np.asarray(tokens), k=2, show_progress=False)
+    with pytest.raises(
+        KeyError, match=r"Feature 3 was not among those searched; these are \[1, 2\]"
+    ):
+        top.examples(3)

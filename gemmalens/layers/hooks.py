@@ -11,10 +11,12 @@ this module needs to know about it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 
 HookFn = Callable[[jax.Array, str], jax.Array | None]
@@ -156,3 +158,24 @@ def stateless_call(model: Any, state: Any, argument: Any, /, **side_inputs: Any)
     bound, bound_argument, bound_side = pz.bind_variables((model, argument, side_inputs), mutable)
     result = bound(bound_argument, **bound_side)
     return result, tuple(variable.freeze() for variable in mutable)
+
+
+def checked_indices(items: int | Iterable[int], size: int, noun: str, where: str) -> Any:
+    """``items`` as int32 indices along an axis of ``size`` ``noun``s of ``where`` (a hook
+    name or an SAE), negative ones counting from the end. One outside the axis is an
+    IndexError: JAX's scatter would drop its update and its gather would clamp it to the
+    last entry, each silently. Indices that the caller traces are returned unchecked."""
+    try:
+        index = np.asarray([items] if isinstance(items, (int, np.integer)) else list(items))
+    except jax.errors.TracerArrayConversionError:
+        return jnp.asarray(items, jnp.int32)
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        raise TypeError(f"{noun} indices must be whole numbers; got {index.tolist()!r}.")
+    outside = [i for i in index.ravel().tolist() if not -size <= i < size]
+    if outside:
+        raise IndexError(
+            f"{noun} {outside[0] if len(outside) == 1 else outside} is outside {where}, "
+            f"which has {size} {noun}s (0 to {size - 1}, or -{size} to -1 counting from "
+            "the end)."
+        )
+    return index.astype(np.int32)

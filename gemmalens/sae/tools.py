@@ -15,7 +15,7 @@ from gemmalens import compiling
 from gemmalens.compiling import Distinct
 from gemmalens.layers.attention import Attention
 from gemmalens.layers.embeddings import TiedUnembed
-from gemmalens.layers.hooks import HookFn
+from gemmalens.layers.hooks import HookFn, checked_indices
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.lens import Model
 from gemmalens.sae.files import SAE
@@ -24,17 +24,15 @@ from gemmalens.sae.layers import _spliced
 # ----------------------------------------------------------------------------- interventions
 
 
-def _indices(features: int | Iterable[int]) -> np.ndarray:
-    return np.asarray(
-        [features] if isinstance(features, (int, np.integer)) else list(features), np.int32
-    )
+def _features(sae: SAE, features: int | Iterable[int]) -> np.ndarray:
+    return checked_indices(features, sae.d_sae, "feature", f"the SAE at {sae.site!r}")
 
 
 def ablate(sae: SAE, features: int | Iterable[int], value: float = 0.0) -> dict[str, HookFn]:
     """Hooks for `Model.run_with_hooks` on a spliced model: set ``features`` to ``value``
     (0: zero-ablation) at every position. With the error term, the site's value then drops
     by ``(activation - value) * w_dec[feature]`` for each of them."""
-    index = _indices(features)
+    index = _features(sae, features)
 
     def fn(f: jax.Array, name: str) -> jax.Array:
         return f.at[..., index].set(jnp.asarray(value, f.dtype))
@@ -48,14 +46,13 @@ def steer(
     """Hooks that add ``value * w_dec[feature]`` to the value the dictionary reconstructs
     (``sae.hook_out``), at every position or the given ones. Works with or without
     splicing (on a spliced model the SAE then sees the steered value)."""
-    direction = np.asarray(sae.w_dec[int(feature)], np.float32)
-    chosen = None if positions is None else _indices(positions)
+    direction = np.asarray(sae.w_dec[int(_features(sae, feature)[0])], np.float32)
 
     def fn(x: jax.Array, name: str) -> jax.Array:
         add = (jnp.asarray(direction) * value).reshape(x.shape[2:]).astype(x.dtype)
-        if chosen is None:
+        if positions is None:
             return x + add
-        return x.at[:, chosen].add(add)
+        return x.at[:, checked_indices(positions, x.shape[1], "position", repr(name))].add(add)
 
     return {sae.hook_out: fn}
 
@@ -78,7 +75,13 @@ class TopActivations:
 
     def examples(self, feature: int) -> list[tuple[int, int, float]]:
         """``(sequence, position, activation)`` of one feature, strongest first."""
-        row = int(np.flatnonzero(self.features == feature)[0])
+        rows = np.flatnonzero(self.features == feature)
+        if not rows.size:
+            raise KeyError(
+                f"Feature {feature} was not among those searched; these are "
+                f"{self.features.tolist()}. Pass it to top_activations(..., features=...)."
+            )
+        row = int(rows[0])
         return [
             (int(s), int(p), float(v))
             for s, p, v in zip(self.sequence[row], self.position[row], self.values[row])
@@ -109,7 +112,7 @@ def top_activations(
     (or its site) over ``corpus_tokens`` ``[n, seq]`` (pad ids mark padding), run in
     compiled batches of ``batch_size`` rows with a progress bar."""
     (sae,) = _spliced(m, sae)
-    index = jnp.asarray(_indices(features))
+    index = jnp.asarray(_features(sae, features))
     tokens = np.asarray(corpus_tokens)
     if tokens.ndim != 2:
         raise ValueError(f"corpus_tokens must be [n, seq] ids; got shape {tokens.shape}.")
@@ -199,7 +202,7 @@ def logit_effects(
             "metric to features with gl.sae.attribute."
         )
     single = isinstance(features, (int, np.integer))
-    chosen = np.arange(sae.d_sae) if features is None else _indices(features)
+    chosen = np.arange(sae.d_sae) if features is None else _features(sae, features)
     rows = jnp.asarray(sae.w_dec[chosen], jnp.float32)  # [F, d_out]
     if sae.hook_out.endswith("attn.hook_z"):
         output, post = _block_attention_output(m, sae.layer)
