@@ -32,6 +32,8 @@ def _decoder_config(m: Any) -> Any:
 
 def repeated_random_tokens(m: Any, span: int = 40, batch: int = 16, seed: int = 0) -> np.ndarray:
     """``[batch, 1 + 2 * span]``: ``<bos>``, ``span`` random ordinary tokens, the same again."""
+    if span < 1 or batch < 1:
+        raise ValueError(f"span and batch must be at least 1; got span={span}, batch={batch}.")
     config = _decoder_config(m)
     vocab = config.vocab_size
     high = min(vocab, _MAX_RANDOM_ID)
@@ -79,7 +81,21 @@ def induction_scores(
     ``encoder_tokens``."""
     if tokens is None:
         tokens = repeated_random_tokens(m)
-    span = (tokens.shape[1] - 1) // 2
+    tokens = np.asarray(tokens)
+    span = (tokens.shape[-1] - 1) // 2
+    # The score reads fixed positions: on any other layout it would measure something else.
+    if (
+        tokens.ndim != 2
+        or span < 1
+        or tokens.shape[1] != 1 + 2 * span
+        or not np.array_equal(tokens[:, 1 : 1 + span], tokens[:, 1 + span :])
+    ):
+        raise ValueError(
+            f"induction_scores reads tokens laid out as [batch, 1 + 2 * span]: a first token, "
+            f"a span of tokens, then the same span again; got shape {tokens.shape}"
+            f"{'' if tokens.ndim != 2 or tokens.shape[1] != 1 + 2 * span else ' whose halves differ'}"
+            ". Make them with gl.circuits.repeated_random_tokens(m, span=...)."
+        )
     stack = residual.find_stack(m.config, None)  # the stack that reads the repeated tokens
     names = f"{stack.prefix}blocks.*.attn.hook_pattern"
     if _encoder_decoder(m):

@@ -675,6 +675,12 @@ def test_induction_scores_on_every_teaching_model(name):
     tokens = circuits.repeated_random_tokens(m, span=8, batch=2, seed=1)
     assert tokens.shape == (2, 17) and (tokens[:, 1:9] == tokens[:, 9:]).all()
     result = circuits.induction_scores(m, tokens)
+    # Any other layout would read the wrong positions: refused, not scored.
+    changed = tokens.copy()
+    changed[1, -1] += 1
+    for other, what in ((tokens[:, :-1], r"shape \(2, 16\)"), (changed, "halves differ")):
+        with pytest.raises(ValueError, match=f"{what}. Make them with"):
+            circuits.induction_scores(m, other)
     queries = np.arange(9, 17)
     if name == "t5gemma2":
         encoder = np.asarray(m.to_tokens("a short encoder input")[0])
