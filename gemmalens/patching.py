@@ -264,6 +264,13 @@ def _trace_metric(metric: Metric, shape: tuple[int, ...], dtype: Any) -> tuple[A
         closed, returned = jax.make_jaxpr(metric, return_shape=True)(
             jax.ShapeDtypeStruct(shape, dtype)
         )
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+        raise TypeError(
+            "The metric turns the logits into numpy values or Python numbers (np.asarray, "
+            "float(), an `if` on them); patching runs it inside a compiled JAX program, so "
+            "it must use jax.numpy throughout, e.g. (logits[:, -1, a] - logits[:, -1, b])"
+            ".mean() and jnp.where instead of an `if`."
+        ) from e
     except Exception:  # noqa: BLE001
         return None
     return closed.jaxpr, returned
@@ -1419,6 +1426,15 @@ def _sweep_program(
     On a mesh with a data axis (and ``split_sites``) the sites are split across it
     (`_split_sites`, or the rows of the shared runs: `_sweep_shared`); the inputs then
     leave that axis to them."""
+    if chunk_size is not None and not (
+        isinstance(chunk_size, (int, np.integer))
+        and not isinstance(chunk_size, bool)
+        and chunk_size >= 1
+    ):
+        raise ValueError(
+            f"chunk_size={chunk_size!r}: patch this many sites at a time, a whole number of "
+            "at least 1 (None runs every site in one shared program)."
+        )
     site_sharding = None
     if split_sites and m.placement is not None:
         site_sharding = m.placement.site_sharding()

@@ -290,3 +290,14 @@ def test_a_metric_that_is_not_one_number_is_refused(setup):
             run()
     with pytest.raises(ValueError, match="returned tuple"):
         patching.sweep(model, clean, corrupted, lambda logits: (logits[0, -1, 5],) * 2)
+    # numpy inside the metric fails in the traced program; the error says why and the fix.
+    for analysis in (patching.sweep, patching.attribution_patching):
+        with pytest.raises(TypeError, match="it must use jax.numpy throughout"):
+            analysis(model, clean, corrupted, lambda logits: float(np.asarray(logits).sum()))
+
+    def metric(logits):
+        return per_prompt(logits).mean()
+
+    for chunk_size in (0, -2, 1.5):  # 0 ran one site at a time; -2 failed in a reshape
+        with pytest.raises(ValueError, match=f"chunk_size={chunk_size}: patch this many"):
+            patching.sweep(model, clean, corrupted, metric, chunk_size=chunk_size)
