@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -76,6 +78,15 @@ def _unknown_hook_message(name: str, valid: list[str], family: str) -> str:
                 f"No hook point named {name!r} in this model: {reason.format(family=family)}. "
                 f"(`m.hook_names` lists all {len(valid)}.)"
             )
+    if any(c in name for c in "*?["):
+        # Near names of a pattern are patterns: every layer number becomes '*'.
+        shapes = list(dict.fromkeys(re.sub(r"(?<=blocks\.)\d+", "*", n) for n in valid))
+        close = difflib.get_close_matches(name, shapes, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return (
+            f"The pattern {name!r} matches no hook point of this model.{hint} "
+            f"(`m.hook_names` lists all {len(valid)}.)"
+        )
     return unknown_name_message(name, valid, "in this model")
 
 
@@ -364,7 +375,13 @@ class Model:
                 "This model has no tokenizer: pass token ids, or load a checkpoint directory "
                 "that contains tokenizer.model."
             )
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else text
+        texts = list(texts) if isinstance(texts, Iterable) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError(
+                f"to_tokens encodes text, a string or a list of strings; got {text!r:.60}. "
+                "Token ids need no encoding: pass them to the model as a [batch, seq] array."
+            )
         tokens, mask = self.tokenizer.pad_batch(self.tokenizer.encode(texts), side="right")
         return jnp.asarray(tokens), jnp.asarray(mask)
 

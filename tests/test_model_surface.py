@@ -150,11 +150,25 @@ def test_hooks_replace_values(model):
     assert np.array_equal(model(TOKENS), clean)
 
 
+def test_to_tokens_takes_text_only():
+    model = gl.teaching_model("gemma3")
+    with pytest.raises(TypeError, match="to_tokens encodes text.*got 3. Token ids need no"):
+        model.to_tokens(3)
+    with pytest.raises(TypeError, match=r"got \['a', 2\]"):
+        model.to_tokens(["a", 2])
+    assert model.to_tokens(t for t in ("a b", "c"))[0].shape[0] == 2
+
+
 def test_unknown_hook_name_suggests_nearest(model):
     with pytest.raises(KeyError, match="Did you mean: blocks.1.hook_resid_post"):
         model.run_with_cache(TOKENS, names="blocks.1.hook_resid_pos")
     with pytest.raises(KeyError, match="attn.hook_pattern"):
         model.run_with_hooks(TOKENS, hooks={"blocks.0.attn.pattern": lambda v, n: v})
+    # A pattern that matches nothing is answered with patterns (layer numbers as '*').
+    with pytest.raises(
+        KeyError, match=r"pattern 'blocks.\*.hook_resid_pos' matches no .* blocks.\*.hook_resid_pos"
+    ):
+        model.run_with_cache(TOKENS, names="blocks.*.hook_resid_pos")
 
 
 @pytest.mark.parametrize(
