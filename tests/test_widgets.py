@@ -381,6 +381,9 @@ def test_encoder_decoder_from_model(t5gemma2):
     assert viewer.key_tokens[0] == "<bos>" and len(viewer.key_tokens) == tokens.shape[1]
     some = AttentionViewer.from_model(model, tokens, decoder_tokens=decoder_tokens, layers=[2])
     assert some.part == "encoder" and "part" not in some.options  # the decoder has no layer 2
+    # A layer of no stack is named, even beside valid ones (it used to be dropped silently).
+    with pytest.raises(ViewerError, match=r"layers=\[9\] are not layers of this model: it has"):
+        AttentionViewer.from_model(model, tokens, decoder_tokens=decoder_tokens, layers=[1, 9])
     with pytest.raises(ViewerError, match=r"pass decoder_tokens= .*decoder start token"):
         AttentionViewer.from_model(model, TEXT)
 

@@ -407,13 +407,16 @@ class AttentionViewer(LayerViewer):
             depth = depths[part.stack] = _stack_config(m.config, part).num_hidden_layers
             chosen = range(depth) if layers is None else np.atleast_1d(layers)
             names += [part.hook.format(layer=int(i)) for i in chosen if 0 <= i < depth]
-        if not names:
+        deepest = max(depths.values())
+        outside = [] if layers is None else [int(i) for i in np.atleast_1d(layers)]
+        outside = [i for i in outside if not 0 <= i < deepest]
+        if outside or not names:
             has = " and ".join(
                 f"{depth} {stack + ' ' if stack else ''}layers" for stack, depth in depths.items()
             )
             raise ViewerError(
-                f"layers={np.atleast_1d(layers).tolist()} are not layers of this model: it has "
-                f"{has}."
+                f"layers={outside or np.atleast_1d(layers).tolist()} are not layers of this "
+                f"model: it has {has}."
             )
         ids = ids_of(m, tokens)
         if not encoder_decoder:
