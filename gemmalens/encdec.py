@@ -166,7 +166,7 @@ def seq2seq_logits(
     images=None,
     *,
     logit_window: tuple[int, int] | None = None,
-):
+) -> jax.Array:
     """Decoder logits ``[batch, dec_seq, vocab]`` of an `EncoderDecoder` tree (not compiled:
     callable inside a traced function, e.g. `gemmalens.patching`'s vmapped sweep); with
     ``logit_window=(start, stop)``, only decoder positions ``start..stop-1``."""
@@ -178,7 +178,7 @@ def seq2seq_logits(
 
 def seq2seq_stateful(
     model, state, encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images=None
-):
+) -> tuple[Any, tuple]:
     """``model.stateless_call`` of an `EncoderDecoder` tree: ``(logits, new state)``."""
     side = seq2seq_side_inputs(encoder_tokens, encoder_mask, decoder_tokens, decoder_mask, images)
     return stateless_call(

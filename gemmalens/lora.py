@@ -300,6 +300,7 @@ def _adapters(tree: pz.nn.Layer) -> list[LoRALinear]:
 
 
 def adapted_modules_of(tree: pz.nn.Layer) -> list[str]:
+    """`adapted_modules` of a model tree (a `Model`'s ``.model``, or part of one)."""
     return [a.module for a in _adapters(tree)]
 
 

@@ -477,7 +477,7 @@ def prepare(
 
 def generate_tokens(
     program: GenerationProgram, tokens: jax.Array, mask: jax.Array, key: jax.Array, **options
-):
+) -> tuple[jax.Array, Any, Any]:
     """Runs `_generate` on a prepared program: same options and results."""
     plan = Distinct(program.treedef, program.leaves)
     return _generate_program(program.caches, plan, tokens, mask, key, **options)

@@ -238,7 +238,9 @@ def _projection(params: ParamBuilder, width: int, text_width: int, eps: float):
     )
 
 
-def build_hard_embedder(params: ParamBuilder, config: Gemma3nVisionEmbedderConfig):
+def build_hard_embedder(
+    params: ParamBuilder, config: Gemma3nVisionEmbedderConfig
+) -> HardTokenEmbedder:
     """The hard-token embedder, parameters under ``params`` (``embed_vision.``)."""
     width, eps = config.hidden_size, config.rms_norm_eps
     return HardTokenEmbedder(

@@ -45,6 +45,7 @@ def text_prefix(ckpt: CheckpointDir) -> str:
 
 
 def key_mapper(prefix: str) -> Callable[[str], str]:
+    """Maps a parameter's label to its checkpoint key under ``prefix``."""
     return lambda label: prefix + hf_name(label)
 
 

@@ -39,7 +39,7 @@ import contextvars
 import dataclasses
 import functools
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -231,7 +231,7 @@ _BUILD_STACKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def stacked_builds():
+def stacked_builds() -> Iterator[None]:
     """Inside this, checkpoint readers build their trees stacked (`build_stacked`):
     ``gemmalens.load(..., stack_layers=True)``."""
     token = _BUILD_STACKED.set(True)

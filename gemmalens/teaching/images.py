@@ -306,7 +306,9 @@ def model_config(hf_config: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- evidence
 
 
-def held_out(count: int, kinds: Sequence[str] = QUESTION_KINDS, seed: int = EVAL_SEED):
+def held_out(
+    count: int, kinds: Sequence[str] = QUESTION_KINDS, seed: int = EVAL_SEED
+) -> dict[str, list]:
     """``count`` examples of each kind in ``kinds``, from the held-out seed."""
     rng = np.random.default_rng(seed)
     return {kind: [ask(random_scene(rng), kind, rng) for _ in range(count)] for kind in kinds}

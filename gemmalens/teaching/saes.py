@@ -450,6 +450,8 @@ def write(
     config: dict[str, Any],
     evaluation_tokens: np.ndarray,
 ) -> None:
+    """Writes one teaching SAE: ``params.safetensors``, ``config.json`` and its evaluation
+    tokens, in the folder layout `gemmalens.sae.load` reads."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / "params.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -526,6 +528,7 @@ def remeasure(out: pathlib.Path | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line that trains the teaching SAEs (``python -m gemmalens.teaching.saes``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = SAESettings()
     for field in dataclasses.fields(SAESettings):

@@ -48,6 +48,7 @@ def fitted_size(
 
 
 def truncate(label: str, length: int = 14) -> str:
+    """``label`` cut to ``length`` characters, an ellipsis marking the cut."""
     return label if len(label) <= length else label[: length - 1] + "…"
 
 
