@@ -32,6 +32,11 @@ It too runs the final norm and the unembedding at the metric's positions only (t
 ``(clean - corrupted) . d metric / d value`` at the corrupted run, from one forward and
 one backward pass (``jax.grad``).
 
+`path_patching` (Wang et al. 2022) scores each attention head by its effect along paths:
+the corrupted run with the head's clean output and every other head's output held at its
+corrupted value, read at the logits or at chosen receivers (then patched into a plain
+corrupted run), every head in one ``vmap``-ed program of the general form.
+
 Encoder-decoder models (T5Gemma 2) use the general form. Their sites name the stack
 (``encoder.resid_pre``: ``[layer, encoder pos]``; ``decoder.resid_pre``: ``[layer, decoder
 pos]``; ``decoder.z``, ``decoder.cross_pattern``: ``[layer, head]``), the tokens are the
@@ -1410,6 +1415,18 @@ def sweep(
     return program(*args, **kwargs)
 
 
+def _check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is not None and not (
+        isinstance(chunk_size, (int, np.integer))
+        and not isinstance(chunk_size, bool)
+        and chunk_size >= 1
+    ):
+        raise ValueError(
+            f"chunk_size={chunk_size!r}: patch this many sites at a time, a whole number of "
+            "at least 1 (None runs every site in one program)."
+        )
+
+
 def _sweep_program(
     m: Model,
     runs: _Runs,
@@ -1426,15 +1443,7 @@ def _sweep_program(
     On a mesh with a data axis (and ``split_sites``) the sites are split across it
     (`_split_sites`, or the rows of the shared runs: `_sweep_shared`); the inputs then
     leave that axis to them."""
-    if chunk_size is not None and not (
-        isinstance(chunk_size, (int, np.integer))
-        and not isinstance(chunk_size, bool)
-        and chunk_size >= 1
-    ):
-        raise ValueError(
-            f"chunk_size={chunk_size!r}: patch this many sites at a time, a whole number of "
-            "at least 1 (None runs every site in one shared program)."
-        )
+    _check_chunk_size(chunk_size)
     site_sharding = None
     if split_sites and m.placement is not None:
         site_sharding = m.placement.site_sharding()
@@ -1577,3 +1586,233 @@ def attribution_patching(
     # gradient of zero through the NaN it read: give NaN, as `sweep` does, not zeros.
     scores = jnp.where(jnp.isnan(value), jnp.nan, scores)
     return _without_missing_units(scores, counts)
+
+
+# --------------------------------------------------------------- path patching
+
+_PATH_LABEL = "gemmalens.path_receiver:"
+# The keywords of `sweep` that describe the runs beyond tokens and masks.
+_RUN_KEYWORDS = (
+    "decoder_tokens",
+    "corrupted_decoder_tokens",
+    "decoder_attention_mask",
+    "corrupted_decoder_attention_mask",
+    "pixel_values",
+    "corrupted_pixel_values",
+    "input_features",
+    "corrupted_input_features",
+    "inputs",
+    "corrupted_inputs",
+)
+
+Receivers = Mapping[str, Union[int, Sequence[int], None]]
+
+
+def _head_outputs(m: Model) -> tuple[str, ...]:
+    """Every attention head output (``hook_z``) of every text stack, in forward order."""
+    return tuple(n for stack in _stacks(m) for n in site_names(m, f"{stack}z"))
+
+
+def _checked_receivers(
+    m: Model, receivers: Receivers
+) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+    """``receivers`` as ``((hook name, heads or None), ...)``, each name and head checked."""
+    from gemmalens.lens import _unknown_hook_message
+
+    if not isinstance(receivers, Mapping) or not receivers:
+        raise TypeError(
+            "receivers maps hook names to the heads that receive (None: the whole value), "
+            "e.g. {'blocks.4.attn.hook_q': [0, 2]}; receivers=None measures the path to "
+            f"the logits. Got {receivers!r:.80}."
+        )
+    checked = []
+    for name, heads in receivers.items():
+        if name not in m.hook_names:
+            raise KeyError(_unknown_hook_message(name, m.hook_names, m.config.family))
+        if name.endswith(".attn.hook_z"):
+            raise ValueError(
+                f"{name!r} is a head output, which path patching holds at its corrupted "
+                "value: a receiver is what a head reads (its hook_q, hook_k or hook_v) or "
+                "a residual-stream hook. (For a head's whole effect use sweep(site='z').)"
+            )
+        if heads is None:
+            checked.append((name, None))
+            continue
+        listed = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+        checked.append((name, tuple(int(h) for h in listed)))
+    return tuple(checked)
+
+
+@compiling.jit(
+    static_argnames=("senders", "frozen", "receivers", "metric", "chunk_size", "forward", "run")
+    + ("window",)
+)
+def _path_vmapped(
+    model,
+    clean_values,
+    held_values,
+    inputs,
+    *,
+    senders,
+    frozen,
+    receivers,
+    metric,
+    chunk_size,
+    forward,
+    run,
+    window=None,
+):
+    """Every sender head's path-patched metric, ``[layer, head]`` (see `path_patching`)."""
+    from gemmalens.layers.hooks import capture as capture_hooks
+    from gemmalens.layers.hooks import checked_indices
+
+    model = model.tree()  # a `Distinct`
+    counts = _unit_counts(clean_values, 2)
+    layers, units = len(senders), max(counts)
+    held = dict(zip(frozen, held_values))
+
+    def patched_metric(site: jax.Array) -> jax.Array:
+        chosen = (jnp.arange(layers * units) == site).reshape(layers, units)
+
+        def hold(name: str) -> Callable:
+            def fn(value: jax.Array, _: str) -> jax.Array:
+                return held[name].astype(value.dtype)
+
+            return fn
+
+        def send(layer: int) -> Callable:
+            def fn(value: jax.Array, _: str) -> jax.Array:
+                mask = _unit_mask(chosen[layer, : counts[layer]], value.ndim, 2)
+                clean = clean_values[layer].astype(value.dtype)
+                return jnp.where(mask, clean, held[senders[layer]].astype(value.dtype))
+
+            return fn
+
+        fns = {name: hold(name) for name in frozen}
+        fns.update({name: send(i) for i, name in enumerate(senders)})
+        holding = _with_hook_fns(model, fns)
+        if not receivers:
+            return jnp.asarray(metric(_logits_at(forward, holding, inputs, window)))
+        capturing = capture_hooks(holding, {n for n, _ in receivers}, _PATH_LABEL)
+        unbound, state = pz.unbind_state_vars(capturing)
+        _, values = run(unbound, [v.freeze() for v in state], *inputs)
+        received = {v.label[len(_PATH_LABEL) :]: v.value for v in values}
+
+        def receive(name: str, heads: tuple[int, ...] | None) -> Callable:
+            def fn(value: jax.Array, hook: str) -> jax.Array:
+                new = received[name].astype(value.dtype)
+                if heads is None:
+                    return new
+                if value.ndim != 4:
+                    raise ValueError(
+                        f"receivers[{hook!r}] names heads, but its value {value.shape} has no "
+                        "head axis ([batch, pos, head, d_head]): pass None for the whole value."
+                    )
+                index = checked_indices(heads, value.shape[2], "head", repr(hook))
+                selected = jnp.zeros(value.shape[2], bool).at[index].set(True)
+                return jnp.where(_unit_mask(selected, value.ndim, 2), new, value)
+
+            return fn
+
+        receiving = _with_hook_fns(model, {n: receive(n, h) for n, h in receivers})
+        return jnp.asarray(metric(_logits_at(forward, receiving, inputs, window)))
+
+    count = layers * units
+    if chunk_size is None:
+        scores = jax.vmap(patched_metric)(jnp.arange(count))
+    else:
+        scores = jax.lax.map(patched_metric, jnp.arange(count), batch_size=chunk_size)
+    return _without_missing_units(scores.reshape(layers, units), counts)
+
+
+def path_patching(
+    m: Model,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    metric: Metric,
+    receivers: Receivers | None = None,
+    site: str = "z",
+    attention_mask: Any = None,
+    corrupted_attention_mask: Any = None,
+    chunk_size: int | None = None,
+    logit_positions: LogitPositions = "auto",
+    **run_inputs: Any,
+) -> jax.Array:
+    """Path patching (Wang et al. 2022, the IOI circuit) from every attention head of a
+    stack, in one compiled program: how much of each head's effect travels to
+    ``receivers`` (or straight to the logits) without passing through another head.
+
+    For each sender head, the corrupted run is made with the sender's output (its
+    ``hook_z``) set to its clean value and *every other head's output, in every layer and
+    stack, held at its corrupted value*. MLPs and the family's other per-token layers
+    (Gemma 3n's AltUp, LAuReL and per-layer inputs; Gemma 4's experts, per-layer inputs
+    and layer scalars; soft-caps) are recomputed, as in Wang et al.:
+
+    - ``receivers=None``: the score is the metric of that run, the sender's effect on the
+      logits through the residual stream and the MLPs alone (its *direct* path).
+    - ``receivers={hook name: heads or None}``: the receivers' values are read from that
+      run and patched into a plain corrupted run (the named heads of a ``[batch, pos,
+      head, d_head]`` value such as ``blocks.5.attn.hook_q``, or the whole value for
+      None, e.g. a ``hook_resid_pre``); everything after them is recomputed. The score is
+      the metric of that run: the sender's effect through the receivers only.
+
+    The convention is `sweep`'s: the corrupted run with clean values patched in, so a
+    sender with no path to the receivers scores the corrupted run's metric (swap the two
+    prompts to patch corrupted values into the clean run instead). A sender at or after
+    the receivers' layer has no path to them and scores that too.
+
+    Args:
+      m, clean_tokens, corrupted_tokens, metric, attention_mask, corrupted_attention_mask,
+        chunk_size, logit_positions: as in `sweep`.
+      receivers: see above; a head output (``hook_z``) cannot receive (it is held).
+      site: the senders, every head of a stack: ``z``, or an encoder-decoder's
+        ``encoder.z`` / ``decoder.z``.
+      run_inputs: `sweep`'s keywords for the rest of the runs (``decoder_tokens``,
+        ``corrupted_decoder_tokens``, the decoder masks, ``pixel_values``,
+        ``input_features`` and their ``corrupted_`` forms, ``inputs``,
+        ``corrupted_inputs``).
+
+    Returns:
+      ``[layer, head]`` of the sender stack, NaN where a layer has fewer heads.
+    """
+    if site.removeprefix("encoder.").removeprefix("decoder.") != "z":
+        raise ValueError(
+            f"site={site!r}: path patching sends from attention heads, site 'z' (an "
+            "encoder-decoder's 'encoder.z' or 'decoder.z')."
+        )
+    unknown = sorted(set(run_inputs) - set(_RUN_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"path_patching got unexpected keywords {unknown}; the runs take "
+            f"{', '.join(_RUN_KEYWORDS)} (as in sweep)."
+        )
+    senders = site_names(m, site)
+    _check_chunk_size(chunk_size)
+    checked = None if receivers is None else _checked_receivers(m, receivers)
+    given = {k: run_inputs.get(k) for k in _RUN_KEYWORDS}
+    runs = _prepare_runs(
+        m,
+        clean_tokens,
+        corrupted_tokens,
+        attention_mask,
+        corrupted_attention_mask,
+        {k: given[k] for k in _RUN_KEYWORDS[:4]},
+        _Media.of(*(given[k] for k in _RUN_KEYWORDS[4:])),
+    )
+    frozen = _head_outputs(m)
+    clean_values = runs.capture(m, runs.clean, senders)
+    held_values = runs.capture(m, runs.corrupted, frozen)
+    return _path_vmapped(
+        m._frozen_distinct,
+        clean_values,
+        held_values,
+        runs.corrupted,
+        senders=senders,
+        frozen=frozen,
+        receivers=checked,
+        metric=metric,
+        chunk_size=chunk_size,
+        forward=runs.forward,
+        run=m.captured_run,
+        window=_logit_window(m, runs.corrupted, metric, logit_positions),
+    )

@@ -832,3 +832,87 @@ def test_a_metric_that_is_not_one_number_is_refused_on_every_family(families, na
                 analysis(m, TOKENS, corrupted, per_prompt, site, **options, **seq2seq)
     scores = patching.attribution_patching(m, TOKENS, corrupted, _metric, sites[0], **seq2seq)
     assert np.isfinite(np.asarray(scores)).all()
+
+
+# The receivers of each family's check: a later layer's query heads (T5Gemma 2: the
+# decoder's cross-attention keys, which read the encoder's output), and a residual stream.
+PATH_CASES = {
+    "gemma3": ("z", {"blocks.2.attn.hook_q": [0, 2]}, 2),
+    "gemma3n": ("z", {"blocks.3.attn.hook_q": [1]}, 3),  # a KV-sharing layer
+    "gemma4_e2b": ("z", {"blocks.4.attn.hook_q": None}, 4),  # a KV-sharing layer
+    "gemma4_moe": ("z", {"blocks.2.hook_resid_pre": None}, 2),
+    "t5gemma2": ("encoder.z", {"decoder.blocks.1.attn.hook_cross_k": [0]}, None),
+}
+
+
+def _path_patched_by_hand(m, senders, clean, held, sender, receivers, run):
+    """One sender's path-patching score from hooked runs: the corrupted run with the
+    sender head's clean z and every other head's corrupted z (``clean`` and ``held``:
+    every head output of the clean and the corrupted run), then (with receivers) a plain
+    corrupted run with the receivers' values from that run."""
+    corrupted, heads_out = _corrupted_tokens(), list(held)
+    layer, head = sender
+
+    def hold(name):
+        if name != senders[layer]:
+            return lambda value, _: jnp.asarray(held[name])
+        mask = np.arange(value_heads := held[name].shape[2]) == head
+        assert value_heads > head
+        return lambda value, _: jnp.where(mask[:, None], clean[name], held[name])
+
+    holding = {name: hold(name) for name in heads_out}
+    if receivers is None:
+        return float(_metric(m.run_with_hooks(corrupted, holding, **run)))
+    with m.hooks(holding):
+        _, received = m.run_with_cache(corrupted, names=list(receivers), **run)
+    patch = {}
+    for name, heads in receivers.items():
+        value = np.asarray(received[name])
+        if heads is None:
+            patch[name] = lambda v, _, new=value: jnp.asarray(new)
+        else:
+            mask = np.isin(np.arange(value.shape[2]), heads)[:, None]
+            patch[name] = lambda v, _, new=value, k=mask: jnp.where(k, new, v)
+    return float(_metric(m.run_with_hooks(corrupted, patch, **run)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_path_patching_equals_hooked_runs_on_every_family(families, name):
+    """`path_patching` against the same runs made here with hooks, for senders of the
+    first two layers, to the logits and to each family's receivers (a KV-sharing
+    layer's queries, a residual stream, T5Gemma 2's cross-attention keys); senders at or
+    after the receivers' layer score the corrupted run's metric; with a decoder's last
+    layer as sender the direct path is the whole effect, `sweep(site='z')`."""
+    from gemmalens import patching
+
+    family = families(name)
+    m, corrupted = family.m, _corrupted_tokens()
+    site, receivers, receiver_layer = PATH_CASES[name]
+    run = {"decoder_tokens": DECODER_TOKENS} if name == "t5gemma2" else {}
+    direct = np.asarray(patching.path_patching(m, TOKENS, corrupted, _metric, site=site, **run))
+    through = np.asarray(
+        patching.path_patching(m, TOKENS, corrupted, _metric, receivers, site, **run)
+    )
+    layers, heads = direct.shape
+    assert through.shape == direct.shape and np.isfinite(direct).all()
+    heads_out = [n for s in m.stacks for n in patching.site_names(m, f"{s.prefix}z")]
+    clean = m.run_with_cache(TOKENS, names=heads_out, **run)[1]
+    held = m.run_with_cache(corrupted, names=heads_out, **run)[1]
+    senders = patching.site_names(m, site)
+    for sender in ((0, 0), (0, heads - 1), (1, 1)):
+        for scores, to in ((direct, None), (through, receivers)):
+            expected = _path_patched_by_hand(m, senders, clean, held, sender, to, run)
+            assert abs(scores[sender] - expected) <= 1e-4 * max(1.0, abs(expected)), (
+                f"{name} sender {sender} receivers {to}: {scores[sender]} != {expected}"
+            )
+    corrupted_metric = float(_metric(m(corrupted, **run)))
+    if receiver_layer is None:
+        # The encoder reaches the decoder only through the decoder's attention, which is
+        # held: an encoder head has no path to the logits but through a receiver.
+        np.testing.assert_allclose(direct, corrupted_metric, atol=1e-5)
+    else:
+        np.testing.assert_allclose(through[receiver_layer:], corrupted_metric, atol=1e-5)
+        last = np.asarray(patching.sweep(m, TOKENS, corrupted, _metric, site="z"))[-1]
+        np.testing.assert_allclose(direct[-1], last, rtol=1e-5, atol=1e-5)
+        assert np.ptp(direct) > 1e-3  # heads differ: the comparisons can fail
+    assert np.ptp(through) > 1e-4

@@ -301,3 +301,33 @@ def test_a_metric_that_is_not_one_number_is_refused(setup):
     for chunk_size in (0, -2, 1.5):  # 0 ran one site at a time; -2 failed in a reshape
         with pytest.raises(ValueError, match=f"chunk_size={chunk_size}: patch this many"):
             patching.sweep(model, clean, corrupted, metric, chunk_size=chunk_size)
+
+
+def test_path_patching_on_the_stacked_form_and_its_errors(setup):
+    """The stacked model gives the same path-patching scores (to the logits, chunked, and
+    to receivers); each misuse names the fix."""
+    model, clean, corrupted, metric = setup
+    receivers = {"blocks.1.attn.hook_v": [0], "blocks.1.hook_resid_pre": None}
+    stacked = model.stacked()
+    for options in ({}, {"chunk_size": 3}, {"receivers": receivers}):
+        np.testing.assert_allclose(
+            np.asarray(patching.path_patching(stacked, clean, corrupted, metric, **options)),
+            np.asarray(patching.path_patching(model, clean, corrupted, metric, **options)),
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=str(options),
+        )
+    misuses = [
+        ({"site": "resid_pre"}, ValueError, "path patching sends from attention heads"),
+        ({"receivers": {"blocks.1.attn.hook_z": None}}, ValueError, "is a head output"),
+        ({"receivers": {"blocks.1.attn.hook_qq": None}}, KeyError, "blocks.1.attn.hook_q"),
+        ({"receivers": ["blocks.1.attn.hook_q"]}, TypeError, "receivers maps hook names"),
+        ({"receivers": {"blocks.1.hook_resid_pre": [0]}}, ValueError, "has no head axis"),
+        ({"receivers": {"blocks.1.attn.hook_q": [9]}}, IndexError, "head 9 is outside"),
+        ({"decoder_tokens": clean}, TypeError, "decoder_tokens .* are for encoder-decoder"),
+        ({"corrupted_pixels": clean}, TypeError, r"unexpected keywords \['corrupted_pixels'\]"),
+        ({"chunk_size": 0}, ValueError, "chunk_size=0"),
+    ]
+    for options, error, message in misuses:
+        with pytest.raises(error, match=message):
+            patching.path_patching(model, clean, corrupted, metric, **options)
