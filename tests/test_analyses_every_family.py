@@ -845,24 +845,24 @@ PATH_CASES = {
 }
 
 
-def _path_patched_by_hand(m, senders, clean, held, sender, receivers, run):
-    """One sender's path-patching score from hooked runs: the corrupted run with the
-    sender head's clean z and every other head's corrupted z (``clean`` and ``held``:
-    every head output of the clean and the corrupted run), then (with receivers) a plain
-    corrupted run with the receivers' values from that run."""
-    corrupted, heads_out = _corrupted_tokens(), list(held)
+def path_patched_by_hand(m, corrupted, metric, clean, held, senders, sender, receivers, **run):
+    """One sender's path-patching score from hooked runs: the corrupted run (``corrupted``
+    tokens, ``run`` its other inputs) with the sender head's clean z and every other head's
+    corrupted z (``clean`` and ``held``: every head output of the clean and the corrupted
+    run; ``senders``: the sender stack's z names), then (with receivers) a plain corrupted
+    run with the receivers' values from that run. (Also used by the image test.)"""
     layer, head = sender
 
     def hold(name):
         if name != senders[layer]:
             return lambda value, _: jnp.asarray(held[name])
-        mask = np.arange(value_heads := held[name].shape[2]) == head
-        assert value_heads > head
-        return lambda value, _: jnp.where(mask[:, None], clean[name], held[name])
+        assert held[name].shape[2] > head
+        mask = jnp.asarray(np.arange(held[name].shape[2]) == head)[:, None]
+        return lambda value, _: jnp.where(mask, clean[name], held[name])
 
-    holding = {name: hold(name) for name in heads_out}
+    holding = {name: hold(name) for name in held}
     if receivers is None:
-        return float(_metric(m.run_with_hooks(corrupted, holding, **run)))
+        return float(metric(m.run_with_hooks(corrupted, holding, **run)))
     with m.hooks(holding):
         _, received = m.run_with_cache(corrupted, names=list(receivers), **run)
     patch = {}
@@ -873,7 +873,7 @@ def _path_patched_by_hand(m, senders, clean, held, sender, receivers, run):
         else:
             mask = np.isin(np.arange(value.shape[2]), heads)[:, None]
             patch[name] = lambda v, _, new=value, k=mask: jnp.where(k, new, v)
-    return float(_metric(m.run_with_hooks(corrupted, patch, **run)))
+    return float(metric(m.run_with_hooks(corrupted, patch, **run)))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -901,7 +901,9 @@ def test_path_patching_equals_hooked_runs_on_every_family(families, name):
     senders = patching.site_names(m, site)
     for sender in ((0, 0), (0, heads - 1), (1, 1)):
         for scores, to in ((direct, None), (through, receivers)):
-            expected = _path_patched_by_hand(m, senders, clean, held, sender, to, run)
+            expected = path_patched_by_hand(
+                m, corrupted, _metric, clean, held, senders, sender, to, **run
+            )
             assert abs(scores[sender] - expected) <= 1e-4 * max(1.0, abs(expected)), (
                 f"{name} sender {sender} receivers {to}: {scores[sender]} != {expected}"
             )
