@@ -1761,9 +1761,10 @@ def path_patching(
     prompts to patch corrupted values into the clean run instead). A sender at or after
     the receivers' layer has no path to them and scores that too.
 
+    ``m``, the tokens, ``metric``, the masks, ``chunk_size`` and ``logit_positions`` are
+    `sweep`'s.
+
     Args:
-      m, clean_tokens, corrupted_tokens, metric, attention_mask, corrupted_attention_mask,
-        chunk_size, logit_positions: as in `sweep`.
       receivers: see above; a head output (``hook_z``) cannot receive (it is held).
       site: the senders, every head of a stack: ``z``, or an encoder-decoder's
         ``encoder.z`` / ``decoder.z``.
