@@ -118,6 +118,11 @@ def compare(name: str, mesh) -> dict:
         patching.attribution_patching(one, *args, site=site, **kwargs),
         patching.attribution_patching(sharded, *args, site=site, **kwargs),
     )
+    paths = np.asarray(patching.path_patching(one, *args, site=prefix + "z", **kwargs))
+    out["path_patching"] = biggest(
+        paths, patching.path_patching(sharded, *args, site=prefix + "z", **kwargs)
+    )
+    out["path_spread"] = float(np.ptp(paths))
 
     # Ragged prompts (padded inside generate) for decoders; the encoder input for T5Gemma 2.
     prompts = TOKENS if name == "t5gemma2" else [list(TOKENS[0, :6]), list(TOKENS[1, :4])]

@@ -67,6 +67,7 @@ def test_sharded_runs_equal_one_device(results, family):
     # corrupted), so a sharded sweep that did not patch would fail.
     assert r["sweep"] <= RELATIVE * scale < 0.1 * r["sweep_spread"]
     assert r["attribution"] <= RELATIVE * scale
+    assert r["path_patching"] <= RELATIVE * scale and r["path_spread"] > 0
     # Greedy tokens agree, or part only at a near-tie of the one-device logits (two tokens
     # within rounding of each other, which the two ways of summing break differently).
     assert r["greedy_equal"] or all(gap <= RELATIVE * scale for gap in r["greedy_tie_gaps"]), (
