@@ -18,6 +18,8 @@ at the last position. Measured, in one process unless said otherwise:
   other sites (``attn_out``, ``mlp_out``, head outputs) in steady state;
 * a plain loop of one patched transformers forward per site (forward pre-hooks), the
   yardstick that needs no TransformerLens;
+* path patching to the logits from every head (``gemmalens.patching.path_patching``)
+  against a loop of one transformers forward per head, every ``o_proj`` input held;
 * ``run_with_cache`` of every hook against a plain forward, for both libraries;
 * a plain forward against transformers eager.
 
@@ -163,7 +165,15 @@ def first_call(directory: Path, setup: dict, diff_at: int) -> dict:
 def first_call_in_subprocess(directory: Path, args: argparse.Namespace, metric, diff_at: int):
     command = [sys.executable, __file__, "--first-call", str(directory), "--diff-at", str(diff_at)]
     command += ["--tiny"] if args.tiny else []
-    env = {**os.environ, "PATCHING_SPEED_METRIC": json.dumps([metric.good, metric.bad])}
+    # The persistent compilation cache off: a cached program from an earlier run of this
+    # script would make the "first call" a cache read.
+    env = {
+        **os.environ,
+        "PATCHING_SPEED_METRIC": json.dumps([metric.good, metric.bad]),
+        "GEMMALENS_COMPILATION_CACHE": "off",
+    }
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)
     run = subprocess.run(command, capture_output=True, text=True, env=env)
     if run.returncode:
         raise RuntimeError(f"the first-call process failed:\n{run.stderr[-3000:]}")
@@ -194,6 +204,49 @@ def hf_loop_sweep(hf, clean: np.ndarray, corrupted: np.ndarray, metric) -> np.nd
                     scores[layer_index, pos] = float(metric(hf(input_ids=ids).logits))
                 finally:
                     handle.remove()
+    return scores
+
+
+def hf_loop_path_patching(hf, clean: np.ndarray, corrupted: np.ndarray, metric) -> np.ndarray:
+    """Path patching to the logits the plain way, one transformers forward per head: every
+    layer's ``o_proj`` input (the heads' outputs side by side) replaced by the corrupted
+    run's, the sender's slice by the clean run's, with forward pre-hooks."""
+    clean_ids = torch.as_tensor(clean, dtype=torch.long)
+    ids = torch.as_tensor(corrupted, dtype=torch.long)
+    projections = [layer.self_attn.o_proj for layer in hf.model.layers]
+    heads, width = hf.config.num_attention_heads, hf.config.head_dim
+
+    def inputs_of(run_ids):
+        seen = {}
+        handles = [
+            p.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].clone()))
+            for i, p in enumerate(projections)
+        ]
+        try:
+            hf(input_ids=run_ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [seen[i] for i in range(len(projections))]
+
+    scores = np.zeros((len(projections), heads), np.float32)
+    with torch.inference_mode():
+        clean_z, held_z = inputs_of(clean_ids), inputs_of(ids)
+        for layer in range(len(projections)):
+            for head in range(heads):
+                swapped = held_z[layer].clone()
+                part = slice(head * width, (head + 1) * width)
+                swapped[..., part] = clean_z[layer][..., part]
+                replace = [swapped if i == layer else held_z[i] for i in range(len(projections))]
+                handles = [
+                    p.register_forward_pre_hook(lambda m, a, new=new: (new, *a[1:]))
+                    for p, new in zip(projections, replace)
+                ]
+                try:
+                    scores[layer, head] = float(metric(hf(input_ids=ids).logits))
+                finally:
+                    for handle in handles:
+                        handle.remove()
     return scores
 
 
@@ -252,6 +305,16 @@ def measure(setup: dict, directory: Path, args: argparse.Namespace) -> dict:
     loop_scores = hf_loop_sweep(hf, clean, corrupted, metric)
     results["hf_loop_s"] = time.perf_counter() - start
     results["max_diff_vs_hf_loop"] = float(np.abs(loop_scores - ours_scores).max())
+    # Path patching to the logits: every head at once against one forward per head.
+    paths = np.asarray(patching.path_patching(model, clean, corrupted, metric))
+    results["ours_paths_s"] = timed(
+        lambda: block(patching.path_patching(model, clean, corrupted, metric)), repeats
+    )
+    start = time.perf_counter()
+    loop_paths = hf_loop_path_patching(hf, clean, corrupted, metric)
+    results["hf_loop_paths_s"] = time.perf_counter() - start
+    results["path_senders"] = int(paths.size)
+    results["max_diff_paths_vs_hf_loop"] = float(np.abs(loop_paths - paths).max())
 
     # TransformerLens, through its TransformerBridge.
     bridge, tl_patching, missing = load_transformer_lens(directory)
@@ -355,6 +418,13 @@ def table(r: dict) -> str:
             f"forwards (no TransformerLens) | {ours:.3f} s | {r['hf_loop_s']:.3f} s "
             f"(transformers) | {r['hf_loop_s'] / ours:.1f}x |"
         )
+    if "ours_paths_s" in r:
+        ours = r["ours_paths_s"]
+        rows.append(
+            f"| path patching to the logits, {r['path_senders']} heads (steady state) vs a loop "
+            f"of as many held transformers eager forwards | {ours:.3f} s | "
+            f"{r['hf_loop_paths_s']:.3f} s (transformers) | {r['hf_loop_paths_s'] / ours:.1f}x |"
+        )
     ours_cost = r["ours_cache_s"] / r["ours_forward_s"]
     if tl:
         theirs_cost = f"{r['tl_cache_s'] / r['tl_forward_s']:.2f}x ({r['tl_hook_count']} hooks)"
@@ -377,6 +447,11 @@ def table(r: dict) -> str:
         f"Largest difference between the sweeps: {r.get('max_diff_vs_tl', float('nan')):.2e} "
         f"against TransformerLens, {r['max_diff_vs_hf_loop']:.2e} against the transformers loop.",
     ]
+    if "max_diff_paths_vs_hf_loop" in r:
+        notes.append(
+            "Largest difference between path patching and its transformers loop: "
+            f"{r['max_diff_paths_vs_hf_loop']:.2e}."
+        )
     if not tl:
         notes.append(
             f"{r['transformer_lens']}: its columns are empty; the loop of transformers "
