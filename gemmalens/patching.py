@@ -70,7 +70,8 @@ from gemmalens import compiling
 from gemmalens.layers import stacking
 from gemmalens.layers.attention import Attention, DotProductAttention
 from gemmalens.layers.embeddings import EmbedTokens, TanhSoftCap, TiedUnembed
-from gemmalens.layers.hooks import HookPoint, InterveneHook, intervene
+from gemmalens.layers.hooks import HookPoint, InterveneHook, checked_indices, intervene
+from gemmalens.layers.hooks import capture as capture_hooks
 from gemmalens.layers.mlp import GatedMLP
 from gemmalens.layers.norms import RMSNorm
 from gemmalens.layers.rope import ApplyRoPE
@@ -1644,8 +1645,16 @@ def _checked_receivers(
 
 
 @compiling.jit(
-    static_argnames=("senders", "frozen", "receivers", "metric", "chunk_size", "forward", "run")
-    + ("window",)
+    static_argnames=(
+        "senders",
+        "frozen",
+        "receivers",
+        "metric",
+        "chunk_size",
+        "forward",
+        "run",
+        "window",
+    )
 )
 def _path_vmapped(
     model,
@@ -1663,9 +1672,6 @@ def _path_vmapped(
     window=None,
 ):
     """Every sender head's path-patched metric, ``[layer, head]`` (see `path_patching`)."""
-    from gemmalens.layers.hooks import capture as capture_hooks
-    from gemmalens.layers.hooks import checked_indices
-
     model = model.tree()  # a `Distinct`
     counts = _unit_counts(clean_values, 2)
     layers, units = len(senders), max(counts)
