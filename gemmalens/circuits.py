@@ -84,17 +84,13 @@ def induction_scores(
     tokens = np.asarray(tokens)
     span = (tokens.shape[-1] - 1) // 2
     # The score reads fixed positions: on any other layout it would measure something else.
-    if (
-        tokens.ndim != 2
-        or span < 1
-        or tokens.shape[1] != 1 + 2 * span
-        or not np.array_equal(tokens[:, 1 : 1 + span], tokens[:, 1 + span :])
-    ):
+    shaped = tokens.ndim == 2 and span >= 1 and tokens.shape[1] == 1 + 2 * span
+    if not shaped or not np.array_equal(tokens[:, 1 : 1 + span], tokens[:, 1 + span :]):
         raise ValueError(
-            f"induction_scores reads tokens laid out as [batch, 1 + 2 * span]: a first token, "
+            "induction_scores reads tokens laid out as [batch, 1 + 2 * span]: a first token, "
             f"a span of tokens, then the same span again; got shape {tokens.shape}"
-            f"{'' if tokens.ndim != 2 or tokens.shape[1] != 1 + 2 * span else ' whose halves differ'}"
-            ". Make them with gl.circuits.repeated_random_tokens(m, span=...)."
+            f"{' whose halves differ' if shaped else ''}. Make them with "
+            "gl.circuits.repeated_random_tokens(m, span=...)."
         )
     stack = residual.find_stack(m.config, None)  # the stack that reads the repeated tokens
     names = f"{stack.prefix}blocks.*.attn.hook_pattern"
