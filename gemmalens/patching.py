@@ -62,6 +62,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -259,11 +260,11 @@ def metric_positions(
     ``jit``, the whole array passed on) gives None, and a sweep then computes every position.
     """
     traced = _trace_metric(metric, shape, dtype)
-    return None if traced is None else _positions_read(traced[0], shape)
+    return None if traced is None else _positions_read(traced[0].jaxpr, shape)
 
 
 def _trace_metric(metric: Metric, shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any] | None:
-    """``(jaxpr, what it returns as shapes)`` of ``metric`` on ``[batch, seq, vocab]``
+    """``(closed jaxpr, what it returns as shapes)`` of ``metric`` on ``[batch, seq, vocab]``
     logits (not run), or None when it cannot be traced on its own (a sweep then reads every
     position, and the run itself raises what is wrong)."""
     try:
@@ -279,7 +280,7 @@ def _trace_metric(metric: Metric, shape: tuple[int, ...], dtype: Any) -> tuple[A
         ) from e
     except Exception:  # noqa: BLE001
         return None
-    return closed.jaxpr, returned
+    return closed, returned
 
 
 def _positions_read(jaxpr: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -302,14 +303,77 @@ def _positions_read(jaxpr: Any, shape: tuple[int, ...]) -> tuple[int, int] | Non
     return start, stop
 
 
+_LOGIT_AXES = ("batch", "position", "vocabulary")
+
+
+def _read_outside(closed: Any, shape: tuple[int, ...]) -> str | None:
+    """Where the metric's jaxpr reads the logits at a constant index outside them (a
+    ``dynamic_slice`` or ``gather`` whose indices fold to constants), said as an error
+    message; None if it does not. JAX clamps such a read to the last entry, so a token id
+    of another vocabulary would otherwise read this model's last token, silently."""
+    jaxpr = closed.jaxpr
+    if len(jaxpr.invars) != 1:
+        return None
+    (logits,) = jaxpr.invars
+    known = dict(zip(jaxpr.constvars, map(np.asarray, closed.consts)))
+
+    def value(var: Any) -> Any:
+        if isinstance(var, jax_core.Literal):
+            return np.asarray(var.val)
+        return known.get(var)
+
+    for eqn in jaxpr.eqns:
+        values = [value(v) for v in eqn.invars]
+        if eqn.invars and eqn.invars[0] is logits and eqn.primitive.name == "dynamic_slice":
+            starts = values[1:]
+            for axis, (start, size) in enumerate(zip(starts, eqn.params["slice_sizes"])):
+                if start is not None and not 0 <= int(start) <= shape[axis] - size:
+                    return _outside_message(int(start), axis, shape)
+        if eqn.invars and eqn.invars[0] is logits and eqn.primitive.name == "gather":
+            indices, numbers = values[1], eqn.params["dimension_numbers"]
+            if indices is not None:
+                columns = indices.reshape(-1, indices.shape[-1]) if indices.ndim else indices
+                for k, axis in enumerate(numbers.start_index_map):
+                    limit = shape[axis] - eqn.params["slice_sizes"][axis]
+                    wrong = columns[..., k][(columns[..., k] < 0) | (columns[..., k] > limit)]
+                    if wrong.size:
+                        return _outside_message(int(wrong.ravel()[0]), axis, shape)
+        # Fold small constant expressions (the index arithmetic jnp writes around a read).
+        if all(v is not None for v in values) and not eqn.primitive.multiple_results:
+            if all(np.size(v) <= 4096 for v in values) and not eqn.params.get("jaxpr"):
+                try:
+                    known[eqn.outvars[0]] = np.asarray(eqn.primitive.bind(*values, **eqn.params))
+                except Exception:  # noqa: BLE001  (not foldable here: leave it unknown)
+                    pass
+    return None
+
+
+def _outside_message(index: int, axis: int, shape: tuple[int, ...]) -> str:
+    """``index`` as the jaxpr holds it: jnp has already added the size to a negative one."""
+    hint = (
+        " Index the rows the batch has.",
+        " Index the positions the prompts have (negative ones count from the end).",
+        " Is the token id from another tokenizer or model?",
+    )[axis]
+    asked = index - shape[axis] if index < 0 else index
+    return (
+        f"The metric reads the logits at {_LOGIT_AXES[axis]} index {asked}, but they have "
+        f"{shape[axis]} along that axis (logits are {list(shape)}); JAX would read index "
+        f"{shape[axis] - 1 if index >= 0 else 0} instead, without an error.{hint}"
+    )
+
+
 @functools.lru_cache(maxsize=64)
-def _metric_facts(metric: Metric, shape: tuple[int, ...], dtype: str) -> tuple[Any, Any]:
-    """``(what metric returns as shapes, metric_positions)``, None each where it cannot
-    be traced: one trace per metric and shape."""
+def _metric_facts(
+    metric: Metric, shape: tuple[int, ...], dtype: str
+) -> tuple[Any, Any, str | None]:
+    """``(what metric returns as shapes, metric_positions, a read outside the logits)``,
+    None each where it cannot be traced: one trace per metric and shape."""
     traced = _trace_metric(metric, shape, jnp.dtype(dtype))
     if traced is None:
-        return None, None
-    return traced[1], _positions_read(traced[0], shape)
+        return None, None, None
+    closed, returned = traced
+    return returned, _positions_read(closed.jaxpr, shape), _read_outside(closed, shape)
 
 
 def _read_positions(
@@ -321,9 +385,11 @@ def _read_positions(
     one number (every analysis with a metric comes here first)."""
     dtype = _model_facts(m._frozen).dtype
     try:
-        returned, read = _metric_facts(metric, shape, dtype)
+        returned, read, outside = _metric_facts(metric, shape, dtype)
     except TypeError:  # an unhashable metric
-        returned, read = _metric_facts.__wrapped__(metric, shape, dtype)
+        returned, read, outside = _metric_facts.__wrapped__(metric, shape, dtype)
+    if outside is not None:
+        raise ValueError(outside)
     if returned is not None and getattr(returned, "shape", None) != ():
         what = f"an array of shape {returned.shape}" if hasattr(returned, "shape") else None
         raise ValueError(

@@ -830,6 +830,17 @@ def test_a_metric_that_is_not_one_number_is_refused_on_every_family(families, na
         ):
             with pytest.raises(ValueError, match=r"shape \(2,\); patching needs one.*mean"):
                 analysis(m, TOKENS, corrupted, per_prompt, site, **options, **seq2seq)
+    # A token id past this model's vocabulary (JAX would clamp it to the last token).
+    vocab = families(name).logits.shape[-1]
+
+    def other_vocabulary(logits):
+        return (logits[:, -1, vocab + 5] - logits[:, -1, 23]).mean()
+
+    for analysis in (patching.sweep, patching.attribution_patching, patching.path_patching):
+        with pytest.raises(
+            ValueError, match=f"vocabulary index {vocab + 5}, but they have {vocab}"
+        ):
+            analysis(m, TOKENS, corrupted, other_vocabulary, site=sites[-1], **seq2seq)
     scores = patching.attribution_patching(m, TOKENS, corrupted, _metric, sites[0], **seq2seq)
     assert np.isfinite(np.asarray(scores)).all()
 

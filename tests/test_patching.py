@@ -298,6 +298,17 @@ def test_a_metric_that_is_not_one_number_is_refused(setup):
     def metric(logits):
         return per_prompt(logits).mean()
 
+    # Reads outside the logits, which JAX would clamp: positions, token ids, index arrays.
+    for outside, message in (
+        (lambda logits: logits[:, SEQ + 2, 5].mean(), f"position index {SEQ + 2}, but they"),
+        (lambda logits: logits[:, -SEQ - 1, 5].mean(), f"position index {-SEQ - 1}, but they"),
+        (lambda logits: logits[:, -1, jnp.array([5, 10**6])].mean(), "vocabulary index 1000000"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            patching.sweep(model, clean, corrupted, outside)
+    vocab = model.config.vocab_size
+    assert patching.sweep(model, clean, corrupted, lambda lg: lg[:, -1, vocab - 1].mean()).ndim == 2
+
     for chunk_size in (0, -2, 1.5):  # 0 ran one site at a time; -2 failed in a reshape
         with pytest.raises(ValueError, match=f"chunk_size={chunk_size}: patch this many"):
             patching.sweep(model, clean, corrupted, metric, chunk_size=chunk_size)
