@@ -929,3 +929,42 @@ def test_path_patching_equals_hooked_runs_on_every_family(families, name):
         np.testing.assert_allclose(direct[-1], last, rtol=1e-5, atol=1e-5)
         assert np.ptp(direct) > 1e-3  # heads differ: the comparisons can fail
     assert np.ptp(through) > 1e-4
+
+
+def test_path_patching_on_a_padded_batch():
+    """Two prompts of different lengths, right-padded with a mask, and a metric that reads
+    each row's last real token (a gather, so every position's logits are computed): path
+    patching equals the runs made with hooks (Gemma 3n teaching model, AltUp and KV
+    sharing)."""
+    from gemmalens import patching
+
+    m = gl.teaching_model("gemma3n")
+    clean, mask = m.to_tokens(
+        ["When Mary and John went out, John gave a drink to", "Mary and John: John gave it to"]
+    )
+    corrupted, _ = m.to_tokens(
+        ["When Mary and John went out, Mary gave a drink to", "Mary and John: Mary gave it to"]
+    )
+    mask = np.asarray(mask)
+    assert (mask == 0).any()  # the second row is padded
+    last, rows = mask.sum(1) - 1, np.arange(2)
+    mary, john = (m.tokenizer.encode(word, add_bos=False)[0] for word in (" Mary", " John"))
+
+    def metric(logits):
+        return (logits[rows, last, mary] - logits[rows, last, john]).mean()
+
+    receivers = {"blocks.5.attn.hook_q": None}
+    direct = np.asarray(patching.path_patching(m, clean, corrupted, metric, attention_mask=mask))
+    through = np.asarray(
+        patching.path_patching(m, clean, corrupted, metric, receivers, attention_mask=mask)
+    )
+    heads_out = list(patching.site_names(m, "z"))
+    _, clean_z = m.run_with_cache(clean, names=heads_out, attention_mask=mask)
+    _, held_z = m.run_with_cache(corrupted, names=heads_out, attention_mask=mask)
+    for sender in [(3, 3), (0, 1)]:
+        for scores, to in ((direct, None), (through, receivers)):
+            expected = path_patched_by_hand(
+                m, corrupted, metric, clean_z, held_z, heads_out, sender, to, attention_mask=mask
+            )
+            assert abs(scores[sender] - expected) <= 1e-4 * max(1.0, abs(expected))
+    assert np.ptp(direct) > 1.0 and np.ptp(through) > 1.0
