@@ -887,6 +887,37 @@ def path_patched_by_hand(m, corrupted, metric, clean, held, senders, sender, rec
     return float(metric(m.run_with_hooks(corrupted, patch, **run)))
 
 
+def path_patching_beside_hooked_runs(
+    m, clean, corrupted, metric, receivers, senders, site="z", clean_run=(), held_run=(), **options
+):
+    """``(direct, through, comparisons)``: `path_patching` to the logits and through
+    ``receivers`` (``options``: its keywords for the runs), and for each sender ``(layer,
+    head)`` (a negative head counts from the end) and each of the two, ``(sender,
+    receivers or None, score, the same score from hooked runs)``. ``clean_run`` and
+    ``held_run``: the keywords of the clean and the corrupted run for `run_with_cache` and
+    `run_with_hooks`. (Shared with the image and audio tests.)"""
+    from gemmalens import patching
+
+    clean_run, held_run = dict(clean_run), dict(held_run)
+    direct = np.asarray(patching.path_patching(m, clean, corrupted, metric, site=site, **options))
+    through = np.asarray(
+        patching.path_patching(m, clean, corrupted, metric, receivers, site, **options)
+    )
+    heads_out = [n for s in m.stacks for n in patching.site_names(m, f"{s.prefix}z")]
+    clean_z = m.run_with_cache(clean, names=heads_out, **clean_run)[1]
+    held_z = m.run_with_cache(corrupted, names=heads_out, **held_run)[1]
+    names = patching.site_names(m, site)
+    comparisons = []
+    for layer, head in senders:
+        sender = (layer, head % direct.shape[1])
+        for scores, to in ((direct, None), (through, receivers)):
+            expected = path_patched_by_hand(
+                m, corrupted, metric, clean_z, held_z, names, sender, to, **held_run
+            )
+            comparisons.append((sender, to, float(scores[sender]), expected))
+    return direct, through, comparisons
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_path_patching_equals_hooked_runs_on_every_family(families, name):
     """`path_patching` against the same runs made here with hooks, for senders of the
@@ -900,24 +931,14 @@ def test_path_patching_equals_hooked_runs_on_every_family(families, name):
     m, corrupted = family.m, _corrupted_tokens()
     site, receivers, receiver_layer = PATH_CASES[name]
     run = {"decoder_tokens": DECODER_TOKENS} if name == "t5gemma2" else {}
-    direct = np.asarray(patching.path_patching(m, TOKENS, corrupted, _metric, site=site, **run))
-    through = np.asarray(
-        patching.path_patching(m, TOKENS, corrupted, _metric, receivers, site, **run)
+    direct, through, comparisons = path_patching_beside_hooked_runs(
+        m, TOKENS, corrupted, _metric, receivers, [(0, 0), (0, -1), (1, 1)], site, run, run, **run
     )
-    layers, heads = direct.shape
     assert through.shape == direct.shape and np.isfinite(direct).all()
-    heads_out = [n for s in m.stacks for n in patching.site_names(m, f"{s.prefix}z")]
-    clean = m.run_with_cache(TOKENS, names=heads_out, **run)[1]
-    held = m.run_with_cache(corrupted, names=heads_out, **run)[1]
-    senders = patching.site_names(m, site)
-    for sender in ((0, 0), (0, heads - 1), (1, 1)):
-        for scores, to in ((direct, None), (through, receivers)):
-            expected = path_patched_by_hand(
-                m, corrupted, _metric, clean, held, senders, sender, to, **run
-            )
-            assert abs(scores[sender] - expected) <= 1e-4 * max(1.0, abs(expected)), (
-                f"{name} sender {sender} receivers {to}: {scores[sender]} != {expected}"
-            )
+    for sender, to, score, expected in comparisons:
+        assert abs(score - expected) <= 1e-4 * max(1.0, abs(expected)), (
+            f"{name} sender {sender} receivers {to}: {score} != {expected}"
+        )
     corrupted_metric = float(_metric(m(corrupted, **run)))
     if receiver_layer is None:
         # The encoder reaches the decoder only through the decoder's attention, which is
@@ -936,7 +957,6 @@ def test_path_patching_on_a_padded_batch():
     each row's last real token (a gather, so every position's logits are computed): path
     patching equals the runs made with hooks (Gemma 3n teaching model, AltUp and KV
     sharing)."""
-    from gemmalens import patching
 
     m = gl.teaching_model("gemma3n")
     clean, mask = m.to_tokens(
@@ -954,17 +974,10 @@ def test_path_patching_on_a_padded_batch():
         return (logits[rows, last, mary] - logits[rows, last, john]).mean()
 
     receivers = {"blocks.5.attn.hook_q": None}
-    direct = np.asarray(patching.path_patching(m, clean, corrupted, metric, attention_mask=mask))
-    through = np.asarray(
-        patching.path_patching(m, clean, corrupted, metric, receivers, attention_mask=mask)
+    masked = {"attention_mask": mask}
+    direct, through, comparisons = path_patching_beside_hooked_runs(
+        m, clean, corrupted, metric, receivers, [(3, 3), (0, 1)], "z", masked, masked, **masked
     )
-    heads_out = list(patching.site_names(m, "z"))
-    _, clean_z = m.run_with_cache(clean, names=heads_out, attention_mask=mask)
-    _, held_z = m.run_with_cache(corrupted, names=heads_out, attention_mask=mask)
-    for sender in [(3, 3), (0, 1)]:
-        for scores, to in ((direct, None), (through, receivers)):
-            expected = path_patched_by_hand(
-                m, corrupted, metric, clean_z, held_z, heads_out, sender, to, attention_mask=mask
-            )
-            assert abs(scores[sender] - expected) <= 1e-4 * max(1.0, abs(expected))
+    for _, _, score, expected in comparisons:
+        assert abs(score - expected) <= 1e-4 * max(1.0, abs(expected))
     assert np.ptp(direct) > 1.0 and np.ptp(through) > 1.0

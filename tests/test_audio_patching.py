@@ -152,20 +152,21 @@ def test_media_pairing_and_errors(setup):
 def test_path_patching_between_two_clips(setup):
     """Same tokens, another clip: path patching from every text head (to the logits, and
     to the last layer's values) equals the runs made with hooks."""
-    from tests.test_analyses_every_family import path_patched_by_hand
+    from tests.test_analyses_every_family import path_patching_beside_hooked_runs
 
     m, tokens, clip, other = setup
     clips = {"input_features": clip, "corrupted_input_features": other}
-    receivers = {"blocks.1.attn.hook_v": None}
-    direct = np.asarray(patching.path_patching(m, tokens, tokens, _metric, **clips))
-    through = np.asarray(patching.path_patching(m, tokens, tokens, _metric, receivers, **clips))
-    heads_out = patching.site_names(m, "z")
-    _, clean = m.run_with_cache(tokens, names=heads_out, input_features=clip)
-    _, held = m.run_with_cache(tokens, names=heads_out, input_features=other)
-    for sender in [(0, 0), (0, 1)]:
-        for scores, to in ((direct, None), (through, receivers)):
-            expected = path_patched_by_hand(
-                m, tokens, _metric, clean, held, heads_out, sender, to, input_features=other
-            )
-            np.testing.assert_allclose(scores[sender], expected, rtol=1e-4, atol=1e-5)
+    direct, through, comparisons = path_patching_beside_hooked_runs(
+        m,
+        tokens,
+        tokens,
+        _metric,
+        {"blocks.1.attn.hook_v": None},
+        [(0, 0), (0, 1)],
+        clean_run={"input_features": clip},
+        held_run={"input_features": other},
+        **clips,
+    )
+    for _, _, score, expected in comparisons:
+        np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-5)
     assert np.ptp(direct) > 1e-5 and np.ptp(through[0]) > 1e-6

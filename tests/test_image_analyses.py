@@ -14,7 +14,7 @@ from gemmalens.vision.siglip import Gemma3ProjectorConfig, Gemma3VisionConfig, S
 from gemmalens.widgets import ImageAttentionViewer, ViewerError
 from gemmalens.widgets.image_attention import MEAN_HEAD, display_image
 from tests import hf_reference as ref
-from tests.test_analyses_every_family import path_patched_by_hand
+from tests.test_analyses_every_family import path_patching_beside_hooked_runs
 from tests.test_widgets import _browser_dom, needs_chromium
 
 BOI, EOI, IMAGE = 255, 256, 257
@@ -227,28 +227,19 @@ def test_path_patching_between_two_images(setup):
     # (Not its queries: the last position's query sees, through layer 0's window, only the
     # image both runs share, so no head reaches it.)
     receivers = {"blocks.1.attn.hook_v": None}
-    direct = np.asarray(patching.path_patching(m, tokens, tokens, _last_logit_metric, **images))
-    through = np.asarray(
-        patching.path_patching(m, tokens, tokens, _last_logit_metric, receivers, **images)
+    direct, through, comparisons = path_patching_beside_hooked_runs(
+        m,
+        tokens,
+        tokens,
+        _last_logit_metric,
+        receivers,
+        [(0, 1), (0, 3)],
+        clean_run={"pixel_values": pixels},
+        held_run={"pixel_values": corrupted_pixels},
+        **images,
     )
-    heads_out = patching.site_names(m, "z")
-    _, clean = m.run_with_cache(tokens, names=heads_out, pixel_values=pixels)
-    _, held = m.run_with_cache(tokens, names=heads_out, pixel_values=corrupted_pixels)
+    for _, _, score, expected in comparisons:
+        np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-5)
     baseline = float(_last_logit_metric(m(tokens, pixel_values=corrupted_pixels)))
-
-    for sender in [(0, 1), (0, 3)]:
-        for scores, to in ((direct, None), (through, receivers)):
-            expected = path_patched_by_hand(
-                m,
-                tokens,
-                _last_logit_metric,
-                clean,
-                held,
-                heads_out,
-                sender,
-                to,
-                pixel_values=corrupted_pixels,
-            )
-            np.testing.assert_allclose(scores[sender], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(through[1], baseline, rtol=1e-5, atol=1e-6)  # no later values
     assert np.ptp(direct) > 1e-5 and np.ptp(through[0]) > 1e-6
